@@ -1,5 +1,24 @@
-"""mxep: fused MXFP8 expert-parallel dispatch/combine for MoE training."""
-from mxep.format import MXFP8Tensor, dequantize_mxfp8, to_mxfp8
+"""mxep: fused MXFP8 expert-parallel dispatch/combine for Mixture-of-Experts training.
 
-__all__ = ["MXFP8Tensor", "dequantize_mxfp8", "to_mxfp8"]
+Public API::
+
+    mxep.to_mxfp8(x, scale_mode="rceil") -> MXFP8Tensor        # format
+    mxep.Buffer(group, num_experts, hidden, max_tokens_per_rank, align=32, scale_mode="rceil")
+    buf.dispatch(x, num_tokens_per_expert) -> DispatchResult   # fused MXFP8 dispatch, bf16 backward
+    buf.combine(expert_out, handle) -> [n, H] bf16
+    mxep.a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(x, num_tokens_per_expert, buf)
+"""
+from mxep.comm.buffer import Buffer, DispatchHandle, DispatchResult
+from mxep.format import MXFP8Tensor, dequantize_mxfp8, to_mxfp8
+from mxep.ops.dispatch import a2a_dispatch_and_group_mxfp8_fwd_hp_bwd
+
+__all__ = [
+    "Buffer",
+    "DispatchHandle",
+    "DispatchResult",
+    "MXFP8Tensor",
+    "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd",
+    "dequantize_mxfp8",
+    "to_mxfp8",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,276 @@
+"""``mxep.Buffer``: the stateful object that owns the communication memory of one EP group."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from mxep.comm.layout import DispatchLayout, capacity_rows, compute_dispatch_layout
+from mxep.comm.peer_memory import RegionLayout
+from mxep.comm.transport import CollectiveTransport, ReturnRoutes, SymmMemTransport, Transport, return_routes
+from mxep.format.mxfp8 import BLOCK_SIZE, MXFP8Tensor, check_scale_mode
+
+__all__ = ["Buffer", "DispatchHandle", "DispatchResult", "finish_mxfp8", "finish_rows"]
+
+
+def finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Zero this rank's pad rows (``pad_rows`` int64, scratch-row entries for unused slots) in a
+    received ``[capacity + 1, C]`` tensor and drop the scratch row -> ``[capacity, C]``."""
+    out.index_fill_(0, pad_rows, 0)
+    return out[:capacity]
+
+
+def finish_mxfp8(q: torch.Tensor, s: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> MXFP8Tensor:
+    """Received uint8 data ``[capacity + 1, H]`` and scales ``[capacity + 1, H // 32]`` -> the
+    dispatch's :class:`MXFP8Tensor` ``[capacity, H]`` with zero pad rows."""
+    q = finish_rows(q, pad_rows, capacity).view(torch.float8_e4m3fn)
+    s = finish_rows(s, pad_rows, capacity).view(torch.float8_e8m0fnu)
+    return MXFP8Tensor(q, s, torch.bfloat16)
+
+
+@dataclass
+class DispatchHandle:
+    """What combine and the backward passes need from one dispatch (regular device tensors: a
+    later dispatch on the same Buffer does not invalidate it).
+
+    Attributes:
+        layout: the :class:`~mxep.comm.layout.DispatchLayout` of this call (all ranks).
+        rank: this rank in the EP group.
+        num_rows: ``n``, rows of ``x`` on this rank.
+        end: int32 ``[1]`` device view of ``group_end_offsets[-1]`` (rows in use).
+    """
+
+    layout: DispatchLayout
+    rank: int
+    num_rows: int
+    end: torch.Tensor
+    _routes: ReturnRoutes | None = None
+
+    @property
+    def group_end_offsets(self) -> torch.Tensor:
+        return self.layout.group_end_offsets[self.rank]
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        return self.layout.tokens_per_expert[self.rank]
+
+    def routes(self) -> ReturnRoutes:
+        if self._routes is None:
+            self._routes = return_routes(self.layout, self.rank)
+        return self._routes
+
+
+class DispatchResult(NamedTuple):
+    """Output of :meth:`Buffer.dispatch`.
+
+    Attributes:
+        tokens: :class:`MXFP8Tensor` ``[capacity, H]`` (``.qdata`` float8_e4m3fn, ``.scale``
+            float8_e8m0fnu ``[capacity, H // 32]``), expert-major and padded per docs/layout.md in
+            rows ``[0, group_end_offsets[-1])``; later rows are undefined. Presents to autograd
+            as bf16: ``tokens.dequantize()`` is differentiable back to ``x`` in bf16.
+        group_end_offsets: int32 ``[E // W]`` cumulative padded group ends (``torch._grouped_mm``
+            ``offs``).
+        tokens_per_expert: int32 ``[E // W]`` unpadded received rows per local expert.
+        handle: :class:`DispatchHandle` for :meth:`Buffer.combine`.
+    """
+
+    tokens: MXFP8Tensor
+    group_end_offsets: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    handle: DispatchHandle
+
+
+class Buffer:
+    """Communication memory and fused MXFP8 dispatch / bf16 combine for one EP group.
+
+    Args:
+        group: the EP process group (``None``: the default group). Expert ``g`` lives on rank
+            ``g // (num_experts // world)`` of this group.
+        num_experts: ``E``, global experts (a multiple of the group size).
+        hidden: ``H``, a multiple of 32.
+        max_tokens_per_rank: ``N``, the most rows any rank passes to one dispatch (counting
+            top-k duplicates). Memory is sized once for the worst case, every row of every rank
+            going to one rank: ``capacity = W * N + (E // W) * align`` rows.
+        align: per-expert group padding in rows (32 for MXFP8 weight-gradient blocks).
+        scale_mode: ``"rceil"`` or ``"floor"`` (see :mod:`mxep.format.mxfp8`).
+        transport: ``"auto"`` (symmetric memory on an NCCL group of CUDA tensors, else the
+            collective path), ``"symm_mem"`` or ``"collective"``.
+        debug: also run checks that need a device-to-host sync (counts sum to ``n``, no negative
+            counts). Off by default: the hot path never waits on the GPU.
+
+    Memory (symmetric, per rank, ``transport == "symm_mem"``): ``W*E*4 + max(cap*(H + H/32),
+    2*cap*H) + 2*N*H`` bytes (see ``symm_bytes``). Each dispatch also allocates its output
+    (``cap * (H + H/32)`` bytes, of which the received rows are written).
+
+    Example (one process, gloo)::
+
+        >>> import torch, torch.distributed as dist, mxep
+        >>> dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        >>> buf = mxep.Buffer(None, num_experts=4, hidden=64, max_tokens_per_rank=8)
+        >>> x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+        >>> counts = torch.tensor([2, 0, 3, 0])
+        >>> res = buf.dispatch(x, counts)
+        >>> res.group_end_offsets.tolist(), res.tokens_per_expert.tolist()
+        ([32, 64, 96, 128], [2, 0, 3, 0])
+        >>> y = buf.combine(res.tokens.dequantize(), res.handle)   # back to [5, 64], original order
+        >>> y.sum().backward()                                      # x.grad: bf16 [5, 64]
+        >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, align: int = 32,
+                 scale_mode: str = "rceil", transport: str = "auto", debug: bool = False,
+                 device: torch.device | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("mxep.Buffer needs torch.distributed to be initialized")
+        self.group = group if group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        if num_experts <= 0 or num_experts % self.world_size:
+            raise ValueError(f"num_experts ({num_experts}) must be a positive multiple of the group size ({self.world_size})")
+        if hidden <= 0 or hidden % BLOCK_SIZE:
+            raise ValueError(f"hidden ({hidden}) must be a positive multiple of {BLOCK_SIZE}")
+        if max_tokens_per_rank < 0:
+            raise ValueError(f"max_tokens_per_rank must be >= 0, got {max_tokens_per_rank}")
+        if align <= 0:
+            raise ValueError(f"align must be positive, got {align}")
+        check_scale_mode(scale_mode)
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.world_size
+        self.hidden = hidden
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.align = align
+        self.scale_mode = scale_mode
+        self.debug = debug
+        self.capacity = capacity_rows(self.world_size, self.num_local_experts, max_tokens_per_rank, align)
+        self.regions = RegionLayout(self.world_size, num_experts, hidden, max_tokens_per_rank, self.capacity)
+
+        backend = dist.get_backend(self.group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = torch.device(device)
+        if transport == "auto":
+            transport = "symm_mem" if (backend == "nccl" and self.device.type == "cuda") else "collective"
+        if transport == "symm_mem":
+            if self.device.type != "cuda":
+                raise ValueError("transport='symm_mem' needs CUDA devices")
+            self.transport: Transport = SymmMemTransport(self.group, self.regions, self.device)
+        elif transport == "collective":
+            self.transport = CollectiveTransport(self.group, self.regions, self.device)
+        else:
+            raise ValueError(f"transport must be 'auto', 'symm_mem' or 'collective', got {transport!r}")
+
+    @property
+    def transport_name(self) -> str:
+        """``"symm_mem"`` (fused, NVLink peer stores) or ``"collective"`` (fixed-size all-to-all)."""
+        return self.transport.name
+
+    @property
+    def symm_bytes(self) -> int:
+        """Symmetric-memory bytes this Buffer holds per rank (0 on the collective path)."""
+        return self.regions.total_bytes if self.transport_name == "symm_mem" else 0
+
+    def __repr__(self) -> str:
+        return (f"mxep.Buffer(transport={self.transport_name!r}, rank={self.rank}/{self.world_size}, "
+                f"num_experts={self.num_experts}, hidden={self.hidden}, max_tokens_per_rank="
+                f"{self.max_tokens_per_rank}, align={self.align}, capacity={self.capacity}, "
+                f"scale_mode={self.scale_mode!r}, symm_bytes={self.symm_bytes})")
+
+    # ------------------------------------------------------------------ validation (host only)
+    def _check_x(self, x: torch.Tensor, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor")
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"{name} must be bfloat16, got {x.dtype}")
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"{name} must be [n, {self.hidden}], got {tuple(x.shape)}")
+        if x.shape[0] > self.max_tokens_per_rank:
+            raise ValueError(f"{name} has {x.shape[0]} rows but this Buffer was built for "
+                             f"max_tokens_per_rank={self.max_tokens_per_rank}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device}, the Buffer on {self.device}")
+
+    def _check_counts(self, counts: torch.Tensor, n: int) -> torch.Tensor:
+        if not isinstance(counts, torch.Tensor):
+            raise TypeError("num_tokens_per_expert must be a torch.Tensor")
+        if counts.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"num_tokens_per_expert must be int32 or int64, got {counts.dtype}")
+        if tuple(counts.shape) != (self.num_experts,):
+            raise ValueError(f"num_tokens_per_expert must have shape [{self.num_experts}], got {tuple(counts.shape)}")
+        if counts.device != self.device:
+            raise ValueError(f"num_tokens_per_expert is on {counts.device}, expected {self.device}")
+        if self.debug:
+            total, low = int(counts.sum()), int(counts.min())  # debug-only: host sync
+            if total != n or low < 0:
+                raise ValueError(f"num_tokens_per_expert must be >= 0 and sum to n={n}; got sum {total}, min {low}")
+        return counts.to(torch.int32).contiguous()
+
+    def _check_handle(self, handle: DispatchHandle) -> None:
+        if not isinstance(handle, DispatchHandle) or handle.layout.dest_rank.shape != (self.world_size, self.max_tokens_per_rank):
+            raise ValueError("handle must be the DispatchHandle of a dispatch on this Buffer")
+
+    # ------------------------------------------------------------------ raw ops (no autograd)
+    def plan(self, num_tokens_per_expert: torch.Tensor, num_rows: int) -> DispatchHandle:
+        """Exchange counts (device-side) and compute the layout of one dispatch."""
+        counts = self._check_counts(num_tokens_per_expert, num_rows)
+        C = self.transport.exchange_counts(counts)
+        layout = compute_dispatch_layout(C, self.max_tokens_per_rank, self.align)
+        end = layout.group_end_offsets[self.rank, -1:]
+        return DispatchHandle(layout, self.rank, num_rows, end)
+
+    def dispatch_mxfp8_raw(self, x: torch.Tensor, handle: DispatchHandle) -> MXFP8Tensor:
+        q, s = self.transport.dispatch_mxfp8(x.contiguous(), handle.layout, handle.end, self.scale_mode)
+        return finish_mxfp8(q, s, handle.layout.pad_rows[self.rank], self.capacity)
+
+    def dispatch_bf16_raw(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        out = self.transport.dispatch_bf16(src.contiguous(), handle.layout, handle.end)
+        return finish_rows(out, handle.layout.pad_rows[self.rank], self.capacity)
+
+    def combine_raw(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        routes = handle.routes() if self.transport_name == "symm_mem" else None
+        return self.transport.combine_bf16(expert_out.contiguous(), handle.layout, handle.end,
+                                           handle.num_rows, routes)
+
+    # ------------------------------------------------------------------ public, differentiable
+    def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> DispatchResult:
+        """Quantize ``x`` to MXFP8 and send every row to its expert's rank, expert-major and padded.
+
+        Args:
+            x: bf16 ``[n, H]``, ``n <= max_tokens_per_rank``, rows sorted by global expert id.
+            num_tokens_per_expert: int32/int64 ``[E]`` on ``x``'s device, summing to ``n``.
+
+        Returns:
+            :class:`DispatchResult`. Differentiable w.r.t. ``x``: the bf16 gradient of
+            ``tokens.dequantize()`` travels back (never quantized); ``x.grad[i]`` is the
+            gradient at the row where ``x[i]`` landed.
+        """
+        self._check_x(x)
+        handle = self.plan(num_tokens_per_expert, x.shape[0])
+        from mxep.ops.dispatch import MXFP8DispatchFunction
+
+        tokens = MXFP8DispatchFunction.apply(x, self, handle)
+        return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Send rows of the dispatch layout back to their source ranks, original order.
+
+        Args:
+            expert_out: bf16 ``[capacity, H]`` in the layout of ``handle``'s dispatch (only rows
+                ``< group_end_offsets[-1]`` that are not pad rows are read).
+            handle: the :class:`DispatchHandle` of that dispatch.
+
+        Returns:
+            bf16 ``[n, H]``: row ``i`` is ``expert_out`` at the row where ``x[i]`` landed (a
+            bit-exact copy). Differentiable: the backward sends the bf16 gradient into the
+            dispatch layout (pad rows zero).
+        """
+        self._check_handle(handle)
+        if expert_out.dtype != torch.bfloat16:
+            raise TypeError(f"expert_out must be bfloat16, got {expert_out.dtype}")
+        if tuple(expert_out.shape) != (self.capacity, self.hidden):
+            raise ValueError(f"expert_out must be [{self.capacity}, {self.hidden}] (the dispatch layout), "
+                             f"got {tuple(expert_out.shape)}")
+        from mxep.ops.dispatch import CombineFunction
+
+        return CombineFunction.apply(expert_out, self, handle)

@@ -1,0 +1,137 @@
+"""One rank's communication memory and the kernel phases that act on it.
+
+One allocation per rank (symmetric memory on GPUs; a plain tensor per simulated rank in tests),
+allocated once for the true worst case and cut into regions (byte offsets, 256-byte aligned)::
+
+    counts     int32 [W, E]              row s = source s's num_tokens_per_expert
+    dispatch   uint8 [cap+1, H]          MXFP8 data    } the forward dispatch writes these
+               uint8 [cap+1, H/32]       e8m0 scales   }
+               bf16  [cap+1, H]          (aliases the above) combine-backward writes bf16 here
+    combine    bf16  [N+1, H]            combine / dispatch-backward rows back to their source
+
+``cap = W * N + L * align`` rows (every token routed to one rank) plus one scratch row.
+The MXFP8 and bf16 dispatch views alias: every phase copies its result out into a regular tensor
+before the next phase can write again (the barriers order that), so they never live together.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mxep.kernels.dispatch import push_rows_mxfp8
+from mxep.kernels.rows import copy_rows, push_rows, put_counts
+
+__all__ = ["RegionLayout", "PeerMemory"]
+
+_ALIGN = 256
+
+
+def _up(n: int, a: int = _ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class RegionLayout:
+    world_size: int
+    num_experts: int
+    hidden: int
+    max_tokens_per_rank: int
+    capacity: int
+
+    @property
+    def rows(self) -> int:  # capacity plus the scratch row that masked scatters aim at
+        return self.capacity + 1
+
+    @property
+    def counts_offset(self) -> int:
+        return 0
+
+    @property
+    def dispatch_offset(self) -> int:
+        return _up(self.world_size * self.num_experts * 4)
+
+    @property
+    def scale_offset(self) -> int:
+        return self.dispatch_offset + _up(self.rows * self.hidden)
+
+    @property
+    def dispatch_bytes(self) -> int:
+        mxfp8 = _up(self.rows * self.hidden) + _up(self.rows * self.hidden // 32)
+        return max(mxfp8, _up(self.rows * self.hidden * 2))
+
+    @property
+    def combine_offset(self) -> int:
+        return self.dispatch_offset + self.dispatch_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.combine_offset + _up((self.max_tokens_per_rank + 1) * self.hidden * 2)
+
+
+def _view(mem: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    nbytes = 1
+    for s in shape:
+        nbytes *= s
+    nbytes *= torch.empty((), dtype=dtype).element_size()
+    return mem[offset:offset + nbytes].view(dtype).view(shape)
+
+
+class PeerMemory:
+    """This rank's regions plus the byte offsets (``delta``) of every rank's allocation.
+
+    Args:
+        mem: uint8 ``[RegionLayout.total_bytes]`` this rank's allocation.
+        base_addresses: every rank's allocation address, in rank order (``buffer_ptrs`` of a
+            symmetric-memory handle, or ``data_ptr()`` of the simulated ranks' tensors).
+        rank: this rank.
+    """
+
+    def __init__(self, mem: torch.Tensor, base_addresses: list[int], rank: int, regions: RegionLayout):
+        self.mem = mem
+        self.rank = rank
+        self.regions = r = regions
+        W, E, H, N = r.world_size, r.num_experts, r.hidden, r.max_tokens_per_rank
+        me = base_addresses[rank]
+        delta = torch.tensor([a - me for a in base_addresses], dtype=torch.int64, device=mem.device)
+        # Element deltas per dtype (every region offset is 256-byte aligned, so these are exact).
+        self.delta_u8 = delta
+        self.delta_i32 = delta // 4
+        self.delta_bf16 = delta // 2
+        self.counts = _view(mem, r.counts_offset, (W, E), torch.int32)
+        self.dispatch_data = _view(mem, r.dispatch_offset, (r.rows, H), torch.uint8)
+        self.dispatch_scale = _view(mem, r.scale_offset, (r.rows, H // 32), torch.uint8)
+        self.dispatch_bf16 = _view(mem, r.dispatch_offset, (r.rows, H), torch.bfloat16)
+        self.combine_bf16 = _view(mem, r.combine_offset, (N + 1, H), torch.bfloat16)
+
+    # --- phases writing into peers (each is followed by a barrier in a real world) -------------
+    def put_counts(self, counts_i32: torch.Tensor) -> None:
+        put_counts(counts_i32, self.counts, self.delta_i32, self.rank)
+
+    def push_mxfp8(self, x: torch.Tensor, dest_rank: torch.Tensor, dest_row: torch.Tensor, scale_mode: str) -> None:
+        push_rows_mxfp8(x, dest_rank, dest_row, self.dispatch_data, self.dispatch_scale, self.delta_u8, scale_mode)
+
+    def push_bf16_dispatch(self, src: torch.Tensor, dest_rank: torch.Tensor, dest_row: torch.Tensor) -> None:
+        push_rows(src, dest_rank, dest_row, self.dispatch_bf16, self.delta_bf16)
+
+    def push_bf16_combine(self, src: torch.Tensor, src_rank: torch.Tensor, src_row: torch.Tensor,
+                          end: torch.Tensor) -> None:
+        push_rows(src, src_rank, src_row, self.combine_bf16, self.delta_bf16, bound=end)
+
+    # --- local phases after the barrier: copy out into regular tensors ------------------------
+    def copy_out_mxfp8(self, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.empty_like(self.dispatch_data)
+        s = torch.empty_like(self.dispatch_scale)
+        cap = self.regions.capacity
+        copy_rows(self.dispatch_data[:cap], q[:cap], end)
+        copy_rows(self.dispatch_scale[:cap], s[:cap], end)
+        return q, s
+
+    def copy_out_bf16_dispatch(self, end: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(self.dispatch_bf16)
+        cap = self.regions.capacity
+        copy_rows(self.dispatch_bf16[:cap], out[:cap], end)
+        return out
+
+    def copy_out_combine(self, n: int) -> torch.Tensor:
+        return self.combine_bf16[:n].clone()

@@ -1,0 +1,82 @@
+"""A simulated EP world: every rank's communication memory in one process.
+
+Runs the *same* kernels and phases as :class:`~mxep.comm.transport.SymmMemTransport`, with the
+barriers replaced by phase order (all ranks finish phase k before any starts phase k+1). On CPU
+under ``TRITON_INTERPRET=1`` or on one GPU, it tests the fused kernels' peer stores, offsets and
+padding without a multi-GPU machine.
+
+Example::
+
+    >>> world = SimulatedWorld(world_size=3, num_experts=6, hidden=64, max_tokens_per_rank=16)
+    >>> out = world.dispatch(xs, counts)          # xs[r]: bf16 [n_r, 64], counts[r]: [6]
+    >>> out[r].tokens.qdata.shape                 # [capacity, 64] on every rank
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mxep.comm.buffer import DispatchHandle, DispatchResult, finish_mxfp8, finish_rows
+from mxep.comm.layout import capacity_rows, compute_dispatch_layout
+from mxep.comm.peer_memory import PeerMemory, RegionLayout
+from mxep.comm.transport import return_routes
+
+__all__ = ["SimulatedWorld"]
+
+POISON = 0xA5
+
+
+class SimulatedWorld:
+    """``world_size`` ranks' buffers in one process (same arguments as :class:`mxep.Buffer`)."""
+
+    def __init__(self, world_size: int, num_experts: int, hidden: int, max_tokens_per_rank: int,
+                 align: int = 32, scale_mode: str = "rceil", device: torch.device | str = "cpu"):
+        if num_experts % world_size or hidden % 32:
+            raise ValueError("num_experts must be a multiple of world_size and hidden of 32")
+        self.world_size, self.num_experts, self.hidden = world_size, num_experts, hidden
+        self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
+        self.capacity = capacity_rows(world_size, num_experts // world_size, max_tokens_per_rank, align)
+        regions = RegionLayout(world_size, num_experts, hidden, max_tokens_per_rank, self.capacity)
+        mems = [torch.full((regions.total_bytes,), POISON, dtype=torch.uint8, device=device) for _ in range(world_size)]
+        addrs = [m.data_ptr() for m in mems]
+        self.peers = [PeerMemory(m, addrs, r, regions) for r, m in enumerate(mems)]
+
+    def plan(self, counts: Sequence[torch.Tensor], num_rows: Sequence[int]) -> list[DispatchHandle]:
+        for r, p in enumerate(self.peers):
+            p.put_counts(counts[r].to(torch.int32).contiguous())
+        # ---- barrier ----
+        handles = []
+        for r, p in enumerate(self.peers):
+            layout = compute_dispatch_layout(p.counts, self.max_tokens_per_rank, self.align)
+            handles.append(DispatchHandle(layout, r, num_rows[r], layout.group_end_offsets[r, -1:]))
+        return handles
+
+    def dispatch(self, xs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> list[DispatchResult]:
+        """Fused MXFP8 dispatch on every rank: ``xs[r]`` bf16 ``[n_r, H]``, ``counts[r]`` ``[E]``."""
+        handles = self.plan(counts, [x.shape[0] for x in xs])
+        for r, (p, h) in enumerate(zip(self.peers, handles)):
+            p.push_mxfp8(xs[r].contiguous(), h.layout.dest_rank[r], h.layout.dest_row[r], self.scale_mode)
+        # ---- barrier ----
+        out = []
+        for r, (p, h) in enumerate(zip(self.peers, handles)):
+            q, s = p.copy_out_mxfp8(h.end)
+            tokens = finish_mxfp8(q, s, h.layout.pad_rows[r], self.capacity)
+            out.append(DispatchResult(tokens, h.group_end_offsets, h.tokens_per_expert, h))
+        return out
+
+    def dispatch_bf16(self, srcs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
+        """bf16 rows into the dispatch layout (what the combine's backward does)."""
+        for r, (p, h) in enumerate(zip(self.peers, handles)):
+            p.push_bf16_dispatch(srcs[r].contiguous(), h.layout.dest_rank[r], h.layout.dest_row[r])
+        # ---- barrier ----
+        return [finish_rows(p.copy_out_bf16_dispatch(h.end), h.layout.pad_rows[r], self.capacity)
+                for r, (p, h) in enumerate(zip(self.peers, handles))]
+
+    def combine(self, expert_outs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
+        """Rows of each rank's dispatch layout ``[capacity, H]`` back to their sources."""
+        for r, (p, h) in enumerate(zip(self.peers, handles)):
+            routes = return_routes(h.layout, r)
+            p.push_bf16_combine(expert_outs[r].contiguous(), routes.src_rank, routes.src_row, h.end)
+        # ---- barrier ----
+        return [p.copy_out_combine(h.num_rows) for p, h in zip(self.peers, handles)]
