@@ -125,9 +125,10 @@ class CollectiveTransport(Transport):
         self.device = device
 
     def exchange_counts(self, counts_i32):
-        out = torch.empty(self.world, counts_i32.numel(), dtype=counts_i32.dtype, device=counts_i32.device)
-        dist.all_gather_into_tensor(out, counts_i32, group=self.group)
-        return out
+        out = torch.empty(self.world * counts_i32.numel(), dtype=counts_i32.dtype, device=counts_i32.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        gather(out, counts_i32, group=self.group)
+        return out.view(self.world, -1)
 
     # Slot of every source row in the fixed-size send buffer [W * N, ...]: peer-major.
     def _send_slots(self, layout: DispatchLayout, n: int) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""Shared cases and checks for the fused dispatch/combine (simulated world, gloo, GPUs).
+
+Every rank can rebuild every rank's inputs from the case's seed, so each process computes the
+expected layout with the single-process oracle (``mxep.reference.layout``) and checks its own
+rank's output bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mxep.reference.layout import simulate_dispatch_layout, simulate_dispatch_mxfp8
+from mxep.reference.routing import make_inputs, make_routing
+
+
+@dataclass(frozen=True)
+class Case:
+    world: int
+    num_experts: int
+    hidden: int
+    max_tokens: int
+    align: int
+    routing: tuple[str, ...]   # one routing kind per rank ("none" = the rank sends nothing)
+    rows: tuple[int, ...]      # rows per rank (<= max_tokens)
+    seed: int = 0
+    scale_mode: str = "rceil"
+
+    def inputs(self, device="cpu"):
+        g = torch.Generator().manual_seed(self.seed)
+        counts, xs = [], []
+        for r in range(self.world):
+            c = make_routing(self.rows[r], self.num_experts, self.routing[r], g)
+            counts.append(c)
+            xs.append(make_inputs(c, self.hidden, generator=g))
+        return [c.to(device) for c in counts], [x.to(device) for x in xs]
+
+    def upstream(self, capacity: int, device="cpu"):
+        """Per-rank random bf16 tensors: gradients for tokens, expert outputs, combine grads."""
+        g = torch.Generator().manual_seed(self.seed + 1000)
+        grads = [torch.randn(capacity, self.hidden, generator=g).bfloat16().to(device) for _ in range(self.world)]
+        outs = [torch.randn(capacity, self.hidden, generator=g).bfloat16().to(device) for _ in range(self.world)]
+        gys = [torch.randn(n, self.hidden, generator=g).bfloat16().to(device) for n in self.rows]
+        return grads, outs, gys
+
+
+def cases_for_world(world: int, hidden=(96,), aligns=(16, 32), seed=0) -> list[Case]:
+    """Awkward cases: random, skewed, one hot expert, empty experts, a rank sending nothing,
+    odd row counts, a full rank (n == max_tokens)."""
+    E = 2 * world + (world if world > 2 else 0)     # 2, 4, 9, 12 experts...
+    E = max(E, world)
+    out = []
+    kinds = ["uniform", "skewed", "one_expert", "empty_experts"]
+    for i, H in enumerate(hidden):
+        for j, align in enumerate(aligns):
+            s = seed + 17 * i + 5 * j
+            routing = tuple(kinds[(r + i + j) % len(kinds)] for r in range(world))
+            rows = tuple((13 + 7 * r + 3 * j) for r in range(world))
+            out.append(Case(world, E, H, 40, align, routing, rows, seed=s))
+    # a rank that sends nothing, and everything to one expert on the others
+    rows = tuple(0 if r == world - 1 else 40 for r in range(world))
+    routing = tuple("none" if r == world - 1 else "one_expert" for r in range(world))
+    out.append(Case(world, E, hidden[0], 40, 32, routing, rows, seed=seed + 99, scale_mode="floor"))
+    return out
+
+
+def check_dispatch(case: Case, rank: int, tokens, group_end_offsets, tokens_per_expert, counts, xs) -> None:
+    """Bit-exact check of one rank's dispatch output against the oracle."""
+    exp = simulate_dispatch_mxfp8([x.cpu() for x in xs], [c.cpu() for c in counts], case.align, case.scale_mode)[rank]
+    R = exp.qdata.shape[0]
+    assert torch.equal(group_end_offsets.cpu(), exp.group_end_offsets), (group_end_offsets, exp.group_end_offsets)
+    assert torch.equal(tokens_per_expert.cpu(), exp.tokens_per_expert)
+    assert group_end_offsets.dtype == torch.int32 and tokens_per_expert.dtype == torch.int32
+    q = tokens.qdata[:R].cpu().view(torch.uint8)
+    s = tokens.scale[:R].cpu().view(torch.uint8)
+    bad = (q != exp.qdata.view(torch.uint8)).any(1).nonzero().flatten()
+    assert bad.numel() == 0, f"rank {rank}: qdata rows differ: {bad[:10].tolist()}"
+    assert torch.equal(s, exp.scale.view(torch.uint8)), f"rank {rank}: scales differ"
+
+
+def expected_grad_x(case: Case, grads, counts) -> list[torch.Tensor]:
+    """x_s.grad[i] = grads[d][p] where row i of source s landed at row p of rank d."""
+    lays = simulate_dispatch_layout([c.cpu() for c in counts], case.align)
+    out = [torch.zeros(n, case.hidden, dtype=torch.bfloat16) for n in case.rows]
+    for d, lay in enumerate(lays):
+        real = lay.src_row >= 0
+        for p in real.nonzero().flatten().tolist():
+            out[int(lay.src_rank[p])][int(lay.src_row[p])] = grads[d][p].cpu()
+    return out
+
+
+def expected_combine(case: Case, outs, counts) -> list[torch.Tensor]:
+    return expected_grad_x(case, outs, counts)  # the same data movement
+
+
+def expected_grad_expert_out(case: Case, gys, counts, rank: int, capacity: int) -> torch.Tensor:
+    """Rows [0, R) of the bf16 dispatch of ``gys`` on ``rank`` (pad rows zero)."""
+    lay = simulate_dispatch_layout([c.cpu() for c in counts], case.align)[rank]
+    out = torch.zeros(lay.num_rows, case.hidden, dtype=torch.bfloat16)
+    for p in (lay.src_row >= 0).nonzero().flatten().tolist():
+        out[p] = gys[int(lay.src_rank[p])][int(lay.src_row[p])].cpu()
+    return out
+
+
+def run_buffer_case(buf, case: Case, rank: int, device) -> None:
+    """Full forward + backward of dispatch and combine through the public Buffer API on one rank,
+    including reuse safety: a second dispatch with other routing before the first's backward."""
+    counts, xs = case.inputs(device)
+    grads, outs, gys = case.upstream(buf.capacity, device)
+    x = xs[rank].clone().requires_grad_(True)
+    res = buf.dispatch(x, counts[rank])
+    check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
+
+    # A second dispatch on the same buffer (next layer / micro-batch) before any backward.
+    case2 = Case(case.world, case.num_experts, case.hidden, case.max_tokens, case.align,
+                 tuple(reversed(case.routing)), tuple(reversed(case.rows)), seed=case.seed + 7,
+                 scale_mode=case.scale_mode)
+    counts2, xs2 = case2.inputs(device)
+    x2 = xs2[rank].clone().requires_grad_(True)
+    res2 = buf.dispatch(x2, counts2[rank])
+    check_dispatch(case2, rank, res2.tokens, res2.group_end_offsets, res2.tokens_per_expert, counts2, xs2)
+    # the first result survived the second dispatch
+    check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
+
+    # Backward of the dispatch: bf16, exact, straight-through, pad rows dropped.
+    R = int(res.group_end_offsets[-1])
+    mask = torch.zeros(buf.capacity, 1, dtype=torch.bfloat16, device=device)
+    mask[:R] = 1   # rows past the end are undefined: keep them out of the loss
+    (res.tokens.dequantize() * grads[rank] * mask).float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad.cpu(), expected_grad_x(case, grads, counts)[rank])
+
+    # Combine forward (bit-exact copy back) and backward (bf16 dispatch, pad rows zero).
+    eo = outs[rank].clone().requires_grad_(True)
+    y = buf.combine(eo, res.handle)
+    assert y.shape == (case.rows[rank], case.hidden) and y.dtype == torch.bfloat16
+    assert torch.equal(y.detach().cpu(), expected_combine(case, outs, counts)[rank])
+    y.backward(gys[rank])
+    exp = expected_grad_expert_out(case, gys, counts, rank, buf.capacity)
+    assert torch.equal(eo.grad[:R].cpu(), exp)

@@ -1,0 +1,129 @@
+"""Fused MXFP8 dispatch / combine on CPU: the peer-store kernels in a simulated world (Triton
+interpreter), and the public Buffer API on 1-4 gloo processes. All against the single-process
+oracle in mxep.reference.layout, bit for bit."""
+import pytest
+import torch
+
+from _dist import run_distributed
+from _fused_cases import Case, cases_for_world, check_dispatch, expected_combine, expected_grad_x, run_buffer_case
+
+import mxep
+from mxep.comm.simulated import POISON, SimulatedWorld
+from mxep.reference.layout import simulate_dispatch_layout
+
+
+# ----------------------------------------------------------------------------- simulated world
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_simulated_world_dispatch_combine(world):
+    for case in cases_for_world(world, hidden=(96, 256), aligns=(16, 32, 128))[:5]:
+        counts, xs = case.inputs()
+        sim = SimulatedWorld(world, case.num_experts, case.hidden, case.max_tokens, case.align, case.scale_mode)
+        res = sim.dispatch(xs, counts)
+        for r in range(world):
+            check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+        grads, outs, gys = case.upstream(sim.capacity)
+        handles = [x.handle for x in res]
+        ys = sim.combine(outs, handles)
+        exp = expected_combine(case, outs, counts)
+        for r in range(world):
+            assert torch.equal(ys[r], exp[r])
+        back = sim.dispatch_bf16(gys, handles)
+        lays = simulate_dispatch_layout(counts, case.align)
+        for r in range(world):
+            R = lays[r].num_rows
+            pad = lays[r].is_pad
+            assert (back[r][:R][pad] == 0).all()
+            src = lays[r]
+            for p in (~pad).nonzero().flatten().tolist():
+                assert torch.equal(back[r][p], gys[int(src.src_rank[p])][int(src.src_row[p])])
+
+
+def test_simulated_world_poison_outside_rows_untouched():
+    """Rows past group_end_offsets[-1] are never written in the receive regions (poison stays),
+    so the copy-out provably reads only rows the dispatch wrote or zeroed."""
+    case = Case(2, 4, 64, 24, 32, ("uniform", "skewed"), (11, 24), seed=3)
+    counts, xs = case.inputs()
+    sim = SimulatedWorld(2, 4, 64, 24, 32)
+    res = sim.dispatch(xs, counts)
+    for r in range(2):
+        R = int(res[r].group_end_offsets[-1])
+        region = sim.peers[r].dispatch_data
+        assert (region[R:sim.capacity] == POISON).all()
+        # every row below R was written (no poison row survives among data rows, pads are zero)
+        lay = simulate_dispatch_layout(counts, 32)[r]
+        data_rows = region[:R][~lay.is_pad]
+        assert not (data_rows == POISON).all(1).any()
+
+
+def test_simulated_world_many_calls_changing_routing():
+    sim = SimulatedWorld(3, 6, 64, 30, 16)
+    for it in range(6):
+        kinds = [("uniform", "skewed", "one_expert", "empty_experts", "none")[(it + r) % 5] for r in range(3)]
+        rows = tuple(0 if k == "none" else 5 + 9 * ((it + r) % 3) for r, k in enumerate(kinds))
+        case = Case(3, 6, 64, 30, 16, tuple(kinds), rows, seed=100 + it)
+        counts, xs = case.inputs()
+        res = sim.dispatch(xs, counts)
+        for r in range(3):
+            check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+
+
+# ----------------------------------------------------------------------------- Buffer on gloo
+def _buffer_body(rank, world, cases):
+    for case in cases:
+        buf = mxep.Buffer(None, num_experts=case.num_experts, hidden=case.hidden,
+                          max_tokens_per_rank=case.max_tokens, align=case.align, scale_mode=case.scale_mode)
+        assert buf.transport_name == "collective" and "collective" in repr(buf)
+        run_buffer_case(buf, case, rank, torch.device("cpu"))
+    return True
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_buffer_gloo(world):
+    cases = cases_for_world(world, hidden=(96,), aligns=(16, 128))
+    assert all(run_distributed(_buffer_body, world, cases, timeout=240))
+
+
+def _functional_alias_body(rank, world):
+    case = Case(world, 2 * world, 64, 20, 32, ("skewed",) * world, (19,) * world, seed=5)
+    counts, xs = case.inputs()
+    buf = mxep.Buffer(None, case.num_experts, case.hidden, case.max_tokens)
+    res = mxep.a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(xs[rank], counts[rank], buf)
+    check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
+    return True
+
+
+def test_functional_alias_gloo():
+    assert all(run_distributed(_functional_alias_body, 2))
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad_input_body(rank, world):
+    buf = mxep.Buffer(None, num_experts=4, hidden=64, max_tokens_per_rank=8, debug=True)
+    good_x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)).bfloat16()  # same on all ranks
+    good_c = torch.tensor([2, 0, 3, 0])
+    checks = [
+        (TypeError, lambda: buf.dispatch(good_x.float(), good_c)),
+        (ValueError, lambda: buf.dispatch(torch.randn(5, 96).bfloat16(), good_c)),
+        (ValueError, lambda: buf.dispatch(torch.randn(9, 64).bfloat16(), torch.tensor([9, 0, 0, 0]))),
+        (ValueError, lambda: buf.dispatch(good_x, torch.tensor([2, 3]))),
+        (TypeError, lambda: buf.dispatch(good_x, good_c.float())),
+        (ValueError, lambda: buf.dispatch(good_x, torch.tensor([2, 0, 2, 0]))),   # debug: sum != n
+        (ValueError, lambda: buf.combine(torch.zeros(3, 64).bfloat16(), None)),
+    ]
+    for exc, fn in checks:
+        with pytest.raises(exc):
+            fn()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mxep.Buffer(None, num_experts=4, hidden=48, max_tokens_per_rank=8)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        mxep.Buffer(None, num_experts=3, hidden=64, max_tokens_per_rank=8)
+    # after the errors the buffer still works (nothing was corrupted)
+    res = buf.dispatch(good_x, good_c)
+    assert res.tokens_per_expert.tolist() == ([4, 0] if rank == 0 else [6, 0])   # both ranks send [2, 0, 3, 0]
+    first = good_x[:2] if rank == 0 else good_x[2:]
+    assert torch.equal(res.tokens.dequantize()[: first.shape[0]], mxep.to_mxfp8(first).dequantize())
+    return True
+
+
+def test_bad_input_gloo():
+    assert all(run_distributed(_bad_input_body, 2))
