@@ -1,0 +1,119 @@
+"""Multi-process test harness: run ``fn(rank, world_size, *args)`` on N spawned ranks.
+
+    from _dist import run_distributed
+
+    def _body(rank, world, cases):          # module-level (it is pickled by name)
+        return [do_case(c) for c in cases]  # run many cases per spawn: startup is the cost
+
+    results = run_distributed(_body, 4, cases)   # list of per-rank return values
+
+* Processes are started with ``torch.multiprocessing`` "spawn"; each calls
+  ``init_process_group(backend, tcp://127.0.0.1:<free port>)`` and ``destroy_process_group``.
+* Children inherit the parent's environment (TRITON_INTERPRET included: it is (re)exported into
+  ``os.environ`` before the spawn, so it is set before any child imports triton); ``env`` adds
+  variables for the children only.
+* A child's exception is re-raised in the parent as ``ChildFailed`` carrying the child's
+  traceback (pytest shows it); the other ranks are terminated. A global ``timeout`` also kills
+  everything (a rank stuck in a collective cannot hang CI).
+* Return values travel back through ``torch.save`` files (tensors welcome).
+* Each child sets ``torch.set_num_threads(threads_per_rank)`` (default 1: CI has 2 cores).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+__all__ = ["run_distributed", "ChildFailed", "free_port"]
+
+_INHERITED = ("TRITON_INTERPRET", "PYTHONPATH", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
+              "NVSHMEM_DISABLE_NVLS")
+
+
+class ChildFailed(RuntimeError):
+    """A spawned rank raised; the message holds its rank and formatted traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world_size: int, fn: Callable, args: tuple, backend: str, port: int, out_dir: str,
+           pg_timeout_s: float, threads: int, env: dict) -> None:
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s))
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        # The parent reads this file (the traceback of the rank that failed first).
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", timeout: float = 120.0,
+                    env: Optional[dict] = None, threads_per_rank: int = 1) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return per-rank results.
+
+    ``fn`` and ``args`` must be picklable (module-level function). Raises :class:`ChildFailed`
+    with the failing rank's traceback, or ``TimeoutError`` after ``timeout`` seconds.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    child_env = {k: os.environ[k] for k in _INHERITED if k in os.environ}
+    child_env.update(env or {})
+    saved = {k: os.environ.get(k) for k in child_env}
+    os.environ.update(child_env)  # spawn copies os.environ: children start with these set
+    with tempfile.TemporaryDirectory(prefix="mxep_dist_") as out_dir:
+        try:
+            ctx = mp.start_processes(
+                _child,
+                args=(world_size, fn, args, backend, free_port(), out_dir, max(timeout, 1.0), threads_per_rank,
+                      child_env),
+                nprocs=world_size, join=False, start_method="spawn",
+            )
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=0.2):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run_distributed({getattr(fn, '__name__', fn)}, {world_size}) "
+                                       f"did not finish in {timeout:.0f} s")
+        except ProcessException as e:
+            rank = getattr(e, "error_index", None)
+            err = os.path.join(out_dir, f"rank{rank}.err")
+            if os.path.exists(err):
+                with open(err) as f:
+                    raise ChildFailed(f"rank {rank} of {world_size} failed:\n{f.read()}") from None
+            raise ChildFailed(f"rank {rank} of {world_size} failed: {e}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in ctx.processes:
+                p.join(5)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
