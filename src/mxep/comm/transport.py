@@ -77,6 +77,8 @@ class SymmMemTransport(Transport):
 
         self.group = group
         self.rank = dist.get_rank(group)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required by older torch, a no-op later
+            symm_mem.enable_symm_mem_for_group(group.group_name)
         mem = symm_mem.empty(regions.total_bytes, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(mem, group)
         self.peer = PeerMemory(mem, list(self.handle.buffer_ptrs), self.rank, regions)

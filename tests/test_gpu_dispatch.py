@@ -1,0 +1,197 @@
+"""GPU tests of the fused dispatch / combine (`make test-gpu`; skipped without CUDA).
+
+* one GPU: the peer-store kernels in a simulated world (several ranks' buffers on one GPU);
+* every visible GPU (2 and 4 ranks where possible): real symmetric memory over NVLink through the
+  public Buffer API: bit-exact layout, exact backward, reuse safety, 200 calls with changing
+  routing, sync-debug mode "error", and a captured CUDA graph replayed with new inputs.
+"""
+import os
+
+import pytest
+import torch
+
+from _dist import run_distributed
+from _fused_cases import Case, check_dispatch, expected_combine, expected_grad_x, run_buffer_case
+
+import mxep
+from mxep.comm.simulated import SimulatedWorld
+
+NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+HIDDENS = (256, 2048, 5120, 7168)
+MULTI = [w for w in (2, 4) if w <= NGPU]
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+
+def gpu_cases(world: int, max_tokens: int = 300) -> list[Case]:
+    E = 8 * world
+    out = []
+    kinds = ("uniform", "skewed", "one_expert", "empty_experts")
+    for i, H in enumerate(HIDDENS):
+        for align in (32, 128):
+            routing = tuple(kinds[(r + i) % 4] for r in range(world))
+            rows = tuple(max_tokens - 37 * r - 11 * i for r in range(world))
+            out.append(Case(world, E, H, max_tokens, align, routing, rows, seed=31 * i + align))
+    # a rank that sends nothing (n = 0) while the others send everything to one expert
+    out.append(Case(world, E, 2048, max_tokens, 32, ("none",) + ("one_expert",) * (world - 1),
+                    (0,) + (max_tokens,) * (world - 1), seed=7, scale_mode="floor"))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_simulated_world_on_gpu(world):
+    for case in gpu_cases(world, max_tokens=200):
+        counts, xs = case.inputs("cuda")
+        sim = SimulatedWorld(world, case.num_experts, case.hidden, case.max_tokens, case.align, case.scale_mode,
+                             device="cuda")
+        res = sim.dispatch(xs, counts)
+        for r in range(world):
+            check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+        _, outs, _ = case.upstream(sim.capacity, "cuda")
+        ys = sim.combine(outs, [x.handle for x in res])
+        exp = expected_combine(case, outs, counts)
+        for r in range(world):
+            assert torch.equal(ys[r].cpu(), exp[r])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU")
+def test_quantize_kernel_matches_reference_on_gpu():
+    from mxep.reference.mxfp8 import to_mxfp8_reference
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 32), (333, 7168), (4096, 5120)]:
+        x = (torch.randn(*shape, generator=g) * 2.0 ** torch.randint(-30, 30, (shape[0], shape[1] // 32, 1), generator=g)
+             .repeat_interleave(32, -1).float()).bfloat16().cuda()
+        for mode in ("rceil", "floor"):
+            t = mxep.to_mxfp8(x, mode)
+            q, s = to_mxfp8_reference(x.cpu(), mode)
+            assert torch.equal(t.qdata.cpu().view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(t.scale.cpu().view(torch.uint8), s.view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- real NVLink peers
+def _symm_body(rank, world, cases):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for case in cases:
+        buf = mxep.Buffer(None, num_experts=case.num_experts, hidden=case.hidden,
+                          max_tokens_per_rank=case.max_tokens, align=case.align, scale_mode=case.scale_mode)
+        assert buf.transport_name == "symm_mem", repr(buf)
+        # poison the receive regions so stale or unwritten rows show
+        buf.transport.peer.mem.fill_(0xA5)
+        torch.distributed.barrier()
+        run_buffer_case(buf, case, rank, dev)
+        del buf
+    return True
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("world", MULTI)
+def test_symm_mem_buffer(world):
+    assert all(run_distributed(_symm_body, world, gpu_cases(world), backend="nccl", timeout=600))
+
+
+def _many_calls_body(rank, world, calls):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    E, H, N = 4 * world, 256, 96
+    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=N, align=32)
+    kinds = ("uniform", "skewed", "one_expert", "empty_experts", "none")
+    pending = []
+    for it in range(calls):
+        routing = tuple(kinds[(it + r) % 5] for r in range(world))
+        rows = tuple(0 if k == "none" else 1 + (it * 7 + r * 13) % N for r, k in enumerate(routing))
+        case = Case(world, E, H, N, 32, routing, rows, seed=1000 + it)
+        counts, xs = case.inputs(dev)
+        res = buf.dispatch(xs[rank], counts[rank])
+        pending.append((case, res, counts, xs))
+        if len(pending) == 4 or it == calls - 1:  # check in batches: results must survive later calls
+            for c, r_, cnt, x_ in pending:
+                check_dispatch(c, rank, r_.tokens, r_.group_end_offsets, r_.tokens_per_expert, cnt, x_)
+            pending.clear()
+    return True
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("world", MULTI)
+def test_symm_mem_200_calls(world):
+    assert all(run_distributed(_many_calls_body, world, 200, backend="nccl", timeout=600))
+
+
+def _sync_free_body(rank, world):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    case = Case(world, 8 * world, 2048, 256, 32, ("skewed",) * world, (250,) * world, seed=3)
+    counts, xs = case.inputs(dev)
+    grads, outs, gys = case.upstream(0, dev)
+    buf = mxep.Buffer(None, case.num_experts, case.hidden, case.max_tokens)
+    x = xs[rank].clone().requires_grad_(True)
+    g = torch.randn(buf.capacity, case.hidden, device=dev).bfloat16()
+    for mode in ("warn", "error"):   # warm-up (allocator, Triton compile) outside "error"
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            res = buf.dispatch(x, counts[rank])
+            y = buf.combine(res.tokens.dequantize(), res.handle)
+            torch.autograd.backward([y], [gys[rank]])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    # combine(dispatch(x)) is the MXFP8 round trip of x; its grad is the bf16 gys (straight-through)
+    assert torch.equal(y.detach(), mxep.to_mxfp8(xs[rank]).dequantize())
+    return True
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("world", MULTI)
+def test_symm_mem_no_host_sync(world):
+    assert all(run_distributed(_sync_free_body, world, backend="nccl", timeout=300))
+
+
+def _graph_body(rank, world):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    E, H, N = 4 * world, 512, 128
+    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=N)
+    static_x = torch.zeros(N, H, dtype=torch.bfloat16, device=dev, requires_grad=True)
+    static_counts = torch.zeros(E, dtype=torch.int64, device=dev)
+    static_g = torch.zeros(buf.capacity, H, dtype=torch.bfloat16, device=dev)
+
+    def step():
+        res = buf.dispatch(static_x, static_counts)
+        y = buf.combine(res.tokens.dequantize() * 2, res.handle)
+        (gx,) = torch.autograd.grad([res.tokens.dequantize()], [static_x], [static_g])
+        return res, y, gx
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        res, y, gx = step()
+    for it in range(3):  # replay with new routing and data (n = N rows: the graph's static shape)
+        kinds = ("uniform", "skewed", "one_expert", "empty_experts")
+        case = Case(world, E, H, N, 32, tuple(kinds[(it + r) % 4] for r in range(world)), (N,) * world, seed=50 + it)
+        counts, xs = case.inputs(dev)
+        grads, _, _ = case.upstream(buf.capacity, dev)
+        with torch.no_grad():
+            static_x.copy_(xs[rank])
+            static_counts.copy_(counts[rank])
+            static_g.copy_(grads[rank])
+        graph.replay()
+        torch.cuda.synchronize()
+        check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
+        assert torch.equal(y.cpu(), (mxep.to_mxfp8(xs[rank]).dequantize() * 2).cpu())
+        R = int(res.group_end_offsets[-1])
+        exp = expected_grad_x(case, [gg.cpu() for gg in grads], counts)[rank]
+        assert torch.equal(gx.cpu(), exp)
+    return True
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("world", MULTI)
+def test_symm_mem_cuda_graph(world):
+    assert all(run_distributed(_graph_body, world, backend="nccl", timeout=300))
