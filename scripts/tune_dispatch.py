@@ -53,21 +53,35 @@ def main():
     torch.cuda.synchronize()
 
     rows = []
+    from mxep.kernels.rows import TUNING
+    import mxep.comm.peer_memory as pm
+    peer = buf.transport.peer
+    h = res.handle
+    routes = h.routes()
+    lay = h.layout
+    with torch.no_grad():
+        rows.append(("plan (counts exchange + layout)", timed(lambda: buf.plan(counts, n)), 0))
+        rows.append(("copy-out of received rows", timed(lambda: peer.copy_out_mxfp8(h.end)), 0))
+        rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
     orig_mx, orig_rows = kd.push_rows_mxfp8, kr.push_rows
-    for bm, bk in [(4, 512), (8, 512), (2, 1024), (4, 1024), (16, 256), (1, 2048)]:
-        kd_fn = lambda *a, bm=bm, bk=bk, **k: orig_mx(*a, block_m=bm, block_k=bk, **k)
-        import mxep.comm.peer_memory as pm
-        pm.push_rows_mxfp8 = kd_fn
-        with torch.no_grad():
-            t = timed(lambda: buf.dispatch(x, counts))
-        rows.append((f"dispatch bm={bm} bk={bk}", t, mx_bytes / t / 1e3))
-    pm.push_rows_mxfp8 = orig_mx
-    for bm, bn in [(8, 512), (4, 1024), (16, 512), (2, 2048)]:
-        pm.push_rows = lambda *a, bm=bm, bn=bn, **k: orig_rows(*a, block_m=bm, block_n=bn, **k)
-        with torch.no_grad():
-            t = timed(lambda: buf.combine(expert_out, res.handle))
-        rows.append((f"combine bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
-    pm.push_rows = orig_rows
+    for per_sm, warps in [(4, 4), (8, 4), (16, 4), (32, 4), (8, 8), (16, 8)]:
+        TUNING.update(programs_per_sm=per_sm, num_warps=warps)
+        for bm, bk in [(4, 512), (8, 256), (2, 1024)]:
+            pm.push_rows_mxfp8 = lambda *a, bm=bm, bk=bk, **k: orig_mx(*a, block_m=bm, block_k=bk, **k)
+            with torch.no_grad():
+                t = timed(lambda: peer.push_mxfp8(x, lay.dest_rank[rank], lay.dest_row[rank], "rceil"))
+            rows.append((f"push_mxfp8 only sm*{per_sm} w{warps} bm={bm} bk={bk}", t, mx_bytes / t / 1e3))
+        for bm, bn in [(8, 512), (4, 1024)]:
+            pm.push_rows = lambda *a, bm=bm, bn=bn, **k: orig_rows(*a, block_m=bm, block_n=bn, **k)
+            t = timed(lambda: peer.push_bf16_combine(expert_out, routes.src_rank, routes.src_row, h.end))
+            rows.append((f"push_bf16 only sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
+    pm.push_rows_mxfp8, pm.push_rows = orig_mx, orig_rows
+    TUNING.update(programs_per_sm=int(os.environ.get("PER_SM", 4)), num_warps=int(os.environ.get("WARPS", 4)))
+    with torch.no_grad():
+        t = timed(lambda: buf.dispatch(x, counts))
+        rows.append(("full dispatch (defaults)", t, mx_bytes / t / 1e3))
+        t = timed(lambda: buf.combine(expert_out, res.handle))
+        rows.append(("full combine (defaults)", t, sent_rows * 2 * H / t / 1e3))
     send = torch.empty(n * (H + H // 32) // world * world, dtype=torch.uint8, device="cuda")
     recv = torch.empty_like(send)
     t = timed(lambda: dist.all_to_all_single(recv, send))

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from mxep.kernels.mxfp8_tile import quantize_tile
-from mxep.kernels.rows import num_persistent_programs
+from mxep.kernels.rows import TUNING, num_persistent_programs
 
 __all__ = ["push_rows_mxfp8"]
 
@@ -80,4 +80,5 @@ def push_rows_mxfp8(
     _push_rows_mxfp8_kernel[(nprog,)](
         x, n, H, dst_rank, dst_row, data_base, scale_base, dst_delta,
         FLOOR=scale_mode == "floor", BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog,
+        num_warps=TUNING["num_warps"],
     )

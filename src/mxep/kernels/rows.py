@@ -22,10 +22,15 @@ import triton.language as tl
 __all__ = ["push_rows", "copy_rows", "put_counts", "num_persistent_programs"]
 
 
-def num_persistent_programs(device: torch.device, per_sm: int = 4) -> int:
+# Persistent-grid knobs for the peer-store kernels; overridable for tuning (scripts/tune_dispatch.py).
+TUNING = {"programs_per_sm": 4, "num_warps": 4}
+
+
+def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> int:
     """Programs of a persistent grid: a few per SM on GPUs; a handful under the CPU interpreter
     (which runs programs one after another, so more programs only add overhead)."""
     if device.type == "cuda":
+        per_sm = per_sm or TUNING["programs_per_sm"]
         return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     return 4
 
@@ -105,6 +110,7 @@ def push_rows(
         C,
         HAS_BOUND=bound is not None, ALIGNED=aligned,
         BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog,
+        num_warps=TUNING["num_warps"],
     )
 
 
@@ -140,7 +146,8 @@ def copy_rows(src: torch.Tensor, dst: torch.Tensor, bound: torch.Tensor, *, bloc
     assert src.is_contiguous() and dst.is_contiguous() and src.shape == dst.shape
     nprog = min(num_persistent_programs(src.device), triton.cdiv(R, block_m))
     _copy_rows_kernel[(nprog,)](src, dst, R, bound, C, BLOCK_M=block_m,
-                                BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog)
+                                BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog,
+                                num_warps=TUNING["num_warps"])
 
 
 @triton.jit
