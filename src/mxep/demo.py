@@ -2,13 +2,10 @@
 
 One process per visible CUDA GPU (NCCL), else 4 CPU processes (gloo, Triton interpreter).
 Routing is skewed, one expert receives nothing anywhere and the last rank sends nothing.
-Each rank runs the unfused MXFP8 pipeline (mxep.reference.ep_pipeline); rank 0 prints, per
-rank, rows received per local expert, the padded group sizes, pad rows and group_end_offsets,
-then a check line (round trip + layout == single-process oracle) and a timing line.
-
-Extending (the fused path): write ``run_fused(rank, world, x, counts, align, device)`` returning
-a :class:`LayoutSummary` like :func:`run_reference`, add it to the dict built in
-:func:`_rank_main`; :func:`format_layouts` prints any number of layouts side by side.
+Each rank runs the unfused MXFP8 pipeline (mxep.reference.ep_pipeline) and mxep's fused
+dispatch (mxep.Buffer) on the same rows; rank 0 prints, per rank, both layouts side by side
+(rows received per local expert, padded group sizes, pad rows, group_end_offsets), then per path
+a check line (bytes and layout equal, round trip) and a timing line.
 """
 from __future__ import annotations
 
@@ -105,6 +102,29 @@ def run_reference(rank: int, world: int, x: torch.Tensor, counts: torch.Tensor, 
                                       checks={"round trip": round_trip, "layout == oracle": layout_ok}, result=res)
 
 
+def run_fused(rank: int, world: int, x: torch.Tensor, counts: torch.Tensor, align: int, device,
+              reference: Any, max_rows: int, iters: int = 1) -> LayoutSummary:
+    """mxep's fused dispatch (``mxep.Buffer``) + combine on this rank, checked byte for byte
+    against the unfused pipeline's output ``reference``."""
+    import mxep
+
+    buf = mxep.Buffer(None, num_experts=len(counts), hidden=x.shape[1], max_tokens_per_rank=max_rows,
+                      align=align)
+    with torch.no_grad():
+        res, seconds = _timed(lambda: buf.dispatch(x, counts), device, iters)
+        back = buf.combine(res.tokens.dequantize(), res.handle)
+    R = reference.tokens.qdata.shape[0]
+    same_bytes = (torch.equal(res.tokens.qdata[:R].view(torch.uint8), reference.tokens.qdata.view(torch.uint8))
+                  and torch.equal(res.tokens.scale[:R].view(torch.uint8), reference.tokens.scale.view(torch.uint8)))
+    same_layout = (torch.equal(res.group_end_offsets, reference.group_end_offsets)
+                   and torch.equal(res.tokens_per_expert, reference.tokens_per_expert))
+    round_trip = torch.equal(back, mxep.to_mxfp8(x).dequantize())
+    return LayoutSummary.from_tensors(
+        res.group_end_offsets, res.tokens_per_expert, seconds=seconds,
+        checks={"bytes == unfused": same_bytes, "layout == unfused": same_layout, "round trip": round_trip},
+        result=(res, buf.transport_name))
+
+
 def format_layouts(rank: int, world: int, layouts: dict[str, LayoutSummary]) -> str:
     """One rank's block: a table per named layout, side by side, then check and timing lines."""
     local = len(next(iter(layouts.values())).tokens_per_expert)
@@ -139,15 +159,16 @@ def _rank_main(rank: int, world: int, backend: str, port: int, rows: int, hidden
         x, counts = _rank_inputs(rank, world, rows, hidden, device)
         all_counts = [_rank_inputs(r, world, rows, 32, "cpu")[1] for r in range(world)]  # for the oracle
         layouts = {"unfused": run_reference(rank, world, x, counts, ALIGN, device, all_counts, iters)}
-        # e.g. layouts["fused"] = run_fused(rank, world, x, counts, ALIGN, device,
-        #                                    reference=layouts["unfused"].result)
+        layouts["fused"] = run_fused(rank, world, x, counts, ALIGN, device, layouts["unfused"].result,
+                                      max_rows=rows + 37 * world, iters=iters)  # same on every rank
         blocks = [None] * world if rank == 0 else None
         dist.gather_object(format_layouts(rank, world, layouts), blocks, dst=0)
         oks = [None] * world if rank == 0 else None
         dist.gather_object(all(all(s.checks.values()) for s in layouts.values()), oks, dst=0)
         if rank == 0:
             sent = [int(c.sum()) for c in all_counts]
-            print(f"mxep demo: {world} ranks ({backend}, {device.type}), {LOCAL_EXPERTS * world} experts "
+            print(f"mxep demo: {world} ranks ({backend}, {device.type}, fused transport "
+                  f"{layouts['fused'].result[1]}), {LOCAL_EXPERTS * world} experts "
                   f"({LOCAL_EXPERTS} per rank), hidden {hidden}, align {ALIGN}, MXFP8 rceil")
             print(f"rows sent per rank: {sent}  (skewed routing; global expert {EMPTY_EXPERT} gets nothing"
                   + (f"; rank {world - 1} sends nothing)" if world > 1 else ")"))
