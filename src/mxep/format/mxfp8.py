@@ -33,6 +33,7 @@ value times a power of two is exact in fp32 and (except extreme under/overflow) 
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -186,7 +187,8 @@ def to_mxfp8(x: torch.Tensor, scale_mode: ScaleMode = "rceil") -> MXFP8Tensor:
     from mxep.kernels.quantize import triton_available_for, mxfp8_quantize
 
     if triton_available_for(x):
-        q, s = mxfp8_quantize(x.reshape(-1, x.shape[-1]), scale_mode)
+        # Not reshape(-1, K): that is ambiguous (an error) when K == 0.
+        q, s = mxfp8_quantize(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), scale_mode)
         q = q.view(x.shape)
         s = s.view(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
     else:

@@ -1,0 +1,102 @@
+"""Register-level MXFP8 quantization of one tile, shared by the standalone quantize kernel and
+the fused dispatch kernel.
+
+The rules are those of :mod:`mxep.format.mxfp8` (bit-exact with
+:func:`mxep.reference.mxfp8.to_mxfp8_reference`). Element rounding to e4m3 is done with integer
+arithmetic on the fp32 bit pattern instead of ``.to(tl.float8e4nv)``: Triton's CPU interpreter
+rounds that cast wrongly when rounding carries into the exponent (-31.13 -> -16 instead of -32,
+see ``shared/reference/mxfp8.md``), and the integer path behaves identically on GPU and in the
+interpreter.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["quantize_tile", "bf16_bits_to_fp32"]
+
+
+@triton.jit
+def bf16_bits_to_fp32(raw):
+    """bf16 bit patterns (loaded as ``tl.int16``) -> the exactly equal fp32 values.
+
+    Use this instead of ``bf16_tensor.to(tl.float32)``: Triton 3.6's CPU interpreter converts
+    bf16 *subnormals* wrongly (e.g. 1.5*2^-127 -> 2^-127, 2^-130 -> 0); widening the bits is
+    exact everywhere and as cheap on GPU. (int16 -> int32 sign-extends, the << 16 drops those
+    extension bits again.)"""
+    return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rne_shift_right(m, s):
+    """Round-to-nearest-even of ``m / 2**s`` for int32 ``m`` in [0, 2**24) and ``1 <= s <= 25``."""
+    q = m >> s
+    round_bit = (m >> (s - 1)) & 1
+    sticky = (m - ((m >> (s - 1)) << (s - 1))) != 0  # any bit below the round bit
+    round_up = (round_bit == 1) & (sticky | ((q & 1) == 1))
+    return q + round_up.to(tl.int32)
+
+
+@triton.jit
+def quantize_tile(x, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr):
+    """x: fp32 tile [BLOCK_M, BLOCK_K] (BLOCK_K multiple of 32). Returns (q_bits, s_bits):
+    q_bits tl.uint8 [BLOCK_M, BLOCK_K] (e4m3 bit patterns), s_bits tl.uint8 [BLOCK_M, BLOCK_K // 32] (e8m0 bytes)."""
+    NB: tl.constexpr = BLOCK_K // 32
+    BLOCK_M: tl.constexpr = x.shape[0]
+
+    xb = tl.reshape(x, [BLOCK_M, NB, 32])
+    bits = xb.to(tl.int32, bitcast=True)
+    abs_bits = bits & 0x7FFFFFFF
+
+    # amax over the integer view of |x|: int order == float order for non-negative floats, and
+    # Inf/NaN (exponent all ones) sort above every finite value -> no NaN trouble in max.
+    amax_bits = tl.max(abs_bits, axis=2)  # [BLOCK_M, NB] int32
+    nonfinite = amax_bits >= 0x7F800000
+
+    if FLOOR:
+        # b = max(E(amax) - 8, 0) (OCP reference conversion, emax(e4m3) = 8).
+        byte = tl.maximum((amax_bits >> 23) - 8, 0)
+    else:
+        # RCEIL: d = amax * fp32(1/448) (fp32 multiply; the constant is the fp32 value
+        # 0x3B124925 = RN(1/448)), then round d up to a power of two.
+        inv448 = tl.full([BLOCK_M, NB], 0x3B124925, tl.int32).to(tl.float32, bitcast=True)
+        d = amax_bits.to(tl.float32, bitcast=True) * inv448
+        d_bits = d.to(tl.int32, bitcast=True)  # d >= 0 (or NaN for non-finite; overwritten)
+        d_exp = (d_bits >> 23) & 0xFF
+        d_man = d_bits & 0x7FFFFF
+        byte = tl.where(d_exp > 0,
+                        d_exp + (d_man != 0).to(tl.int32),
+                        (d_man > 0x400000).to(tl.int32))
+    # Finite blocks have byte <= 247; clamp so the factor below stays a valid normal float.
+    byte = tl.minimum(byte, 253)
+
+    # v = x * 2^(127 - byte): exact power-of-two scaling (factor built from its bit pattern).
+    factor = ((254 - byte) << 23).to(tl.float32, bitcast=True)
+    v = xb * factor[:, :, None]
+    vb = v.to(tl.int32, bitcast=True)
+    sign = (vb >> 31) & 1
+    a = vb & 0x7FFFFFFF
+    e = a >> 23  # biased fp32 exponent of |v|
+
+    # |v| >= 2^-6 (e >= 121): e4m3 normal. RNE drops the low 20 mantissa bits (23 -> 3); a carry
+    # out of the mantissa correctly bumps the exponent. Rebias 127 -> 7 (subtract 120 << 3),
+    # then saturate to 0x7E (= 448, max normal; 0x7F is NaN in e4m3fn).
+    r = (a + 0x7FFFF + ((a >> 20) & 1)) >> 20
+    code_normal = tl.minimum(r - (120 << 3), 0x7E)
+
+    # |v| < 2^-6: e4m3 subnormal, code = RNE(|v| / 2^-9) = RNE(M >> (141 - e)) with
+    # M = 1.mantissa * 2^23 (fp32 subnormal v: way below 2^-10, so it rounds to 0 either way).
+    # Shifts >= 25 always round to 0 (M < 2^24 <= half), so clamp the shift to stay < 32.
+    # k == 8 is exactly the min-normal code 0x08.
+    m_full = tl.where(e > 0, (a & 0x7FFFFF) | 0x800000, 0)
+    s = tl.minimum(tl.maximum(141 - e, 21), 25)
+    code_sub = _rne_shift_right(m_full, s)
+
+    code = tl.where(e >= 121, code_normal, code_sub) | (sign << 7)  # -0 -> 0x80
+    # Non-finite block: every element is e4m3 NaN (0x7F), the scale is e8m0 NaN (0xFF).
+    code = tl.where(nonfinite[:, :, None], 0x7F, code)
+    byte = tl.where(nonfinite, 0xFF, byte)
+
+    q_bits = tl.reshape(code, [BLOCK_M, BLOCK_K]).to(tl.uint8)
+    s_bits = byte.to(tl.uint8)
+    return q_bits, s_bits
