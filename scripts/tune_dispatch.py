@@ -76,6 +76,16 @@ def main():
             t = timed(lambda: peer.push_bf16_combine(expert_out, routes.src_rank, routes.src_row, h.end))
             rows.append((f"push_bf16 only sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
     pm.push_rows_mxfp8, pm.push_rows = orig_mx, orig_rows
+    import mxep.kernels.quantize as kq
+    for hw in (True, False):
+        kq.HW_CAST_ON_GPU = hw
+        TUNING.update(programs_per_sm=8, num_warps=4)
+        with torch.no_grad():
+            t = timed(lambda: peer.push_mxfp8(x, lay.dest_rank[rank], lay.dest_row[rank], "rceil"))
+            rows.append((f"push_mxfp8 only sm*8 w4 hw_cast={hw}", t, mx_bytes / t / 1e3))
+            t = timed(lambda: mxep.to_mxfp8(x))
+            rows.append((f"to_mxfp8 local hw_cast={hw} (GB/s=rd+wr)", t, n * H * (2 + 1 + 1 / 32) / t / 1e3))
+    kq.HW_CAST_ON_GPU = True
     TUNING.update(programs_per_sm=int(os.environ.get("PER_SM", 4)), num_warps=int(os.environ.get("WARPS", 4)))
     with torch.no_grad():
         t = timed(lambda: buf.dispatch(x, counts))

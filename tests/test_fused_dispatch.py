@@ -127,3 +127,29 @@ def _bad_input_body(rank, world):
 
 def test_bad_input_gloo():
     assert all(run_distributed(_bad_input_body, 2))
+
+
+def test_simulated_world_special_values():
+    """The dispatch kernel quantizes like the reference on awkward values too: bf16 subnormals,
+    all-zero blocks, NaN/Inf blocks (0xFF scale, NaN elements) next to normal blocks."""
+    from mxep.reference.mxfp8 import to_mxfp8_reference
+
+    g = torch.Generator().manual_seed(11)
+    counts = [torch.tensor([3, 2, 0, 1]), torch.tensor([0, 4, 2, 0])]
+    xs = []
+    for c in counts:
+        x = torch.randn(int(c.sum()), 128, generator=g)
+        x[0, :32] = 0.0                                    # all-zero block
+        x[1, 32:64] *= 2.0 ** -130                         # bf16 subnormals
+        x[-1, 64:96] = float("nan") if x.shape[0] > 3 else float("inf")
+        x[2, 96:] = torch.tensor([-31.13, 15.5, 0.0157] * 10 + [447.9, -0.0])  # carries into exponent
+        xs.append(x.bfloat16())
+    sim = SimulatedWorld(2, 4, 128, 8, 32)
+    res = sim.dispatch(xs, counts)
+    lays = simulate_dispatch_layout(counts, 32)
+    for r in range(2):
+        for p in (~lays[r].is_pad).nonzero().flatten().tolist():
+            s, i = int(lays[r].src_rank[p]), int(lays[r].src_row[p])
+            q, sc = to_mxfp8_reference(xs[s][i:i + 1], "rceil")
+            assert torch.equal(res[r].tokens.qdata[p].view(torch.uint8), q[0].view(torch.uint8))
+            assert torch.equal(res[r].tokens.scale[p].view(torch.uint8), sc[0].view(torch.uint8))

@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mxep.kernels.mxfp8_tile import quantize_tile
+from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
+from mxep.kernels.quantize import use_hw_cast
 from mxep.kernels.rows import TUNING, num_persistent_programs
 
 __all__ = ["push_rows_mxfp8"]
@@ -18,7 +19,7 @@ def _push_rows_mxfp8_kernel(
     x_ptr, n_rows, H,
     dst_rank_ptr, dst_row_ptr,
     data_base_ptr, scale_base_ptr, dst_delta_ptr,
-    FLOOR: tl.constexpr,
+    FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -35,13 +36,18 @@ def _push_rows_mxfp8_kernel(
         delta = tl.load(dst_delta_ptr + rank, mask=ok, other=0)
         data_off = tl.multiple_of(delta + drow * H, 16)
         scale_off = delta + drow * n_scale_cols
+        if SCALES_ALIGNED:  # H // 32 % 16 == 0 (e.g. 2048, 5120, 7168): 16-byte scale stores
+            scale_off = tl.multiple_of(scale_off, 16)
         x_off = rows.to(tl.int64) * H
         k0 = 0
         while k0 < H:
             cols = k0 + tl.arange(0, BLOCK_K)
             m = ok[:, None] & (cols < H)[None, :]
-            x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            q, s = quantize_tile(x, BLOCK_K, FLOOR)
+            if x_ptr.dtype.element_ty == tl.int16:  # bf16 as raw bits: exact widening (interpreter-safe)
+                x = bf16_bits_to_fp32(tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0))
+            else:
+                x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0.0)
+            q, s = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
             tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m)
             scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             ms = ok[:, None] & (scols < n_scale_cols)[None, :]
@@ -77,8 +83,10 @@ def push_rows_mxfp8(
         return
     block_k = min(block_k, triton.next_power_of_2(H))
     nprog = min(num_persistent_programs(x.device), triton.cdiv(n, block_m))
+    x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
     _push_rows_mxfp8_kernel[(nprog,)](
-        x, n, H, dst_rank, dst_row, data_base, scale_base, dst_delta,
-        FLOOR=scale_mode == "floor", BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog,
+        x_arg, n, H, dst_rank, dst_row, data_base, scale_base, dst_delta,
+        FLOOR=scale_mode == "floor", SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512,
+        HW_CAST=use_hw_cast(x), BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog,
         num_warps=TUNING["num_warps"],
     )

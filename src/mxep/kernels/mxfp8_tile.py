@@ -38,9 +38,15 @@ def _rne_shift_right(m, s):
 
 
 @triton.jit
-def quantize_tile(x, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr):
+def quantize_tile(x, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr = False):
     """x: fp32 tile [BLOCK_M, BLOCK_K] (BLOCK_K multiple of 32). Returns (q_bits, s_bits):
-    q_bits tl.uint8 [BLOCK_M, BLOCK_K] (e4m3 bit patterns), s_bits tl.uint8 [BLOCK_M, BLOCK_K // 32] (e8m0 bytes)."""
+    q_bits tl.uint8 [BLOCK_M, BLOCK_K] (e4m3 bit patterns), s_bits tl.uint8 [BLOCK_M, BLOCK_K // 32] (e8m0 bytes).
+
+    ``HW_CAST``: round the (exactly scaled, clamped) elements with the GPU's fp32 -> e4m3
+    conversion (``cvt.rn.satfinite``, one instruction per two elements) instead of the integer
+    rounding below. Same bits (the GPU tests check it against the reference); the integer path
+    exists for the CPU interpreter, whose fp8 cast rounds wrongly, and costs ALU time on GPU
+    (see docs/performance-notes.md)."""
     NB: tl.constexpr = BLOCK_K // 32
     BLOCK_M: tl.constexpr = x.shape[0]
 
@@ -73,6 +79,12 @@ def quantize_tile(x, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr):
     # v = x * 2^(127 - byte): exact power-of-two scaling (factor built from its bit pattern).
     factor = ((254 - byte) << 23).to(tl.float32, bitcast=True)
     v = xb * factor[:, :, None]
+    if HW_CAST:
+        v_sat = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        code_hw = v_sat.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        code_hw = tl.where(nonfinite[:, :, None], 0x7F, code_hw.to(tl.int32))
+        byte_hw = tl.where(nonfinite, 0xFF, byte)
+        return tl.reshape(code_hw, [BLOCK_M, BLOCK_K]).to(tl.uint8), byte_hw.to(tl.uint8)
     vb = v.to(tl.int32, bitcast=True)
     sign = (vb >> 31) & 1
     a = vb & 0x7FFFFFFF

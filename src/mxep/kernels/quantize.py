@@ -27,6 +27,15 @@ INTERPRET_BLOCK_K = 2048
 INTERPRET_BLOCK_M = 32
 
 
+# On GPUs the e4m3 rounding uses the hardware conversion; set to False to time or test the
+# integer-rounding path there (the interpreter always uses the integer path).
+HW_CAST_ON_GPU = True
+
+
+def use_hw_cast(x: torch.Tensor) -> bool:
+    return x.is_cuda and HW_CAST_ON_GPU
+
+
 def triton_available_for(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``x``: CUDA tensors, or CPU tensors when the Triton
     interpreter is on (``TRITON_INTERPRET=1``; it must be set before ``triton`` is imported)."""
@@ -39,7 +48,7 @@ def triton_available_for(x: torch.Tensor) -> bool:
 def _mxfp8_quantize_kernel(
     x_ptr, q_ptr, s_ptr,  # x: fp32 or bf16-as-int16 [M, K]; q: uint8 [M, K]; s: uint8 [M, K // 32]
     M, K,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     NB: tl.constexpr = BLOCK_K // 32
     pid_m = tl.program_id(0)
@@ -57,7 +66,7 @@ def _mxfp8_quantize_kernel(
         x = bf16_bits_to_fp32(tl.load(x_ptr + offs, mask=mask, other=0))
     else:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    q_bits, s_bits = quantize_tile(x, BLOCK_K, FLOOR)
+    q_bits, s_bits = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
     tl.store(q_ptr + offs, q_bits, mask=mask)
 
     n_blocks = K // 32
@@ -114,6 +123,6 @@ def mxfp8_quantize(
     _mxfp8_quantize_kernel[grid](
         x_arg, q.view(torch.uint8), s.view(torch.uint8), M, K,
         BLOCK_M=block_m, BLOCK_K=block_k, FLOOR=(scale_mode == "floor"),
-        num_warps=num_warps,
+        HW_CAST=use_hw_cast(x2d), num_warps=num_warps,
     )
     return q, s

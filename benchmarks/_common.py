@@ -1,0 +1,207 @@
+"""Configurations, inputs, traffic accounting, process-group set-up and result files shared by
+the benchmark scripts (bench_dispatch.py, bench_nvshmem.py, run_all.py, report.py)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+if _SRC not in sys.path:  # `python benchmarks/x.py` without PYTHONPATH=src still finds mxep
+    sys.path.insert(0, _SRC)
+
+from mxep.reference.routing import make_inputs, make_routing  # noqa: E402
+
+__all__ = [
+    "BenchConfig", "CONFIGS", "SMOKE_CONFIGS", "ROUTINGS", "NVLINK_GBPS", "SKEW_FRACTION",
+    "Case", "make_case", "pair_rows", "pattern_pair_bytes", "traffic", "row_bytes",
+    "add_common_args", "parse_list", "init_distributed", "ResultFile",
+]
+
+NVLINK_GBPS = 450.0  # NVLink 4 nominal, one direction per GPU (18 links x 25 GB/s); a constant
+SKEW_FRACTION = 0.3  # "skewed": one hot expert (the same on every rank) takes ~30% of each rank's rows
+ROUTINGS = ("uniform", "skewed")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    hidden: int
+    tokens: int  # tokens per rank before top-k duplication
+    topk: int
+    experts: int
+    label: str
+
+    @property
+    def rows(self) -> int:
+        """n: rows per rank after top-k duplication (what dispatch moves)."""
+        return self.tokens * self.topk
+
+
+CONFIGS = {
+    "a": BenchConfig("a", 7168, 4096, 8, 256, "H=7168, 4096 tok/rank, top-8 of 256 (n=32768)"),
+    "b": BenchConfig("b", 5120, 8192, 1, 16, "H=5120, 8192 tok/rank, top-1 of 16 (n=8192)"),
+    "c": BenchConfig("c", 7168, 128, 8, 256, "latency: H=7168, 128 tok/rank, top-8 of 256 (n=1024)"),
+}
+# --cpu-smoke: tiny shapes (Triton interpreter on gloo); same code paths.
+SMOKE_CONFIGS = {
+    "a": BenchConfig("a", 256, 16, 4, 16, "smoke a"),
+    "b": BenchConfig("b", 128, 32, 1, 4, "smoke b"),
+    "c": BenchConfig("c", 256, 4, 4, 16, "smoke c"),
+}
+
+
+def row_bytes(fmt: str, hidden: int) -> int:
+    """Bytes of one row on the wire: MXFP8 = H data + H/32 scales; bf16 = 2H."""
+    return hidden + hidden // 32 if fmt == "mxfp8" else 2 * hidden
+
+
+def _seed(base: int, cfg: BenchConfig, routing: str) -> int:
+    return base * 7919 + (ord(cfg.name) - 96) * 101 + ROUTINGS.index(routing) * 13
+
+
+def count_matrix(cfg: BenchConfig, routing: str, world: int, seed: int) -> torch.Tensor:
+    """``C [W, E]`` int64 (CPU): row s = rank s's rows per global expert. Deterministic, so every
+    rank computes the whole matrix locally (no communication)."""
+    s0 = _seed(seed, cfg, routing)
+    hot = int(torch.randint(cfg.experts, (1,), generator=torch.Generator().manual_seed(s0)))
+    rows = []
+    for s in range(world):
+        g = torch.Generator().manual_seed(s0 * 1000 + s + 1)
+        kw = {"fraction": SKEW_FRACTION, "expert": hot} if routing == "skewed" else {}
+        rows.append(make_routing(cfg.rows, cfg.experts, routing, g, **kw))
+    return torch.stack(rows)
+
+
+@dataclass
+class Case:
+    cfg: BenchConfig
+    routing: str
+    world: int
+    rank: int
+    C: torch.Tensor  # [W, E] int64 CPU
+    counts: torch.Tensor  # [E] int64 on the device (this rank's row of C)
+    x: torch.Tensor  # [n, H] bf16 on the device, rows sorted by expert
+
+
+def make_case(cfg: BenchConfig, routing: str, world: int, rank: int, device: torch.device, seed: int,
+              base_rows: int = 4096) -> Case:
+    """Routing from ``make_routing``; activations from ``make_inputs`` (a block of ``base_rows``
+    random rows per rank, tiled to n rows on the device: realistic values without generating
+    hundreds of MB on one CPU thread per rank)."""
+    C = count_matrix(cfg, routing, world, seed)
+    counts = C[rank].to(device)
+    n = cfg.rows
+    g = torch.Generator().manual_seed(_seed(seed, cfg, routing) * 31 + rank)
+    m = min(n, base_rows)
+    base = make_inputs(torch.tensor([m]), cfg.hidden, torch.bfloat16, g, device=device)
+    reps = -(-n // m)
+    x = base.repeat(reps, 1)[:n].contiguous() if reps > 1 else base
+    return Case(cfg, routing, world, rank, C, counts, x)
+
+
+def pair_rows(C: torch.Tensor, world: int) -> torch.Tensor:
+    """``[W, W]`` int64: rows source s sends to rank d in dispatch (diagonal = rows staying home)."""
+    return C.view(world, world, -1).sum(2)
+
+
+def pattern_pair_bytes(C: torch.Tensor, world: int, hidden: int, pattern: str) -> list[list[int]]:
+    """Bytes rank s sends to rank d (off-diagonal only) for a traffic pattern:
+    ``dispatch_mxfp8`` / ``dispatch_bf16`` (rows to their expert's rank) or ``combine_bf16``
+    (the same rows back, bf16)."""
+    P = pair_rows(C, world)
+    if pattern == "dispatch_mxfp8":
+        B = P * row_bytes("mxfp8", hidden)
+    elif pattern == "dispatch_bf16":
+        B = P * row_bytes("bf16", hidden)
+    elif pattern == "combine_bf16":
+        B = P.t() * row_bytes("bf16", hidden)
+    else:
+        raise ValueError(pattern)
+    B = B.clone()
+    B.fill_diagonal_(0)
+    return B.tolist()
+
+
+def traffic(C: torch.Tensor, world: int, hidden: int, pattern: str) -> dict:
+    """Per-rank bytes sent to / received from other ranks for a pattern (see pattern_pair_bytes)."""
+    B = pattern_pair_bytes(C, world, hidden, pattern)
+    sent = [sum(B[s]) for s in range(world)]
+    recv = [sum(B[s][d] for s in range(world)) for d in range(world)]
+    return {
+        "pattern": pattern,
+        "bytes_sent_per_rank": sent,
+        "bytes_recv_per_rank": recv,
+        "bytes_sent_avg": sum(sent) / world,
+        "bytes_sent_max": max(sent),
+        "bytes_recv_max": max(recv),
+    }
+
+
+# --------------------------------------------------------------------------------- CLI / set-up
+def parse_list(text: str, allowed) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise SystemExit(f"unknown item(s) {bad}; choose from {list(allowed)}")
+    return items
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="JSON file to write (rank 0)")
+    p.add_argument("--configs", default="a,b,c", help="comma list of a,b,c")
+    p.add_argument("--routings", default="uniform,skewed", help="comma list of uniform,skewed")
+    p.add_argument("--iters", type=int, default=50, help="timed samples per measurement")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--pipelined-iters", type=int, default=20, help="back-to-back calls per pipelined sample (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pg-timeout", type=float, default=300.0, help="process-group timeout, seconds")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="gloo + CPU tensors + tiny shapes (run with TRITON_INTERPRET=1): plumbing check only")
+
+
+def init_distributed(cpu: bool, timeout_s: float) -> tuple[int, int, torch.device]:
+    """Initialize the (single) process group of this launch from torchrun's environment."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if cpu:
+        dist.init_process_group("gloo", timeout=timeout)
+        return rank, world, torch.device("cpu")
+    device = torch.device("cuda", local)
+    torch.cuda.set_device(device)
+    torch.empty(1, device=device)  # create the context on the right device first
+    dist.init_process_group("nccl", device_id=device, timeout=timeout)
+    return rank, world, device
+
+
+class ResultFile:
+    """Rank 0 rewrites the JSON after every record, so a later crash keeps what was measured."""
+
+    def __init__(self, path: str, rank: int, header: dict):
+        self.path, self.rank = path, rank
+        self.data = dict(header, records=[], finished=False)
+
+    def add(self, record: dict) -> None:
+        self.data["records"].append(record)
+        self.flush()
+
+    def flush(self, finished: bool = False) -> None:
+        if self.rank != 0:
+            return
+        self.data["finished"] = finished
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+
+def config_dict(cfg: BenchConfig) -> dict:
+    return dict(asdict(cfg), rows=cfg.rows)

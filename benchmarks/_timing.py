@@ -1,0 +1,269 @@
+"""Shared timing helpers for the benchmark scripts (one copy, imported by every script).
+
+Method (docs/benchmarks.md):
+
+* **Aligned median** (``time_aligned``, the headline number). Each iteration: a short device
+  sleep (so the host can queue the whole operation before the GPU reaches it: launch gaps of a
+  sync-free op stay out of the number, a host sync inside the op stays in), then a tiny NCCL
+  all-reduce that every rank leaves at nearly the same moment (the device-side barrier), then
+  ``start`` event, one call, ``end`` event. After warm-up, ``iters`` such samples; each rank takes
+  its median; the reported time is the **max over ranks of the per-rank medians**.
+* **Pipelined** (``time_pipelined``): events around ``iters`` back-to-back calls, divided by
+  ``iters`` (max over ranks). Only meaningful for operations without a host sync.
+* On CPU (``--cpu-smoke``: gloo, Triton interpreter) the same functions use ``dist.barrier`` and
+  ``time.perf_counter``; those numbers only prove the plumbing.
+
+Everything that touches other ranks is collective: every rank must call these functions in the
+same order.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Measurement",
+    "guarded",
+    "gather",
+    "time_aligned",
+    "time_pipelined",
+    "environment",
+    "short_error",
+]
+
+_SLEEP_CYCLES_PER_US: dict[int, float] = {}
+_ALIGN_BUF: dict[str, torch.Tensor] = {}
+
+
+def _cuda(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _sync(device: torch.device) -> None:
+    if _cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def gather(obj: Any, group=None) -> list:
+    """``all_gather_object``: every rank gets the list of every rank's ``obj``."""
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def short_error(exc: BaseException, limit: int = 600) -> str:
+    """``Type: message`` on one line (the first ``limit`` characters)."""
+    msg = f"{type(exc).__name__}: {exc}".replace("\n", " | ")
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+def guarded(name: str, fn: Callable[[], Any], group=None, device: torch.device | None = None,
+            log: Callable[[str], None] = print) -> tuple[Any, str | None]:
+    """Run ``fn()`` on every rank; return ``(result, None)`` or ``(None, error)``.
+
+    The error string is the same on every rank (gathered: rank r's failure is seen by all), so
+    callers can skip dependent work consistently and collectives stay in step. A failure that
+    leaves ranks out of step (one rank raising inside a collective) cannot be repaired here: the
+    launcher's timeout and the NCCL watchdog end that run; results written so far survive.
+    """
+    err = None
+    result = None
+    try:
+        result = fn()
+        if device is not None:
+            _sync(device)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, the suite goes on
+        err = short_error(exc)
+        log(f"[{name}] rank {dist.get_rank()} failed: {err}\n{traceback.format_exc()}")
+        if device is not None:
+            try:
+                _sync(device)
+            except Exception:  # noqa: BLE001
+                pass
+    errors = gather(err, group)
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not bad:
+        return result, None
+    r, e = bad[0]
+    return None, f"rank {r}: {e}"
+
+
+# --------------------------------------------------------------------------------- device helpers
+def _cycles_per_us(device: torch.device) -> float:
+    """Calibrate ``torch.cuda._sleep`` (cycles -> microseconds) once per device."""
+    idx = torch.device(device).index or 0
+    if idx not in _SLEEP_CYCLES_PER_US:
+        torch.cuda._sleep(1000)  # load the kernel
+        cycles = 2_000_000
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(3):
+            s.record()
+            torch.cuda._sleep(cycles)
+            e.record()
+            e.synchronize()
+            best = min(best, s.elapsed_time(e) * 1000.0)
+        _SLEEP_CYCLES_PER_US[idx] = cycles / max(best, 1.0)
+    return _SLEEP_CYCLES_PER_US[idx]
+
+
+def _align(device: torch.device, group) -> None:
+    """Device-side rank alignment: a one-element all-reduce on the current stream."""
+    key = str(device)
+    if key not in _ALIGN_BUF:
+        _ALIGN_BUF[key] = torch.zeros(1, dtype=torch.float32, device=device)
+    dist.all_reduce(_ALIGN_BUF[key], group=group)
+
+
+def _host_enqueue_us(fn: Callable[[], Any], device: torch.device, group) -> float:
+    """Host time to issue one call (includes any host sync inside ``fn``); max over ranks."""
+    _sync(device)
+    dist.barrier(group=group)
+    t0 = time.perf_counter()
+    fn()
+    t1 = time.perf_counter()
+    _sync(device)
+    return max(gather((t1 - t0) * 1e6, group))
+
+
+class Measurement(dict):
+    """A plain dict (JSON-ready) with the summary of one timed operation.
+
+    Keys: ``median_us`` (max over ranks of each rank's median), ``per_rank_median_us``,
+    ``per_rank_min_us``, ``per_rank_max_us``, ``samples_us`` (every rank's raw samples),
+    ``iters``, ``warmup``, ``method``, plus method-specific keys.
+    """
+
+
+def _summarize(per_rank: list[list[float]], method: str, iters: int, warmup: int, **extra) -> Measurement:
+    med = [statistics.median(v) for v in per_rank]
+    return Measurement(
+        median_us=max(med),
+        per_rank_median_us=med,
+        per_rank_min_us=[min(v) for v in per_rank],
+        per_rank_max_us=[max(v) for v in per_rank],
+        samples_us=[[round(t, 3) for t in v] for v in per_rank],
+        iters=iters,
+        warmup=warmup,
+        method=method,
+        **extra,
+    )
+
+
+def time_aligned(fn: Callable[[], Any], *, device: torch.device, group=None, warmup: int = 5,
+                 iters: int = 50, sleep_us: float | None = None) -> Measurement:
+    """Median over ``iters`` barrier-aligned single calls of ``fn`` (see module docstring)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    if not _cuda(device):
+        times = []
+        for _ in range(iters):
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        return _summarize(gather(times, group), "host-clock-barrier", iters, warmup)
+
+    host_us = _host_enqueue_us(fn, device, group)
+    if sleep_us is None:
+        # Long enough for the host to queue one whole call before the GPU gets there.
+        sleep_us = min(max(1.5 * host_us + 30.0, 50.0), 50_000.0)
+    cycles = int(sleep_us * _cycles_per_us(device))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    _sync(device)
+    dist.barrier(group=group)
+    for i in range(iters):
+        torch.cuda._sleep(cycles)
+        _align(device, group)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    _sync(device)
+    times = [s.elapsed_time(e) * 1000.0 for s, e in zip(starts, ends)]
+    return _summarize(gather(times, group), "cuda-events-aligned", iters, warmup,
+                      host_enqueue_us=host_us, sleep_us=sleep_us)
+
+
+def time_pipelined(fn: Callable[[], Any], *, device: torch.device, group=None, warmup: int = 3,
+                   iters: int = 20, reps: int = 3) -> Measurement:
+    """Per-call time of ``iters`` back-to-back calls (``reps`` repetitions; median per rank, max
+    over ranks). For operations with no host sync."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        _sync(device)
+        dist.barrier(group=group)
+        if _cuda(device):
+            torch.cuda._sleep(int(200.0 * _cycles_per_us(device)))
+            _align(device, group)
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(iters):
+                fn()
+            e.record()
+            e.synchronize()
+            samples.append(s.elapsed_time(e) * 1000.0 / iters)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e6 / iters)
+    return _summarize(gather(samples, group), "cuda-events-back-to-back" if _cuda(device) else "host-clock",
+                      iters, warmup, reps=reps)
+
+
+# --------------------------------------------------------------------------------- environment
+def _run(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not every machine has every tool
+        return None
+
+
+def environment() -> dict:
+    """Card, driver, versions (called on one rank; reads no other rank)."""
+    import triton
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton.__version__,
+    }
+    try:
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+    except Exception as exc:  # noqa: BLE001
+        env["nccl"] = short_error(exc)
+    if torch.cuda.is_available():
+        env["gpu_count"] = torch.cuda.device_count()
+        env["gpu_name"] = torch.cuda.get_device_name(0)
+        props = torch.cuda.get_device_properties(0)
+        env["sm_count"] = props.multi_processor_count
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    else:
+        env["gpu_count"] = 0
+    smi = _run(["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total,clocks.max.sm",
+                "--format=csv,noheader"])
+    env["nvidia_smi"] = smi.splitlines() if smi else None
+    if smi:
+        env["driver"] = smi.splitlines()[0].split(",")[2].strip()
+    env["nvidia_smi_topo"] = _run(["nvidia-smi", "topo", "-m"])
+    env["git_commit"] = _run(["git", "rev-parse", "HEAD"])
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    env["git_dirty"] = bool(status)
+    env["env_vars"] = {k: os.environ.get(k) for k in (
+        "CUDA_VISIBLE_DEVICES", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+        "NVSHMEM_SYMMETRIC_SIZE", "TRITON_INTERPRET", "OMP_NUM_THREADS")}
+    return env
