@@ -11,8 +11,6 @@ import torch
 import torch.distributed as dist
 
 import mxep
-import mxep.kernels.dispatch as kd
-import mxep.kernels.rows as kr
 from mxep.reference.routing import make_inputs, make_routing
 
 
@@ -54,40 +52,36 @@ def main():
 
     rows = []
     from mxep.kernels.rows import TUNING
-    import mxep.comm.peer_memory as pm
-    peer = buf.transport.peer
-    h = res.handle
-    routes = h.routes()
-    lay = h.layout
-    with torch.no_grad():
-        rows.append(("plan (counts exchange + layout)", timed(lambda: buf.plan(counts, n)), 0))
-        rows.append(("copy-out of received rows", timed(lambda: peer.copy_out_mxfp8(h.end)), 0))
-        rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
-    orig_mx, orig_rows = kd.push_rows_mxfp8, kr.push_rows
-    for per_sm, warps in [(4, 4), (8, 4), (16, 4), (32, 4), (8, 8), (16, 8)]:
-        TUNING.update(programs_per_sm=per_sm, num_warps=warps)
-        for bm, bk in [(4, 512), (8, 256), (2, 1024)]:
-            pm.push_rows_mxfp8 = lambda *a, bm=bm, bk=bk, **k: orig_mx(*a, block_m=bm, block_k=bk, **k)
-            with torch.no_grad():
-                t = timed(lambda: peer.push_mxfp8(x, lay.dest_rank[rank], lay.dest_row[rank], "rceil"))
-            rows.append((f"push_mxfp8 only sm*{per_sm} w{warps} bm={bm} bk={bk}", t, mx_bytes / t / 1e3))
-        for bm, bn in [(8, 512), (4, 1024)]:
-            pm.push_rows = lambda *a, bm=bm, bn=bn, **k: orig_rows(*a, block_m=bm, block_n=bn, **k)
-            t = timed(lambda: peer.push_bf16_combine(expert_out, routes.src_rank, routes.src_row, h.end))
-            rows.append((f"push_bf16 only sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
-    pm.push_rows_mxfp8, pm.push_rows = orig_mx, orig_rows
     import mxep.kernels.quantize as kq
-    for hw in (True, False):
-        kq.HW_CAST_ON_GPU = hw
-        TUNING.update(programs_per_sm=8, num_warps=4)
-        with torch.no_grad():
-            t = timed(lambda: peer.push_mxfp8(x, lay.dest_rank[rank], lay.dest_row[rank], "rceil"))
-            rows.append((f"push_mxfp8 only sm*8 w4 hw_cast={hw}", t, mx_bytes / t / 1e3))
+    peer = buf.transport.peer
+    plan = res.handle.plan
+    defaults = dict(TUNING)
+    with torch.no_grad():
+        rows.append(("plan (put counts + barrier + plan kernel)", timed(lambda: buf.plan(counts, n)), 0))
+        rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan, 32)), 0))
+        rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
+        for per_sm, warps in [(4, 4), (16, 4), (16, 8), (32, 4), (8, 8)]:
+            TUNING.update(programs_per_sm=per_sm, num_warps=warps)
+            for bm, bk in [(4, 512), (2, 1024), (8, 512), (1, 2048)]:
+                TUNING.update(dispatch_block_m=bm, dispatch_block_k=bk)
+                t = timed(lambda: peer.push_mxfp8(x, plan, "rceil"))
+                rows.append((f"push_mxfp8 sm*{per_sm} w{warps} bm={bm} bk={bk}", t, mx_bytes / t / 1e3))
+            for bm, bn in [(8, 512), (4, 1024), (16, 256)]:
+                TUNING.update(combine_block_m=bm, combine_block_n=bn)
+                t = timed(lambda: peer.push_bf16_combine(expert_out, plan))
+                rows.append((f"combine push sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
+            for bm, bn in [(8, 1024), (4, 2048)]:
+                TUNING.update(copy_block_m=bm, copy_block_n=bn)
+                t = timed(lambda: peer.copy_out_mxfp8(plan, 32))
+                rows.append((f"copy-out sm*{per_sm} w{warps} bm={bm} bn={bn}", t, 2 * n * H * 1.03 / t / 1e3))
+        TUNING.clear(); TUNING.update(defaults)
+        for hw in (True, False):
+            kq.HW_CAST_ON_GPU = hw
+            t = timed(lambda: peer.push_mxfp8(x, plan, "rceil"))
+            rows.append((f"push_mxfp8 defaults hw_cast={hw}", t, mx_bytes / t / 1e3))
             t = timed(lambda: mxep.to_mxfp8(x))
             rows.append((f"to_mxfp8 local hw_cast={hw} (GB/s=rd+wr)", t, n * H * (2 + 1 + 1 / 32) / t / 1e3))
-    kq.HW_CAST_ON_GPU = True
-    TUNING.update(programs_per_sm=int(os.environ.get("PER_SM", 4)), num_warps=int(os.environ.get("WARPS", 4)))
-    with torch.no_grad():
+        kq.HW_CAST_ON_GPU = True
         t = timed(lambda: buf.dispatch(x, counts))
         rows.append(("full dispatch (defaults)", t, mx_bytes / t / 1e3))
         t = timed(lambda: buf.combine(expert_out, res.handle))

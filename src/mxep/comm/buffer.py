@@ -1,65 +1,17 @@
 """``mxep.Buffer``: the stateful object that owns the communication memory of one EP group."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from mxep.comm.layout import DispatchLayout, capacity_rows, compute_dispatch_layout
+from mxep.comm.layout import capacity_rows
 from mxep.comm.peer_memory import RegionLayout
-from mxep.comm.transport import CollectiveTransport, ReturnRoutes, SymmMemTransport, Transport, return_routes
+from mxep.comm.transport import CollectiveTransport, DispatchHandle, SymmMemTransport, Transport
 from mxep.format.mxfp8 import BLOCK_SIZE, MXFP8Tensor, check_scale_mode
 
-__all__ = ["Buffer", "DispatchHandle", "DispatchResult", "finish_mxfp8", "finish_rows"]
-
-
-def finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Zero this rank's pad rows (``pad_rows`` int64, scratch-row entries for unused slots) in a
-    received ``[capacity + 1, C]`` tensor and drop the scratch row -> ``[capacity, C]``."""
-    out.index_fill_(0, pad_rows, 0)
-    return out[:capacity]
-
-
-def finish_mxfp8(q: torch.Tensor, s: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> MXFP8Tensor:
-    """Received uint8 data ``[capacity + 1, H]`` and scales ``[capacity + 1, H // 32]`` -> the
-    dispatch's :class:`MXFP8Tensor` ``[capacity, H]`` with zero pad rows."""
-    q = finish_rows(q, pad_rows, capacity).view(torch.float8_e4m3fn)
-    s = finish_rows(s, pad_rows, capacity).view(torch.float8_e8m0fnu)
-    return MXFP8Tensor(q, s, torch.bfloat16)
-
-
-@dataclass
-class DispatchHandle:
-    """What combine and the backward passes need from one dispatch (regular device tensors: a
-    later dispatch on the same Buffer does not invalidate it).
-
-    Attributes:
-        layout: the :class:`~mxep.comm.layout.DispatchLayout` of this call (all ranks).
-        rank: this rank in the EP group.
-        num_rows: ``n``, rows of ``x`` on this rank.
-        end: int32 ``[1]`` device view of ``group_end_offsets[-1]`` (rows in use).
-    """
-
-    layout: DispatchLayout
-    rank: int
-    num_rows: int
-    end: torch.Tensor
-    _routes: ReturnRoutes | None = None
-
-    @property
-    def group_end_offsets(self) -> torch.Tensor:
-        return self.layout.group_end_offsets[self.rank]
-
-    @property
-    def tokens_per_expert(self) -> torch.Tensor:
-        return self.layout.tokens_per_expert[self.rank]
-
-    def routes(self) -> ReturnRoutes:
-        if self._routes is None:
-            self._routes = return_routes(self.layout, self.rank)
-        return self._routes
+__all__ = ["Buffer", "DispatchHandle", "DispatchResult"]
 
 
 class DispatchResult(NamedTuple):
@@ -207,30 +159,23 @@ class Buffer:
         return counts.to(torch.int32).contiguous()
 
     def _check_handle(self, handle: DispatchHandle) -> None:
-        if not isinstance(handle, DispatchHandle) or handle.layout.dest_rank.shape != (self.world_size, self.max_tokens_per_rank):
+        if not isinstance(handle, DispatchHandle) or (handle.plan is None) == (handle.layout is None):
             raise ValueError("handle must be the DispatchHandle of a dispatch on this Buffer")
 
     # ------------------------------------------------------------------ raw ops (no autograd)
     def plan(self, num_tokens_per_expert: torch.Tensor, num_rows: int) -> DispatchHandle:
         """Exchange counts (device-side) and compute the layout of one dispatch."""
         counts = self._check_counts(num_tokens_per_expert, num_rows)
-        C = self.transport.exchange_counts(counts)
-        layout = compute_dispatch_layout(C, self.max_tokens_per_rank, self.align)
-        end = layout.group_end_offsets[self.rank, -1:]
-        return DispatchHandle(layout, self.rank, num_rows, end)
+        return self.transport.plan(counts, num_rows, self.align)
 
     def dispatch_mxfp8_raw(self, x: torch.Tensor, handle: DispatchHandle) -> MXFP8Tensor:
-        q, s = self.transport.dispatch_mxfp8(x.contiguous(), handle.layout, handle.end, self.scale_mode)
-        return finish_mxfp8(q, s, handle.layout.pad_rows[self.rank], self.capacity)
+        return self.transport.dispatch_mxfp8(x.contiguous(), handle, self.scale_mode)
 
     def dispatch_bf16_raw(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        out = self.transport.dispatch_bf16(src.contiguous(), handle.layout, handle.end)
-        return finish_rows(out, handle.layout.pad_rows[self.rank], self.capacity)
+        return self.transport.dispatch_bf16(src.contiguous(), handle)
 
     def combine_raw(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        routes = handle.routes() if self.transport_name == "symm_mem" else None
-        return self.transport.combine_bf16(expert_out.contiguous(), handle.layout, handle.end,
-                                           handle.num_rows, routes)
+        return self.transport.combine_bf16(expert_out.contiguous(), handle)
 
     # ------------------------------------------------------------------ public, differentiable
     def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> DispatchResult:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mxep.kernels.dispatch import push_rows_mxfp8
-from mxep.kernels.rows import copy_rows, push_rows, put_counts
+from mxep.kernels.dispatch import dispatch_push
+from mxep.kernels.plan import DispatchPlan, compute_plan
+from mxep.kernels.rows import combine_push, copy_out, put_counts
 
 __all__ = ["RegionLayout", "PeerMemory"]
 
@@ -104,34 +105,31 @@ class PeerMemory:
         self.dispatch_bf16 = _view(mem, r.dispatch_offset, (r.rows, H), torch.bfloat16)
         self.combine_bf16 = _view(mem, r.combine_offset, (N + 1, H), torch.bfloat16)
 
-    # --- phases writing into peers (each is followed by a barrier in a real world) -------------
+    # --- phases (a real world puts a barrier between a phase that writes peers and the next) ---
     def put_counts(self, counts_i32: torch.Tensor) -> None:
         put_counts(counts_i32, self.counts, self.delta_i32, self.rank)
 
-    def push_mxfp8(self, x: torch.Tensor, dest_rank: torch.Tensor, dest_row: torch.Tensor, scale_mode: str) -> None:
-        push_rows_mxfp8(x, dest_rank, dest_row, self.dispatch_data, self.dispatch_scale, self.delta_u8, scale_mode)
+    def plan(self, align: int) -> DispatchPlan:
+        return compute_plan(self.counts, align)
 
-    def push_bf16_dispatch(self, src: torch.Tensor, dest_rank: torch.Tensor, dest_row: torch.Tensor) -> None:
-        push_rows(src, dest_rank, dest_row, self.dispatch_bf16, self.delta_bf16)
+    def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str) -> None:
+        dispatch_push(x, plan, self.rank, self.regions.capacity, self.dispatch_data, self.dispatch_scale,
+                      self.delta_u8, scale_mode)
 
-    def push_bf16_combine(self, src: torch.Tensor, src_rank: torch.Tensor, src_row: torch.Tensor,
-                          end: torch.Tensor) -> None:
-        push_rows(src, src_rank, src_row, self.combine_bf16, self.delta_bf16, bound=end)
+    def push_bf16_dispatch(self, src: torch.Tensor, plan: DispatchPlan) -> None:
+        dispatch_push(src, plan, self.rank, self.regions.capacity, self.dispatch_bf16, None, self.delta_bf16, None)
 
-    # --- local phases after the barrier: copy out into regular tensors ------------------------
-    def copy_out_mxfp8(self, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = torch.empty_like(self.dispatch_data)
-        s = torch.empty_like(self.dispatch_scale)
+    def push_bf16_combine(self, src: torch.Tensor, plan: DispatchPlan) -> None:
+        combine_push(src, plan, self.rank, self.regions.max_tokens_per_rank, self.combine_bf16, self.delta_bf16)
+
+    # --- local phases after the barrier: copy out into regular tensors (pad rows zeroed) -------
+    def copy_out_mxfp8(self, plan: DispatchPlan, align: int) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.regions.capacity
-        copy_rows(self.dispatch_data[:cap], q[:cap], end)
-        copy_rows(self.dispatch_scale[:cap], s[:cap], end)
-        return q, s
+        return (copy_out(self.dispatch_data[:cap], plan, self.rank, align),
+                copy_out(self.dispatch_scale[:cap], plan, self.rank, align))
 
-    def copy_out_bf16_dispatch(self, end: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(self.dispatch_bf16)
-        cap = self.regions.capacity
-        copy_rows(self.dispatch_bf16[:cap], out[:cap], end)
-        return out
+    def copy_out_bf16_dispatch(self, plan: DispatchPlan, align: int) -> torch.Tensor:
+        return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, align)
 
     def copy_out_combine(self, n: int) -> torch.Tensor:
         return self.combine_bf16[:n].clone()

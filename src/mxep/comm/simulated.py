@@ -17,10 +17,10 @@ from typing import Sequence
 
 import torch
 
-from mxep.comm.buffer import DispatchHandle, DispatchResult, finish_mxfp8, finish_rows
-from mxep.comm.layout import capacity_rows, compute_dispatch_layout
+from mxep.comm.buffer import DispatchResult
+from mxep.comm.layout import capacity_rows
 from mxep.comm.peer_memory import PeerMemory, RegionLayout
-from mxep.comm.transport import return_routes
+from mxep.comm.transport import DispatchHandle, as_mxfp8
 
 __all__ = ["SimulatedWorld"]
 
@@ -46,37 +46,30 @@ class SimulatedWorld:
         for r, p in enumerate(self.peers):
             p.put_counts(counts[r].to(torch.int32).contiguous())
         # ---- barrier ----
-        handles = []
-        for r, p in enumerate(self.peers):
-            layout = compute_dispatch_layout(p.counts, self.max_tokens_per_rank, self.align)
-            handles.append(DispatchHandle(layout, r, num_rows[r], layout.group_end_offsets[r, -1:]))
-        return handles
+        return [DispatchHandle(r, num_rows[r], plan=p.plan(self.align)) for r, p in enumerate(self.peers)]
 
     def dispatch(self, xs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> list[DispatchResult]:
         """Fused MXFP8 dispatch on every rank: ``xs[r]`` bf16 ``[n_r, H]``, ``counts[r]`` ``[E]``."""
         handles = self.plan(counts, [x.shape[0] for x in xs])
         for r, (p, h) in enumerate(zip(self.peers, handles)):
-            p.push_mxfp8(xs[r].contiguous(), h.layout.dest_rank[r], h.layout.dest_row[r], self.scale_mode)
+            p.push_mxfp8(xs[r].contiguous(), h.plan, self.scale_mode)
         # ---- barrier ----
         out = []
-        for r, (p, h) in enumerate(zip(self.peers, handles)):
-            q, s = p.copy_out_mxfp8(h.end)
-            tokens = finish_mxfp8(q, s, h.layout.pad_rows[r], self.capacity)
+        for p, h in zip(self.peers, handles):
+            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan, self.align))
             out.append(DispatchResult(tokens, h.group_end_offsets, h.tokens_per_expert, h))
         return out
 
     def dispatch_bf16(self, srcs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
         """bf16 rows into the dispatch layout (what the combine's backward does)."""
         for r, (p, h) in enumerate(zip(self.peers, handles)):
-            p.push_bf16_dispatch(srcs[r].contiguous(), h.layout.dest_rank[r], h.layout.dest_row[r])
+            p.push_bf16_dispatch(srcs[r].contiguous(), h.plan)
         # ---- barrier ----
-        return [finish_rows(p.copy_out_bf16_dispatch(h.end), h.layout.pad_rows[r], self.capacity)
-                for r, (p, h) in enumerate(zip(self.peers, handles))]
+        return [p.copy_out_bf16_dispatch(h.plan, self.align) for p, h in zip(self.peers, handles)]
 
     def combine(self, expert_outs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
         """Rows of each rank's dispatch layout ``[capacity, H]`` back to their sources."""
         for r, (p, h) in enumerate(zip(self.peers, handles)):
-            routes = return_routes(h.layout, r)
-            p.push_bf16_combine(expert_outs[r].contiguous(), routes.src_rank, routes.src_row, h.end)
+            p.push_bf16_combine(expert_outs[r].contiguous(), h.plan)
         # ---- barrier ----
         return [p.copy_out_combine(h.num_rows) for p, h in zip(self.peers, handles)]

@@ -13,58 +13,81 @@ Every method is collective: all ranks call the same methods in the same order on
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from mxep.comm.layout import DispatchLayout
+from mxep.comm.layout import DispatchLayout, compute_dispatch_layout
 from mxep.comm.peer_memory import PeerMemory, RegionLayout
-
-__all__ = ["Transport", "SymmMemTransport", "CollectiveTransport", "ReturnRoutes", "return_routes"]
-
-
-class ReturnRoutes:
-    """Owner-side table: for each row ``p`` of this rank's dispatch buffer, the (source rank,
-    source row) it came from; ``-1`` for pad rows. int32 ``[cap + 1]`` each."""
-
-    def __init__(self, src_rank: torch.Tensor, src_row: torch.Tensor):
-        self.src_rank = src_rank
-        self.src_row = src_row
+from mxep.format.mxfp8 import MXFP8Tensor
+from mxep.kernels.plan import DispatchPlan
 
 
-def return_routes(layout: DispatchLayout, rank: int) -> ReturnRoutes:
-    W, N = layout.dest_rank.shape
-    dev = layout.dest_rank.device
-    trash = layout.trash_row
-    mine = layout.dest_rank == rank
-    idx = torch.where(mine, layout.dest_row.long(), trash).flatten()
-    grid_rank = torch.arange(W, device=dev, dtype=torch.int32).view(W, 1).expand(W, N)
-    grid_row = torch.arange(N, device=dev, dtype=torch.int32).view(1, N).expand(W, N)
-    src_rank = torch.full((trash + 1,), -1, dtype=torch.int32, device=dev)
-    src_row = torch.full((trash + 1,), -1, dtype=torch.int32, device=dev)
-    src_rank.scatter_(0, idx, torch.where(mine, grid_rank, -1).flatten())
-    src_row.scatter_(0, idx, torch.where(mine, grid_row, -1).flatten())
-    src_rank[trash] = -1
-    return ReturnRoutes(src_rank, src_row)
+@dataclass
+class DispatchHandle:
+    """What combine and the backward passes need from one dispatch (regular device tensors: a
+    later dispatch on the same Buffer does not invalidate it).
+
+    Attributes:
+        rank: this rank in the EP group.
+        num_rows: ``n``, rows of ``x`` on this rank.
+        plan: symmetric-memory transport: the :class:`~mxep.kernels.plan.DispatchPlan`.
+        layout: collective transport: the :class:`~mxep.comm.layout.DispatchLayout`.
+    """
+
+    rank: int
+    num_rows: int
+    plan: DispatchPlan | None = None
+    layout: DispatchLayout | None = None
+
+    @property
+    def group_end_offsets(self) -> torch.Tensor:
+        """int32 ``[L]`` cumulative padded group ends on this rank."""
+        if self.plan is not None:
+            return self.plan.group_end_offsets(self.rank)
+        return self.layout.group_end_offsets[self.rank]
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """int32 ``[L]`` unpadded rows received per local expert."""
+        if self.plan is not None:
+            return self.plan.tokens_per_expert(self.rank)
+        return self.layout.tokens_per_expert[self.rank]
+
+
+def finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Zero this rank's pad rows (``pad_rows`` int64, scratch-row entries for unused slots) in a
+    received ``[capacity + 1, C]`` tensor and drop the scratch row -> ``[capacity, C]``."""
+    out.index_fill_(0, pad_rows, 0)
+    return out[:capacity]
+
+
+def as_mxfp8(q: torch.Tensor, s: torch.Tensor) -> MXFP8Tensor:
+    """uint8 data ``[cap, H]`` and scales ``[cap, H // 32]`` -> bf16-typed :class:`MXFP8Tensor`."""
+    return MXFP8Tensor(q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), torch.bfloat16)
+
+__all__ = ["Transport", "SymmMemTransport", "CollectiveTransport", "DispatchHandle"]
 
 
 class Transport:
+    """All methods are collective (every rank, same order, one stream) and sync-free."""
+
     name = "abstract"
 
-    def exchange_counts(self, counts_i32: torch.Tensor) -> torch.Tensor:
-        """``[E]`` int32 -> ``[W, E]`` count matrix (row s = source s)."""
+    def plan(self, counts_i32: torch.Tensor, num_rows: int, align: int) -> DispatchHandle:
+        """Exchange counts (``[E]`` int32 per rank) and compute where every row goes."""
         raise NotImplementedError
 
-    def dispatch_mxfp8(self, x: torch.Tensor, layout: DispatchLayout, end: torch.Tensor, scale_mode: str):
-        """Quantize and move rows. Returns uint8 ``([cap+1, H], [cap+1, H//32])``; rows below
-        ``end`` (device int32 ``[1]``) hold the layout's data rows; pad rows are not yet zero."""
+    def dispatch_mxfp8(self, x: torch.Tensor, handle: DispatchHandle, scale_mode: str) -> MXFP8Tensor:
+        """Quantize and move rows -> ``[cap, H]`` MXFP8, expert-major, pad rows zero."""
         raise NotImplementedError
 
-    def dispatch_bf16(self, src: torch.Tensor, layout: DispatchLayout, end: torch.Tensor) -> torch.Tensor:
-        """Move bf16 rows ``[n, H]`` into the dispatch layout -> ``[cap+1, H]`` (pads not zeroed)."""
+    def dispatch_bf16(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Move bf16 rows ``[n, H]`` into the dispatch layout -> ``[cap, H]``, pad rows zero."""
         raise NotImplementedError
 
-    def combine_bf16(self, src: torch.Tensor, layout: DispatchLayout, end: torch.Tensor, n: int,
-                     routes: ReturnRoutes | None) -> torch.Tensor:
+    def combine_bf16(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Move rows of the dispatch layout ``[cap, H]`` back to their sources -> ``[n, H]``."""
         raise NotImplementedError
 
@@ -89,31 +112,32 @@ class SymmMemTransport(Transport):
     def _barrier(self) -> None:
         self.handle.barrier(channel=0)
 
-    def exchange_counts(self, counts_i32):
-        # No entry barrier needed: peers read their count matrix before the previous dispatch's
-        # completion barrier, which this rank has passed.
+    def plan(self, counts_i32, num_rows, align):
+        # No entry barrier needed: peers read their count matrix (plan kernel) before the previous
+        # dispatch's completion barrier, which this rank has passed.
         self.peer.put_counts(counts_i32)
         self._barrier()
-        return self.peer.counts
+        self.align = align
+        return DispatchHandle(self.rank, num_rows, plan=self.peer.plan(align))
 
-    def dispatch_mxfp8(self, x, layout, end, scale_mode):
+    def dispatch_mxfp8(self, x, handle, scale_mode):
         # The counts barrier doubles as the entry barrier: every owner has copied out the previous
         # call's rows (stream order) before it arrived there.
-        self.peer.push_mxfp8(x, layout.dest_rank[self.rank], layout.dest_row[self.rank], scale_mode)
+        self.peer.push_mxfp8(x, handle.plan, scale_mode)
         self._barrier()
-        return self.peer.copy_out_mxfp8(end)
+        return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, self.align))
 
-    def dispatch_bf16(self, src, layout, end):
+    def dispatch_bf16(self, src, handle):
         self._barrier()  # entry: owners are done with their dispatch region
-        self.peer.push_bf16_dispatch(src, layout.dest_rank[self.rank], layout.dest_row[self.rank])
+        self.peer.push_bf16_dispatch(src, handle.plan)
         self._barrier()
-        return self.peer.copy_out_bf16_dispatch(end)
+        return self.peer.copy_out_bf16_dispatch(handle.plan, self.align)
 
-    def combine_bf16(self, src, layout, end, n, routes):
+    def combine_bf16(self, src, handle):
         self._barrier()  # entry: sources are done with their combine region
-        self.peer.push_bf16_combine(src, routes.src_rank, routes.src_row, end)
+        self.peer.push_bf16_combine(src, handle.plan)
         self._barrier()
-        return self.peer.copy_out_combine(n)
+        return self.peer.copy_out_combine(handle.num_rows)
 
 
 class CollectiveTransport(Transport):
@@ -126,7 +150,11 @@ class CollectiveTransport(Transport):
         self.regions = regions
         self.device = device
 
-    def exchange_counts(self, counts_i32):
+    def plan(self, counts_i32, num_rows, align):
+        layout = compute_dispatch_layout(self._exchange_counts(counts_i32), self.regions.max_tokens_per_rank, align)
+        return DispatchHandle(self.rank, num_rows, layout=layout)
+
+    def _exchange_counts(self, counts_i32):
         out = torch.empty(self.world * counts_i32.numel(), dtype=counts_i32.dtype, device=counts_i32.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
         gather(out, counts_i32, group=self.group)
@@ -166,19 +194,22 @@ class CollectiveTransport(Transport):
         out.index_copy_(0, self._recv_rows(layout), recv)
         return out
 
-    def dispatch_mxfp8(self, x, layout, end, scale_mode):
+    def dispatch_mxfp8(self, x, handle, scale_mode):
         from mxep.format.mxfp8 import to_mxfp8
 
-        H = x.shape[1]
+        H, cap, layout = x.shape[1], self.regions.capacity, handle.layout
         t = to_mxfp8(x, scale_mode)
         packed = torch.cat([t.qdata.view(torch.uint8), t.scale.view(torch.uint8)], dim=1)
         out = self._scatter_to_layout(packed, layout, x.shape[0])
-        return out[:, :H].contiguous(), out[:, H:].contiguous()
+        pad = layout.pad_rows[self.rank]
+        return as_mxfp8(finish_rows(out[:, :H].contiguous(), pad, cap), finish_rows(out[:, H:].contiguous(), pad, cap))
 
-    def dispatch_bf16(self, src, layout, end):
-        return self._scatter_to_layout(src, layout, src.shape[0])
+    def dispatch_bf16(self, src, handle):
+        out = self._scatter_to_layout(src, handle.layout, src.shape[0])
+        return finish_rows(out, handle.layout.pad_rows[self.rank], self.regions.capacity)
 
-    def combine_bf16(self, src, layout, end, n, routes):
+    def combine_bf16(self, src, handle):
+        layout, n = handle.layout, handle.num_rows
         W, N = self.world, self.regions.max_tokens_per_rank
         rows = self._recv_rows(layout)  # the slot -> dispatch-row map, read in reverse
         rows = torch.where(rows == layout.trash_row, 0, rows)

@@ -1,6 +1,8 @@
-"""The fused dispatch kernel: read each bf16 row once, quantize it to MXFP8 in registers and store
-e4m3 bytes and e8m0 scales straight into the destination rank's receive buffer at the row's final
-expert-major, padded position (peer addressing as in :mod:`mxep.kernels.rows`)."""
+"""The fused dispatch kernel: read each row of ``x`` once, find its destination from the plan in
+registers, quantize it to MXFP8 in registers and store e4m3 bytes and e8m0 scales straight into
+the owner's receive buffer at the row's final expert-major, padded position (peer addressing as in
+:mod:`mxep.kernels.rows`). With ``QUANTIZE=False`` the same kernel moves bf16 rows (the combine's
+backward)."""
 from __future__ import annotations
 
 import torch
@@ -8,18 +10,20 @@ import triton
 import triton.language as tl
 
 from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
+from mxep.kernels.plan import DispatchPlan, route_rows
 from mxep.kernels.quantize import use_hw_cast
 from mxep.kernels.rows import TUNING, num_persistent_programs
 
-__all__ = ["push_rows_mxfp8"]
+__all__ = ["dispatch_push"]
 
 
 @triton.jit
-def _push_rows_mxfp8_kernel(
-    x_ptr, n_rows, H,
-    dst_rank_ptr, dst_row_ptr,
+def _dispatch_push_kernel(
+    x_ptr, n_rows, H, rank, capacity,
+    row_base_ptr, src_end_ptr, E,
     data_base_ptr, scale_base_ptr, dst_delta_ptr,
-    FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
+    QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
+    L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -29,11 +33,12 @@ def _push_rows_mxfp8_kernel(
     while blk < num_blocks:
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         in_range = rows < n_rows
-        rank = tl.load(dst_rank_ptr + rows, mask=in_range, other=-1)
-        ok = in_range & (rank >= 0)
-        drow = tl.load(dst_row_ptr + rows, mask=ok, other=0).to(tl.int64)
-        # Data and scales are views of one peer allocation: one byte delta serves both.
-        delta = tl.load(dst_delta_ptr + rank, mask=ok, other=0)
+        src = tl.zeros([BLOCK_M], tl.int32) + rank
+        g, drow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
+        ok = in_range & (g < E) & (drow >= 0) & (drow < capacity)   # never write outside the buffer
+        dest = g // L
+        delta = tl.load(dst_delta_ptr + dest, mask=ok, other=0)
+        drow = drow.to(tl.int64)
         data_off = tl.multiple_of(delta + drow * H, 16)
         scale_off = delta + drow * n_scale_cols
         if SCALES_ALIGNED:  # H // 32 % 16 == 0 (e.g. 2048, 5120, 7168): 16-byte scale stores
@@ -43,50 +48,64 @@ def _push_rows_mxfp8_kernel(
         while k0 < H:
             cols = k0 + tl.arange(0, BLOCK_K)
             m = ok[:, None] & (cols < H)[None, :]
-            if x_ptr.dtype.element_ty == tl.int16:  # bf16 as raw bits: exact widening (interpreter-safe)
-                x = bf16_bits_to_fp32(tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0))
+            raw = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0)
+            if QUANTIZE:
+                if x_ptr.dtype.element_ty == tl.int16:  # bf16 as raw bits: exact widening (interpreter-safe)
+                    x = bf16_bits_to_fp32(raw)
+                else:
+                    x = raw
+                q, s = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
+                tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m)
+                scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                ms = ok[:, None] & (scols < n_scale_cols)[None, :]
+                tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=ms)
             else:
-                x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0.0)
-            q, s = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
-            tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m)
-            scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-            ms = ok[:, None] & (scols < n_scale_cols)[None, :]
-            tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=ms)
+                tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m)
             k0 += BLOCK_K
         blk += NPROG
 
 
-def push_rows_mxfp8(
+def dispatch_push(
     x: torch.Tensor,
-    dst_rank: torch.Tensor,
-    dst_row: torch.Tensor,
+    plan: DispatchPlan,
+    rank: int,
+    capacity: int,
     data_base: torch.Tensor,
-    scale_base: torch.Tensor,
+    scale_base: torch.Tensor | None,
     dst_delta: torch.Tensor,
-    scale_mode: str,
+    scale_mode: str | None,
     *,
-    block_m: int = 4,
-    block_k: int = 512,
+    block_m: int | None = None,
+    block_k: int | None = None,
 ) -> None:
-    """Quantize ``x`` and scatter it to the peers.
+    """Send every row of ``x`` to its expert's owner, into the expert-major padded layout.
 
     Args:
-        x: bf16/fp32 ``[n, H]`` contiguous, ``H % 32 == 0``.
-        dst_rank / dst_row: int32 ``[n]`` destination rank and row (``-1`` skips a row).
-        data_base: uint8 ``[rows, H]`` local data region; rank r's is at ``+ dst_delta[r]`` bytes.
-        scale_base: uint8 ``[rows, H // 32]`` local scale region, in the *same* allocation as
-            ``data_base`` on every rank (so the same byte delta applies).
-        dst_delta: int64 ``[W]`` byte offsets of every rank's allocation from the local one.
+        x: ``[n, H]`` contiguous rows of this rank (bf16, or fp32 when quantizing).
+        plan: the :class:`~mxep.kernels.plan.DispatchPlan` of this call.
+        data_base: the local receive region: uint8 ``[rows, H]`` when quantizing (``scale_mode``
+            given), else bf16 ``[rows, H]``; rank r's region is at ``+ dst_delta[r]`` elements.
+        scale_base: uint8 ``[rows, H // 32]`` local scale region in the same allocation (the same
+            byte delta applies), or None for bf16 rows.
+        dst_delta: int64 ``[W]`` offsets of every rank's allocation from the local one, in
+            elements of ``data_base``.
     """
     n, H = x.shape
     if n == 0:
         return
-    block_k = min(block_k, triton.next_power_of_2(H))
+    quantize = scale_mode is not None
+    block_m = block_m or TUNING["dispatch_block_m"]
+    block_k = min(block_k or TUNING["dispatch_block_k"], triton.next_power_of_2(H))
     nprog = min(num_persistent_programs(x.device), triton.cdiv(n, block_m))
+    W, E = plan.src_end.shape
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
-    _push_rows_mxfp8_kernel[(nprog,)](
-        x_arg, n, H, dst_rank, dst_row, data_base, scale_base, dst_delta,
-        FLOOR=scale_mode == "floor", SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512,
-        HW_CAST=use_hw_cast(x), BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog,
-        num_warps=TUNING["num_warps"],
+    data_arg = data_base if quantize else data_base.view(torch.int16)
+    _dispatch_push_kernel[(nprog,)](
+        x_arg, n, H, rank, capacity,
+        plan.row_base, plan.src_end, E,
+        data_arg, scale_base if quantize else data_arg, dst_delta,
+        QUANTIZE=quantize, FLOOR=scale_mode == "floor",
+        SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
+        L=E // W, E_P=max(triton.next_power_of_2(E), 2),
+        BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["num_warps"],
     )

@@ -19,11 +19,20 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["push_rows", "copy_rows", "put_counts", "num_persistent_programs"]
+from mxep.kernels.plan import route_rows
+
+__all__ = ["combine_push", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
 
 
 # Persistent-grid knobs for the peer-store kernels; overridable for tuning (scripts/tune_dispatch.py).
-TUNING = {"programs_per_sm": 4, "num_warps": 4}
+# Measured on 4 H200 (scripts/tune_dispatch.py, config (a)): 16 programs/SM x 8 warps moved the
+# most bytes for both the MXFP8 push (843 us vs 1038 us at 4 x 4) and the bf16 push.
+TUNING = {
+    "programs_per_sm": 16, "num_warps": 8,
+    "dispatch_block_m": 4, "dispatch_block_k": 512,
+    "combine_block_m": 8, "combine_block_n": 512,
+    "copy_block_m": 8, "copy_block_n": 1024,
+}
 
 
 def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> int:
@@ -40,114 +49,109 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _push_rows_kernel(
-    src_ptr, src_stride, n_rows, bound_ptr,
-    dst_rank_ptr, dst_row_ptr,
-    dst_base_ptr, dst_delta_ptr, dst_stride,
-    n_cols,
-    HAS_BOUND: tl.constexpr, ALIGNED: tl.constexpr,
+def _combine_push_kernel(
+    src_ptr, H, rank, N,
+    row_base_ptr, src_end_ptr, E,
+    dst_base_ptr, dst_delta_ptr,
+    L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
+    # Slots t = s * N + i over every source row of every source; this owner handles those routed
+    # to its experts: it reads its dispatch-layout row and stores it at row i of source s.
     pid = tl.program_id(0)
-    end = n_rows
-    if HAS_BOUND:
-        end = tl.minimum(tl.load(bound_ptr).to(tl.int64), n_rows)
-    num_blocks = tl.cdiv(end, BLOCK_M)
+    W = E // L
+    num_blocks = tl.cdiv(W * N, BLOCK_M)
     blk = pid
     while blk < num_blocks:
-        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_range = rows < end
-        rank = tl.load(dst_rank_ptr + rows, mask=in_range, other=-1)
-        ok = in_range & (rank >= 0)
-        drow = tl.load(dst_row_ptr + rows, mask=ok, other=0).to(tl.int64)
-        delta = tl.load(dst_delta_ptr + rank, mask=ok, other=0)
-        dst_off = delta + drow * dst_stride
-        if ALIGNED:
-            dst_off = tl.multiple_of(dst_off, 16)
-        src_off = rows.to(tl.int64) * src_stride
+        t = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_range = t < W * N
+        src = (t // N).to(tl.int32)
+        rows = (t % N).to(tl.int32)
+        g, prow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
+        ok = in_range & (g < E) & (g // L == rank)
+        delta = tl.load(dst_delta_ptr + src, mask=ok, other=0)
+        dst_off = tl.multiple_of(delta + rows.to(tl.int64) * H, 16)
+        src_off = prow.to(tl.int64) * H
         c0 = 0
-        while c0 < n_cols:
+        while c0 < H:
             cols = c0 + tl.arange(0, BLOCK_N)
-            m = ok[:, None] & (cols < n_cols)[None, :]
+            m = ok[:, None] & (cols < H)[None, :]
             v = tl.load(src_ptr + src_off[:, None] + cols[None, :], mask=m)
             tl.store(dst_base_ptr + dst_off[:, None] + cols[None, :], v, mask=m)
             c0 += BLOCK_N
         blk += NPROG
 
 
-def push_rows(
-    src: torch.Tensor,
-    dst_rank: torch.Tensor,
-    dst_row: torch.Tensor,
-    dst_base: torch.Tensor,
-    dst_delta: torch.Tensor,
-    *,
-    bound: torch.Tensor | None = None,
-    block_m: int = 8,
-    block_n: int = 512,
-) -> None:
-    """Copy row ``i`` of ``src [R, C]`` to row ``dst_row[i]`` of rank ``dst_rank[i]``'s buffer.
-
-    Args:
-        src: ``[R, C]`` contiguous rows (any dtype; ``dst_base`` must have the same dtype).
-        dst_rank: int32 ``[R]``; ``-1`` skips the row (pad rows, unused slots).
-        dst_row: int32 ``[R]`` destination row index.
-        dst_base: the *local* destination region, ``[rows, C]`` contiguous, same dtype as ``src``;
-            rank r's region is at ``dst_base + dst_delta[r]`` (elements).
-        dst_delta: int64 ``[W]`` element offsets of every rank's region from ``dst_base``.
-        bound: optional int32 device scalar: only rows ``< bound`` are moved (no host sync).
-    """
-    R, C = src.shape
-    if R == 0:
+def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, dst_base: torch.Tensor,
+                 dst_delta: torch.Tensor) -> None:
+    """Owner side of the combine: every row of this rank's dispatch layout ``src [cap, H]`` that
+    holds a real token goes back to row ``i`` of its source's ``dst_base [N + 1, H]`` region
+    (rank r's at ``dst_base + dst_delta[r]`` elements). Pad rows are never read."""
+    H = src.shape[1]
+    W, E = plan.src_end.shape
+    N = max_tokens_per_rank
+    if N == 0:
         return
-    assert src.is_contiguous() and dst_base.is_contiguous() and src.dtype == dst_base.dtype
-    nprog = min(num_persistent_programs(src.device), triton.cdiv(R, block_m))
-    aligned = (C * src.element_size()) % 16 == 0
-    _push_rows_kernel[(nprog,)](
-        src, C, R, bound if bound is not None else dst_rank,
-        dst_rank, dst_row,
-        dst_base, dst_delta, C,
-        C,
-        HAS_BOUND=bound is not None, ALIGNED=aligned,
-        BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog,
+    block_m, block_n = TUNING["combine_block_m"], TUNING["combine_block_n"]
+    nprog = min(num_persistent_programs(src.device), triton.cdiv(W * N, block_m))
+    src_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
+    dst_arg = dst_base.view(torch.int16) if dst_base.dtype == torch.bfloat16 else dst_base
+    _combine_push_kernel[(nprog,)](
+        src_arg, H, rank, N, plan.row_base, plan.src_end, E, dst_arg, dst_delta,
+        L=E // W, E_P=max(triton.next_power_of_2(E), 2),
+        BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
         num_warps=TUNING["num_warps"],
     )
 
 
 @triton.jit
-def _copy_rows_kernel(src_ptr, dst_ptr, n_rows, bound_ptr, n_cols,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr):
+def _copy_out_kernel(src_ptr, dst_ptr, n_cols, capacity, group_end_ptr, recv_ptr,
+                     ALIGN: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr):
     pid = tl.program_id(0)
-    end = tl.minimum(tl.load(bound_ptr).to(tl.int64), n_rows)
+    e = tl.arange(0, L_P)
+    ends = tl.load(group_end_ptr + e, mask=e < L, other=2147483647)
+    end = tl.minimum(tl.max(tl.where(e < L, ends, 0), axis=0), capacity)
     num_blocks = tl.cdiv(end, BLOCK_M)
     blk = pid
     while blk < num_blocks:
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = rows < end
+        # local expert of each row, and whether the row is padding (past its group's tokens)
+        ex = tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1)
+        g_end = tl.load(group_end_ptr + ex, mask=live, other=0)
+        recv = tl.load(recv_ptr + ex, mask=live, other=0)
+        padded = tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+        data = live & (rows < g_end - padded + recv)
         off = rows.to(tl.int64) * n_cols
         c0 = 0
         while c0 < n_cols:
             cols = c0 + tl.arange(0, BLOCK_N)
-            m = (rows < end)[:, None] & (cols < n_cols)[None, :]
-            v = tl.load(src_ptr + off[:, None] + cols[None, :], mask=m)
-            tl.store(dst_ptr + off[:, None] + cols[None, :], v, mask=m)
+            cm = (cols < n_cols)[None, :]
+            v = tl.load(src_ptr + off[:, None] + cols[None, :], mask=data[:, None] & cm, other=0)
+            tl.store(dst_ptr + off[:, None] + cols[None, :], v, mask=live[:, None] & cm)
             c0 += BLOCK_N
         blk += NPROG
 
 
-def copy_rows(src: torch.Tensor, dst: torch.Tensor, bound: torch.Tensor, *, block_m: int = 8,
-              block_n: int = 1024) -> None:
-    """``dst[:b] = src[:b]`` with ``b = bound`` read on the device (int32 scalar tensor).
-
-    Rows past the bound are not touched, so copying out of a worst-case-sized receive buffer costs
-    the rows actually received, not the capacity."""
+def copy_out(src: torch.Tensor, plan, rank: int, align: int) -> torch.Tensor:
+    """Copy rows ``[0, group_end_offsets[-1])`` of this rank's receive region ``src [cap, C]``
+    into a new regular tensor, writing zeros for pad rows; later rows are left unwritten. The
+    bound is read on the device: the cost is the rows received, not the capacity."""
+    dst = torch.empty_like(src)
     R, C = src.shape
     if R == 0:
-        return
-    assert src.is_contiguous() and dst.is_contiguous() and src.shape == dst.shape
+        return dst
+    L = plan.num_local_experts
+    block_m, block_n = TUNING["copy_block_m"], TUNING["copy_block_n"]
     nprog = min(num_persistent_programs(src.device), triton.cdiv(R, block_m))
-    _copy_rows_kernel[(nprog,)](src, dst, R, bound, C, BLOCK_M=block_m,
-                                BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog,
-                                num_warps=TUNING["num_warps"])
+    s_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
+    d_arg = dst.view(torch.int16) if dst.dtype == torch.bfloat16 else dst
+    _copy_out_kernel[(nprog,)](s_arg, d_arg, C, R, plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
+                               ALIGN=align, L=L, L_P=max(triton.next_power_of_2(L), 2), BLOCK_M=block_m,
+                               BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog,
+                               num_warps=TUNING["num_warps"])
+    return dst
 
 
 @triton.jit

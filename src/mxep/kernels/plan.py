@@ -1,0 +1,103 @@
+"""The dispatch plan in one kernel launch, and the per-row lookups the peer kernels use.
+
+From the count matrix ``C [W, E]`` (row s = source s's num_tokens_per_expert, in every rank's
+symmetric memory after the counts exchange) one program computes small per-expert vectors:
+
+* ``row_base [W, E]`` int32: for source s and global expert g, ``dest_row - i`` of every row i of
+  s routed to g (the owner's group start + rows of lower sources for g - s's first row for g);
+* ``src_end [W, E]`` int32: ``cumsum(C[s])``: row i of s goes to expert
+  ``g = #{g' : src_end[s, g'] <= i}`` (``g == E`` means ``i >= n_s``);
+* ``group_end [E]`` int32: per global expert, its padded group end on its owner
+  (``group_end_offsets`` of rank d is ``group_end[d*L:(d+1)*L]``);
+* ``recv [E]`` int32: rows each expert receives (``tokens_per_expert``).
+
+Kernels then find every row's destination in registers (an E-wide compare per row block) instead
+of reading per-row tables: the whole plan costs one launch, which matters because a dozen small
+torch ops cost more host time than the latency-bound dispatch itself (docs/performance-notes.md).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["DispatchPlan", "compute_plan"]
+
+
+@triton.jit
+def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
+                 W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
+                 W_P: tl.constexpr, E_P: tl.constexpr):
+    s = tl.arange(0, W_P)
+    g = tl.arange(0, E_P)
+    m2 = (s < W)[:, None] & (g < E)[None, :]
+    offs = s[:, None] * E + g[None, :]
+    C = tl.load(counts_ptr + offs, mask=m2, other=0).to(tl.int32)
+    src_end = tl.cumsum(C, axis=1)
+    prefix_src = tl.cumsum(C, axis=0) - C                 # rows of lower sources, per expert
+    recv = tl.sum(C, axis=0)                              # [E_P]
+    padded = tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    padded = tl.where(g < E, padded, 0)
+    # Segmented inclusive cumsum of padded sizes within each owner: an E x E masked sum (E <= a
+    # few hundred, one program).
+    gi = g[:, None]
+    gj = g[None, :]
+    same_owner = (gi // L == gj // L) & (gj <= gi)
+    group_end = tl.sum(tl.where(same_owner, padded[None, :], 0), axis=1)   # [E_P], indexed by gi
+    group_start = group_end - padded
+    src_start = src_end - C
+    row_base = group_start[None, :] + prefix_src - src_start
+    tl.store(row_base_ptr + offs, row_base, mask=m2)
+    tl.store(src_end_ptr + offs, src_end, mask=m2)
+    tl.store(group_end_ptr + g, group_end, mask=g < E)
+    tl.store(recv_ptr + g, recv, mask=g < E)
+
+
+class DispatchPlan:
+    """Output of :func:`compute_plan` (device tensors, see the module docstring)."""
+
+    def __init__(self, row_base, src_end, group_end, recv, num_local_experts: int):
+        self.row_base, self.src_end, self.group_end, self.recv = row_base, src_end, group_end, recv
+        self.num_local_experts = num_local_experts
+
+    def group_end_offsets(self, rank: int) -> torch.Tensor:
+        L = self.num_local_experts
+        return self.group_end[rank * L:(rank + 1) * L]
+
+    def tokens_per_expert(self, rank: int) -> torch.Tensor:
+        L = self.num_local_experts
+        return self.recv[rank * L:(rank + 1) * L]
+
+    def end(self, rank: int) -> torch.Tensor:
+        L = self.num_local_experts
+        return self.group_end[(rank + 1) * L - 1:(rank + 1) * L]
+
+
+def compute_plan(counts: torch.Tensor, align: int) -> DispatchPlan:
+    """``counts`` int32 ``[W, E]`` -> :class:`DispatchPlan` (one kernel launch, no host sync)."""
+    W, E = counts.shape
+    dev = counts.device
+    row_base = torch.empty(W, E, dtype=torch.int32, device=dev)
+    src_end = torch.empty(W, E, dtype=torch.int32, device=dev)
+    group_end = torch.empty(E, dtype=torch.int32, device=dev)
+    recv = torch.empty(E, dtype=torch.int32, device=dev)
+    _plan_kernel[(1,)](counts, row_base, src_end, group_end, recv, W=W, E=E, L=E // W, ALIGN=align,
+                       W_P=triton.next_power_of_2(W), E_P=max(triton.next_power_of_2(E), 2),
+                       num_warps=4)
+    return DispatchPlan(row_base, src_end, group_end, recv, E // W)
+
+
+@triton.jit
+def route_rows(row_base_ptr, src_end_ptr, src, rows, ok, E, E_P: tl.constexpr):
+    """For source rows ``rows`` of sources ``src`` (int32 vectors), return ``(g, dest_row)``: the
+    global expert (``E`` for rows past the source's last row) and the row on its owner.
+
+    ``g`` is the number of experts whose cumulative end ``src_end[src, g']`` is <= the row.
+    """
+    e = tl.arange(0, E_P)
+    ends = tl.load(src_end_ptr + src[:, None] * E + e[None, :], mask=ok[:, None] & (e < E)[None, :],
+                   other=2147483647)
+    g = tl.sum((ends <= rows[:, None]).to(tl.int32), axis=1)
+    valid = ok & (g < E)
+    base = tl.load(row_base_ptr + src * E + g, mask=valid, other=0)
+    return g, base + rows
