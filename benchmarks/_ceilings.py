@@ -92,7 +92,7 @@ class PeerCeilings:
         self.world = dist.get_world_size(group)
         self.capacity = round16(max(capacity_bytes, 16))
         self.mem = symm_mem.empty(self.capacity, dtype=torch.uint8, device=self.device)
-        self.hdl = symm_mem.rendezvous(self.mem, group)
+        self.hdl = symm_mem.rendezvous(self.mem, group if group is not None else dist.group.WORLD)
         ptrs = [int(p) for p in self.hdl.buffer_ptrs]
         self.base_off = self.mem.data_ptr() - ptrs[self.rank]  # 0 expected; same on every rank
         deltas = [p - ptrs[self.rank] for p in ptrs]

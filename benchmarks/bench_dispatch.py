@@ -1,0 +1,254 @@
+"""EP dispatch / combine benchmark: mxep fused vs the unfused MXFP8 pipeline vs NCCL bf16, plus
+transfer ceilings, on every rank of one torchrun launch (one process group).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=4 benchmarks/bench_dispatch.py \
+        --out benchmarks/results/raw/dispatch_w4.json
+
+(``benchmarks/run_all.py`` launches this with the right environment; see docs/benchmarks.md.)
+
+Systems (names used in the JSON):
+  mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync)
+  unfused_mxfp8  mxep.reference.ep_pipeline.unfused_dispatch_mxfp8 / unfused_combine
+  nccl_bf16      unfused_dispatch_bf16 / unfused_combine (bf16 all_to_all_single + permute)
+  ceilings       ceil_ce, ceil_triton, ceil_nccl (see _ceilings.py), for three traffic patterns
+Every system runs under try/except: a failure is recorded as its error string and the rest run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import _ceilings  # noqa: E402
+from _common import (CONFIGS, NVLINK_GBPS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
+                     config_dict, count_matrix, init_distributed, make_case, parse_list, pattern_pair_bytes,
+                     traffic)
+from _timing import environment, gather, guarded, time_aligned, time_pipelined  # noqa: E402
+
+import mxep  # noqa: E402
+from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
+
+SYSTEMS = ("mxep", "unfused_mxfp8", "nccl_bf16", "ceilings")
+PATTERNS = ("dispatch_mxfp8", "dispatch_bf16", "combine_bf16")
+
+
+def gbps(nbytes: float, us: float | None) -> float | None:
+    return None if not us else nbytes / us / 1e3  # bytes / microsecond / 1e3 = GB/s (1e9 bytes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="ceiling traffic patterns")
+    args = p.parse_args()
+    cpu = args.cpu_smoke
+    table = SMOKE_CONFIGS if cpu else CONFIGS
+    configs = [table[c] for c in parse_list(args.configs, table)]
+    routings = parse_list(args.routings, ROUTINGS)
+    systems = parse_list(args.systems, SYSTEMS)
+    patterns = parse_list(args.patterns, PATTERNS)
+
+    rank, world, device = init_distributed(cpu, args.pg_timeout)
+    group = None
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    def log_all(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    header = {
+        "script": "bench_dispatch",
+        "world": world,
+        "cpu_smoke": cpu,
+        "env": environment() if rank == 0 else None,
+        "args": vars(args),
+        "configs": {c.name: config_dict(c) for c in configs},
+        "nvlink_gbps": NVLINK_GBPS,
+        "timing": ("median over iters of CUDA-event time around one call, each call preceded by a device "
+                   "sleep and a one-element NCCL all_reduce (device-side rank alignment); reported "
+                   "median_us = max over ranks of the per-rank medians"),
+    }
+    rf = ResultFile(args.out, rank, header)
+    if world < 2:
+        rf.data["error"] = "needs at least 2 ranks"
+        rf.flush(finished=True)
+        dist.destroy_process_group()
+        return
+
+    def run(name, fn):
+        return guarded(name, fn, group, device, log_all)
+
+    def timed(fn, pipelined: bool = False):
+        m, err = run("time", lambda: time_aligned(fn, device=device, group=group, warmup=args.warmup,
+                                                  iters=args.iters))
+        if m is not None and pipelined and args.pipelined_iters > 0:
+            pm, perr = run("pipelined", lambda: time_pipelined(fn, device=device, group=group,
+                                                                iters=args.pipelined_iters))
+            m["pipelined"] = pm if pm is not None else {"error": perr}
+        return m, err
+
+    # ---- ceilings: one symmetric buffer sized for every case of this launch
+    ceil = None
+    ceil_err = None
+    if "ceilings" in systems:
+        if cpu:
+            res, err = run("peer_store selftest", lambda: _ceilings.simulated_peer_store_check(3, rank))
+            rf.add({"world": world, "system": "selftest", "op": "peer_store_kernel_simulated", "check": res,
+                    "error": err})
+
+        def need():
+            return max(_ceilings.recv_bytes_needed(pattern_pair_bytes(count_matrix(c, r, world, args.seed), world,
+                                                                       c.hidden, pt))
+                       for c in configs for r in routings for pt in patterns)
+        ceil, ceil_err = run("ceilings init", lambda: _ceilings.PeerCeilings(group, device, need()))
+
+    with torch.no_grad():
+        for cfg in configs:
+            H, E, n = cfg.hidden, cfg.experts, cfg.rows
+            log(f"== world {world} config {cfg.name}: {cfg.label}")
+            buf, buf_err = None, None
+            if "mxep" in systems:
+                buf, buf_err = run("mxep.Buffer", lambda: mxep.Buffer(None, num_experts=E, hidden=H,
+                                                                     max_tokens_per_rank=n, align=32))
+                if buf is not None:
+                    log(f"   {buf!r}")
+            for routing in routings:
+                base = {"world": world, "config": cfg.name, "routing": routing}
+                case, case_err = run("inputs", lambda: make_case(cfg, routing, world, rank, device, args.seed))
+                tr = {pt: traffic(count_matrix(cfg, routing, world, args.seed), world, H, pt) for pt in PATTERNS}
+
+                def record(system, op, pattern, meas=None, err=None, nbytes=None, **extra):
+                    rec = dict(base, system=system, op=op, pattern=pattern, error=err, **extra)
+                    rec.update(tr[pattern])
+                    if nbytes is not None:
+                        rec["bytes_sent_avg"] = nbytes
+                        rec["bytes_sent_per_rank"] = [nbytes] * world
+                    if meas is not None:
+                        rec.update(meas)
+                        rec["gbps"] = gbps(rec["bytes_sent_avg"], meas["median_us"])
+                        pl = meas.get("pipelined") or {}
+                        if pl.get("median_us"):
+                            rec["pipelined_us"] = pl["median_us"]
+                            rec["pipelined_gbps"] = gbps(rec["bytes_sent_avg"], pl["median_us"])
+                    rf.add(rec)
+                    if rank == 0:
+                        msg = (f"{meas['median_us']:10.1f} us  {rec['gbps']:8.2f} GB/s/rank" if meas is not None
+                               else f"ERROR {err}")
+                        print(f"   w{world} {cfg.name} {routing:8s} {system:14s} {op:24s} {msg}", flush=True)
+
+                if case is None:
+                    for s in systems:
+                        record(s, "setup", "dispatch_mxfp8", err=f"inputs: {case_err}")
+                    continue
+                x, counts = case.x, case.counts
+                keep = {}
+
+                # ---- 1. mxep fused
+                if "mxep" in systems:
+                    extra = {"symm_bytes": buf.symm_bytes if buf else None,
+                             "transport": buf.transport_name if buf else None,
+                             "capacity_rows": buf.capacity if buf else None}
+                    if buf is None:
+                        record("mxep", "dispatch", "dispatch_mxfp8", err=f"Buffer: {buf_err}", **extra)
+                        record("mxep", "combine", "combine_bf16", err=f"Buffer: {buf_err}", **extra)
+                    else:
+                        m, err = timed(lambda: buf.dispatch(x, counts), pipelined=True)
+                        record("mxep", "dispatch", "dispatch_mxfp8", m, err, **extra)
+                        res, err = run("mxep dispatch", lambda: buf.dispatch(x, counts))
+                        if res is not None:
+                            eo = torch.randn(buf.capacity, H, device=device, dtype=torch.bfloat16)
+                            keep["mxep"] = (res, eo)
+                            m, err = timed(lambda: buf.combine(eo, res.handle), pipelined=True)
+                        record("mxep", "combine", "combine_bf16", m, err, **extra)
+
+                # ---- 2. unfused MXFP8 and 3. NCCL bf16
+                for name, disp in (("unfused_mxfp8", lambda: unfused_dispatch_mxfp8(x, counts, group, align=32)),
+                                   ("nccl_bf16", lambda: unfused_dispatch_bf16(x, counts, group))):
+                    if name not in systems:
+                        continue
+                    pat = "dispatch_mxfp8" if name == "unfused_mxfp8" else "dispatch_bf16"
+                    m, err = timed(disp)
+                    record(name, "dispatch", pat, m, err, align=32 if name == "unfused_mxfp8" else 8)
+                    m = None
+                    ures, err = run(f"{name} dispatch", disp)
+                    if ures is not None:
+                        ueo = torch.randn(ures.handle.num_padded_rows, H, device=device, dtype=torch.bfloat16)
+                        keep[name] = (ures, ueo)
+                        m, err = timed(lambda: unfused_combine(ueo, ures.handle))
+                    record(name, "combine", "combine_bf16", m, err)
+
+                # ---- correctness: mxep vs the unfused reference, same routing, same inputs
+                if "mxep" in keep and "unfused_mxfp8" in keep:
+                    def check():
+                        (res, eo), (ures, _) = keep["mxep"], keep["unfused_mxfp8"]
+                        R = ures.handle.num_padded_rows
+                        # collectives first, on every rank whatever the comparisons say
+                        y1 = buf.combine(eo, res.handle)
+                        y2 = unfused_combine(eo[:R], ures.handle)
+                        bad = []
+                        if not torch.equal(res.group_end_offsets.cpu(), ures.group_end_offsets.cpu()):
+                            bad.append("group_end_offsets")
+                        if not torch.equal(res.tokens_per_expert.cpu(), ures.tokens_per_expert.cpu()):
+                            bad.append("tokens_per_expert")
+                        if not bad:
+                            if not torch.equal(res.tokens.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8)):
+                                bad.append("qdata")
+                            if not torch.equal(res.tokens.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8)):
+                                bad.append("scale")
+                        if not torch.equal(y1, y2):
+                            bad.append("combine")
+                        return "ok" if not bad else "mismatch: " + ",".join(bad)
+                    out, err = run("check", check)
+                    verdicts = gather(out)
+                    verdict = "ok" if all(v == "ok" for v in verdicts) else "; ".join(
+                        f"rank {r}: {v}" for r, v in enumerate(verdicts) if v != "ok")
+                    rf.add(dict(base, system="check", op="mxep_vs_unfused_bitwise", check=verdict, error=err))
+                    log(f"   check mxep vs unfused (dispatch bytes + combine rows): {verdict if err is None else err}")
+                keep.clear()
+                gc.collect()
+
+                # ---- 5. ceilings, same bytes peer to peer
+                if "ceilings" in systems:
+                    for pt in patterns:
+                        B = pattern_pair_bytes(case.C, world, H, pt)
+                        if ceil is None:
+                            record("ceil_ce", pt, pt, err=f"init: {ceil_err}")
+                            record("ceil_triton", pt, pt, err=f"init: {ceil_err}")
+                        else:
+                            fns, err = run("ceilings prepare", lambda: ceil.prepare(B))
+                            for sname in ("ceil_ce", "ceil_triton"):
+                                m, e2 = (None, err) if fns is None else timed(fns[sname])
+                                record(sname, pt, pt, m, e2, symm_bytes=ceil.symm_bytes)
+                            del fns
+                        got, err = run("nccl ceiling", lambda: _ceilings.nccl_ceiling(B, group, device))
+                        if got is None:
+                            record("ceil_nccl", pt, pt, err=err)
+                        else:
+                            fn, nbytes = got
+                            m, err = timed(fn)
+                            record("ceil_nccl", pt, pt, m, err, nbytes=nbytes)
+                        del got
+                case = x = counts = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            buf = None
+            gc.collect()
+
+    rf.flush(finished=True)
+    log(f"wrote {args.out}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
