@@ -61,7 +61,7 @@ def main():
         rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan, 32)), 0))
         rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
         for per_sm, warps in [(4, 4), (16, 4), (16, 8), (32, 4), (8, 8)]:
-            TUNING.update(programs_per_sm=per_sm, num_warps=warps)
+            TUNING.update(programs_per_sm=per_sm, dispatch_warps=warps, combine_warps=warps, copy_warps=warps)
             for bm, bk in [(4, 512), (2, 1024), (8, 512), (1, 2048)]:
                 TUNING.update(dispatch_block_m=bm, dispatch_block_k=bk)
                 t = timed(lambda: peer.push_mxfp8(x, plan, "rceil"))

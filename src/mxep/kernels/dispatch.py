@@ -107,5 +107,5 @@ def dispatch_push(
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
         L=E // W, E_P=max(triton.next_power_of_2(E), 2),
-        BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["num_warps"],
+        BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["dispatch_warps"],
     )

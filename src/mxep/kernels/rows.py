@@ -25,13 +25,16 @@ __all__ = ["combine_push", "copy_out", "put_counts", "num_persistent_programs", 
 
 
 # Persistent-grid knobs for the peer-store kernels; overridable for tuning (scripts/tune_dispatch.py).
-# Measured on 4 H200 (scripts/tune_dispatch.py, config (a)): 16 programs/SM x 8 warps moved the
-# most bytes for both the MXFP8 push (843 us vs 1038 us at 4 x 4) and the bf16 push.
+# Measured on 4 H200 with scripts/tune_dispatch.py, config (a) (H=7168, 32768 rows/rank, uniform
+# top-8 of 256), 2026-11-27; each line's best against the 4-programs-per-SM x 4-warp start:
+#   MXFP8 push: 16/SM x 8 warps, 1 x 2048 tile   805 us  (4x4, 4 x 512: 1092 us)
+#   combine push: 16/SM x 8 warps, 4 x 1024 tile  1487 us (4x4, 8 x 512: 1827 us)
+#   copy-out: 16/SM x 4 warps, 8 x 1024 tile      191 us  (4x4: 262 us)
 TUNING = {
-    "programs_per_sm": 16, "num_warps": 8,
-    "dispatch_block_m": 4, "dispatch_block_k": 512,
-    "combine_block_m": 8, "combine_block_n": 512,
-    "copy_block_m": 8, "copy_block_n": 1024,
+    "programs_per_sm": 16,
+    "dispatch_block_m": 1, "dispatch_block_k": 2048, "dispatch_warps": 8,
+    "combine_block_m": 4, "combine_block_n": 1024, "combine_warps": 8,
+    "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 4,
 }
 
 
@@ -100,7 +103,7 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, d
         src_arg, H, rank, N, plan.row_base, plan.src_end, E, dst_arg, dst_delta,
         L=E // W, E_P=max(triton.next_power_of_2(E), 2),
         BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
-        num_warps=TUNING["num_warps"],
+        num_warps=TUNING["combine_warps"],
     )
 
 
@@ -150,7 +153,7 @@ def copy_out(src: torch.Tensor, plan, rank: int, align: int) -> torch.Tensor:
     _copy_out_kernel[(nprog,)](s_arg, d_arg, C, R, plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
                                ALIGN=align, L=L, L_P=max(triton.next_power_of_2(L), 2), BLOCK_M=block_m,
                                BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog,
-                               num_warps=TUNING["num_warps"])
+                               num_warps=TUNING["copy_warps"])
     return dst
 
 
