@@ -125,8 +125,7 @@ class PeerMemory:
     # --- local phases after the barrier: copy out into regular tensors (pad rows zeroed) -------
     def copy_out_mxfp8(self, plan: DispatchPlan, align: int) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.regions.capacity
-        return (copy_out(self.dispatch_data[:cap], plan, self.rank, align),
-                copy_out(self.dispatch_scale[:cap], plan, self.rank, align))
+        return copy_out(self.dispatch_data[:cap], plan, self.rank, align, self.dispatch_scale[:cap])
 
     def copy_out_bf16_dispatch(self, plan: DispatchPlan, align: int) -> torch.Tensor:
         return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, align)

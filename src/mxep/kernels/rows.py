@@ -108,9 +108,21 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, d
 
 
 @triton.jit
-def _copy_out_kernel(src_ptr, dst_ptr, n_cols, capacity, group_end_ptr, recv_ptr,
-                     ALIGN: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr):
+def _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N: tl.constexpr):
+    off = rows.to(tl.int64) * n_cols
+    c0 = 0
+    while c0 < n_cols:
+        cols = c0 + tl.arange(0, BLOCK_N)
+        cm = (cols < n_cols)[None, :]
+        v = tl.load(src_ptr + off[:, None] + cols[None, :], mask=data[:, None] & cm, other=0)
+        tl.store(dst_ptr + off[:, None] + cols[None, :], v, mask=live[:, None] & cm)
+        c0 += BLOCK_N
+
+
+@triton.jit
+def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capacity, group_end_ptr, recv_ptr,
+                     HAS_SECOND: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, NPROG: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.arange(0, L_P)
     ends = tl.load(group_end_ptr + e, mask=e < L, other=2147483647)
@@ -126,35 +138,36 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, capacity, group_end_ptr, recv_ptr
         recv = tl.load(recv_ptr + ex, mask=live, other=0)
         padded = tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
         data = live & (rows < g_end - padded + recv)
-        off = rows.to(tl.int64) * n_cols
-        c0 = 0
-        while c0 < n_cols:
-            cols = c0 + tl.arange(0, BLOCK_N)
-            cm = (cols < n_cols)[None, :]
-            v = tl.load(src_ptr + off[:, None] + cols[None, :], mask=data[:, None] & cm, other=0)
-            tl.store(dst_ptr + off[:, None] + cols[None, :], v, mask=live[:, None] & cm)
-            c0 += BLOCK_N
+        _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N)
+        if HAS_SECOND:  # the scales of the same rows: one launch for data and scales
+            _copy_rows_masked(src2_ptr, dst2_ptr, rows, n_cols2, data, live, BLOCK_N2)
         blk += NPROG
 
 
-def copy_out(src: torch.Tensor, plan, rank: int, align: int) -> torch.Tensor:
+def copy_out(src: torch.Tensor, plan, rank: int, align: int, src2: torch.Tensor | None = None):
     """Copy rows ``[0, group_end_offsets[-1])`` of this rank's receive region ``src [cap, C]``
-    into a new regular tensor, writing zeros for pad rows; later rows are left unwritten. The
-    bound is read on the device: the cost is the rows received, not the capacity."""
+    (and of ``src2 [cap, C2]``, e.g. the scales, in the same launch) into new regular tensors,
+    writing zeros for pad rows; later rows are left unwritten. The bound is read on the device:
+    the cost is the rows received, not the capacity. Returns ``dst`` or ``(dst, dst2)``."""
     dst = torch.empty_like(src)
+    dst2 = torch.empty_like(src2) if src2 is not None else None
     R, C = src.shape
     if R == 0:
-        return dst
+        return dst if src2 is None else (dst, dst2)
     L = plan.num_local_experts
     block_m, block_n = TUNING["copy_block_m"], TUNING["copy_block_n"]
     nprog = min(num_persistent_programs(src.device), triton.cdiv(R, block_m))
     s_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
     d_arg = dst.view(torch.int16) if dst.dtype == torch.bfloat16 else dst
-    _copy_out_kernel[(nprog,)](s_arg, d_arg, C, R, plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
-                               ALIGN=align, L=L, L_P=max(triton.next_power_of_2(L), 2), BLOCK_M=block_m,
-                               BLOCK_N=min(block_n, triton.next_power_of_2(C)), NPROG=nprog,
+    C2 = src2.shape[1] if src2 is not None else 1
+    _copy_out_kernel[(nprog,)](s_arg, d_arg, C, src2 if src2 is not None else s_arg,
+                               dst2 if dst2 is not None else d_arg, C2, R,
+                               plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
+                               HAS_SECOND=src2 is not None, ALIGN=align, L=L, L_P=max(triton.next_power_of_2(L), 2),
+                               BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(C)),
+                               BLOCK_N2=min(block_n, triton.next_power_of_2(C2)), NPROG=nprog,
                                num_warps=TUNING["copy_warps"])
-    return dst
+    return dst if src2 is None else (dst, dst2)
 
 
 @triton.jit
