@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from _fused_cases import Case, cases_for_world, check_dispatch, expected_combine, expected_grad_x, run_buffer_case
+from _fused_cases import Case, cases_for_world, check_dispatch, expected_combine, run_buffer_case
 
 import mxep
 from mxep.comm.simulated import POISON, SimulatedWorld
