@@ -49,7 +49,7 @@ def main():
             ("plan kernel launch", lambda: peer.plan(32)),
             ("symm barrier", lambda: buf.transport._barrier()),
             ("push_mxfp8 launch", lambda: peer.push_mxfp8(x, plan, "rceil")),
-            ("copy_out_mxfp8 (2 launches)", lambda: peer.copy_out_mxfp8(plan, 32)),
+            ("copy_out_mxfp8 (2 launches)", lambda: peer.copy_out_mxfp8(plan)),
             ("combine push launch", lambda: peer.push_bf16_combine(out, plan)),
             ("MXFP8Tensor construction", lambda: mxep.MXFP8Tensor(res.tokens.qdata, res.tokens.scale)),
             ("torch.empty_like", lambda: torch.empty_like(x)),

@@ -58,7 +58,7 @@ def main():
     defaults = dict(TUNING)
     with torch.no_grad():
         rows.append(("plan (put counts + barrier + plan kernel)", timed(lambda: buf.plan(counts, n)), 0))
-        rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan, 32)), 0))
+        rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan)), 0))
         rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
         for per_sm, warps in [(4, 4), (16, 4), (16, 8), (32, 4), (8, 8)]:
             TUNING.update(programs_per_sm=per_sm, dispatch_warps=warps, combine_warps=warps, copy_warps=warps)
@@ -72,7 +72,7 @@ def main():
                 rows.append((f"combine push sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
             for bm, bn in [(8, 1024), (4, 2048)]:
                 TUNING.update(copy_block_m=bm, copy_block_n=bn)
-                t = timed(lambda: peer.copy_out_mxfp8(plan, 32))
+                t = timed(lambda: peer.copy_out_mxfp8(plan))
                 rows.append((f"copy-out sm*{per_sm} w{warps} bm={bm} bn={bn}", t, 2 * n * H * 1.03 / t / 1e3))
         TUNING.clear(); TUNING.update(defaults)
         for hw in (True, False):

@@ -153,3 +153,36 @@ def test_simulated_world_special_values():
             q, sc = to_mxfp8_reference(xs[s][i:i + 1], "rceil")
             assert torch.equal(res[r].tokens.qdata[p].view(torch.uint8), q[0].view(torch.uint8))
             assert torch.equal(res[r].tokens.scale[p].view(torch.uint8), sc[0].view(torch.uint8))
+
+
+def test_inconsistent_counts_write_nothing_outside():
+    """Counts that claim more rows than x has (only caught in debug mode: it needs a host sync)
+    must not make any rank write outside its receive region; the next valid call is exact."""
+    sim = SimulatedWorld(2, 4, 64, 16, 32)
+    xs = [torch.randn(16, 64).bfloat16(), torch.randn(5, 64).bfloat16()]
+    bogus = [torch.tensor([1000, 0, 0, 700]), torch.tensor([0, 0, 0, 2 ** 30])]
+    sim.dispatch(xs, bogus)
+    for p in sim.peers:
+        assert (p.combine_bf16.view(torch.uint8) == POISON).all()   # the region after the dispatch region
+        assert (p.dispatch_data[sim.capacity] == POISON).all()      # the scratch row
+    case = Case(2, 4, 64, 16, 32, ("skewed", "uniform"), (16, 9), seed=21)
+    counts, xs = case.inputs()
+    res = sim.dispatch(xs, counts)
+    for r in range(2):
+        check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+
+
+def _inconsistent_counts_body(rank, world):
+    buf = mxep.Buffer(None, num_experts=4, hidden=64, max_tokens_per_rank=16)
+    x = torch.randn(5, 64).bfloat16()
+    res = buf.dispatch(x, torch.tensor([40, 0, 3, 2 ** 20]))        # garbage counts: no crash
+    buf.combine(torch.zeros(buf.capacity, 64).bfloat16(), res.handle)
+    case = Case(world, 4, 64, 16, 32, ("uniform",) * world, (11,) * world, seed=4)
+    counts, xs = case.inputs()
+    res = buf.dispatch(xs[rank], counts[rank])
+    check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
+    return True
+
+
+def test_inconsistent_counts_gloo():
+    assert all(run_distributed(_inconsistent_counts_body, 2))

@@ -87,9 +87,12 @@ def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, alig
     src_start = src_end - C
     rows = torch.arange(N, device=dev, dtype=torch.int64).expand(W, N).contiguous()
     g = torch.searchsorted(src_end, rows, right=True)                     # E for rows >= n_s
-    valid = g < E
     g_c = g.clamp(max=E - 1)
     dest_row = first_row.gather(1, g_c) + rows - src_start.gather(1, g_c)
+    capacity = capacity_rows(W, L, N, align)
+    # Counts that do not describe the rows (not checked outside debug mode: that needs a host
+    # sync) must not make anyone write outside the buffer: such rows are dropped.
+    valid = (g < E) & (dest_row >= 0) & (dest_row < capacity)
     dest_row = torch.where(valid, dest_row, -1).to(torch.int32)
     dest_rank = torch.where(valid, g_c // L, -1).to(torch.int32)
 
@@ -97,10 +100,9 @@ def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, alig
     send_count = per_dest.sum(2)
     send_start = send_count.cumsum(1) - send_count
 
-    capacity = capacity_rows(W, L, N, align)
     j = torch.arange(align, device=dev, dtype=torch.int64).view(1, 1, align)
     pad = (group_start + recv).unsqueeze(-1) + j                          # [W, L, align]
-    pad_rows = torch.where(pad < group_end.unsqueeze(-1), pad, capacity).view(W, L * align)
+    pad_rows = torch.where((pad < group_end.unsqueeze(-1)) & (pad < capacity), pad, capacity).view(W, L * align)
 
     return DispatchLayout(
         dest_rank=dest_rank,

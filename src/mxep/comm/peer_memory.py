@@ -120,15 +120,16 @@ class PeerMemory:
         dispatch_push(src, plan, self.rank, self.regions.capacity, self.dispatch_bf16, None, self.delta_bf16, None)
 
     def push_bf16_combine(self, src: torch.Tensor, plan: DispatchPlan) -> None:
-        combine_push(src, plan, self.rank, self.regions.max_tokens_per_rank, self.combine_bf16, self.delta_bf16)
+        combine_push(src, plan, self.rank, self.regions.max_tokens_per_rank, self.regions.capacity,
+                     self.combine_bf16, self.delta_bf16)
 
     # --- local phases after the barrier: copy out into regular tensors (pad rows zeroed) -------
-    def copy_out_mxfp8(self, plan: DispatchPlan, align: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def copy_out_mxfp8(self, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.regions.capacity
-        return copy_out(self.dispatch_data[:cap], plan, self.rank, align, self.dispatch_scale[:cap])
+        return copy_out(self.dispatch_data[:cap], plan, self.rank, self.dispatch_scale[:cap])
 
-    def copy_out_bf16_dispatch(self, plan: DispatchPlan, align: int) -> torch.Tensor:
-        return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, align)
+    def copy_out_bf16_dispatch(self, plan: DispatchPlan) -> torch.Tensor:
+        return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank)
 
     def copy_out_combine(self, n: int) -> torch.Tensor:
         return self.combine_bf16[:n].clone()

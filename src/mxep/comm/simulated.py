@@ -56,7 +56,7 @@ class SimulatedWorld:
         # ---- barrier ----
         out = []
         for p, h in zip(self.peers, handles):
-            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan, self.align))
+            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan))
             out.append(DispatchResult(tokens, h.group_end_offsets, h.tokens_per_expert, h))
         return out
 
@@ -65,7 +65,7 @@ class SimulatedWorld:
         for r, (p, h) in enumerate(zip(self.peers, handles)):
             p.push_bf16_dispatch(srcs[r].contiguous(), h.plan)
         # ---- barrier ----
-        return [p.copy_out_bf16_dispatch(h.plan, self.align) for p, h in zip(self.peers, handles)]
+        return [p.copy_out_bf16_dispatch(h.plan) for p, h in zip(self.peers, handles)]
 
     def combine(self, expert_outs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
         """Rows of each rank's dispatch layout ``[capacity, H]`` back to their sources."""

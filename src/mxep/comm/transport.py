@@ -117,7 +117,6 @@ class SymmMemTransport(Transport):
         # dispatch's completion barrier, which this rank has passed.
         self.peer.put_counts(counts_i32)
         self._barrier()
-        self.align = align
         return DispatchHandle(self.rank, num_rows, plan=self.peer.plan(align))
 
     def dispatch_mxfp8(self, x, handle, scale_mode):
@@ -125,13 +124,13 @@ class SymmMemTransport(Transport):
         # call's rows (stream order) before it arrived there.
         self.peer.push_mxfp8(x, handle.plan, scale_mode)
         self._barrier()
-        return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, self.align))
+        return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan))
 
     def dispatch_bf16(self, src, handle):
         self._barrier()  # entry: owners are done with their dispatch region
         self.peer.push_bf16_dispatch(src, handle.plan)
         self._barrier()
-        return self.peer.copy_out_bf16_dispatch(handle.plan, self.align)
+        return self.peer.copy_out_bf16_dispatch(handle.plan)
 
     def combine_bf16(self, src, handle):
         self._barrier()  # entry: sources are done with their combine region
@@ -163,9 +162,11 @@ class CollectiveTransport(Transport):
     # Slot of every source row in the fixed-size send buffer [W * N, ...]: peer-major.
     def _send_slots(self, layout: DispatchLayout, n: int) -> torch.Tensor:
         N = self.regions.max_tokens_per_rank
+        W = self.world
         d = layout.dest_rank[self.rank, :n].long()
-        start = layout.send_start[self.rank].gather(0, d)
-        return d * N + torch.arange(n, device=d.device) - start
+        start = layout.send_start[self.rank].gather(0, d.clamp(min=0))
+        slot = d * N + torch.arange(n, device=d.device) - start
+        return torch.where((d >= 0) & (slot >= 0) & (slot < W * N), slot, W * N)  # W * N: scratch slot
 
     # Destination row of every received slot [W * N]; the scratch row for unused slots.
     def _recv_rows(self, layout: DispatchLayout) -> torch.Tensor:
@@ -176,7 +177,7 @@ class CollectiveTransport(Transport):
         valid = j < layout.send_count[:, self.rank].view(W, 1)
         i = (start + j).clamp(max=N - 1)
         rows = layout.dest_row.long().gather(1, i)
-        return torch.where(valid, rows, layout.trash_row).flatten()
+        return torch.where(valid & (rows >= 0), rows, layout.trash_row).flatten()
 
     def _all_to_all_rows(self, send: torch.Tensor) -> torch.Tensor:
         # Move raw bytes: every backend supports uint8, whatever the payload dtype.
@@ -186,10 +187,10 @@ class CollectiveTransport(Transport):
 
     def _scatter_to_layout(self, payload: torch.Tensor, layout: DispatchLayout, n: int) -> torch.Tensor:
         W, N = self.world, self.regions.max_tokens_per_rank
-        send = torch.zeros(W * N, payload.shape[1], dtype=payload.dtype, device=payload.device)
+        send = torch.zeros(W * N + 1, payload.shape[1], dtype=payload.dtype, device=payload.device)
         if n:
             send.index_copy_(0, self._send_slots(layout, n), payload)
-        recv = self._all_to_all_rows(send)
+        recv = self._all_to_all_rows(send[: W * N])
         out = torch.empty(self.regions.rows, payload.shape[1], dtype=payload.dtype, device=payload.device)
         out.index_copy_(0, self._recv_rows(layout), recv)
         return out
@@ -214,7 +215,7 @@ class CollectiveTransport(Transport):
         rows = self._recv_rows(layout)  # the slot -> dispatch-row map, read in reverse
         rows = torch.where(rows == layout.trash_row, 0, rows)
         send = src.index_select(0, rows) if src.shape[0] else torch.zeros(W * N, src.shape[1], dtype=src.dtype, device=src.device)
-        recv = self._all_to_all_rows(send)
+        recv = torch.cat([self._all_to_all_rows(send), torch.zeros_like(send[:1])])  # + scratch slot
         if n == 0:
             return recv[:0].clone()
         return recv.index_select(0, self._send_slots(layout, n))

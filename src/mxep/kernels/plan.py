@@ -56,9 +56,10 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
 class DispatchPlan:
     """Output of :func:`compute_plan` (device tensors, see the module docstring)."""
 
-    def __init__(self, row_base, src_end, group_end, recv, num_local_experts: int):
+    def __init__(self, row_base, src_end, group_end, recv, num_local_experts: int, align: int):
         self.row_base, self.src_end, self.group_end, self.recv = row_base, src_end, group_end, recv
         self.num_local_experts = num_local_experts
+        self.align = align
 
     def group_end_offsets(self, rank: int) -> torch.Tensor:
         L = self.num_local_experts
@@ -84,7 +85,7 @@ def compute_plan(counts: torch.Tensor, align: int) -> DispatchPlan:
     _plan_kernel[(1,)](counts, row_base, src_end, group_end, recv, W=W, E=E, L=E // W, ALIGN=align,
                        W_P=triton.next_power_of_2(W), E_P=max(triton.next_power_of_2(E), 2),
                        num_warps=4)
-    return DispatchPlan(row_base, src_end, group_end, recv, E // W)
+    return DispatchPlan(row_base, src_end, group_end, recv, E // W, align)
 
 
 @triton.jit

@@ -53,7 +53,7 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _combine_push_kernel(
-    src_ptr, H, rank, N,
+    src_ptr, H, rank, N, capacity,
     row_base_ptr, src_end_ptr, E,
     dst_base_ptr, dst_delta_ptr,
     L: tl.constexpr, E_P: tl.constexpr,
@@ -71,7 +71,7 @@ def _combine_push_kernel(
         src = (t // N).to(tl.int32)
         rows = (t % N).to(tl.int32)
         g, prow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
-        ok = in_range & (g < E) & (g // L == rank)
+        ok = in_range & (g < E) & (g // L == rank) & (prow >= 0) & (prow < capacity)  # never read outside
         delta = tl.load(dst_delta_ptr + src, mask=ok, other=0)
         dst_off = tl.multiple_of(delta + rows.to(tl.int64) * H, 16)
         src_off = prow.to(tl.int64) * H
@@ -85,8 +85,8 @@ def _combine_push_kernel(
         blk += NPROG
 
 
-def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, dst_base: torch.Tensor,
-                 dst_delta: torch.Tensor) -> None:
+def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, capacity: int,
+                 dst_base: torch.Tensor, dst_delta: torch.Tensor) -> None:
     """Owner side of the combine: every row of this rank's dispatch layout ``src [cap, H]`` that
     holds a real token goes back to row ``i`` of its source's ``dst_base [N + 1, H]`` region
     (rank r's at ``dst_base + dst_delta[r]`` elements). Pad rows are never read."""
@@ -100,7 +100,7 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, d
     src_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
     dst_arg = dst_base.view(torch.int16) if dst_base.dtype == torch.bfloat16 else dst_base
     _combine_push_kernel[(nprog,)](
-        src_arg, H, rank, N, plan.row_base, plan.src_end, E, dst_arg, dst_delta,
+        src_arg, H, rank, N, capacity, plan.row_base, plan.src_end, E, dst_arg, dst_delta,
         L=E // W, E_P=max(triton.next_power_of_2(E), 2),
         BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
         num_warps=TUNING["combine_warps"],
@@ -144,7 +144,7 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
         blk += NPROG
 
 
-def copy_out(src: torch.Tensor, plan, rank: int, align: int, src2: torch.Tensor | None = None):
+def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = None):
     """Copy rows ``[0, group_end_offsets[-1])`` of this rank's receive region ``src [cap, C]``
     (and of ``src2 [cap, C2]``, e.g. the scales, in the same launch) into new regular tensors,
     writing zeros for pad rows; later rows are left unwritten. The bound is read on the device:
@@ -163,7 +163,7 @@ def copy_out(src: torch.Tensor, plan, rank: int, align: int, src2: torch.Tensor 
     _copy_out_kernel[(nprog,)](s_arg, d_arg, C, src2 if src2 is not None else s_arg,
                                dst2 if dst2 is not None else d_arg, C2, R,
                                plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
-                               HAS_SECOND=src2 is not None, ALIGN=align, L=L, L_P=max(triton.next_power_of_2(L), 2),
+                               HAS_SECOND=src2 is not None, ALIGN=plan.align, L=L, L_P=max(triton.next_power_of_2(L), 2),
                                BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(C)),
                                BLOCK_N2=min(block_n, triton.next_power_of_2(C2)), NPROG=nprog,
                                num_warps=TUNING["copy_warps"])
