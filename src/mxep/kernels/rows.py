@@ -13,8 +13,6 @@ their row bound from device memory where the host does not know it: no host sync
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -45,10 +43,6 @@ def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> 
         per_sm = per_sm or TUNING["programs_per_sm"]
         return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     return 4
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
