@@ -33,7 +33,6 @@ value times a power of two is exact in fp32 and (except extreme under/overflow) 
 """
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -184,15 +183,7 @@ def to_mxfp8(x: torch.Tensor, scale_mode: ScaleMode = "rceil") -> MXFP8Tensor:
     """
     check_quantizable(x)
     check_scale_mode(scale_mode)
-    from mxep.kernels.quantize import triton_available_for, mxfp8_quantize
+    from mxep.ops.quantize import quantize_mxfp8
 
-    if triton_available_for(x):
-        # Not reshape(-1, K): that is ambiguous (an error) when K == 0.
-        q, s = mxfp8_quantize(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), scale_mode)
-        q = q.view(x.shape)
-        s = s.view(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
-    else:
-        from mxep.reference.mxfp8 import to_mxfp8_reference
-
-        q, s = to_mxfp8_reference(x, scale_mode)
+    q, s = quantize_mxfp8(x, scale_mode)
     return MXFP8Tensor(q, s, x.dtype)
