@@ -60,6 +60,7 @@ def _child(rank: int, world_size: int, fn: Callable, args: tuple, backend: str, 
                                 world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout_s))
         try:
             result = fn(rank, world_size, *args)
+            dist.barrier()  # nobody tears down its connections while a peer still talks to it
         finally:
             dist.destroy_process_group()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
