@@ -64,7 +64,7 @@ class Buffer:
         >>> x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
         >>> counts = torch.tensor([2, 0, 3, 0])
         >>> res = buf.dispatch(x, counts)
-        >>> res.group_end_offsets.tolist(), res.tokens_per_expert.tolist()
+        >>> res.group_end_offsets.tolist(), res.tokens_per_expert.tolist()  # debug-only (doc example)
         ([32, 64, 96, 128], [2, 0, 3, 0])
         >>> y = buf.combine(res.tokens.dequantize(), res.handle)   # back to [5, 64], original order
         >>> y.sum().backward()                                      # x.grad: bf16 [5, 64]

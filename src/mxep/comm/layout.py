@@ -57,9 +57,9 @@ def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, alig
 
         >>> C = torch.tensor([[2, 0, 1, 0], [1, 1, 0, 0]])   # W=2, E=4 (L=2): n_0=3, n_1=2
         >>> lay = compute_dispatch_layout(C, max_tokens_per_rank=3, align=4)
-        >>> lay.group_end_offsets.tolist()   # rank 0: expert 0 gets 3 rows -> 4, expert 1 gets 1 -> 4
+        >>> lay.group_end_offsets.tolist()  # debug-only; rank 0: expert 0 gets 3 rows -> 4, expert 1 gets 1 -> 4
         [[4, 8], [4, 8]]
-        >>> lay.dest_rank.tolist(), lay.dest_row.tolist()
+        >>> lay.dest_rank.tolist(), lay.dest_row.tolist()  # debug-only (doc example)
         ([[0, 0, 1], [0, 0, -1]], [[0, 1, 0], [2, 4, -1]])
     """
     if counts.dim() != 2:
