@@ -185,29 +185,35 @@ class CollectiveTransport(Transport):
         dist.all_to_all_single(recv.view(torch.uint8), send.view(torch.uint8), group=self.group)
         return recv
 
-    def _scatter_to_layout(self, payload: torch.Tensor, layout: DispatchLayout, n: int) -> torch.Tensor:
+    def _scatter_to_layout(self, payload: torch.Tensor, layout: DispatchLayout, n: int,
+                           splits: tuple[int, ...]) -> list[torch.Tensor]:
+        """Send rows ``payload [n, C]`` to their owners (one fixed-size all-to-all) and place them
+        in the expert-major layout; ``splits`` cuts the columns into separate outputs (MXFP8 data
+        and scales travel in one message but land in two tensors)."""
         W, N = self.world, self.regions.max_tokens_per_rank
         send = torch.zeros(W * N + 1, payload.shape[1], dtype=payload.dtype, device=payload.device)
         if n:
             send.index_copy_(0, self._send_slots(layout, n), payload)
         recv = self._all_to_all_rows(send[: W * N])
-        out = torch.empty(self.regions.rows, payload.shape[1], dtype=payload.dtype, device=payload.device)
-        out.index_copy_(0, self._recv_rows(layout), recv)
-        return out
+        rows = self._recv_rows(layout)
+        outs = []
+        for part in recv.split(splits, dim=1):
+            out = torch.empty(self.regions.rows, part.shape[1], dtype=payload.dtype, device=payload.device)
+            outs.append(finish_rows(out.index_copy_(0, rows, part), layout.pad_rows[self.rank], self.regions.capacity))
+        return outs
 
     def dispatch_mxfp8(self, x, handle, scale_mode):
         from mxep.format.mxfp8 import to_mxfp8
 
-        H, cap, layout = x.shape[1], self.regions.capacity, handle.layout
+        H = x.shape[1]
         t = to_mxfp8(x, scale_mode)
         packed = torch.cat([t.qdata.view(torch.uint8), t.scale.view(torch.uint8)], dim=1)
-        out = self._scatter_to_layout(packed, layout, x.shape[0])
-        pad = layout.pad_rows[self.rank]
-        return as_mxfp8(finish_rows(out[:, :H].contiguous(), pad, cap), finish_rows(out[:, H:].contiguous(), pad, cap))
+        q, s = self._scatter_to_layout(packed, handle.layout, x.shape[0], (H, H // 32))
+        return as_mxfp8(q, s)
 
     def dispatch_bf16(self, src, handle):
-        out = self._scatter_to_layout(src, handle.layout, src.shape[0])
-        return finish_rows(out, handle.layout.pad_rows[self.rank], self.regions.capacity)
+        (out,) = self._scatter_to_layout(src, handle.layout, src.shape[0], (src.shape[1],))
+        return out
 
     def combine_bf16(self, src, handle):
         layout, n = handle.layout, handle.num_rows
