@@ -205,3 +205,19 @@ class ResultFile:
 
 def config_dict(cfg: BenchConfig) -> dict:
     return dict(asdict(cfg), rows=cfg.rows)
+
+
+def result_header(script: str, rank: int, world: int, cpu: bool, args, configs, **extra) -> dict:
+    """The header every benchmark script writes at the top of its JSON (environment on rank 0)."""
+    from _timing import environment
+
+    return {
+        "script": script,
+        "world": world,
+        "cpu_smoke": cpu,
+        "env": environment() if rank == 0 else None,
+        "args": vars(args),
+        "configs": {c.name: config_dict(c) for c in configs},
+        "nvlink_gbps": NVLINK_GBPS,
+        **extra,
+    }

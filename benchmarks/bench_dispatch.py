@@ -26,10 +26,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import _ceilings  # noqa: E402
-from _common import (CONFIGS, NVLINK_GBPS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
-                     config_dict, count_matrix, init_distributed, make_case, parse_list, pattern_pair_bytes,
+from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
+                     count_matrix, result_header, init_distributed, make_case, parse_list, pattern_pair_bytes,
                      traffic)
-from _timing import environment, gather, guarded, time_aligned, time_pipelined  # noqa: E402
+from _timing import gather, guarded, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
 from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
@@ -65,18 +65,10 @@ def main() -> None:
     def log_all(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    header = {
-        "script": "bench_dispatch",
-        "world": world,
-        "cpu_smoke": cpu,
-        "env": environment() if rank == 0 else None,
-        "args": vars(args),
-        "configs": {c.name: config_dict(c) for c in configs},
-        "nvlink_gbps": NVLINK_GBPS,
-        "timing": ("median over iters of CUDA-event time around one call, each call preceded by a device "
-                   "sleep and a one-element NCCL all_reduce (device-side rank alignment); reported "
-                   "median_us = max over ranks of the per-rank medians"),
-    }
+    header = result_header("bench_dispatch", rank, world, cpu, args, configs,
+                           timing=("median over iters of CUDA-event time around one call, each call preceded by a device "
+                                  "sleep and a one-element NCCL all_reduce (device-side rank alignment); reported "
+                                  "median_us = max over ranks of the per-rank medians"))
     rf = ResultFile(args.out, rank, header)
     if world < 2:
         rf.data["error"] = "needs at least 2 ranks"

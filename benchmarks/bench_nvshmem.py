@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from _common import (CONFIGS, NVLINK_GBPS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
-                     config_dict, count_matrix, init_distributed, make_case, parse_list, row_bytes, traffic)
-from _timing import environment, gather, guarded, short_error, time_aligned, time_pipelined  # noqa: E402
+from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
+                     count_matrix, result_header, init_distributed, make_case, parse_list, row_bytes, traffic)
+from _timing import gather, guarded, short_error, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
 from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_mxfp8  # noqa: E402
@@ -124,15 +124,7 @@ def main() -> None:
     def run(name, fn):
         return guarded(name, fn, group, device, log_all)
 
-    header = {
-        "script": "bench_nvshmem",
-        "world": world,
-        "cpu_smoke": cpu,
-        "env": environment() if rank == 0 else None,
-        "args": vars(args),
-        "configs": {c.name: config_dict(c) for c in configs},
-        "nvlink_gbps": NVLINK_GBPS,
-    }
+    header = result_header("bench_nvshmem", rank, world, cpu, args, configs)
     rf = ResultFile(args.out, rank, header)
 
     def finish(code: int = 0):
