@@ -38,6 +38,31 @@ def test_simulated_world_dispatch_combine(world):
                 assert torch.equal(back[r][p], gys[int(src.src_rank[p])][int(src.src_row[p])])
 
 
+@pytest.mark.parametrize("tuning", [
+    dict(dispatch_prefetch=False, dispatch_block_m=1, dispatch_block_k=64, combine_block_m=4, combine_block_n=64),
+    dict(dispatch_prefetch=True, dispatch_block_m=4, dispatch_block_k=64, combine_block_m=8, combine_block_n=32,
+         copy_block_m=2, copy_block_n=64),
+    dict(dispatch_prefetch=True, dispatch_block_m=2, dispatch_block_k=256, combine_block_m=1, combine_block_n=256),
+])
+def test_simulated_world_kernel_tunings(tuning, monkeypatch):
+    """Every tuning knob gives the same bytes: partial column chunks (H=96 with 64-wide chunks),
+    row blocks that do not divide the rows, with and without the prefetching push loop."""
+    from mxep.kernels.rows import TUNING
+
+    for k, v in tuning.items():
+        monkeypatch.setitem(TUNING, k, v)
+    case = Case(3, 9, 96, 40, 32, ("skewed", "none", "uniform"), (37, 0, 23), seed=11)
+    counts, xs = case.inputs()
+    sim = SimulatedWorld(3, 9, 96, 40, 32)
+    res = sim.dispatch(xs, counts)
+    for r in range(3):
+        check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+    _, outs, _ = case.upstream(sim.capacity)
+    ys = sim.combine(outs, [x.handle for x in res])
+    for y, e in zip(ys, expected_combine(case, outs, counts)):
+        assert torch.equal(y, e)
+
+
 def test_simulated_world_poison_outside_rows_untouched():
     """Rows past group_end_offsets[-1] are never written in the receive regions (poison stays),
     so the copy-out provably reads only rows the dispatch wrote or zeroed."""

@@ -23,46 +23,70 @@ def _dispatch_push_kernel(
     row_base_ptr, src_end_ptr, E,
     data_base_ptr, scale_base_ptr, dst_delta_ptr,
     QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
-    L: tl.constexpr, E_P: tl.constexpr,
+    PREFETCH: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
 ):
+    # Work items are (row block, column chunk) pairs, item t = block * NK + chunk, dealt round
+    # robin to the persistent programs. Each item is independent: it finds its rows' destination
+    # (an E-wide compare, cached plan vectors), quantizes its chunk and stores it. With PREFETCH
+    # the load of the program's next item is issued before the current one is quantized and
+    # stored, so the HBM read latency overlaps the NVLink stores (a while loop is not
+    # software-pipelined by the compiler).
     pid = tl.program_id(0)
-    num_blocks = tl.cdiv(n_rows, BLOCK_M)
+    NK = tl.cdiv(H, BLOCK_K)
+    total = tl.cdiv(n_rows, BLOCK_M) * NK
     n_scale_cols = H // 32
-    blk = pid
-    while blk < num_blocks:
+    t = pid
+    if PREFETCH:
+        raw = _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
+    while t < total:
+        if PREFETCH:
+            raw_next = _load_item(x_ptr, t + NPROG, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
+        else:
+            raw = _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
+        blk = t // NK
+        k0 = (t - blk * NK) * BLOCK_K
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         in_range = rows < n_rows
         src = tl.zeros([BLOCK_M], tl.int32) + rank
         g, drow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
         ok = in_range & (g < E) & (drow >= 0) & (drow < capacity)   # never write outside the buffer
-        dest = g // L
-        delta = tl.load(dst_delta_ptr + dest, mask=ok, other=0)
+        delta = tl.load(dst_delta_ptr + g // L, mask=ok, other=0)
         drow = drow.to(tl.int64)
         data_off = tl.multiple_of(delta + drow * H, 16)
-        scale_off = delta + drow * n_scale_cols
-        if SCALES_ALIGNED:  # H // 32 % 16 == 0 (e.g. 2048, 5120, 7168): 16-byte scale stores
-            scale_off = tl.multiple_of(scale_off, 16)
-        x_off = rows.to(tl.int64) * H
-        k0 = 0
-        while k0 < H:
-            cols = k0 + tl.arange(0, BLOCK_K)
-            m = ok[:, None] & (cols < H)[None, :]
-            raw = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=m, other=0)
-            if QUANTIZE:
-                if x_ptr.dtype.element_ty == tl.int16:  # bf16 as raw bits: exact widening (interpreter-safe)
-                    x = bf16_bits_to_fp32(raw)
-                else:
-                    x = raw
-                q, s = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
-                tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m)
-                scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-                ms = ok[:, None] & (scols < n_scale_cols)[None, :]
-                tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=ms)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        m = ok[:, None] & (cols < H)[None, :]
+        if QUANTIZE:
+            if x_ptr.dtype.element_ty == tl.int16:  # bf16 as raw bits: exact widening (interpreter-safe)
+                x = bf16_bits_to_fp32(raw)
             else:
-                tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m)
-            k0 += BLOCK_K
-        blk += NPROG
+                x = raw
+            q, s = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
+            tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m)
+            scale_off = delta + drow * n_scale_cols
+            if SCALES_ALIGNED:  # H // 32 % 16 == 0 (e.g. 2048, 5120, 7168): 16-byte scale stores
+                scale_off = tl.multiple_of(scale_off, 16)
+            scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            ms = ok[:, None] & (scols < n_scale_cols)[None, :]
+            tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=ms)
+        else:
+            tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m)
+        if PREFETCH:
+            raw = raw_next
+        t += NPROG
+
+
+@triton.jit
+def _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of work item ``t`` (zeros past the rows/columns, or when
+    ``t >= total``). Rows are read once: ``evict_first`` keeps them from crowding L2."""
+    blk = t // NK
+    k0 = (t - blk * NK) * BLOCK_K
+    rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    m = ((rows < n_rows) & (t < total))[:, None] & (cols < H)[None, :]
+    return tl.load(x_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :], mask=m, other=0,
+                   eviction_policy="evict_first")
 
 
 def dispatch_push(
@@ -96,7 +120,8 @@ def dispatch_push(
     quantize = scale_mode is not None
     block_m = block_m or TUNING["dispatch_block_m"]
     block_k = min(block_k or TUNING["dispatch_block_k"], triton.next_power_of_2(H))
-    nprog = min(num_persistent_programs(x.device), triton.cdiv(n, block_m))
+    items = triton.cdiv(n, block_m) * triton.cdiv(H, block_k)
+    nprog = min(num_persistent_programs(x.device), items)
     W, E = plan.src_end.shape
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
     data_arg = data_base if quantize else data_base.view(torch.int16)
@@ -106,6 +131,6 @@ def dispatch_push(
         data_arg, scale_base if quantize else data_arg, dst_delta,
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
-        L=E // W, E_P=max(triton.next_power_of_2(E), 2),
+        PREFETCH=TUNING["dispatch_prefetch"], L=E // W, E_P=max(triton.next_power_of_2(E), 2),
         BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["dispatch_warps"],
     )

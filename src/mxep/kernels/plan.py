@@ -9,7 +9,10 @@ symmetric memory after the counts exchange) one program computes small per-exper
   ``g = #{g' : src_end[s, g'] <= i}`` (``g == E`` means ``i >= n_s``);
 * ``group_end [E]`` int32: per global expert, its padded group end on its owner
   (``group_end_offsets`` of rank d is ``group_end[d*L:(d+1)*L]``);
-* ``recv [E]`` int32: rows each expert receives (``tokens_per_expert``).
+* ``recv [E]`` int32: rows each expert receives (``tokens_per_expert``);
+* ``recv_cum [W, E]`` int32: ``cumsum(C[:, g])`` over sources: on its owner, expert g's group
+  holds source s's rows at positions ``[recv_cum[s-1, g], recv_cum[s, g])`` (the combine walks
+  the owner's rows with it).
 
 Kernels then find every row's destination in registers (an E-wide compare per row block) instead
 of reading per-row tables: the whole plan costs one launch, which matters because a dozen small
@@ -25,7 +28,7 @@ __all__ = ["DispatchPlan", "compute_plan"]
 
 
 @triton.jit
-def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
+def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr,
                  W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
                  W_P: tl.constexpr, E_P: tl.constexpr):
     s = tl.arange(0, W_P)
@@ -49,6 +52,7 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     row_base = group_start[None, :] + prefix_src - src_start
     tl.store(row_base_ptr + offs, row_base, mask=m2)
     tl.store(src_end_ptr + offs, src_end, mask=m2)
+    tl.store(recv_cum_ptr + offs, prefix_src + C, mask=m2)
     tl.store(group_end_ptr + g, group_end, mask=g < E)
     tl.store(recv_ptr + g, recv, mask=g < E)
 
@@ -56,8 +60,9 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
 class DispatchPlan:
     """Output of :func:`compute_plan` (device tensors, see the module docstring)."""
 
-    def __init__(self, row_base, src_end, group_end, recv, num_local_experts: int, align: int):
+    def __init__(self, row_base, src_end, group_end, recv, recv_cum, num_local_experts: int, align: int):
         self.row_base, self.src_end, self.group_end, self.recv = row_base, src_end, group_end, recv
+        self.recv_cum = recv_cum
         self.num_local_experts = num_local_experts
         self.align = align
 
@@ -82,10 +87,11 @@ def compute_plan(counts: torch.Tensor, align: int) -> DispatchPlan:
     src_end = torch.empty(W, E, dtype=torch.int32, device=dev)
     group_end = torch.empty(E, dtype=torch.int32, device=dev)
     recv = torch.empty(E, dtype=torch.int32, device=dev)
-    _plan_kernel[(1,)](counts, row_base, src_end, group_end, recv, W=W, E=E, L=E // W, ALIGN=align,
+    recv_cum = torch.empty(W, E, dtype=torch.int32, device=dev)
+    _plan_kernel[(1,)](counts, row_base, src_end, group_end, recv, recv_cum, W=W, E=E, L=E // W, ALIGN=align,
                        W_P=triton.next_power_of_2(W), E_P=max(triton.next_power_of_2(E), 2),
                        num_warps=4)
-    return DispatchPlan(row_base, src_end, group_end, recv, E // W, align)
+    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ __all__ = ["combine_push", "copy_out", "put_counts", "num_persistent_programs", 
 #   copy-out: 16/SM x 4 warps, 8 x 1024 tile      191 us  (4x4: 262 us)
 TUNING = {
     "programs_per_sm": 16,
-    "dispatch_block_m": 1, "dispatch_block_k": 2048, "dispatch_warps": 8,
+    "dispatch_block_m": 1, "dispatch_block_k": 2048, "dispatch_warps": 8, "dispatch_prefetch": True,
     "combine_block_m": 4, "combine_block_n": 1024, "combine_warps": 8,
     "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 4,
 }
@@ -48,32 +48,45 @@ def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> 
 @triton.jit
 def _combine_push_kernel(
     src_ptr, H, rank, N, capacity,
-    row_base_ptr, src_end_ptr, E,
+    row_base_ptr, recv_cum_ptr, group_end_ptr, recv_ptr, E,
     dst_base_ptr, dst_delta_ptr,
-    L: tl.constexpr, E_P: tl.constexpr,
+    W: tl.constexpr, W_P: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
-    # Slots t = s * N + i over every source row of every source; this owner handles those routed
-    # to its experts: it reads its dispatch-layout row and stores it at row i of source s.
+    # The owner walks its own dispatch-layout rows [0, group end) (contiguous local reads) and
+    # sends each real row to its source: row r of local expert ex sits at position p in the
+    # group; sources fill the group in rank order, so the source is #{s : recv_cum[s, g] <= p}
+    # and its row is r - row_base[s, g]. Pad rows are never read.
     pid = tl.program_id(0)
-    W = E // L
-    num_blocks = tl.cdiv(W * N, BLOCK_M)
+    e = tl.arange(0, L_P)
+    ends = tl.load(group_end_ptr + rank * L + e, mask=e < L, other=2147483647)
+    end = tl.minimum(tl.max(tl.where(e < L, ends, 0), axis=0), capacity)
+    s_idx = tl.arange(0, W_P)
+    num_blocks = tl.cdiv(end, BLOCK_M)
     blk = pid
     while blk < num_blocks:
-        t = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_range = t < W * N
-        src = (t // N).to(tl.int32)
-        rows = (t % N).to(tl.int32)
-        g, prow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
-        ok = in_range & (g < E) & (g // L == rank) & (prow >= 0) & (prow < capacity)  # never read outside
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = rows < end
+        ex = tl.minimum(tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1), L - 1)
+        g = rank * L + ex
+        g_end = tl.load(group_end_ptr + g, mask=live, other=0)
+        recv = tl.load(recv_ptr + g, mask=live, other=0)
+        padded = tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+        p = rows - (g_end - padded)                       # position within the group
+        ok = live & (p >= 0) & (p < recv)
+        cum = tl.load(recv_cum_ptr + s_idx[None, :] * E + g[:, None],
+                      mask=ok[:, None] & (s_idx < W)[None, :], other=2147483647)
+        src = tl.minimum(tl.sum((cum <= p[:, None]).to(tl.int32), axis=1), W - 1)
+        i = rows - tl.load(row_base_ptr + src * E + g, mask=ok, other=0)
+        ok = ok & (i >= 0) & (i < N)                      # inconsistent counts: never write outside
         delta = tl.load(dst_delta_ptr + src, mask=ok, other=0)
-        dst_off = tl.multiple_of(delta + rows.to(tl.int64) * H, 16)
-        src_off = prow.to(tl.int64) * H
+        dst_off = tl.multiple_of(delta + i.to(tl.int64) * H, 16)
+        src_off = rows.to(tl.int64) * H
         c0 = 0
         while c0 < H:
             cols = c0 + tl.arange(0, BLOCK_N)
             m = ok[:, None] & (cols < H)[None, :]
-            v = tl.load(src_ptr + src_off[:, None] + cols[None, :], mask=m)
+            v = tl.load(src_ptr + src_off[:, None] + cols[None, :], mask=m, eviction_policy="evict_first")
             tl.store(dst_base_ptr + dst_off[:, None] + cols[None, :], v, mask=m)
             c0 += BLOCK_N
         blk += NPROG
@@ -83,19 +96,21 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
                  dst_base: torch.Tensor, dst_delta: torch.Tensor) -> None:
     """Owner side of the combine: every row of this rank's dispatch layout ``src [cap, H]`` that
     holds a real token goes back to row ``i`` of its source's ``dst_base [N + 1, H]`` region
-    (rank r's at ``dst_base + dst_delta[r]`` elements). Pad rows are never read."""
+    (rank r's at ``dst_base + dst_delta[r]`` elements). Pad rows are never read; the work is the
+    rows this rank received (bound read on the device), not ``W * N``."""
     H = src.shape[1]
     W, E = plan.src_end.shape
-    N = max_tokens_per_rank
-    if N == 0:
+    L = E // W
+    if max_tokens_per_rank == 0 or capacity == 0:
         return
     block_m, block_n = TUNING["combine_block_m"], TUNING["combine_block_n"]
-    nprog = min(num_persistent_programs(src.device), triton.cdiv(W * N, block_m))
+    nprog = min(num_persistent_programs(src.device), triton.cdiv(capacity, block_m))
     src_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
     dst_arg = dst_base.view(torch.int16) if dst_base.dtype == torch.bfloat16 else dst_base
     _combine_push_kernel[(nprog,)](
-        src_arg, H, rank, N, capacity, plan.row_base, plan.src_end, E, dst_arg, dst_delta,
-        L=E // W, E_P=max(triton.next_power_of_2(E), 2),
+        src_arg, H, rank, max_tokens_per_rank, capacity, plan.row_base, plan.recv_cum, plan.group_end, plan.recv, E,
+        dst_arg, dst_delta,
+        W=W, W_P=max(triton.next_power_of_2(W), 2), L=L, L_P=max(triton.next_power_of_2(L), 2), ALIGN=plan.align,
         BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
         num_warps=TUNING["combine_warps"],
     )
