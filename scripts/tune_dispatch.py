@@ -60,20 +60,29 @@ def main():
         rows.append(("plan (put counts + barrier + plan kernel)", timed(lambda: buf.plan(counts, n)), 0))
         rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan)), 0))
         rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
-        for per_sm, warps in [(4, 4), (16, 4), (16, 8), (32, 4), (8, 8)]:
-            TUNING.update(programs_per_sm=per_sm, dispatch_warps=warps, combine_warps=warps, copy_warps=warps)
-            for bm, bk in [(4, 512), (2, 1024), (8, 512), (1, 2048)]:
-                TUNING.update(dispatch_block_m=bm, dispatch_block_k=bk)
-                t = timed(lambda: peer.push_mxfp8(x, plan, "rceil"))
-                rows.append((f"push_mxfp8 sm*{per_sm} w{warps} bm={bm} bk={bk}", t, mx_bytes / t / 1e3))
-            for bm, bn in [(8, 512), (4, 1024), (16, 256)]:
+        # Push: prefetching work-item loop on/off x tile x warps x programs per SM.
+        for per_sm, warps in [(16, 8), (8, 8), (16, 4), (32, 4)]:
+            TUNING.update(programs_per_sm=per_sm, dispatch_warps=warps)
+            for pf in (True, False):
+                for bm, bk in [(1, 2048), (1, 1024), (2, 1024), (1, 8192), (4, 512)]:
+                    TUNING.update(dispatch_block_m=bm, dispatch_block_k=bk, dispatch_prefetch=pf)
+                    t = timed(lambda: peer.push_mxfp8(x, plan, "rceil"))
+                    rows.append((f"push_mxfp8 sm*{per_sm} w{warps} pf={int(pf)} bm={bm} bk={bk}", t, mx_bytes / t / 1e3))
+            TUNING.clear(); TUNING.update(defaults)
+        # Combine push (owner-row walk) and copy-out.
+        for per_sm, warps in [(16, 8), (8, 8), (16, 4), (32, 4)]:
+            TUNING.update(programs_per_sm=per_sm, combine_warps=warps, copy_warps=warps)
+            for bm, bn in [(4, 1024), (2, 2048), (1, 8192), (8, 512), (2, 1024)]:
                 TUNING.update(combine_block_m=bm, combine_block_n=bn)
                 t = timed(lambda: peer.push_bf16_combine(expert_out, plan))
                 rows.append((f"combine push sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
-            for bm, bn in [(8, 1024), (4, 2048)]:
+            for bm, bn in [(8, 1024), (4, 2048), (2, 8192)]:
                 TUNING.update(copy_block_m=bm, copy_block_n=bn)
                 t = timed(lambda: peer.copy_out_mxfp8(plan))
                 rows.append((f"copy-out sm*{per_sm} w{warps} bm={bm} bn={bn}", t, 2 * n * H * 1.03 / t / 1e3))
+            TUNING.clear(); TUNING.update(defaults)
+        t = timed(lambda: peer.copy_out_combine(n))
+        rows.append(("combine copy-out (clone)", t, 2 * n * H * 2 / t / 1e3))
         TUNING.clear(); TUNING.update(defaults)
         for hw in (True, False):
             kq.HW_CAST_ON_GPU = hw

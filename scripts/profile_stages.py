@@ -1,0 +1,82 @@
+"""Per-kernel device time of one fused dispatch and one combine (torchrun, all visible GPUs).
+
+    torchrun --nproc_per_node=4 scripts/profile_stages.py [--config a,c] [--iters 10]
+
+For each config, every rank runs ``iters`` dispatch + combine calls under ``torch.profiler``
+(CUDA activity only) and rank 0 prints, per kernel, the number of launches per call and the mean
+device time: which stage (counts exchange, barriers, plan, push, copy-out) the time goes to. The
+sum of kernel times is not the call's time (barrier kernels wait for the slowest peer, and
+launch gaps are not kernels); the call's time is in the benchmarks (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from _common import CONFIGS  # noqa: E402
+
+import mxep  # noqa: E402
+from mxep.reference.routing import make_inputs, make_routing  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="a,c")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    for name in args.config.split(","):
+        cfg = CONFIGS[name]
+        H, E, n = cfg.hidden, cfg.experts, cfg.rows
+        g = torch.Generator().manual_seed(rank)
+        counts = make_routing(n, E, "uniform", g)
+        x = make_inputs(counts, H, generator=g).cuda()
+        counts = counts.cuda()
+        buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=n)
+        expert_out = torch.randn(buf.capacity, H, device="cuda").bfloat16()
+        with torch.no_grad():
+            for _ in range(3):
+                res = buf.dispatch(x, counts)
+                buf.combine(expert_out, res.handle)
+            torch.cuda.synchronize()
+            dist.barrier()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.iters):
+                    res = buf.dispatch(x, counts)
+                    buf.combine(expert_out, res.handle)
+                torch.cuda.synchronize()
+        rows = []
+        for ev in prof.key_averages():
+            dev_us = getattr(ev, "device_time_total", None)
+            if dev_us is None:
+                dev_us = ev.cuda_time_total
+            if dev_us <= 0:
+                continue
+            rows.append((ev.key[:70], ev.count / args.iters, dev_us / max(ev.count, 1), dev_us / args.iters))
+        rows.sort(key=lambda r: -r[3])
+        table = [rows]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, table)
+        if rank == 0:
+            print(f"\n## config ({name}): H={H}, n={n}, E={E}, world {world}, "
+                  f"{torch.cuda.get_device_name()}; dispatch + combine, {args.iters} calls")
+            print(f"{'kernel':70s} {'per call':>8s} {'mean us':>9s} {'us/call':>9s}   (rank 0; us/call on ranks 1..)")
+            others = [dict((k, t) for k, _, _, t in tbl[0]) for tbl in gathered[1:]]
+            for k, c, mean, per_call in rows:
+                rest = " ".join(f"{o.get(k, 0.0):8.1f}" for o in others)
+                print(f"{k:70s} {c:8.1f} {mean:9.1f} {per_call:9.1f}   {rest}")
+        del buf
+        torch.cuda.empty_cache()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
