@@ -39,14 +39,14 @@ def test_simulated_world_dispatch_combine(world):
 
 
 @pytest.mark.parametrize("tuning", [
-    dict(dispatch_prefetch=False, dispatch_block_m=1, dispatch_block_k=64, combine_block_m=4, combine_block_n=64),
-    dict(dispatch_prefetch=True, dispatch_block_m=4, dispatch_block_k=64, combine_block_m=8, combine_block_n=32,
+    dict(dispatch_block_m=1, dispatch_block_k=64, combine_block_m=4, combine_block_n=64),
+    dict(dispatch_block_m=4, dispatch_block_k=64, combine_block_m=8, combine_block_n=32,
          copy_block_m=2, copy_block_n=64),
-    dict(dispatch_prefetch=True, dispatch_block_m=2, dispatch_block_k=256, combine_block_m=1, combine_block_n=256),
+    dict(dispatch_block_m=2, dispatch_block_k=256, combine_block_m=1, combine_block_n=256),
 ])
 def test_simulated_world_kernel_tunings(tuning, monkeypatch):
     """Every tuning knob gives the same bytes: partial column chunks (H=96 with 64-wide chunks),
-    row blocks that do not divide the rows, with and without the prefetching push loop."""
+    row blocks that do not divide the rows."""
     from mxep.kernels.rows import TUNING
 
     for k, v in tuning.items():

@@ -23,27 +23,20 @@ def _dispatch_push_kernel(
     row_base_ptr, src_end_ptr, E,
     data_base_ptr, scale_base_ptr, dst_delta_ptr,
     QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
-    PREFETCH: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
+    L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
 ):
     # Work items are (row block, column chunk) pairs, item t = block * NK + chunk, dealt round
     # robin to the persistent programs. Each item is independent: it finds its rows' destination
-    # (an E-wide compare, cached plan vectors), quantizes its chunk and stores it. With PREFETCH
-    # the load of the program's next item is issued before the current one is quantized and
-    # stored, so the HBM read latency overlaps the NVLink stores (a while loop is not
-    # software-pipelined by the compiler).
+    # (an E-wide compare, cached plan vectors), quantizes its chunk and stores it. The tuned tile
+    # is one whole row (NK = 1 up to H = 8192).
     pid = tl.program_id(0)
     NK = tl.cdiv(H, BLOCK_K)
     total = tl.cdiv(n_rows, BLOCK_M) * NK
     n_scale_cols = H // 32
     t = pid
-    if PREFETCH:
-        raw = _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
     while t < total:
-        if PREFETCH:
-            raw_next = _load_item(x_ptr, t + NPROG, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
-        else:
-            raw = _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
+        raw = _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
         blk = t // NK
         k0 = (t - blk * NK) * BLOCK_K
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,8 +64,6 @@ def _dispatch_push_kernel(
             tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=ms)
         else:
             tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m)
-        if PREFETCH:
-            raw = raw_next
         t += NPROG
 
 
@@ -131,6 +122,6 @@ def dispatch_push(
         data_arg, scale_base if quantize else data_arg, dst_delta,
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
-        PREFETCH=TUNING["dispatch_prefetch"], L=E // W, E_P=max(triton.next_power_of_2(E), 2),
+        L=E // W, E_P=max(triton.next_power_of_2(E), 2),
         BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["dispatch_warps"],
     )

@@ -23,16 +23,21 @@ __all__ = ["combine_push", "copy_out", "put_counts", "num_persistent_programs", 
 
 
 # Persistent-grid knobs for the peer-store kernels; overridable for tuning (scripts/tune_dispatch.py).
-# Measured on 4 H200 with scripts/tune_dispatch.py, config (a) (H=7168, 32768 rows/rank, uniform
-# top-8 of 256), 2026-11-27; each line's best against the 4-programs-per-SM x 4-warp start:
-#   MXFP8 push: 16/SM x 8 warps, 1 x 2048 tile   805 us  (4x4, 4 x 512: 1092 us)
-#   combine push: 16/SM x 8 warps, 4 x 1024 tile  1487 us (4x4, 8 x 512: 1827 us)
-#   copy-out: 16/SM x 4 warps, 8 x 1024 tile      191 us  (4x4: 262 us)
+# A block size of 8192 columns means "the whole row" (clamped to next_power_of_2(H)).
+# Measured with scripts/tune_dispatch.py, config (a) (H=7168, 32768 rows/rank, uniform top-8 of
+# 256), 2026-11-27 (single calls from the host, so each time includes ~100 us of launch):
+#   MXFP8 push, 2 x H200: whole row (1 x 8192), 16/SM x 4 warps      441 us (276 GB/s per rank);
+#       1 x 2048 at 16/SM x 8 warps (the earlier default) 530 us; prefetching the next row's load
+#       in the loop: no gain (501 us whole-row, 522-582 us at 1 x 2048).
+#   combine push (owner-row walk), 2 x H200: 1 x 8192, 16/SM x 8 warps   736 us (321 GB/s);
+#       2 x 2048 at 8/SM: 729 us; 4 x 1024: 762 us (all within noise).
+#   copy-out, 2 x H200: 8 x 1024, 16/SM x 8 warps   204 us (4 warps: 256 us).
+#   (4 x H200, earlier: 16/SM beat 4/SM by 1.3-1.4x on every kernel.)
 TUNING = {
     "programs_per_sm": 16,
-    "dispatch_block_m": 1, "dispatch_block_k": 2048, "dispatch_warps": 8, "dispatch_prefetch": True,
-    "combine_block_m": 4, "combine_block_n": 1024, "combine_warps": 8,
-    "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 4,
+    "dispatch_block_m": 1, "dispatch_block_k": 8192, "dispatch_warps": 4,
+    "combine_block_m": 1, "combine_block_n": 8192, "combine_warps": 8,
+    "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 8,
 }
 
 
