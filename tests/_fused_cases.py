@@ -138,3 +138,21 @@ def run_buffer_case(buf, case: Case, rank: int, device) -> None:
     y.backward(gys[rank])
     exp = expected_grad_expert_out(case, gys, counts, rank, buf.capacity)
     assert torch.equal(eo.grad[:R].cpu(), exp)
+
+    # Pull combine: the zero-copy input (owners write their expert outputs into the Buffer's
+    # region after a dispatch) and a regular input staged by the pull mode; both bit-exact.
+    from mxep.kernels.rows import TUNING
+
+    exp_y = expected_combine(case, outs, counts)[rank]
+    with torch.no_grad():
+        res3 = buf.dispatch(xs[rank], counts[rank])
+        zin = buf.combine_input()
+        assert zin.shape == (buf.capacity, case.hidden) and zin.dtype == torch.bfloat16
+        zin.copy_(outs[rank])
+        assert torch.equal(buf.combine(zin, res3.handle).cpu(), exp_y)
+        saved = TUNING["combine_mode"]
+        TUNING["combine_mode"] = "pull"
+        try:
+            assert torch.equal(buf.combine(outs[rank], res3.handle).cpu(), exp_y)
+        finally:
+            TUNING["combine_mode"] = saved

@@ -23,10 +23,11 @@ def test_simulated_world_dispatch_combine(world):
             check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
         grads, outs, gys = case.upstream(sim.capacity)
         handles = [x.handle for x in res]
-        ys = sim.combine(outs, handles)
         exp = expected_combine(case, outs, counts)
-        for r in range(world):
-            assert torch.equal(ys[r], exp[r])
+        for mode in ("push", "pull"):
+            ys = sim.combine(outs, handles, mode=mode)
+            for r in range(world):
+                assert torch.equal(ys[r], exp[r]), mode
         back = sim.dispatch_bf16(gys, handles)
         lays = simulate_dispatch_layout(counts, case.align)
         for r in range(world):
@@ -61,6 +62,24 @@ def test_simulated_world_kernel_tunings(tuning, monkeypatch):
     ys = sim.combine(outs, [x.handle for x in res])
     for y, e in zip(ys, expected_combine(case, outs, counts)):
         assert torch.equal(y, e)
+
+
+def test_simulated_world_zero_copy_combine():
+    """Owners write expert outputs into their own region (poisoned pads and tail stay as they
+    are: never read); sources pull bit-exact rows; a rank with no rows gets [0, H]."""
+    case = Case(3, 6, 160, 30, 32, ("skewed", "uniform", "none"), (29, 17, 0), seed=5)
+    counts, xs = case.inputs()
+    sim = SimulatedWorld(3, 6, 160, 30, 32)
+    res = sim.dispatch(xs, counts)
+    _, outs, _ = case.upstream(sim.capacity)
+    zin = sim.combine_inputs()
+    for r in range(3):
+        R = int(res[r].group_end_offsets[-1])
+        zin[r][:R].copy_(outs[r][:R])      # rows past the end keep whatever was there
+    ys = sim.combine(zin, [x.handle for x in res], mode="pull")
+    for y, e in zip(ys, expected_combine(case, outs, counts)):
+        assert torch.equal(y, e)
+    assert ys[2].shape == (0, 160)
 
 
 def test_simulated_world_poison_outside_rows_untouched():
@@ -186,10 +205,18 @@ def test_inconsistent_counts_write_nothing_outside():
     sim = SimulatedWorld(2, 4, 64, 16, 32)
     xs = [torch.randn(16, 64).bfloat16(), torch.randn(5, 64).bfloat16()]
     bogus = [torch.tensor([1000, 0, 0, 700]), torch.tensor([0, 0, 0, 2 ** 30])]
-    sim.dispatch(xs, bogus)
+    res = sim.dispatch(xs, bogus)
     for p in sim.peers:
         assert (p.combine_bf16.view(torch.uint8) == POISON).all()   # the region after the dispatch region
         assert (p.dispatch_data[sim.capacity] == POISON).all()      # the scratch row
+    # Both combines stay inside their regions too (scratch rows untouched, outputs [n, H]).
+    eo = [torch.randn(sim.capacity, 64).bfloat16() for _ in range(2)]
+    for mode in ("pull", "push"):
+        ys = sim.combine(eo, [r.handle for r in res], mode=mode)
+        assert [tuple(y.shape) for y in ys] == [(16, 64), (5, 64)]
+        for p in sim.peers:
+            assert (p.combine_bf16[16].view(torch.uint8) == POISON).all()
+            assert (p.dispatch_bf16[sim.capacity].view(torch.uint8) == POISON).all()
     case = Case(2, 4, 64, 16, 32, ("skewed", "uniform"), (16, 9), seed=21)
     counts, xs = case.inputs()
     res = sim.dispatch(xs, counts)

@@ -14,6 +14,7 @@ from _dist import run_distributed
 from _fused_cases import Case, check_dispatch, expected_combine, expected_grad_x, run_buffer_case
 
 import mxep
+from mxep.kernels.rows import TUNING
 from mxep.comm.simulated import SimulatedWorld
 
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -52,10 +53,11 @@ def test_simulated_world_on_gpu(world):
         for r in range(world):
             check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
         _, outs, _ = case.upstream(sim.capacity, "cuda")
-        ys = sim.combine(outs, [x.handle for x in res])
         exp = expected_combine(case, outs, counts)
-        for r in range(world):
-            assert torch.equal(ys[r].cpu(), exp[r])
+        for mode in ("push", "pull"):
+            ys = sim.combine(outs, [x.handle for x in res], mode=mode)
+            for r in range(world):
+                assert torch.equal(ys[r].cpu(), exp[r]), mode
 
 
 @pytest.mark.gpu
@@ -134,11 +136,23 @@ def _sync_free_body(rank, world):
             res = buf.dispatch(x, counts[rank])
             y = buf.combine(res.tokens.dequantize(), res.handle)
             torch.autograd.backward([y], [gys[rank]])
+            with torch.no_grad():   # zero-copy pull combine, and the staged pull mode
+                res2 = buf.dispatch(x, counts[rank])
+                zin = buf.combine_input()
+                torch.mul(res2.tokens.dequantize(), 3, out=zin)
+                y_zero_copy = buf.combine(zin, res2.handle)
+                TUNING["combine_mode"] = "pull"
+                try:
+                    y_pull = buf.combine(res2.tokens.dequantize() * 3, res2.handle)
+                finally:
+                    TUNING["combine_mode"] = "push"
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     # combine(dispatch(x)) is the MXFP8 round trip of x; its grad is the bf16 gys (straight-through)
     assert torch.equal(y.detach(), mxep.to_mxfp8(xs[rank]).dequantize())
+    assert torch.equal(y_zero_copy, mxep.to_mxfp8(xs[rank]).dequantize() * 3)
+    assert torch.equal(y_pull, y_zero_copy)
     return True
 
 
@@ -160,7 +174,11 @@ def _graph_body(rank, world):
         res = buf.dispatch(static_x, static_counts)
         y = buf.combine(res.tokens.dequantize() * 2, res.handle)
         (gx,) = torch.autograd.grad([res.tokens.dequantize()], [static_x], [static_g])
-        return res, y, gx
+        with torch.no_grad():   # zero-copy combine: the "experts" write into the Buffer's region
+            zin = buf.combine_input()
+            torch.mul(res.tokens.dequantize(), 3, out=zin)
+            y3 = buf.combine(zin, res.handle)
+        return res, y, gx, y3
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -170,7 +188,7 @@ def _graph_body(rank, world):
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        res, y, gx = step()
+        res, y, gx, y3 = step()
     for it in range(3):  # replay with new routing and data (n = N rows: the graph's static shape)
         kinds = ("uniform", "skewed", "one_expert", "empty_experts")
         case = Case(world, E, H, N, 32, tuple(kinds[(it + r) % 4] for r in range(world)), (N,) * world, seed=50 + it)
@@ -184,6 +202,7 @@ def _graph_body(rank, world):
         torch.cuda.synchronize()
         check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
         assert torch.equal(y.cpu(), (mxep.to_mxfp8(xs[rank]).dequantize() * 2).cpu())
+        assert torch.equal(y3.cpu(), (mxep.to_mxfp8(xs[rank]).dequantize() * 3).cpu())
         exp = expected_grad_x(case, [gg.cpu() for gg in grads], counts)[rank]
         assert torch.equal(gx.cpu(), exp)
     return True

@@ -197,6 +197,30 @@ class Buffer:
         tokens = MXFP8DispatchFunction.apply(x, self, handle)
         return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
 
+    def combine_input(self) -> torch.Tensor:
+        """The zero-copy combine input: bf16 ``[capacity, H]``, in the dispatch layout.
+
+        Write the expert outputs here (e.g. a grouped GEMM with ``out=``, or any kernel that
+        fills rows ``[0, group_end_offsets[-1])``) and pass this tensor to :meth:`combine`:
+        on the symmetric-memory transport it is this rank's own receive region, so the combine
+        skips the staging copy and every source reads its rows straight from the owners over
+        NVLink into its output (one barrier, one kernel). Pad rows are never read.
+
+        Lifetime: it aliases the dispatch's receive region. Write it only after :meth:`dispatch`
+        returned (the dispatch output was copied out by then, in stream order) and call
+        :meth:`combine` before the next dispatch, or backward through a combine, on this
+        Buffer; those overwrite it. On the collective transport it is a plain tensor owned by
+        the Buffer (same API, no saving).
+
+        Example (in the same setting as the class example)::
+
+            >>> res = buf.dispatch(x, counts)
+            >>> out = buf.combine_input()
+            >>> torch.mul(res.tokens.dequantize().detach(), 2, out=out)   # the "experts"
+            >>> y = buf.combine(out, res.handle)                            # [n, H] == 2 * x (dequantized)
+        """
+        return self.transport.combine_input()
+
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Send rows of the dispatch layout back to their source ranks, original order.
 

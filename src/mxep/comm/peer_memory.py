@@ -21,7 +21,7 @@ import torch
 
 from mxep.kernels.dispatch import dispatch_push
 from mxep.kernels.plan import DispatchPlan, compute_plan
-from mxep.kernels.rows import combine_push, copy_out, put_counts
+from mxep.kernels.rows import combine_pull, combine_push, copy_out, put_counts
 
 __all__ = ["RegionLayout", "PeerMemory"]
 
@@ -133,3 +133,22 @@ class PeerMemory:
 
     def copy_out_combine(self, n: int) -> torch.Tensor:
         return self.combine_bf16[:n].clone()
+
+    # --- pull combine: owners expose their expert outputs in the dispatch region, sources read --
+    @property
+    def combine_input(self) -> torch.Tensor:
+        """bf16 ``[cap, H]``: this rank's dispatch region, where the pull combine reads the
+        expert outputs (aliases the MXFP8 receive rows, which were copied out already)."""
+        return self.dispatch_bf16[: self.regions.capacity]
+
+    def is_combine_input(self, t: torch.Tensor) -> bool:
+        r = self.combine_input
+        return t.data_ptr() == r.data_ptr() and t.shape == r.shape and t.is_contiguous()
+
+    def stage_combine_input(self, src: torch.Tensor, plan: DispatchPlan) -> None:
+        """Copy the rows of ``src [cap, H]`` that the combine reads (bound read on the device)
+        into :attr:`combine_input`."""
+        copy_out(src, plan, self.rank, out=self.combine_input)
+
+    def pull_combine(self, plan: DispatchPlan, n: int) -> torch.Tensor:
+        return combine_pull(self.combine_input, self.delta_bf16, plan, self.rank, n, self.regions.capacity)

@@ -67,9 +67,26 @@ class SimulatedWorld:
         # ---- barrier ----
         return [p.copy_out_bf16_dispatch(h.plan) for p, h in zip(self.peers, handles)]
 
-    def combine(self, expert_outs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
-        """Rows of each rank's dispatch layout ``[capacity, H]`` back to their sources."""
+    def combine_inputs(self) -> list[torch.Tensor]:
+        """Every rank's zero-copy combine input (bf16 ``[capacity, H]``, see ``Buffer.combine_input``)."""
+        return [p.combine_input for p in self.peers]
+
+    def combine(self, expert_outs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle],
+                mode: str = "push") -> list[torch.Tensor]:
+        """Rows of each rank's dispatch layout ``[capacity, H]`` back to their sources.
+
+        ``mode``: ``"push"`` (owners store into the sources' regions, sources copy out) or
+        ``"pull"`` (owners stage into their own region unless ``expert_outs[r]`` is already
+        :meth:`combine_inputs` ``[r]``, then sources read). Same bytes either way."""
+        if mode == "push":
+            for r, (p, h) in enumerate(zip(self.peers, handles)):
+                p.push_bf16_combine(expert_outs[r].contiguous(), h.plan)
+            # ---- barrier ----
+            return [p.copy_out_combine(h.num_rows) for p, h in zip(self.peers, handles)]
+        if mode != "pull":
+            raise ValueError(f"mode must be 'push' or 'pull', got {mode!r}")
         for r, (p, h) in enumerate(zip(self.peers, handles)):
-            p.push_bf16_combine(expert_outs[r].contiguous(), h.plan)
+            if not p.is_combine_input(expert_outs[r]):
+                p.stage_combine_input(expert_outs[r].contiguous(), h.plan)
         # ---- barrier ----
-        return [p.copy_out_combine(h.num_rows) for p, h in zip(self.peers, handles)]
+        return [p.pull_combine(h.plan, h.num_rows) for p, h in zip(self.peers, handles)]

@@ -91,6 +91,10 @@ class Transport:
         """Move rows of the dispatch layout ``[cap, H]`` back to their sources -> ``[n, H]``."""
         raise NotImplementedError
 
+    def combine_input(self) -> torch.Tensor:
+        """bf16 ``[cap, H]`` that :meth:`combine_bf16` can read without a staging copy."""
+        raise NotImplementedError
+
 
 class SymmMemTransport(Transport):
     name = "symm_mem"
@@ -132,7 +136,24 @@ class SymmMemTransport(Transport):
         self._barrier()
         return self.peer.copy_out_bf16_dispatch(handle.plan)
 
+    def combine_input(self):
+        return self.peer.combine_input
+
     def combine_bf16(self, src, handle):
+        from mxep.kernels.rows import TUNING
+
+        if self.peer.is_combine_input(src):
+            # Zero-copy: the owners wrote their expert outputs into their own dispatch region
+            # (after the dispatch's copy-out, in stream order); once every owner is here, every
+            # source pulls its rows. No exit barrier: a peer writes that region again only
+            # after a later barrier that this rank reaches once its pull is done.
+            self._barrier()
+            return self.peer.pull_combine(handle.plan, handle.num_rows)
+        if TUNING["combine_mode"] == "pull":
+            self._barrier()  # entry: sources are done reading this rank's region
+            self.peer.stage_combine_input(src, handle.plan)
+            self._barrier()
+            return self.peer.pull_combine(handle.plan, handle.num_rows)
         self._barrier()  # entry: sources are done with their combine region
         self.peer.push_bf16_combine(src, handle.plan)
         self._barrier()
@@ -152,6 +173,13 @@ class CollectiveTransport(Transport):
     def plan(self, counts_i32, num_rows, align):
         layout = compute_dispatch_layout(self._exchange_counts(counts_i32), self.regions.max_tokens_per_rank, align)
         return DispatchHandle(self.rank, num_rows, layout=layout)
+
+    def combine_input(self):
+        # No shared memory to expose: a plain tensor, reused (combine reads it like any input).
+        if getattr(self, "_combine_input", None) is None:
+            self._combine_input = torch.empty(self.regions.capacity, self.regions.hidden,
+                                              dtype=torch.bfloat16, device=self.device)
+        return self._combine_input
 
     def _exchange_counts(self, counts_i32):
         out = torch.empty(self.world * counts_i32.numel(), dtype=counts_i32.dtype, device=counts_i32.device)

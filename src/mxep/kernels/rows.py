@@ -19,7 +19,7 @@ import triton.language as tl
 
 from mxep.kernels.plan import route_rows
 
-__all__ = ["combine_push", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
+__all__ = ["combine_push", "combine_pull", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
 
 
 # Persistent-grid knobs for the peer-store kernels; overridable for tuning (scripts/tune_dispatch.py).
@@ -38,6 +38,11 @@ TUNING = {
     "dispatch_block_m": 1, "dispatch_block_k": 8192, "dispatch_warps": 4,
     "combine_block_m": 1, "combine_block_n": 8192, "combine_warps": 8,
     "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 8,
+    "pull_block_m": 1, "pull_block_n": 8192, "pull_warps": 8,
+    # combine of a regular expert_out: "push" (owners store into the sources' combine regions,
+    # sources copy out) or "pull" (owners stage into their own region, sources read over NVLink
+    # straight into the output). The zero-copy input (Buffer.combine_input) always pulls.
+    "combine_mode": "push",
 }
 
 
@@ -122,6 +127,60 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
 
 
 @triton.jit
+def _combine_pull_kernel(
+    src_base_ptr, src_delta_ptr, out_ptr, n_rows, H, rank, capacity,
+    row_base_ptr, src_end_ptr, E,
+    L: tl.constexpr, E_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
+):
+    # The source side of the pull combine: row i of this rank went to expert g on owner g // L,
+    # at row row_base[rank, g] + i of the owner's dispatch layout (the dispatch's own routing,
+    # read backwards); read it there over NVLink and write it to out[i]. Rows with an invalid
+    # route (inconsistent counts) read nothing and come out zero.
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(n_rows, BLOCK_M)
+    blk = pid
+    while blk < num_blocks:
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_range = rows < n_rows
+        src = tl.zeros([BLOCK_M], tl.int32) + rank
+        g, prow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
+        ok = in_range & (g < E) & (prow >= 0) & (prow < capacity)   # never read outside
+        delta = tl.load(src_delta_ptr + g // L, mask=ok, other=0)
+        src_off = tl.multiple_of(delta + prow.to(tl.int64) * H, 16)
+        out_off = rows.to(tl.int64) * H
+        c0 = 0
+        while c0 < H:
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cm = (cols < H)[None, :]
+            v = tl.load(src_base_ptr + src_off[:, None] + cols[None, :], mask=ok[:, None] & cm, other=0)
+            tl.store(out_ptr + out_off[:, None] + cols[None, :], v, mask=in_range[:, None] & cm)
+            c0 += BLOCK_N
+        blk += NPROG
+
+
+def combine_pull(src_base: torch.Tensor, src_delta: torch.Tensor, plan, rank: int, n: int,
+                 capacity: int) -> torch.Tensor:
+    """Source side of the pull combine: read this rank's ``n`` rows back from their owners'
+    dispatch-layout regions (bf16 ``[cap, H]`` at ``src_base + src_delta[owner]`` elements)
+    into a new regular bf16 tensor ``[n, H]``, original row order."""
+    H = src_base.shape[1]
+    W, E = plan.src_end.shape
+    out = torch.empty(n, H, dtype=src_base.dtype, device=src_base.device)
+    if n == 0:
+        return out
+    block_m, block_n = TUNING["pull_block_m"], TUNING["pull_block_n"]
+    nprog = min(num_persistent_programs(src_base.device), triton.cdiv(n, block_m))
+    _combine_pull_kernel[(nprog,)](
+        src_base.view(torch.int16), src_delta, out.view(torch.int16), n, H, rank, capacity,
+        plan.row_base, plan.src_end, E, L=E // W, E_P=max(triton.next_power_of_2(E), 2),
+        BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
+        num_warps=TUNING["pull_warps"],
+    )
+    return out
+
+
+@triton.jit
 def _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N: tl.constexpr):
     off = rows.to(tl.int64) * n_cols
     c0 = 0
@@ -158,12 +217,14 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
         blk += NPROG
 
 
-def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = None):
+def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = None,
+             out: torch.Tensor | None = None):
     """Copy rows ``[0, group_end_offsets[-1])`` of this rank's receive region ``src [cap, C]``
-    (and of ``src2 [cap, C2]``, e.g. the scales, in the same launch) into new regular tensors,
-    writing zeros for pad rows; later rows are left unwritten. The bound is read on the device:
-    the cost is the rows received, not the capacity. Returns ``dst`` or ``(dst, dst2)``."""
-    dst = torch.empty_like(src)
+    (and of ``src2 [cap, C2]``, e.g. the scales, in the same launch) into new regular tensors
+    (or into ``out [cap, C]``), writing zeros for pad rows; later rows are left unwritten. The
+    bound is read on the device: the cost is the rows received, not the capacity. Returns
+    ``dst`` or ``(dst, dst2)``."""
+    dst = torch.empty_like(src) if out is None else out
     dst2 = torch.empty_like(src2) if src2 is not None else None
     R, C = src.shape
     if R == 0:
