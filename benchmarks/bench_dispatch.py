@@ -7,7 +7,10 @@ transfer ceilings, on every rank of one torchrun launch (one process group).
 (``benchmarks/run_all.py`` launches this with the right environment; see docs/benchmarks.md.)
 
 Systems (names used in the JSON):
-  mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync)
+  mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync);
+                 op combine_zero_copy: .combine of .combine_input() (expert outputs already in
+                 the Buffer's region, pulled by the sources); op combine_<mode>_mode: .combine
+                 of a regular expert_out with the non-default TUNING["combine_mode"]
   unfused_mxfp8  mxep.reference.ep_pipeline.unfused_dispatch_mxfp8 / unfused_combine
   nccl_bf16      unfused_dispatch_bf16 / unfused_combine (bf16 all_to_all_single + permute)
   ceilings       ceil_ce, ceil_triton, ceil_nccl (see _ceilings.py), for three traffic patterns
@@ -32,6 +35,7 @@ from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_ar
 from _timing import gather, guarded, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
+from mxep.kernels.rows import TUNING  # noqa: E402
 from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
 
 SYSTEMS = ("mxep", "unfused_mxfp8", "nccl_bf16", "ceilings")
@@ -161,6 +165,24 @@ def main() -> None:
                             keep["mxep"] = (res, eo)
                             m, err = timed(lambda: buf.combine(eo, res.handle), pipelined=True)
                         record("mxep", "combine", "combine_bf16", m, err, **extra)
+                        # Zero-copy input: the expert outputs already sit in the Buffer's region
+                        # (written there after the dispatch, as a grouped GEMM with out= would).
+                        m = None
+                        if res is not None:
+                            zin = buf.combine_input()
+                            zin.copy_(eo)
+                            m, err = timed(lambda: buf.combine(zin, res.handle), pipelined=True)
+                        record("mxep", "combine_zero_copy", "combine_bf16", m, err, **extra)
+                        # The other combine mode for a regular expert_out (the default is "push").
+                        other = "pull" if TUNING["combine_mode"] == "push" else "push"
+                        m = None
+                        if res is not None:
+                            saved, TUNING["combine_mode"] = TUNING["combine_mode"], other
+                            try:
+                                m, err = timed(lambda: buf.combine(eo, res.handle))
+                            finally:
+                                TUNING["combine_mode"] = saved
+                        record("mxep", f"combine_{other}_mode", "combine_bf16", m, err, **extra)
 
                 # ---- 2. unfused MXFP8 and 3. NCCL bf16
                 for name, disp in (("unfused_mxfp8", lambda: unfused_dispatch_mxfp8(x, counts, group, align=32)),
@@ -185,6 +207,7 @@ def main() -> None:
                         R = ures.handle.num_padded_rows
                         # collectives first, on every rank whatever the comparisons say
                         y1 = buf.combine(eo, res.handle)
+                        y0 = buf.combine(buf.combine_input(), res.handle)   # holds eo (copied above)
                         y2 = unfused_combine(eo[:R], ures.handle)
                         bad = []
                         if not torch.equal(res.group_end_offsets.cpu(), ures.group_end_offsets.cpu()):
@@ -198,6 +221,8 @@ def main() -> None:
                                 bad.append("scale")
                         if not torch.equal(y1, y2):
                             bad.append("combine")
+                        if not torch.equal(y0, y2):
+                            bad.append("combine_zero_copy")
                         return "ok" if not bad else "mismatch: " + ",".join(bad)
                     out, err = run("check", check)
                     verdicts = gather(out)

@@ -27,7 +27,9 @@ SYSTEM_LABEL = {
     "ceil_nccl": "ceiling: NCCL a2a raw bytes",
 }
 CEILINGS = ("ceil_ce", "ceil_triton", "ceil_nccl")
-COLORS = {"mxep": "#1f77b4", "unfused_mxfp8": "#ff7f0e", "nccl_bf16": "#2ca02c", "nvshmem_a2a_2d": "#9467bd",
+ZERO_COPY = "mxep_zero_copy"   # plot-only label: system mxep, op combine_zero_copy
+SYSTEM_LABEL[ZERO_COPY] = "mxep combine, zero-copy input"
+COLORS = {"mxep": "#1f77b4", ZERO_COPY: "#aec7e8", "unfused_mxfp8": "#ff7f0e", "nccl_bf16": "#2ca02c", "nvshmem_a2a_2d": "#9467bd",
           "ceil_ce": "#7f7f7f", "ceil_triton": "#bcbd22", "ceil_nccl": "#17becf"}
 
 
@@ -69,10 +71,12 @@ def derive(records: list[dict], nvlink_gbps: float = 450.0) -> list[dict]:
             row[f"pct_{name}"] = 100.0 * r["gbps"] / c[name] if r.get("gbps") and c.get(name) else None
         row["pct_nvlink"] = 100.0 * r["gbps"] / nvlink_gbps if r.get("gbps") else None
         t_mx = times.get(_case_key(r) + ("mxep", r.get("op")))
+        if r.get("op") == "combine" and r["system"] != "mxep":   # vs mxep's faster combine path
+            t_mx = min([t for t in (t_mx, times.get(_case_key(r) + ("mxep", "combine_zero_copy"))) if t] or [None])
         row["mxep_speedup"] = r["median_us"] / t_mx if r.get("median_us") and t_mx and r["system"] != "mxep" else None
         rows.append(row)
     order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
-    op_order = {"dispatch": 0, "combine": 1, "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
+    op_order = {"dispatch": 0, "combine": 1, "combine_zero_copy": 1.5, "combine_pull_mode": 1.6, "combine_push_mode": 1.6, "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
     rows.sort(key=lambda r: _case_sort(_case_key(r)) + (op_order.get(r.get("op"), 9), order.get(r["system"], 99)))
     return rows
 
@@ -124,8 +128,9 @@ def write_markdown(merged: dict, path: str) -> None:
             summ[_case_key(r)][(r["system"], r["op"])] = r["median_us"]
     if summ:
         L += ["## Summary (median µs; dispatch + combine)", "",
-              "| world | config | routing | mxep | unfused MXFP8 | NCCL bf16 | NVSHMEM 2d | mxep speedup vs unfused | vs bf16 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| world | config | routing | mxep | mxep, zero-copy combine | unfused MXFP8 | NCCL bf16 | NVSHMEM 2d | "
+              "mxep speedup vs unfused | vs bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for key in sorted(summ, key=_case_sort):
             d = summ[key]
 
@@ -133,9 +138,11 @@ def write_markdown(merged: dict, path: str) -> None:
                 a, b = d.get((s, "dispatch")), d.get((s, "combine"))
                 return None if a is None or b is None else a + b
             mx, un, bf, nv = tot("mxep"), tot("unfused_mxfp8"), tot("nccl_bf16"), tot("nvshmem_a2a_2d")
+            zc = d.get(("mxep", "combine_zero_copy"))
+            mxz = d[("mxep", "dispatch")] + zc if zc and d.get(("mxep", "dispatch")) else None
             sp = lambda o: _fmt(o / mx, 2) if o and mx else ""  # noqa: E731
-            L.append(f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(mx)} | {_fmt(un)} | {_fmt(bf)} | {_fmt(nv)} | "
-                     f"{sp(un)} | {sp(bf)} |")
+            L.append(f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(mx)} | {_fmt(mxz)} | {_fmt(un)} | {_fmt(bf)} | "
+                     f"{_fmt(nv)} | {sp(un)} | {sp(bf)} |")
         L.append("")
 
     L += ["## All measurements", ""]
@@ -194,12 +201,18 @@ def write_plot(merged: dict, path: str) -> str | None:
         for j, metric in enumerate(("median_us", "gbps")):
             ax = axes[i][j]
             systems = [s for s in SYSTEM_ORDER if s not in CEILINGS] + (list(CEILINGS) if metric == "gbps" else [])
+            if op == "combine":
+                systems.insert(1, ZERO_COPY)
             width = 0.8 / len(systems)
             for k, s in enumerate(systems):
                 vals = []
                 for key in cases:
                     v = None
                     for r in rows:
+                        if s == ZERO_COPY:
+                            if _case_key(r) == key and r["system"] == "mxep" and r.get("op") == "combine_zero_copy":
+                                v = r.get(metric)
+                            continue
                         if _case_key(r) != key or r["system"] != s:
                             continue
                         if (s in CEILINGS and r.get("op") == ceil_pattern) or (s not in CEILINGS and r.get("op") == op):

@@ -1,5 +1,6 @@
 """Quick tuning run for the fused dispatch kernels (torchrun, all visible GPUs).
 
+SECTIONS=push,combine (env) picks the block-shape sweeps; the pull combine and full calls always run.
 Times buf.dispatch / buf.combine on config (a) (H=7168, 4096 tokens x top-8 of 256 experts)
 for several kernel block shapes, next to NCCL all_to_all_single of the same bytes. The full,
 published comparison is benchmarks/ (make bench); this is the knob-turning companion.
@@ -60,8 +61,9 @@ def main():
         rows.append(("plan (put counts + barrier + plan kernel)", timed(lambda: buf.plan(counts, n)), 0))
         rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan)), 0))
         rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
+        sections = os.environ.get("SECTIONS", "push,combine").split(",")
         # Push: tile x warps x programs per SM.
-        for per_sm, warps in [(16, 8), (16, 4), (32, 4), (24, 4)]:
+        for per_sm, warps in ([(16, 8), (16, 4), (32, 4), (24, 4)] if "push" in sections else []):
             TUNING.update(programs_per_sm=per_sm, dispatch_warps=warps)
             for bm, bk in [(1, 2048), (2, 4096), (1, 8192), (2, 8192)]:
                 TUNING.update(dispatch_block_m=bm, dispatch_block_k=bk)
@@ -69,7 +71,7 @@ def main():
                 rows.append((f"push_mxfp8 sm*{per_sm} w{warps} bm={bm} bk={bk}", t, mx_bytes / t / 1e3))
             TUNING.clear(); TUNING.update(defaults)
         # Combine push (owner-row walk) and copy-out.
-        for per_sm, warps in [(16, 8), (8, 8), (16, 4), (32, 4)]:
+        for per_sm, warps in ([(16, 8), (8, 8), (16, 4), (32, 4)] if "combine" in sections else []):
             TUNING.update(programs_per_sm=per_sm, combine_warps=warps, copy_warps=warps)
             for bm, bn in [(4, 1024), (2, 2048), (1, 8192), (8, 512), (2, 1024)]:
                 TUNING.update(combine_block_m=bm, combine_block_n=bn)
@@ -82,6 +84,25 @@ def main():
             TUNING.clear(); TUNING.update(defaults)
         t = timed(lambda: peer.copy_out_combine(n))
         rows.append(("combine copy-out (clone)", t, 2 * n * H * 2 / t / 1e3))
+        # Pull combine: the source-side kernel alone, then the full combine in each mode.
+        for per_sm, warps in [(16, 8), (16, 4), (32, 4), (8, 8)]:
+            TUNING.update(programs_per_sm=per_sm, pull_warps=warps)
+            for bm, bn in [(1, 8192), (2, 4096), (4, 1024)]:
+                TUNING.update(pull_block_m=bm, pull_block_n=bn)
+                t = timed(lambda: peer.pull_combine(plan, n))
+                rows.append((f"pull kernel sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
+            TUNING.clear(); TUNING.update(defaults)
+        t = timed(lambda: peer.stage_combine_input(expert_out, plan))
+        rows.append(("pull: staging copy into own region", t, 2 * n * H * 2 / t / 1e3))
+        for mode in ("push", "pull"):
+            TUNING["combine_mode"] = mode
+            t = timed(lambda: buf.combine(expert_out, res.handle))
+            rows.append((f"full combine mode={mode}", t, sent_rows * 2 * H / t / 1e3))
+        TUNING.clear(); TUNING.update(defaults)
+        zin = buf.combine_input()
+        zin.copy_(expert_out)
+        t = timed(lambda: buf.combine(zin, res.handle))
+        rows.append(("full combine zero-copy input", t, sent_rows * 2 * H / t / 1e3))
         TUNING.clear(); TUNING.update(defaults)
         for hw in (True, False):
             kq.HW_CAST_ON_GPU = hw
