@@ -57,9 +57,11 @@ def main():
     peer = buf.transport.peer
     plan = res.handle.plan
     defaults = dict(TUNING)
+    mx_out = peer.push_mxfp8(x, plan, "rceil")       # output tensors reused by the stage timings
+    cb_out = peer.push_bf16_combine(expert_out, plan, n)
     with torch.no_grad():
         rows.append(("plan (put counts + barrier + plan kernel)", timed(lambda: buf.plan(counts, n)), 0))
-        rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan)), 0))
+        rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan, mx_out)), 0))
         rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
         sections = os.environ.get("SECTIONS", "push,combine").split(",")
         # Push: tile x warps x programs per SM.
@@ -75,15 +77,15 @@ def main():
             TUNING.update(programs_per_sm=per_sm, combine_warps=warps, copy_warps=warps)
             for bm, bn in [(4, 1024), (2, 2048), (1, 8192), (8, 512), (2, 1024)]:
                 TUNING.update(combine_block_m=bm, combine_block_n=bn)
-                t = timed(lambda: peer.push_bf16_combine(expert_out, plan))
+                t = timed(lambda: peer.push_bf16_combine(expert_out, plan, n))
                 rows.append((f"combine push sm*{per_sm} w{warps} bm={bm} bn={bn}", t, sent_rows * 2 * H / t / 1e3))
             for bm, bn in [(8, 1024), (4, 2048), (2, 8192)]:
                 TUNING.update(copy_block_m=bm, copy_block_n=bn)
-                t = timed(lambda: peer.copy_out_mxfp8(plan))
+                t = timed(lambda: peer.copy_out_mxfp8(plan, mx_out))
                 rows.append((f"copy-out sm*{per_sm} w{warps} bm={bm} bn={bn}", t, 2 * n * H * 1.03 / t / 1e3))
             TUNING.clear(); TUNING.update(defaults)
-        t = timed(lambda: peer.copy_out_combine(n))
-        rows.append(("combine copy-out (clone)", t, 2 * n * H * 2 / t / 1e3))
+        t = timed(lambda: peer.copy_out_combine(plan, cb_out))
+        rows.append(("combine copy-out (rows from other owners)", t, 2 * n * H * 2 / t / 1e3))
         # Pull combine: the source-side kernel alone, then the full combine in each mode.
         for per_sm, warps in [(16, 8), (16, 4), (32, 4), (8, 8)]:
             TUNING.update(programs_per_sm=per_sm, pull_warps=warps)

@@ -84,7 +84,8 @@ def test_simulated_world_zero_copy_combine():
 
 def test_simulated_world_poison_outside_rows_untouched():
     """Rows past group_end_offsets[-1] are never written in the receive regions (poison stays),
-    so the copy-out provably reads only rows the dispatch wrote or zeroed."""
+    so the copy-out provably reads only rows the dispatch wrote or zeroed. Rows a rank sends to
+    itself never touch its region: the push writes them straight into the output."""
     case = Case(2, 4, 64, 24, 32, ("uniform", "skewed"), (11, 24), seed=3)
     counts, xs = case.inputs()
     sim = SimulatedWorld(2, 4, 64, 24, 32)
@@ -95,8 +96,10 @@ def test_simulated_world_poison_outside_rows_untouched():
         assert (region[R:sim.capacity] == POISON).all()
         # every row below R was written (no poison row survives among data rows, pads are zero)
         lay = simulate_dispatch_layout(counts, 32)[r]
-        data_rows = region[:R][~lay.is_pad]
-        assert not (data_rows == POISON).all(1).any()
+        from_peer = ~lay.is_pad & (lay.src_rank != r)
+        from_self = ~lay.is_pad & (lay.src_rank == r)
+        assert not (region[:R][from_peer] == POISON).all(1).any()
+        assert from_self.any() and (region[:R][from_self] == POISON).all()
 
 
 def test_simulated_world_many_calls_changing_routing():

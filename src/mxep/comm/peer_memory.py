@@ -21,11 +21,23 @@ import torch
 
 from mxep.kernels.dispatch import dispatch_push
 from mxep.kernels.plan import DispatchPlan, compute_plan
-from mxep.kernels.rows import combine_pull, combine_push, copy_out, put_counts
+from mxep.kernels.rows import combine_copy_out, combine_pull, combine_push, copy_out, put_counts
 
 __all__ = ["RegionLayout", "PeerMemory"]
 
 _ALIGN = 256
+
+# Tests set this: every output tensor is filled with a poison byte before the kernels write it,
+# so a row the kernels forgot cannot pass for data left behind by an earlier call.
+POISON_OUTPUTS = False
+_POISON = 0xA5
+
+
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.view(torch.uint8).fill_(_POISON)
+    return out
 
 
 def _up(n: int, a: int = _ALIGN) -> int:
@@ -112,27 +124,41 @@ class PeerMemory:
     def plan(self, align: int) -> DispatchPlan:
         return compute_plan(self.counts, align)
 
-    def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str) -> None:
-        dispatch_push(x, plan, self.rank, self.regions.capacity, self.dispatch_data, self.dispatch_scale,
-                      self.delta_u8, scale_mode)
+    def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Push quantized rows to their owners; returns this rank's new output tensors (uint8
+        ``[cap, H]``, ``[cap, H // 32]``) holding, so far, the rows it sent to itself."""
+        cap, H = self.regions.capacity, self.regions.hidden
+        out = (_new_output((cap, H), torch.uint8, x.device), _new_output((cap, H // 32), torch.uint8, x.device))
+        dispatch_push(x, plan, self.rank, cap, self.dispatch_data, self.dispatch_scale,
+                      self.delta_u8, scale_mode, *out)
+        return out
 
-    def push_bf16_dispatch(self, src: torch.Tensor, plan: DispatchPlan) -> None:
-        dispatch_push(src, plan, self.rank, self.regions.capacity, self.dispatch_bf16, None, self.delta_bf16, None)
-
-    def push_bf16_combine(self, src: torch.Tensor, plan: DispatchPlan) -> None:
-        combine_push(src, plan, self.rank, self.regions.max_tokens_per_rank, self.regions.capacity,
-                     self.combine_bf16, self.delta_bf16)
-
-    # --- local phases after the barrier: copy out into regular tensors (pad rows zeroed) -------
-    def copy_out_mxfp8(self, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def push_bf16_dispatch(self, src: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         cap = self.regions.capacity
-        return copy_out(self.dispatch_data[:cap], plan, self.rank, self.dispatch_scale[:cap])
+        out = _new_output((cap, self.regions.hidden), torch.bfloat16, src.device)
+        dispatch_push(src, plan, self.rank, cap, self.dispatch_bf16, None, self.delta_bf16, None, out, None)
+        return out
 
-    def copy_out_bf16_dispatch(self, plan: DispatchPlan) -> torch.Tensor:
-        return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank)
+    def push_bf16_combine(self, src: torch.Tensor, plan: DispatchPlan, n: int) -> torch.Tensor:
+        """Push rows back to their sources; returns this rank's combine output ``[n, H]``,
+        holding, so far, the rows of its own tokens that its own experts produced."""
+        out = _new_output((n, self.regions.hidden), torch.bfloat16, src.device)
+        combine_push(src, plan, self.rank, self.regions.max_tokens_per_rank, self.regions.capacity,
+                     self.combine_bf16, self.delta_bf16, out)
+        return out
 
-    def copy_out_combine(self, n: int) -> torch.Tensor:
-        return self.combine_bf16[:n].clone()
+    # --- local phases after the barrier: the rows other ranks stored here go into the outputs
+    # (pad rows zeroed); the rows a rank sent itself are there already -----------------------
+    def copy_out_mxfp8(self, plan: DispatchPlan, out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cap = self.regions.capacity
+        return copy_out(self.dispatch_data[:cap], plan, self.rank, self.dispatch_scale[:cap],
+                        out=out[0], out2=out[1], skip_own=True)
+
+    def copy_out_bf16_dispatch(self, plan: DispatchPlan, out: torch.Tensor) -> torch.Tensor:
+        return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, out=out, skip_own=True)
+
+    def copy_out_combine(self, plan: DispatchPlan, out: torch.Tensor) -> torch.Tensor:
+        return combine_copy_out(self.combine_bf16, plan, self.rank, out, self.regions.capacity)
 
     # --- pull combine: owners expose their expert outputs in the dispatch region, sources read --
     @property
@@ -151,4 +177,5 @@ class PeerMemory:
         copy_out(src, plan, self.rank, out=self.combine_input)
 
     def pull_combine(self, plan: DispatchPlan, n: int) -> torch.Tensor:
-        return combine_pull(self.combine_input, self.delta_bf16, plan, self.rank, n, self.regions.capacity)
+        out = _new_output((n, self.regions.hidden), torch.bfloat16, self.mem.device)
+        return combine_pull(self.combine_input, self.delta_bf16, plan, self.rank, out, self.regions.capacity)

@@ -51,21 +51,20 @@ class SimulatedWorld:
     def dispatch(self, xs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> list[DispatchResult]:
         """Fused MXFP8 dispatch on every rank: ``xs[r]`` bf16 ``[n_r, H]``, ``counts[r]`` ``[E]``."""
         handles = self.plan(counts, [x.shape[0] for x in xs])
-        for r, (p, h) in enumerate(zip(self.peers, handles)):
-            p.push_mxfp8(xs[r].contiguous(), h.plan, self.scale_mode)
+        outs = [p.push_mxfp8(xs[r].contiguous(), h.plan, self.scale_mode)
+                for r, (p, h) in enumerate(zip(self.peers, handles))]
         # ---- barrier ----
         out = []
-        for p, h in zip(self.peers, handles):
-            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan))
+        for p, h, o in zip(self.peers, handles, outs):
+            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan, o))
             out.append(DispatchResult(tokens, h.group_end_offsets, h.tokens_per_expert, h))
         return out
 
     def dispatch_bf16(self, srcs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
         """bf16 rows into the dispatch layout (what the combine's backward does)."""
-        for r, (p, h) in enumerate(zip(self.peers, handles)):
-            p.push_bf16_dispatch(srcs[r].contiguous(), h.plan)
+        outs = [p.push_bf16_dispatch(srcs[r].contiguous(), h.plan) for r, (p, h) in enumerate(zip(self.peers, handles))]
         # ---- barrier ----
-        return [p.copy_out_bf16_dispatch(h.plan) for p, h in zip(self.peers, handles)]
+        return [p.copy_out_bf16_dispatch(h.plan, o) for p, h, o in zip(self.peers, handles, outs)]
 
     def combine_inputs(self) -> list[torch.Tensor]:
         """Every rank's zero-copy combine input (bf16 ``[capacity, H]``, see ``Buffer.combine_input``)."""
@@ -79,10 +78,10 @@ class SimulatedWorld:
         ``"pull"`` (owners stage into their own region unless ``expert_outs[r]`` is already
         :meth:`combine_inputs` ``[r]``, then sources read). Same bytes either way."""
         if mode == "push":
-            for r, (p, h) in enumerate(zip(self.peers, handles)):
-                p.push_bf16_combine(expert_outs[r].contiguous(), h.plan)
+            outs = [p.push_bf16_combine(expert_outs[r].contiguous(), h.plan, h.num_rows)
+                    for r, (p, h) in enumerate(zip(self.peers, handles))]
             # ---- barrier ----
-            return [p.copy_out_combine(h.num_rows) for p, h in zip(self.peers, handles)]
+            return [p.copy_out_combine(h.plan, o) for p, h, o in zip(self.peers, handles, outs)]
         if mode != "pull":
             raise ValueError(f"mode must be 'push' or 'pull', got {mode!r}")
         for r, (p, h) in enumerate(zip(self.peers, handles)):

@@ -126,15 +126,15 @@ class SymmMemTransport(Transport):
     def dispatch_mxfp8(self, x, handle, scale_mode):
         # The counts barrier doubles as the entry barrier: every owner has copied out the previous
         # call's rows (stream order) before it arrived there.
-        self.peer.push_mxfp8(x, handle.plan, scale_mode)
+        out = self.peer.push_mxfp8(x, handle.plan, scale_mode)
         self._barrier()
-        return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan))
+        return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, out))
 
     def dispatch_bf16(self, src, handle):
         self._barrier()  # entry: owners are done with their dispatch region
-        self.peer.push_bf16_dispatch(src, handle.plan)
+        out = self.peer.push_bf16_dispatch(src, handle.plan)
         self._barrier()
-        return self.peer.copy_out_bf16_dispatch(handle.plan)
+        return self.peer.copy_out_bf16_dispatch(handle.plan, out)
 
     def combine_input(self):
         return self.peer.combine_input
@@ -155,9 +155,9 @@ class SymmMemTransport(Transport):
             self._barrier()
             return self.peer.pull_combine(handle.plan, handle.num_rows)
         self._barrier()  # entry: sources are done with their combine region
-        self.peer.push_bf16_combine(src, handle.plan)
+        out = self.peer.push_bf16_combine(src, handle.plan, handle.num_rows)
         self._barrier()
-        return self.peer.copy_out_combine(handle.num_rows)
+        return self.peer.copy_out_combine(handle.plan, out)
 
 
 class CollectiveTransport(Transport):

@@ -21,7 +21,7 @@ __all__ = ["dispatch_push"]
 def _dispatch_push_kernel(
     x_ptr, n_rows, H, rank, capacity,
     row_base_ptr, src_end_ptr, E,
-    data_base_ptr, scale_base_ptr, dst_delta_ptr,
+    data_base_ptr, scale_base_ptr, dst_delta_ptr, out_data_ptr, out_scale_ptr,
     QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
     L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
@@ -44,26 +44,37 @@ def _dispatch_push_kernel(
         src = tl.zeros([BLOCK_M], tl.int32) + rank
         g, drow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
         ok = in_range & (g < E) & (drow >= 0) & (drow < capacity)   # never write outside the buffer
-        delta = tl.load(dst_delta_ptr + g // L, mask=ok, other=0)
+        # Rows for this rank's own experts go straight into the output tensor (the copy-out
+        # then skips them); the others into the owner's receive region.
+        own = (g // L) == rank
+        delta = tl.load(dst_delta_ptr + g // L, mask=ok & ~own, other=0)
         drow = drow.to(tl.int64)
         data_off = tl.multiple_of(delta + drow * H, 16)
+        own_off = tl.multiple_of(drow * H, 16)
         cols = k0 + tl.arange(0, BLOCK_K)
-        m = ok[:, None] & (cols < H)[None, :]
+        cm = (cols < H)[None, :]
+        m_peer = (ok & ~own)[:, None] & cm
+        m_own = (ok & own)[:, None] & cm
         if QUANTIZE:
             if x_ptr.dtype.element_ty == tl.int16:  # bf16 as raw bits: exact widening (interpreter-safe)
                 x = bf16_bits_to_fp32(raw)
             else:
                 x = raw
             q, s = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
-            tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m)
+            tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m_peer)
+            tl.store(out_data_ptr + own_off[:, None] + cols[None, :], q, mask=m_own)
             scale_off = delta + drow * n_scale_cols
+            own_scale_off = drow * n_scale_cols
             if SCALES_ALIGNED:  # H // 32 % 16 == 0 (e.g. 2048, 5120, 7168): 16-byte scale stores
                 scale_off = tl.multiple_of(scale_off, 16)
+                own_scale_off = tl.multiple_of(own_scale_off, 16)
             scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-            ms = ok[:, None] & (scols < n_scale_cols)[None, :]
-            tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=ms)
+            scm = (scols < n_scale_cols)[None, :]
+            tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=(ok & ~own)[:, None] & scm)
+            tl.store(out_scale_ptr + own_scale_off[:, None] + scols[None, :], s, mask=(ok & own)[:, None] & scm)
         else:
-            tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m)
+            tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m_peer)
+            tl.store(out_data_ptr + own_off[:, None] + cols[None, :], raw, mask=m_own)
         t += NPROG
 
 
@@ -89,11 +100,18 @@ def dispatch_push(
     scale_base: torch.Tensor | None,
     dst_delta: torch.Tensor,
     scale_mode: str | None,
+    out_data: torch.Tensor,
+    out_scale: torch.Tensor | None,
     *,
     block_m: int | None = None,
     block_k: int | None = None,
 ) -> None:
     """Send every row of ``x`` to its expert's owner, into the expert-major padded layout.
+
+    Rows whose expert lives on this rank skip the receive region: they are written straight
+    into this rank's output tensors ``out_data [cap, H]`` / ``out_scale [cap, H // 32]``
+    (same dtypes as the regions), at the same row; :func:`~mxep.kernels.rows.copy_out` with
+    ``skip_own=True`` then copies only the rows that came from other ranks.
 
     Args:
         x: ``[n, H]`` contiguous rows of this rank (bf16, or fp32 when quantizing).
@@ -116,10 +134,12 @@ def dispatch_push(
     W, E = plan.src_end.shape
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
     data_arg = data_base if quantize else data_base.view(torch.int16)
+    out_arg = out_data if quantize else out_data.view(torch.int16)
     _dispatch_push_kernel[(nprog,)](
         x_arg, n, H, rank, capacity,
         plan.row_base, plan.src_end, E,
         data_arg, scale_base if quantize else data_arg, dst_delta,
+        out_arg, out_scale if quantize else out_arg,
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
         L=E // W, E_P=max(triton.next_power_of_2(E), 2),

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from mxep.kernels.plan import route_rows
 
-__all__ = ["combine_push", "combine_pull", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
+__all__ = ["combine_push", "combine_pull", "combine_copy_out", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
 
 
 # Persistent-grid knobs for the peer-store kernels; overridable for tuning (scripts/tune_dispatch.py).
@@ -32,13 +32,15 @@ __all__ = ["combine_push", "combine_pull", "copy_out", "put_counts", "num_persis
 #   combine push (owner-row walk), 2 x H200: 1 x 8192, 16/SM x 8 warps   736 us (321 GB/s);
 #       2 x 2048 at 8/SM: 729 us; 4 x 1024: 762 us (all within noise).
 #   copy-out, 2 x H200: 8 x 1024, 16/SM x 8 warps   204 us (4 warps: 256 us).
+#   pull combine kernel, 2 x H200: 2 x 4096, 32/SM x 4 warps   798 us (296 GB/s);
+#       1 x 8192 at 16/SM x 8 warps: 912 us.
 #   (4 x H200, earlier: 16/SM beat 4/SM by 1.3-1.4x on every kernel.)
 TUNING = {
     "programs_per_sm": 16,
     "dispatch_block_m": 1, "dispatch_block_k": 8192, "dispatch_warps": 4,
     "combine_block_m": 1, "combine_block_n": 8192, "combine_warps": 8,
     "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 8,
-    "pull_block_m": 1, "pull_block_n": 8192, "pull_warps": 8,
+    "pull_block_m": 2, "pull_block_n": 4096, "pull_warps": 4, "pull_programs_per_sm": 32,
     # combine of a regular expert_out: "push" (owners store into the sources' combine regions,
     # sources copy out) or "pull" (owners stage into their own region, sources read over NVLink
     # straight into the output). The zero-copy input (Buffer.combine_input) always pulls.
@@ -59,7 +61,7 @@ def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> 
 def _combine_push_kernel(
     src_ptr, H, rank, N, capacity,
     row_base_ptr, recv_cum_ptr, group_end_ptr, recv_ptr, E,
-    dst_base_ptr, dst_delta_ptr,
+    dst_base_ptr, dst_delta_ptr, out_ptr,
     W: tl.constexpr, W_P: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
@@ -89,25 +91,31 @@ def _combine_push_kernel(
         src = tl.minimum(tl.sum((cum <= p[:, None]).to(tl.int32), axis=1), W - 1)
         i = rows - tl.load(row_base_ptr + src * E + g, mask=ok, other=0)
         ok = ok & (i >= 0) & (i < N)                      # inconsistent counts: never write outside
-        delta = tl.load(dst_delta_ptr + src, mask=ok, other=0)
+        # Rows of this rank's own tokens go straight into its output (the copy-out skips them).
+        own = src == rank
+        delta = tl.load(dst_delta_ptr + src, mask=ok & ~own, other=0)
         dst_off = tl.multiple_of(delta + i.to(tl.int64) * H, 16)
+        own_off = tl.multiple_of(i.to(tl.int64) * H, 16)
         src_off = rows.to(tl.int64) * H
         c0 = 0
         while c0 < H:
             cols = c0 + tl.arange(0, BLOCK_N)
-            m = ok[:, None] & (cols < H)[None, :]
-            v = tl.load(src_ptr + src_off[:, None] + cols[None, :], mask=m, eviction_policy="evict_first")
-            tl.store(dst_base_ptr + dst_off[:, None] + cols[None, :], v, mask=m)
+            cm = (cols < H)[None, :]
+            v = tl.load(src_ptr + src_off[:, None] + cols[None, :], mask=ok[:, None] & cm,
+                        eviction_policy="evict_first")
+            tl.store(dst_base_ptr + dst_off[:, None] + cols[None, :], v, mask=(ok & ~own)[:, None] & cm)
+            tl.store(out_ptr + own_off[:, None] + cols[None, :], v, mask=(ok & own)[:, None] & cm)
             c0 += BLOCK_N
         blk += NPROG
 
 
 def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, capacity: int,
-                 dst_base: torch.Tensor, dst_delta: torch.Tensor) -> None:
+                 dst_base: torch.Tensor, dst_delta: torch.Tensor, out: torch.Tensor) -> None:
     """Owner side of the combine: every row of this rank's dispatch layout ``src [cap, H]`` that
     holds a real token goes back to row ``i`` of its source's ``dst_base [N + 1, H]`` region
-    (rank r's at ``dst_base + dst_delta[r]`` elements). Pad rows are never read; the work is the
-    rows this rank received (bound read on the device), not ``W * N``."""
+    (rank r's at ``dst_base + dst_delta[r]`` elements), or, for this rank's own tokens, straight
+    into row ``i`` of ``out [n, H]`` (this rank's combine output). Pad rows are never read; the
+    work is the rows this rank received (bound read on the device), not ``W * N``."""
     H = src.shape[1]
     W, E = plan.src_end.shape
     L = E // W
@@ -117,9 +125,10 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
     nprog = min(num_persistent_programs(src.device), triton.cdiv(capacity, block_m))
     src_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
     dst_arg = dst_base.view(torch.int16) if dst_base.dtype == torch.bfloat16 else dst_base
+    out_arg = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     _combine_push_kernel[(nprog,)](
         src_arg, H, rank, max_tokens_per_rank, capacity, plan.row_base, plan.recv_cum, plan.group_end, plan.recv, E,
-        dst_arg, dst_delta,
+        dst_arg, dst_delta, out_arg,
         W=W, W_P=max(triton.next_power_of_2(W), 2), L=L, L_P=max(triton.next_power_of_2(L), 2), ALIGN=plan.align,
         BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
         num_warps=TUNING["combine_warps"],
@@ -127,16 +136,19 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
 
 
 @triton.jit
-def _combine_pull_kernel(
+def _combine_gather_kernel(
     src_base_ptr, src_delta_ptr, out_ptr, n_rows, H, rank, capacity,
     row_base_ptr, src_end_ptr, E,
-    L: tl.constexpr, E_P: tl.constexpr,
+    FROM_OWNERS: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
-    # The source side of the pull combine: row i of this rank went to expert g on owner g // L,
-    # at row row_base[rank, g] + i of the owner's dispatch layout (the dispatch's own routing,
-    # read backwards); read it there over NVLink and write it to out[i]. Rows with an invalid
-    # route (inconsistent counts) read nothing and come out zero.
+    # The source side of the combine, writing out[i] for this rank's rows i. Row i went to
+    # expert g on owner g // L, at row row_base[rank, g] + i of the owner's dispatch layout (the
+    # dispatch's own routing, read backwards).
+    # FROM_OWNERS (pull combine): read that row in the owner's region over NVLink.
+    # else (after the push combine): read row i of the local combine region, for rows that came
+    #   from other owners; rows of this rank's own experts were written into out by the push.
+    # Rows with an invalid route (inconsistent counts) read nothing and come out zero.
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(n_rows, BLOCK_M)
     blk = pid
@@ -146,38 +158,59 @@ def _combine_pull_kernel(
         src = tl.zeros([BLOCK_M], tl.int32) + rank
         g, prow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
         ok = in_range & (g < E) & (prow >= 0) & (prow < capacity)   # never read outside
-        delta = tl.load(src_delta_ptr + g // L, mask=ok, other=0)
-        src_off = tl.multiple_of(delta + prow.to(tl.int64) * H, 16)
         out_off = rows.to(tl.int64) * H
+        if FROM_OWNERS:
+            delta = tl.load(src_delta_ptr + g // L, mask=ok, other=0)
+            src_off = tl.multiple_of(delta + prow.to(tl.int64) * H, 16)
+            write = in_range
+        else:
+            src_off = out_off
+            own = ok & ((g // L) == rank)
+            ok = ok & ~own
+            write = in_range & ~own
         c0 = 0
         while c0 < H:
             cols = c0 + tl.arange(0, BLOCK_N)
             cm = (cols < H)[None, :]
-            v = tl.load(src_base_ptr + src_off[:, None] + cols[None, :], mask=ok[:, None] & cm, other=0)
-            tl.store(out_ptr + out_off[:, None] + cols[None, :], v, mask=in_range[:, None] & cm)
+            v = tl.load(src_base_ptr + src_off[:, None] + cols[None, :], mask=ok[:, None] & cm, other=0,
+                        eviction_policy="evict_first")
+            tl.store(out_ptr + out_off[:, None] + cols[None, :], v, mask=write[:, None] & cm)
             c0 += BLOCK_N
         blk += NPROG
 
 
-def combine_pull(src_base: torch.Tensor, src_delta: torch.Tensor, plan, rank: int, n: int,
+def _combine_gather(src_base, src_delta, plan, rank, out, capacity, from_owners, knobs):
+    n, H = out.shape
+    W, E = plan.src_end.shape
+    if n == 0:
+        return out
+    block_m, block_n, warps, per_sm = (TUNING[k] for k in knobs)
+    nprog = min(num_persistent_programs(out.device, per_sm), triton.cdiv(n, block_m))
+    _combine_gather_kernel[(nprog,)](
+        src_base.view(torch.int16), src_delta, out.view(torch.int16), n, H, rank, capacity,
+        plan.row_base, plan.src_end, E, FROM_OWNERS=from_owners, L=E // W,
+        E_P=max(triton.next_power_of_2(E), 2), BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)),
+        NPROG=nprog, num_warps=warps,
+    )
+    return out
+
+
+def combine_pull(src_base: torch.Tensor, src_delta: torch.Tensor, plan, rank: int, out: torch.Tensor,
                  capacity: int) -> torch.Tensor:
     """Source side of the pull combine: read this rank's ``n`` rows back from their owners'
     dispatch-layout regions (bf16 ``[cap, H]`` at ``src_base + src_delta[owner]`` elements)
-    into a new regular bf16 tensor ``[n, H]``, original row order."""
-    H = src_base.shape[1]
-    W, E = plan.src_end.shape
-    out = torch.empty(n, H, dtype=src_base.dtype, device=src_base.device)
-    if n == 0:
-        return out
-    block_m, block_n = TUNING["pull_block_m"], TUNING["pull_block_n"]
-    nprog = min(num_persistent_programs(src_base.device), triton.cdiv(n, block_m))
-    _combine_pull_kernel[(nprog,)](
-        src_base.view(torch.int16), src_delta, out.view(torch.int16), n, H, rank, capacity,
-        plan.row_base, plan.src_end, E, L=E // W, E_P=max(triton.next_power_of_2(E), 2),
-        BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
-        num_warps=TUNING["pull_warps"],
-    )
-    return out
+    into ``out`` (regular bf16 ``[n, H]``), original row order."""
+    return _combine_gather(src_base, src_delta, plan, rank, out, capacity, True,
+                           ("pull_block_m", "pull_block_n", "pull_warps", "pull_programs_per_sm"))
+
+
+def combine_copy_out(region: torch.Tensor, plan, rank: int, out: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Source side of the push combine, after its barrier: copy the rows that other owners
+    stored in this rank's combine region ``region [>= n, H]`` into ``out [n, H]``; rows of this
+    rank's own experts are already there (written by :func:`combine_push`)."""
+    # (no peer addressing on this path: plan.row_base only fills the unused delta argument)
+    return _combine_gather(region, plan.row_base, plan, rank, out, capacity, False,
+                           ("copy_block_m", "copy_block_n", "copy_warps", "programs_per_sm"))
 
 
 @triton.jit
@@ -194,8 +227,10 @@ def _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N: tl.co
 
 @triton.jit
 def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capacity, group_end_ptr, recv_ptr,
-                     HAS_SECOND: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, NPROG: tl.constexpr):
+                     recv_cum_ptr, rank, E,
+                     HAS_SECOND: tl.constexpr, SKIP_OWN: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr,
+                     L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
+                     NPROG: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.arange(0, L_P)
     ends = tl.load(group_end_ptr + e, mask=e < L, other=2147483647)
@@ -211,6 +246,15 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
         recv = tl.load(recv_ptr + ex, mask=live, other=0)
         padded = tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
         data = live & (rows < g_end - padded + recv)
+        if SKIP_OWN:
+            # Rows this rank sent to itself were written into dst by the push: leave them.
+            g = rank * L + ex
+            p = rows - (g_end - padded)
+            hi = tl.load(recv_cum_ptr + rank * E + g, mask=live, other=0)
+            lo = tl.load(recv_cum_ptr + (rank - 1) * E + g, mask=live & (rank > 0), other=0)
+            own = (p >= lo) & (p < hi)
+            data = data & ~own
+            live = live & ~own
         _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N)
         if HAS_SECOND:  # the scales of the same rows: one launch for data and scales
             _copy_rows_masked(src2_ptr, dst2_ptr, rows, n_cols2, data, live, BLOCK_N2)
@@ -218,14 +262,15 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
 
 
 def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = None,
-             out: torch.Tensor | None = None):
+             out: torch.Tensor | None = None, out2: torch.Tensor | None = None, skip_own: bool = False):
     """Copy rows ``[0, group_end_offsets[-1])`` of this rank's receive region ``src [cap, C]``
     (and of ``src2 [cap, C2]``, e.g. the scales, in the same launch) into new regular tensors
-    (or into ``out [cap, C]``), writing zeros for pad rows; later rows are left unwritten. The
-    bound is read on the device: the cost is the rows received, not the capacity. Returns
-    ``dst`` or ``(dst, dst2)``."""
+    (or into ``out [cap, C]`` / ``out2``), writing zeros for pad rows; later rows are left
+    unwritten. ``skip_own``: leave the rows this rank sent to itself (the push wrote them into
+    ``out`` directly). The bound is read on the device: the cost is the rows received, not the
+    capacity. Returns ``dst`` or ``(dst, dst2)``."""
     dst = torch.empty_like(src) if out is None else out
-    dst2 = torch.empty_like(src2) if src2 is not None else None
+    dst2 = (torch.empty_like(src2) if out2 is None else out2) if src2 is not None else None
     R, C = src.shape
     if R == 0:
         return dst if src2 is None else (dst, dst2)
@@ -238,7 +283,8 @@ def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = Non
     _copy_out_kernel[(nprog,)](s_arg, d_arg, C, src2 if src2 is not None else s_arg,
                                dst2 if dst2 is not None else d_arg, C2, R,
                                plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
-                               HAS_SECOND=src2 is not None, ALIGN=plan.align, L=L, L_P=max(triton.next_power_of_2(L), 2),
+                               plan.recv_cum, rank, plan.recv_cum.shape[1],
+                               HAS_SECOND=src2 is not None, SKIP_OWN=skip_own, ALIGN=plan.align, L=L, L_P=max(triton.next_power_of_2(L), 2),
                                BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(C)),
                                BLOCK_N2=min(block_n, triton.next_power_of_2(C2)), NPROG=nprog,
                                num_warps=TUNING["copy_warps"])
