@@ -69,7 +69,7 @@ def main() -> None:
     def log_all(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    header = result_header("bench_dispatch", rank, world, cpu, args, configs,
+    header = result_header("bench_dispatch", rank, world, cpu, args, configs, tuning=dict(TUNING),
                            timing=("median over iters of CUDA-event time around one call, each call preceded by a device "
                                   "sleep and a one-element NCCL all_reduce (device-side rank alignment); reported "
                                   "median_us = max over ranks of the per-rank medians"))

@@ -232,6 +232,7 @@ def main() -> int:
         merged["env"] = merged["env"] or data.get("env")
         merged["configs"].update(data.get("configs") or {})
         merged["timing"] = merged["timing"] or data.get("timing")
+        merged["tuning"] = merged.get("tuning") or data.get("tuning")
         merged["nvlink_gbps"] = data.get("nvlink_gbps", merged["nvlink_gbps"])
         if data.get("nvshmem"):
             merged.setdefault("nvshmem", {})[f"w{info['world']}"] = data["nvshmem"]
