@@ -241,3 +241,17 @@ def _inconsistent_counts_body(rank, world):
 
 def test_inconsistent_counts_gloo():
     assert all(run_distributed(_inconsistent_counts_body, 2))
+
+
+def test_env_tuning_override_is_checked(monkeypatch):
+    """MXEP_TUNING overrides knobs; typos, wrong types and non-powers of two raise."""
+    from mxep.kernels import rows
+
+    for k in ("combine_block_n", "combine_mode"):
+        monkeypatch.setitem(rows.TUNING, k, rows.TUNING[k])
+    rows._apply_env_tuning('{"combine_block_n": 1024, "combine_mode": "pull"}')
+    assert rows.TUNING["combine_block_n"] == 1024 and rows.TUNING["combine_mode"] == "pull"
+    for bad in ('{"combine_blockn": 1024}', '{"combine_block_n": "1024"}', '{"combine_block_n": 1000}',
+                '{"combine_mode": "pul"}', '[1, 2]'):
+        with pytest.raises(ValueError):
+            rows._apply_env_tuning(bad)

@@ -13,6 +13,8 @@ their row bound from device memory where the host does not know it: no host sync
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,32 @@ TUNING = {
     # straight into the output). The zero-copy input (Buffer.combine_input) always pulls.
     "combine_mode": "push",
 }
+
+
+def _apply_env_tuning(env: str | None) -> None:
+    """``MXEP_TUNING='{"combine_block_n": 1024}'`` overrides knobs for a whole process (and the
+    torchrun workers it starts): for sweeps on a machine without editing code. Unknown keys and
+    wrong types raise at import, so a typo cannot silently measure the defaults."""
+    if not env:
+        return
+    import json
+
+    over = json.loads(env)
+    if not isinstance(over, dict):
+        raise ValueError(f"MXEP_TUNING must be a JSON object, got {env!r}")
+    for k, v in over.items():
+        if k not in TUNING:
+            raise ValueError(f"MXEP_TUNING: unknown knob {k!r} (known: {sorted(TUNING)})")
+        if type(v) is not type(TUNING[k]):
+            raise ValueError(f"MXEP_TUNING: {k} must be {type(TUNING[k]).__name__}, got {v!r}")
+        if k == "combine_mode" and v not in ("push", "pull"):
+            raise ValueError(f"MXEP_TUNING: combine_mode must be 'push' or 'pull', got {v!r}")
+        if isinstance(v, int) and (v <= 0 or (k.endswith(("_block_m", "_block_n", "_block_k", "_warps")) and v & (v - 1))):
+            raise ValueError(f"MXEP_TUNING: {k} must be a positive power of two, got {v}")
+    TUNING.update(over)
+
+
+_apply_env_tuning(os.environ.get("MXEP_TUNING"))
 
 
 def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> int:
