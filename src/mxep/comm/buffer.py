@@ -214,10 +214,12 @@ class Buffer:
 
         Example (in the same setting as the class example)::
 
-            >>> res = buf.dispatch(x, counts)
+            >>> res = buf.dispatch(x.detach(), counts)
             >>> out = buf.combine_input()
-            >>> torch.mul(res.tokens.dequantize().detach(), 2, out=out)   # the "experts"
-            >>> y = buf.combine(out, res.handle)                            # [n, H] == 2 * x (dequantized)
+            >>> _ = torch.mul(res.tokens.dequantize(), 2, out=out)    # the "experts"
+            >>> y = buf.combine(out, res.handle)                        # [5, 64]: 2 * x, MXFP8 round trip
+            >>> torch.equal(y, 2 * mxep.to_mxfp8(x.detach()).dequantize())
+            True
         """
         return self.transport.combine_input()
 

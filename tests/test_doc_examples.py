@@ -1,0 +1,38 @@
+"""The runnable examples in the docstrings run and print what they say (this process, gloo with
+one rank: the examples set up and tear down their own process group)."""
+import doctest
+
+import torch.distributed as dist
+
+import mxep
+
+
+def test_buffer_docstring_examples():
+    """Buffer's class example, with combine_input's example run before its teardown line."""
+    assert not dist.is_initialized()
+    parser = doctest.DocTestParser()
+    setup = parser.get_examples(mxep.Buffer.__doc__)
+    teardown = [e for e in setup if "destroy_process_group" in e.source]
+    body = [e for e in setup if e not in teardown] + parser.get_examples(mxep.Buffer.combine_input.__doc__)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    try:
+        runner.run(doctest.DocTest(body, {}, "mxep.Buffer examples", None, 0, None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert teardown and runner.summarize(verbose=False).failed == 0
+
+
+def test_module_docstring_examples():
+    """Every other runnable docstring example (format, layout, routing)."""
+    import mxep.comm.layout
+    import mxep.format.mxfp8
+    import mxep.reference.routing
+
+    failed = 0
+    for mod in (mxep.format.mxfp8, mxep.comm.layout, mxep.reference.routing):
+        res = doctest.testmod(mod, extraglobs={"torch": __import__("torch"), "mxep": mxep},
+                              optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert res.attempted > 0, mod.__name__
+        failed += res.failed
+    assert failed == 0
