@@ -35,6 +35,7 @@ __all__ = [
     "gather",
     "time_aligned",
     "time_pipelined",
+    "capture_graph",
     "environment",
     "short_error",
 ]
@@ -222,6 +223,21 @@ def time_pipelined(fn: Callable[[], Any], *, device: torch.device, group=None, w
             samples.append((time.perf_counter() - t0) * 1e6 / iters)
     return _summarize(gather(samples, group), "cuda-events-back-to-back" if _cuda(device) else "host-clock",
                       iters, warmup, reps=reps)
+
+
+def capture_graph(fn: Callable[[], Any]) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of one ``fn()`` call (two warm-up calls first, on a side stream, as
+    ``torch.cuda.graphs`` requires). Collective: every rank captures the same calls."""
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 # --------------------------------------------------------------------------------- environment

@@ -10,7 +10,8 @@ Systems (names used in the JSON):
   mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync);
                  op combine_zero_copy: .combine of .combine_input() (expert outputs already in
                  the Buffer's region, pulled by the sources); op combine_<mode>_mode: .combine
-                 of a regular expert_out with the non-default TUNING["combine_mode"]
+                 of a regular expert_out with the non-default TUNING["combine_mode"]; ops
+                 dispatch_graph / combine_graph: CUDA-graph replays back to back (GPU only)
   unfused_mxfp8  mxep.reference.ep_pipeline.unfused_dispatch_mxfp8 / unfused_combine
   nccl_bf16      unfused_dispatch_bf16 / unfused_combine (bf16 all_to_all_single + permute)
   ceilings       ceil_ce, ceil_triton, ceil_nccl (see _ceilings.py), for three traffic patterns
@@ -32,7 +33,7 @@ import _ceilings  # noqa: E402
 from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
                      count_matrix, result_header, init_distributed, make_case, parse_list, pattern_pair_bytes,
                      traffic)
-from _timing import gather, guarded, time_aligned, time_pipelined  # noqa: E402
+from _timing import capture_graph, gather, guarded, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
 from mxep.kernels.rows import TUNING  # noqa: E402
@@ -183,6 +184,19 @@ def main() -> None:
                             finally:
                                 TUNING["combine_mode"] = saved
                         record("mxep", f"combine_{other}_mode", "combine_bf16", m, err, **extra)
+                        # CUDA-graph replay, back to back: the per-call time of a captured step,
+                        # where no host work is left (eager calls above pay ~0.4-1 ms of host
+                        # time each; see "pipelined").
+                        if device.type == "cuda" and res is not None and args.pipelined_iters > 0:
+                            for op, pat, fn in (("dispatch_graph", "dispatch_mxfp8", lambda: buf.dispatch(x, counts)),
+                                                ("combine_graph", "combine_bf16", lambda: buf.combine(eo, res.handle))):
+                                graph, err = run(f"{op} capture", lambda: capture_graph(fn))
+                                m = None
+                                if graph is not None:
+                                    m, err = run(op, lambda: time_pipelined(graph.replay, device=device, group=group,
+                                                                            iters=args.pipelined_iters))
+                                record("mxep", op, pat, m, err, **extra)
+                                graph = None
 
                 # ---- 2. unfused MXFP8 and 3. NCCL bf16
                 for name, disp in (("unfused_mxfp8", lambda: unfused_dispatch_mxfp8(x, counts, group, align=32)),
