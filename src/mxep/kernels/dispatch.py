@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxep.kernels._host import cdiv, next_power_of_2
+
 from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
 from mxep.kernels.plan import DispatchPlan, route_rows
 from mxep.kernels.quantize import use_hw_cast
@@ -128,8 +130,8 @@ def dispatch_push(
         return
     quantize = scale_mode is not None
     block_m = block_m or TUNING["dispatch_block_m"]
-    block_k = min(block_k or TUNING["dispatch_block_k"], triton.next_power_of_2(H))
-    items = triton.cdiv(n, block_m) * triton.cdiv(H, block_k)
+    block_k = min(block_k or TUNING["dispatch_block_k"], next_power_of_2(H))
+    items = cdiv(n, block_m) * cdiv(H, block_k)
     nprog = min(num_persistent_programs(x.device), items)
     W, E = plan.src_end.shape
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
@@ -142,6 +144,6 @@ def dispatch_push(
         out_arg, out_scale if quantize else out_arg,
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
-        L=E // W, E_P=max(triton.next_power_of_2(E), 2),
+        L=E // W, E_P=max(next_power_of_2(E), 2),
         BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["dispatch_warps"],
     )

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxep.kernels._host import next_power_of_2
+
 __all__ = ["DispatchPlan", "compute_plan"]
 
 
@@ -89,7 +91,7 @@ def compute_plan(counts: torch.Tensor, align: int) -> DispatchPlan:
     recv = torch.empty(E, dtype=torch.int32, device=dev)
     recv_cum = torch.empty(W, E, dtype=torch.int32, device=dev)
     _plan_kernel[(1,)](counts, row_base, src_end, group_end, recv, recv_cum, W=W, E=E, L=E // W, ALIGN=align,
-                       W_P=triton.next_power_of_2(W), E_P=max(triton.next_power_of_2(E), 2),
+                       W_P=next_power_of_2(W), E_P=max(next_power_of_2(E), 2),
                        num_warps=4)
     return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align)
 

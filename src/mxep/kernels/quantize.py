@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxep.kernels._host import cdiv, next_power_of_2
+
 from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
 
 __all__ = ["triton_available_for", "mxfp8_quantize"]
@@ -108,15 +110,15 @@ def mxfp8_quantize(
 
     on_gpu = x2d.is_cuda
     if block_k is None:
-        block_k = min(GPU_BLOCK_K if on_gpu else INTERPRET_BLOCK_K, triton.next_power_of_2(K))
+        block_k = min(GPU_BLOCK_K if on_gpu else INTERPRET_BLOCK_K, next_power_of_2(K))
     if block_m is None:
-        block_m = min(GPU_BLOCK_M if on_gpu else INTERPRET_BLOCK_M, triton.next_power_of_2(M))
+        block_m = min(GPU_BLOCK_M if on_gpu else INTERPRET_BLOCK_M, next_power_of_2(M))
     if block_k < 32 or block_k & (block_k - 1) or block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_k must be a power of two >= 32 and block_m a power of two, got {block_k}, {block_m}")
     if num_warps is None:
         num_warps = GPU_NUM_WARPS
 
-    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    grid = (cdiv(M, block_m), cdiv(K, block_k))
     # bf16 travels as its int16 bits: the kernel widens them exactly (the interpreter's own
     # bf16 -> fp32 conversion mishandles subnormals).
     x_arg = x2d.view(torch.int16) if x2d.dtype == torch.bfloat16 else x2d

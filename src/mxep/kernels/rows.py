@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxep.kernels._host import cdiv, next_power_of_2
+
 from mxep.kernels.plan import route_rows
 
 __all__ = ["combine_push", "combine_pull", "combine_copy_out", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
@@ -152,15 +154,15 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
     if max_tokens_per_rank == 0 or capacity == 0:
         return
     block_m, block_n = TUNING["combine_block_m"], TUNING["combine_block_n"]
-    nprog = min(num_persistent_programs(src.device), triton.cdiv(capacity, block_m))
+    nprog = min(num_persistent_programs(src.device), cdiv(capacity, block_m))
     src_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
     dst_arg = dst_base.view(torch.int16) if dst_base.dtype == torch.bfloat16 else dst_base
     out_arg = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     _combine_push_kernel[(nprog,)](
         src_arg, H, rank, max_tokens_per_rank, capacity, plan.row_base, plan.recv_cum, plan.group_end, plan.recv, E,
         dst_arg, dst_delta, out_arg,
-        W=W, W_P=max(triton.next_power_of_2(W), 2), L=L, L_P=max(triton.next_power_of_2(L), 2), ALIGN=plan.align,
-        BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)), NPROG=nprog,
+        W=W, W_P=max(next_power_of_2(W), 2), L=L, L_P=max(next_power_of_2(L), 2), ALIGN=plan.align,
+        BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)), NPROG=nprog,
         num_warps=TUNING["combine_warps"],
     )
 
@@ -215,11 +217,11 @@ def _combine_gather(src_base, src_delta, plan, rank, out, capacity, from_owners,
     if n == 0:
         return out
     block_m, block_n, warps, per_sm = (TUNING[k] for k in knobs)
-    nprog = min(num_persistent_programs(out.device, per_sm), triton.cdiv(n, block_m))
+    nprog = min(num_persistent_programs(out.device, per_sm), cdiv(n, block_m))
     _combine_gather_kernel[(nprog,)](
         src_base.view(torch.int16), src_delta, out.view(torch.int16), n, H, rank, capacity,
         plan.row_base, plan.src_end, E, FROM_OWNERS=from_owners, L=E // W,
-        E_P=max(triton.next_power_of_2(E), 2), BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(H)),
+        E_P=max(next_power_of_2(E), 2), BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)),
         NPROG=nprog, num_warps=warps,
     )
     return out
@@ -306,7 +308,7 @@ def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = Non
         return dst if src2 is None else (dst, dst2)
     L = plan.num_local_experts
     block_m, block_n = TUNING["copy_block_m"], TUNING["copy_block_n"]
-    nprog = min(num_persistent_programs(src.device), triton.cdiv(R, block_m))
+    nprog = min(num_persistent_programs(src.device), cdiv(R, block_m))
     s_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
     d_arg = dst.view(torch.int16) if dst.dtype == torch.bfloat16 else dst
     C2 = src2.shape[1] if src2 is not None else 1
@@ -314,9 +316,9 @@ def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = Non
                                dst2 if dst2 is not None else d_arg, C2, R,
                                plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
                                plan.recv_cum, rank, plan.recv_cum.shape[1],
-                               HAS_SECOND=src2 is not None, SKIP_OWN=skip_own, ALIGN=plan.align, L=L, L_P=max(triton.next_power_of_2(L), 2),
-                               BLOCK_M=block_m, BLOCK_N=min(block_n, triton.next_power_of_2(C)),
-                               BLOCK_N2=min(block_n, triton.next_power_of_2(C2)), NPROG=nprog,
+                               HAS_SECOND=src2 is not None, SKIP_OWN=skip_own, ALIGN=plan.align, L=L, L_P=max(next_power_of_2(L), 2),
+                               BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(C)),
+                               BLOCK_N2=min(block_n, next_power_of_2(C2)), NPROG=nprog,
                                num_warps=TUNING["copy_warps"])
     return dst if src2 is None else (dst, dst2)
 
@@ -341,4 +343,4 @@ def put_counts(counts: torch.Tensor, dst_base: torch.Tensor, dst_delta: torch.Te
     W = dst_delta.numel()
     E = counts.numel()
     _put_counts_kernel[(W,)](counts, dst_base, dst_delta, my_rank, E,
-                             BLOCK_E=min(1024, triton.next_power_of_2(E)))
+                             BLOCK_E=min(1024, next_power_of_2(E)))
