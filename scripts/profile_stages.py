@@ -1,6 +1,6 @@
 """Per-kernel device time of one fused dispatch and one combine (torchrun, all visible GPUs).
 
-    torchrun --nproc_per_node=4 scripts/profile_stages.py [--config a,c] [--iters 10]
+    torchrun --nproc_per_node=4 scripts/profile_stages.py [--config a,c] [--iters 10] [--zero-copy]
 
 For each config, every rank runs ``iters`` dispatch + combine calls under ``torch.profiler``
 (CUDA activity only) and rank 0 prints, per kernel, the number of launches per call and the mean
@@ -28,6 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="a,c")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--zero-copy", action="store_true", help="also one zero-copy (pull) combine per call")
     args = ap.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -51,6 +52,8 @@ def main() -> None:
                 for _ in range(args.iters):
                     res = buf.dispatch(x, counts)
                     buf.combine(expert_out, res.handle)
+                    if args.zero_copy:   # the expert outputs already in the Buffer's region
+                        buf.combine(buf.combine_input(), res.handle)
                 torch.cuda.synchronize()
         rows = []
         for ev in prof.key_averages():

@@ -1,7 +1,8 @@
 """Quick tuning run for the fused dispatch kernels (torchrun, all visible GPUs).
 
 SECTIONS=push,combine (env) picks the block-shape sweeps; the pull combine and full calls always run.
-Times buf.dispatch / buf.combine on config (a) (H=7168, 4096 tokens x top-8 of 256 experts)
+H, TOKENS, TOPK, EXPERTS (env) pick the shape; config (b) is H=5120 TOKENS=8192 TOPK=1 EXPERTS=16.
+Times buf.dispatch / buf.combine on config (a) by default (H=7168, 4096 tokens x top-8 of 256 experts)
 for several kernel block shapes, next to NCCL all_to_all_single of the same bytes. The full,
 published comparison is benchmarks/ (make bench); this is the knob-turning companion.
 """
@@ -37,7 +38,8 @@ def main():
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
-    H, tokens, topk, E = int(os.environ.get("H", 7168)), int(os.environ.get("TOKENS", 4096)), 8, 256
+    H, tokens = int(os.environ.get("H", 7168)), int(os.environ.get("TOKENS", 4096))
+    topk, E = int(os.environ.get("TOPK", 8)), int(os.environ.get("EXPERTS", 256))
     n = tokens * topk
     g = torch.Generator().manual_seed(rank)
     counts = make_routing(n, E, "uniform", g)
