@@ -22,6 +22,7 @@ from mxep.comm.layout import DispatchLayout, compute_dispatch_layout
 from mxep.comm.peer_memory import PeerMemory, RegionLayout
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.kernels.plan import DispatchPlan
+from mxep.kernels.rows import TUNING
 
 
 @dataclass
@@ -140,8 +141,6 @@ class SymmMemTransport(Transport):
         return self.peer.combine_input
 
     def combine_bf16(self, src, handle):
-        from mxep.kernels.rows import TUNING
-
         if self.peer.is_combine_input(src):
             # Zero-copy: the owners wrote their expert outputs into their own dispatch region
             # (after the dispatch's copy-out, in stream order); once every owner is here, every
