@@ -9,7 +9,7 @@ export TORCH_SYMM_MEM_DISABLE_MULTICAST := 1
 export NVSHMEM_DISABLE_NVLS := 1
 NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 
-.PHONY: deps demo test test-gpu bench
+.PHONY: deps demo test test-gpu bench gpu-session
 
 deps:
 	@$(PYTHON) scripts/ensure_deps.py
@@ -30,3 +30,12 @@ test-gpu:
 bench:
 	@$(PYTHON) scripts/ensure_deps.py --bench
 	$(PYTHON) benchmarks/run_all.py
+
+# One device-machine call that does everything in order (few, full calls): GPU tests, per-kernel
+# device times, then the quick benchmark suite. OUT (default ./gpu-session) collects the logs.
+OUT ?= gpu-session
+gpu-session:
+	@mkdir -p $(OUT)
+	-$(MAKE) test-gpu > $(OUT)/test-gpu.log 2>&1; tail -3 $(OUT)/test-gpu.log
+	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/profile_stages.py --config a,c --zero-copy > $(OUT)/profile.log 2>&1; grep -A12 "^## config" $(OUT)/profile.log
+	-$(PYTHON) benchmarks/run_all.py --quick --out-dir $(OUT)/bench > $(OUT)/bench.log 2>&1; sed -n '/## Summary/,/## All/p' $(OUT)/bench/results.md
