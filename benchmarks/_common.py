@@ -21,7 +21,8 @@ from mxep.reference.routing import make_inputs, make_routing  # noqa: E402
 __all__ = [
     "BenchConfig", "CONFIGS", "SMOKE_CONFIGS", "ROUTINGS", "NVLINK_GBPS", "SKEW_FRACTION",
     "Case", "make_case", "pair_rows", "pattern_pair_bytes", "traffic", "row_bytes",
-    "add_common_args", "parse_list", "init_distributed", "ResultFile",
+    "add_common_args", "parse_list", "init_distributed", "ResultFile", "gbps", "attach_measurement",
+    "result_line",
 ]
 
 NVLINK_GBPS = 450.0  # NVLink 4 nominal, one direction per GPU (18 links x 25 GB/s); a constant
@@ -221,3 +222,26 @@ def result_header(script: str, rank: int, world: int, cpu: bool, args, configs, 
         "nvlink_gbps": NVLINK_GBPS,
         **extra,
     }
+
+
+def gbps(nbytes: float, us: float | None) -> float | None:
+    return None if not us else nbytes / us / 1e3  # bytes / microsecond / 1e3 = GB/s (1e9 bytes)
+
+
+def attach_measurement(rec: dict, meas: dict | None) -> dict:
+    """Fold a timing result (``time_aligned``, optionally with ``"pipelined"``) into a record:
+    the raw numbers plus GB/s per rank from ``rec["bytes_sent_avg"]``."""
+    if meas is not None:
+        rec.update(meas)
+        rec["gbps"] = gbps(rec["bytes_sent_avg"], meas["median_us"])
+        pl = meas.get("pipelined") or {}
+        if pl.get("median_us"):
+            rec["pipelined_us"] = pl["median_us"]
+            rec["pipelined_gbps"] = gbps(rec["bytes_sent_avg"], pl["median_us"])
+    return rec
+
+
+def result_line(rec: dict, meas: dict | None, err: str | None) -> str:
+    """``  <median> us  <GB/s> GB/s/rank`` or ``ERROR <err>`` for the progress log."""
+    return (f"{meas['median_us']:10.1f} us  {rec['gbps']:8.2f} GB/s/rank" if meas is not None
+            else f"ERROR {err}")

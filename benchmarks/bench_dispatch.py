@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 
 import _ceilings  # noqa: E402
 from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
-                     count_matrix, result_header, init_distributed, make_case, parse_list, pattern_pair_bytes,
+                     attach_measurement, result_line, count_matrix, result_header, init_distributed, make_case, parse_list, pattern_pair_bytes,
                      traffic)
 from _timing import capture_graph, gather, guarded, time_aligned, time_pipelined  # noqa: E402
 
@@ -41,10 +41,6 @@ from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, u
 
 SYSTEMS = ("mxep", "unfused_mxfp8", "nccl_bf16", "ceilings")
 PATTERNS = ("dispatch_mxfp8", "dispatch_bf16", "combine_bf16")
-
-
-def gbps(nbytes: float, us: float | None) -> float | None:
-    return None if not us else nbytes / us / 1e3  # bytes / microsecond / 1e3 = GB/s (1e9 bytes)
 
 
 def main() -> None:
@@ -129,18 +125,10 @@ def main() -> None:
                     if nbytes is not None:
                         rec["bytes_sent_avg"] = nbytes
                         rec["bytes_sent_per_rank"] = [nbytes] * world
-                    if meas is not None:
-                        rec.update(meas)
-                        rec["gbps"] = gbps(rec["bytes_sent_avg"], meas["median_us"])
-                        pl = meas.get("pipelined") or {}
-                        if pl.get("median_us"):
-                            rec["pipelined_us"] = pl["median_us"]
-                            rec["pipelined_gbps"] = gbps(rec["bytes_sent_avg"], pl["median_us"])
-                    rf.add(rec)
+                    rf.add(attach_measurement(rec, meas))
                     if rank == 0:
-                        msg = (f"{meas['median_us']:10.1f} us  {rec['gbps']:8.2f} GB/s/rank" if meas is not None
-                               else f"ERROR {err}")
-                        print(f"   w{world} {cfg.name} {routing:8s} {system:14s} {op:24s} {msg}", flush=True)
+                        print(f"   w{world} {cfg.name} {routing:8s} {system:14s} {op:24s} {result_line(rec, meas, err)}",
+                              flush=True)
 
                 if case is None:
                     for s in systems:

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
-                     count_matrix, result_header, init_distributed, make_case, parse_list, row_bytes, traffic)
+                     attach_measurement, result_line, count_matrix, result_header, init_distributed, make_case, parse_list, row_bytes, traffic)
 from _timing import gather, guarded, short_error, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
@@ -221,18 +221,10 @@ def main() -> None:
                 def record(op, pattern, meas=None, err=None, **extra):
                     rec = dict(base, op=op, pattern=pattern, error=err, **extra)
                     rec.update(tr[pattern])
-                    if meas is not None:
-                        rec.update(meas)
-                        rec["gbps"] = rec["bytes_sent_avg"] / meas["median_us"] / 1e3
-                        pl = meas.get("pipelined") or {}
-                        if pl.get("median_us"):
-                            rec["pipelined_us"] = pl["median_us"]
-                            rec["pipelined_gbps"] = rec["bytes_sent_avg"] / pl["median_us"] / 1e3
-                    rf.add(rec)
+                    rf.add(attach_measurement(rec, meas))
                     if rank == 0:
-                        msg = (f"{meas['median_us']:10.1f} us  {rec['gbps']:8.2f} GB/s/rank" if meas is not None
-                               else f"ERROR {err}")
-                        print(f"   w{world} {cfg.name} {routing:8s} {SYSTEM} {op:8s} {msg}", flush=True)
+                        print(f"   w{world} {cfg.name} {routing:8s} {SYSTEM} {op:8s} {result_line(rec, meas, err)}",
+                              flush=True)
 
                 if T is None:
                     record("dispatch", "dispatch_mxfp8", err=f"alloc: {alloc_err}")
