@@ -42,12 +42,12 @@ def test_simulated_world_dispatch_combine(world):
 @pytest.mark.parametrize("tuning", [
     dict(dispatch_block_m=1, dispatch_block_k=64, combine_block_m=4, combine_block_n=64),
     dict(dispatch_block_m=4, dispatch_block_k=64, combine_block_m=8, combine_block_n=32,
-         copy_block_m=2, copy_block_n=64),
+         copy_block_m=2, copy_block_n=64, stagger_peers=False),
     dict(dispatch_block_m=2, dispatch_block_k=256, combine_block_m=1, combine_block_n=256),
 ])
 def test_simulated_world_kernel_tunings(tuning, monkeypatch):
     """Every tuning knob gives the same bytes: partial column chunks (H=96 with 64-wide chunks),
-    row blocks that do not divide the rows."""
+    row blocks that do not divide the rows, natural or staggered peer order, push or pull."""
     from mxep.kernels.rows import TUNING
 
     for k, v in tuning.items():
@@ -59,9 +59,10 @@ def test_simulated_world_kernel_tunings(tuning, monkeypatch):
     for r in range(3):
         check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
     _, outs, _ = case.upstream(sim.capacity)
-    ys = sim.combine(outs, [x.handle for x in res])
-    for y, e in zip(ys, expected_combine(case, outs, counts)):
-        assert torch.equal(y, e)
+    for mode in ("push", "pull"):
+        ys = sim.combine(outs, [x.handle for x in res], mode=mode)
+        for y, e in zip(ys, expected_combine(case, outs, counts)):
+            assert torch.equal(y, e)
 
 
 def test_simulated_world_zero_copy_combine():
@@ -247,11 +248,12 @@ def test_env_tuning_override_is_checked(monkeypatch):
     """MXEP_TUNING overrides knobs; typos, wrong types and non-powers of two raise."""
     from mxep.kernels import rows
 
-    for k in ("combine_block_n", "combine_mode"):
+    for k in ("combine_block_n", "combine_mode", "stagger_peers"):
         monkeypatch.setitem(rows.TUNING, k, rows.TUNING[k])
-    rows._apply_env_tuning('{"combine_block_n": 1024, "combine_mode": "pull"}')
+    rows._apply_env_tuning('{"combine_block_n": 1024, "combine_mode": "pull", "stagger_peers": false}')
     assert rows.TUNING["combine_block_n"] == 1024 and rows.TUNING["combine_mode"] == "pull"
+    assert rows.TUNING["stagger_peers"] is False
     for bad in ('{"combine_blockn": 1024}', '{"combine_block_n": "1024"}', '{"combine_block_n": 1000}',
-                '{"combine_mode": "pul"}', '[1, 2]'):
+                '{"combine_mode": "pul"}', '{"stagger_peers": 0}', '{"combine_block_n": true}', '[1, 2]'):
         with pytest.raises(ValueError):
             rows._apply_env_tuning(bad)

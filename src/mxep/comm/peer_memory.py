@@ -126,7 +126,8 @@ class PeerMemory:
 
     def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Push quantized rows to their owners; returns this rank's new output tensors (uint8
-        ``[cap, H]``, ``[cap, H // 32]``) holding, so far, the rows it sent to itself."""
+        ``[cap, H]``, ``[cap, H // 32]``) holding, so far, the rows it sent to itself and zeros
+        in its pad rows."""
         cap, H = self.regions.capacity, self.regions.hidden
         out = (_new_output((cap, H), torch.uint8, x.device), _new_output((cap, H // 32), torch.uint8, x.device))
         dispatch_push(x, plan, self.rank, cap, self.dispatch_data, self.dispatch_scale,
@@ -147,15 +148,16 @@ class PeerMemory:
                      self.combine_bf16, self.delta_bf16, out)
         return out
 
-    # --- local phases after the barrier: the rows other ranks stored here go into the outputs
-    # (pad rows zeroed); the rows a rank sent itself are there already -----------------------
+    # --- local phases after the barrier: the rows other ranks stored here go into the outputs;
+    # the rows a rank sent itself, and the pad rows' zeros, are there already (the push) ------
     def copy_out_mxfp8(self, plan: DispatchPlan, out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.regions.capacity
         return copy_out(self.dispatch_data[:cap], plan, self.rank, self.dispatch_scale[:cap],
-                        out=out[0], out2=out[1], skip_own=True)
+                        out=out[0], out2=out[1], skip_own=True, pads=False)
 
     def copy_out_bf16_dispatch(self, plan: DispatchPlan, out: torch.Tensor) -> torch.Tensor:
-        return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, out=out, skip_own=True)
+        return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, out=out, skip_own=True,
+                        pads=False)
 
     def copy_out_combine(self, plan: DispatchPlan, out: torch.Tensor) -> torch.Tensor:
         return combine_copy_out(self.combine_bf16, plan, self.rank, out, self.regions.capacity)
@@ -174,7 +176,7 @@ class PeerMemory:
     def stage_combine_input(self, src: torch.Tensor, plan: DispatchPlan) -> None:
         """Copy the rows of ``src [cap, H]`` that the combine reads (bound read on the device)
         into :attr:`combine_input`."""
-        copy_out(src, plan, self.rank, out=self.combine_input)
+        copy_out(src, plan, self.rank, out=self.combine_input, pads=False)
 
     def pull_combine(self, plan: DispatchPlan, n: int) -> torch.Tensor:
         out = _new_output((n, self.regions.hidden), torch.bfloat16, self.mem.device)

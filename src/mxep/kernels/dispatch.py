@@ -24,23 +24,43 @@ def _dispatch_push_kernel(
     x_ptr, n_rows, H, rank, capacity,
     row_base_ptr, src_end_ptr, E,
     data_base_ptr, scale_base_ptr, dst_delta_ptr, out_data_ptr, out_scale_ptr,
+    group_end_ptr, recv_ptr,
     QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
-    L: tl.constexpr, E_P: tl.constexpr,
+    STAGGER: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
 ):
-    # Work items are (row block, column chunk) pairs, item t = block * NK + chunk, dealt round
-    # robin to the persistent programs. Each item is independent: it finds its rows' destination
-    # (an E-wide compare, cached plan vectors), quantizes its chunk and stores it. The tuned tile
-    # is one whole row (NK = 1 up to H = 8192).
+    # Work items, dealt round robin to the persistent programs:
+    # * first, this rank's own pad rows: zeros into the output (local stores; the copy-out then
+    #   moves only received rows);
+    # * then (row block, column chunk) pairs, item t = block * NK + chunk. Each finds its rows'
+    #   destination (an E-wide compare, cached plan vectors), quantizes its chunk and stores it.
+    #   The tuned tile is one whole row (NK = 1 up to H = 8192).
+    # STAGGER: rows are sorted by expert, hence by owner; walked from row 0, every rank would
+    # store to owner 0 first, then owner 1, ... (W - 1 senders into one receiver's NVLink at a
+    # time). Starting each rank at the first row for owner rank + 1 (wrapping around, own rows
+    # last) makes the owners a permutation of the senders at every phase.
     pid = tl.program_id(0)
     NK = tl.cdiv(H, BLOCK_K)
     total = tl.cdiv(n_rows, BLOCK_M) * NK
     n_scale_cols = H // 32
+    pad_end, num_pads, pad_cum = _own_pads(group_end_ptr, recv_ptr, rank, L, L_P, ALIGN)
     t = pid
+    while t < num_pads:
+        _zero_pad_row(out_data_ptr, out_scale_ptr, t, pad_end, pad_cum, group_end_ptr, rank, H, n_scale_cols,
+                      capacity, QUANTIZE, L, L_P, BLOCK_K)
+        t += NPROG
+    rot = 0
+    if STAGGER:
+        # src_end[rank, last own expert]: the first row for owner rank + 1
+        own_end = tl.load(src_end_ptr + rank * E + (rank + 1) * L - 1)
+        rot = (own_end // BLOCK_M) * NK
+    t -= num_pads
     while t < total:
-        raw = _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
-        blk = t // NK
-        k0 = (t - blk * NK) * BLOCK_K
+        t_rot = t + rot
+        t_rot = tl.where(t_rot >= total, t_rot - total, t_rot)
+        raw = _load_item(x_ptr, t_rot, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
+        blk = t_rot // NK
+        k0 = (t_rot - blk * NK) * BLOCK_K
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         in_range = rows < n_rows
         src = tl.zeros([BLOCK_M], tl.int32) + rank
@@ -81,6 +101,41 @@ def _dispatch_push_kernel(
 
 
 @triton.jit
+def _own_pads(group_end_ptr, recv_ptr, rank, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr):
+    """This rank's pad rows: ``(pad_end [L_P], total, pad_cum [L_P])`` where local expert ``ex``'s
+    pad rows are the last ``pads[ex]`` rows before ``group_end[ex]`` and ``pad_cum`` is the
+    inclusive cumsum of ``pads`` (pad item ``q`` belongs to ``#{ex : pad_cum[ex] <= q}``)."""
+    e = tl.arange(0, L_P)
+    em = e < L
+    recv = tl.load(recv_ptr + rank * L + e, mask=em, other=0)
+    pads = tl.where(em, tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN) - recv, 0)
+    pad_cum = tl.cumsum(pads, axis=0)
+    pad_end = tl.where(em, pad_cum, 2147483647)
+    return pad_end, tl.sum(pads, axis=0), pad_cum
+
+
+@triton.jit
+def _zero_pad_row(out_data_ptr, out_scale_ptr, q, pad_end, pad_cum, group_end_ptr, rank, H, n_scale_cols,
+                  capacity, QUANTIZE: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Write zeros (data and, when quantizing, e8m0 scale bytes) into pad row ``q`` of this rank."""
+    ex = tl.minimum(tl.sum((pad_end <= q).to(tl.int32), axis=0), L - 1)
+    e = tl.arange(0, L_P)
+    cum = tl.sum(tl.where(e == ex, pad_cum, 0), axis=0)
+    row = (tl.load(group_end_ptr + rank * L + ex) - (cum - q)).to(tl.int64)
+    inside = (row >= 0) & (row < capacity)          # inconsistent counts: never write outside
+    k0 = 0
+    while k0 < H:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_data_ptr + row * H + cols, tl.zeros([BLOCK_K], out_data_ptr.dtype.element_ty),
+                 mask=(cols < H) & inside)
+        if QUANTIZE:
+            scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            tl.store(out_scale_ptr + row * n_scale_cols + scols, tl.zeros([BLOCK_K // 32], out_scale_ptr.dtype.element_ty),
+                     mask=(scols < n_scale_cols) & inside)
+        k0 += BLOCK_K
+
+
+@triton.jit
 def _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_M, BLOCK_K] tile of work item ``t`` (zeros past the rows/columns, or when
     ``t >= total``). Rows are read once: ``evict_first`` keeps them from crowding L2."""
@@ -112,8 +167,9 @@ def dispatch_push(
 
     Rows whose expert lives on this rank skip the receive region: they are written straight
     into this rank's output tensors ``out_data [cap, H]`` / ``out_scale [cap, H // 32]``
-    (same dtypes as the regions), at the same row; :func:`~mxep.kernels.rows.copy_out` with
-    ``skip_own=True`` then copies only the rows that came from other ranks.
+    (same dtypes as the regions), at the same row, and this rank's pad rows get their zeros
+    there too; :func:`~mxep.kernels.rows.copy_out` with ``skip_own=True, pads=False`` then
+    copies only the rows that came from other ranks.
 
     Args:
         x: ``[n, H]`` contiguous rows of this rank (bf16, or fp32 when quantizing).
@@ -126,14 +182,14 @@ def dispatch_push(
             elements of ``data_base``.
     """
     n, H = x.shape
-    if n == 0:
-        return
     quantize = scale_mode is not None
     block_m = block_m or TUNING["dispatch_block_m"]
     block_k = min(block_k or TUNING["dispatch_block_k"], next_power_of_2(H))
-    items = cdiv(n, block_m) * cdiv(H, block_k)
-    nprog = min(num_persistent_programs(x.device), items)
     W, E = plan.src_end.shape
+    # row items + at most L * align pad rows (the exact count is on the device); even a rank that
+    # sends nothing launches: its pad rows still need zeros.
+    items = cdiv(n, block_m) * cdiv(H, block_k) + (E // W) * plan.align
+    nprog = min(num_persistent_programs(x.device), items)
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
     data_arg = data_base if quantize else data_base.view(torch.int16)
     out_arg = out_data if quantize else out_data.view(torch.int16)
@@ -141,9 +197,10 @@ def dispatch_push(
         x_arg, n, H, rank, capacity,
         plan.row_base, plan.src_end, E,
         data_arg, scale_base if quantize else data_arg, dst_delta,
-        out_arg, out_scale if quantize else out_arg,
+        out_arg, out_scale if quantize else out_arg, plan.group_end, plan.recv,
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
-        L=E // W, E_P=max(next_power_of_2(E), 2),
+        STAGGER=TUNING["stagger_peers"], L=E // W, L_P=max(next_power_of_2(E // W), 2), ALIGN=plan.align,
+        E_P=max(next_power_of_2(E), 2),
         BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["dispatch_warps"],
     )

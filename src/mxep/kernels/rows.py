@@ -49,6 +49,10 @@ TUNING = {
     # sources copy out) or "pull" (owners stage into their own region, sources read over NVLink
     # straight into the output). The zero-copy input (Buffer.combine_input) always pulls.
     "combine_mode": "push",
+    # Peer order of the push kernels: each rank starts with owner (or source) rank + 1, so at
+    # every moment the ranks store into distinct peers instead of all into rank 0 first
+    # (docs/performance-notes.md #15). False: natural order (for A/B runs).
+    "stagger_peers": True,
 }
 
 
@@ -70,7 +74,7 @@ def _apply_env_tuning(env: str | None) -> None:
             raise ValueError(f"MXEP_TUNING: {k} must be {type(TUNING[k]).__name__}, got {v!r}")
         if k == "combine_mode" and v not in ("push", "pull"):
             raise ValueError(f"MXEP_TUNING: combine_mode must be 'push' or 'pull', got {v!r}")
-        if isinstance(v, int) and (v <= 0 or (k.endswith(("_block_m", "_block_n", "_block_k", "_warps")) and v & (v - 1))):
+        if isinstance(v, int) and not isinstance(v, bool) and (v <= 0 or (k.endswith(("_block_m", "_block_n", "_block_k", "_warps")) and v & (v - 1))):
             raise ValueError(f"MXEP_TUNING: {k} must be a positive power of two, got {v}")
     TUNING.update(over)
 
@@ -90,45 +94,51 @@ def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> 
 @triton.jit
 def _combine_push_kernel(
     src_ptr, H, rank, N, capacity,
-    row_base_ptr, recv_cum_ptr, group_end_ptr, recv_ptr, E,
+    row_base_ptr, src_end_ptr, E,
     dst_base_ptr, dst_delta_ptr, out_ptr,
-    W: tl.constexpr, W_P: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
+    W: tl.constexpr, W_P: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr, STAGGER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
-    # The owner walks its own dispatch-layout rows [0, group end) (contiguous local reads) and
-    # sends each real row to its source: row r of local expert ex sits at position p in the
-    # group; sources fill the group in rank order, so the source is #{s : recv_cum[s, g] <= p}
-    # and its row is r - row_base[s, g]. Pad rows are never read.
+    # The owner walks the rows it received, source by source: source s sent it its rows
+    # [lo[s], hi[s]) (its rows for this owner's experts, contiguous since sources sort by
+    # expert). Work item k is row lo[s] + (k - start[s]) of source s, whose position in this
+    # owner's dispatch layout is the dispatch's own route (route_rows); its row there is read
+    # and stored back at row i of the source's combine region. Pad rows are never read.
+    # STAGGER: sources in the order rank + 1, rank + 2, ... (own tokens last), so that at every
+    # moment the owners store into distinct sources (see the dispatch push kernel).
     pid = tl.program_id(0)
-    e = tl.arange(0, L_P)
-    ends = tl.load(group_end_ptr + rank * L + e, mask=e < L, other=2147483647)
-    end = tl.minimum(tl.max(tl.where(e < L, ends, 0), axis=0), capacity)
     s_idx = tl.arange(0, W_P)
-    num_blocks = tl.cdiv(end, BLOCK_M)
+    sm = s_idx < W
+    hi = tl.load(src_end_ptr + s_idx * E + (rank + 1) * L - 1, mask=sm, other=0)
+    lo = tl.load(src_end_ptr + s_idx * E + rank * L - 1, mask=sm & (rank > 0), other=0)
+    cnt = tl.where(sm, tl.minimum(tl.maximum(hi - lo, 0), N), 0)   # clamped: bogus counts stay bounded
+    if STAGGER:
+        key = (s_idx + W - 1 - rank) % W
+    else:
+        key = s_idx
+    key = tl.where(sm, key, W_P + s_idx)
+    start = tl.sum(tl.where(key[None, :] < key[:, None], cnt[None, :], 0), axis=1)   # [W_P]
+    stop = start + cnt
+    total = tl.sum(cnt, axis=0)
+    num_blocks = tl.cdiv(total, BLOCK_M)
     blk = pid
     while blk < num_blocks:
-        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        live = rows < end
-        ex = tl.minimum(tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), axis=1), L - 1)
-        g = rank * L + ex
-        g_end = tl.load(group_end_ptr + g, mask=live, other=0)
-        recv = tl.load(recv_ptr + g, mask=live, other=0)
-        padded = tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-        p = rows - (g_end - padded)                       # position within the group
-        ok = live & (p >= 0) & (p < recv)
-        cum = tl.load(recv_cum_ptr + s_idx[None, :] * E + g[:, None],
-                      mask=ok[:, None] & (s_idx < W)[None, :], other=2147483647)
-        src = tl.minimum(tl.sum((cum <= p[:, None]).to(tl.int32), axis=1), W - 1)
-        i = rows - tl.load(row_base_ptr + src * E + g, mask=ok, other=0)
-        ok = ok & (i >= 0) & (i < N)                      # inconsistent counts: never write outside
+        k = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        live = k < total
+        hit = (start[None, :] <= k[:, None]) & (k[:, None] < stop[None, :]) & sm[None, :]
+        src = tl.sum(tl.where(hit, s_idx[None, :], 0), axis=1)
+        i = k + tl.sum(tl.where(hit, (lo - start)[None, :], 0), axis=1)       # the source's row
+        g, prow = route_rows(row_base_ptr, src_end_ptr, src, i, live, E, E_P)
+        # inconsistent counts: never read or write outside
+        ok = live & (g < E) & ((g // L) == rank) & (prow >= 0) & (prow < capacity) & (i >= 0) & (i < N)
         # Rows of this rank's own tokens go straight into its output (the copy-out skips them).
         own = src == rank
-        # src is clamped to [0, W): no mask (a masked load here trips Triton 3.6's layout pass
-        # at BLOCK_M = 1, "mask type matches ptr type"; caught by tests/test_sm90_compile.py).
+        # src is in [0, W): no mask (a masked load here trips Triton 3.6's layout pass at
+        # BLOCK_M = 1, "mask type matches ptr type"; caught by tests/test_sm90_compile.py).
         delta = tl.load(dst_delta_ptr + src)
         dst_off = tl.multiple_of(delta + i.to(tl.int64) * H, 16)
         own_off = tl.multiple_of(i.to(tl.int64) * H, 16)
-        src_off = rows.to(tl.int64) * H
+        src_off = prow.to(tl.int64) * H
         c0 = 0
         while c0 < H:
             cols = c0 + tl.arange(0, BLOCK_N)
@@ -159,9 +169,10 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
     dst_arg = dst_base.view(torch.int16) if dst_base.dtype == torch.bfloat16 else dst_base
     out_arg = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     _combine_push_kernel[(nprog,)](
-        src_arg, H, rank, max_tokens_per_rank, capacity, plan.row_base, plan.recv_cum, plan.group_end, plan.recv, E,
+        src_arg, H, rank, max_tokens_per_rank, capacity, plan.row_base, plan.src_end, E,
         dst_arg, dst_delta, out_arg,
-        W=W, W_P=max(next_power_of_2(W), 2), L=L, L_P=max(next_power_of_2(L), 2), ALIGN=plan.align,
+        W=W, W_P=max(next_power_of_2(W), 2), L=L, E_P=max(next_power_of_2(E), 2),
+        STAGGER=TUNING["stagger_peers"],
         BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)), NPROG=nprog,
         num_warps=TUNING["combine_warps"],
     )
@@ -171,7 +182,7 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
 def _combine_gather_kernel(
     src_base_ptr, src_delta_ptr, out_ptr, n_rows, H, rank, capacity,
     row_base_ptr, src_end_ptr, E,
-    FROM_OWNERS: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
+    FROM_OWNERS: tl.constexpr, STAGGER: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
     # The source side of the combine, writing out[i] for this rank's rows i. Row i went to
@@ -181,11 +192,18 @@ def _combine_gather_kernel(
     # else (after the push combine): read row i of the local combine region, for rows that came
     #   from other owners; rows of this rank's own experts were written into out by the push.
     # Rows with an invalid route (inconsistent counts) read nothing and come out zero.
+    # STAGGER (pull): start at the first row owned by rank + 1, wrapping around, so that the
+    # sources read from distinct owners at every moment (see the dispatch push kernel).
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(n_rows, BLOCK_M)
+    rot = 0
+    if STAGGER:
+        rot = tl.load(src_end_ptr + rank * E + (rank + 1) * L - 1) // BLOCK_M
     blk = pid
     while blk < num_blocks:
-        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        b = blk + rot
+        b = tl.where(b >= num_blocks, b - num_blocks, b)
+        rows = b * BLOCK_M + tl.arange(0, BLOCK_M)
         in_range = rows < n_rows
         src = tl.zeros([BLOCK_M], tl.int32) + rank
         g, prow = route_rows(row_base_ptr, src_end_ptr, src, rows, in_range, E, E_P)
@@ -220,7 +238,8 @@ def _combine_gather(src_base, src_delta, plan, rank, out, capacity, from_owners,
     nprog = min(num_persistent_programs(out.device, per_sm), cdiv(n, block_m))
     _combine_gather_kernel[(nprog,)](
         src_base.view(torch.int16), src_delta, out.view(torch.int16), n, H, rank, capacity,
-        plan.row_base, plan.src_end, E, FROM_OWNERS=from_owners, L=E // W,
+        plan.row_base, plan.src_end, E, FROM_OWNERS=from_owners,
+        STAGGER=from_owners and TUNING["stagger_peers"], L=E // W,
         E_P=max(next_power_of_2(E), 2), BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)),
         NPROG=nprog, num_warps=warps,
     )
@@ -260,7 +279,7 @@ def _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N: tl.co
 @triton.jit
 def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capacity, group_end_ptr, recv_ptr,
                      recv_cum_ptr, rank, E,
-                     HAS_SECOND: tl.constexpr, SKIP_OWN: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr,
+                     HAS_SECOND: tl.constexpr, SKIP_OWN: tl.constexpr, PADS: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr,
                      L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
                      NPROG: tl.constexpr):
     pid = tl.program_id(0)
@@ -287,6 +306,8 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
             own = (p >= lo) & (p < hi)
             data = data & ~own
             live = live & ~own
+        if not PADS:  # the pad rows were zeroed elsewhere (the dispatch push) or are never read
+            live = data
         _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N)
         if HAS_SECOND:  # the scales of the same rows: one launch for data and scales
             _copy_rows_masked(src2_ptr, dst2_ptr, rows, n_cols2, data, live, BLOCK_N2)
@@ -294,12 +315,13 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
 
 
 def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, out2: torch.Tensor | None = None, skip_own: bool = False):
+             out: torch.Tensor | None = None, out2: torch.Tensor | None = None, skip_own: bool = False,
+             pads: bool = True):
     """Copy rows ``[0, group_end_offsets[-1])`` of this rank's receive region ``src [cap, C]``
     (and of ``src2 [cap, C2]``, e.g. the scales, in the same launch) into new regular tensors
-    (or into ``out [cap, C]`` / ``out2``), writing zeros for pad rows; later rows are left
-    unwritten. ``skip_own``: leave the rows this rank sent to itself (the push wrote them into
-    ``out`` directly). The bound is read on the device: the cost is the rows received, not the
+    (or into ``out [cap, C]`` / ``out2``), writing zeros for pad rows (``pads=False``: leave
+    them); later rows are left unwritten. ``skip_own``: leave the rows this rank sent to itself
+    (the push wrote them into ``out`` directly). The bound is read on the device: the cost is the rows received, not the
     capacity. Returns ``dst`` or ``(dst, dst2)``."""
     dst = torch.empty_like(src) if out is None else out
     dst2 = (torch.empty_like(src2) if out2 is None else out2) if src2 is not None else None
@@ -316,7 +338,7 @@ def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = Non
                                dst2 if dst2 is not None else d_arg, C2, R,
                                plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
                                plan.recv_cum, rank, plan.recv_cum.shape[1],
-                               HAS_SECOND=src2 is not None, SKIP_OWN=skip_own, ALIGN=plan.align, L=L, L_P=max(next_power_of_2(L), 2),
+                               HAS_SECOND=src2 is not None, SKIP_OWN=skip_own, PADS=pads, ALIGN=plan.align, L=L, L_P=max(next_power_of_2(L), 2),
                                BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(C)),
                                BLOCK_N2=min(block_n, next_power_of_2(C2)), NPROG=nprog,
                                num_warps=TUNING["copy_warps"])
