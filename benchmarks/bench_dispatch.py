@@ -209,7 +209,8 @@ def main() -> None:
                         R = ures.handle.num_padded_rows
                         # collectives first, on every rank whatever the comparisons say
                         y1 = buf.combine(eo, res.handle)
-                        y0 = buf.combine(buf.combine_input(), res.handle)   # holds eo (copied above)
+                        # the graph replays above dispatched again into the region: refill it
+                        y0 = buf.combine(buf.combine_input().copy_(eo), res.handle)
                         y2 = unfused_combine(eo[:R], ures.handle)
                         bad = []
                         if not torch.equal(res.group_end_offsets.cpu(), ures.group_end_offsets.cpu()):

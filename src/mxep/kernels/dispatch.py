@@ -14,7 +14,7 @@ from mxep.kernels._host import cdiv, next_power_of_2
 from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
 from mxep.kernels.plan import DispatchPlan, route_rows
 from mxep.kernels.quantize import use_hw_cast
-from mxep.kernels.rows import TUNING, num_persistent_programs
+from mxep.kernels.rows import TUNING, num_persistent_programs, order_flags, work_item, work_steps
 
 __all__ = ["dispatch_push"]
 
@@ -26,7 +26,7 @@ def _dispatch_push_kernel(
     data_base_ptr, scale_base_ptr, dst_delta_ptr, out_data_ptr, out_scale_ptr,
     group_end_ptr, recv_ptr,
     QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
-    STAGGER: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, E_P: tl.constexpr,
+    STAGGER: tl.constexpr, SPREAD: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
 ):
     # Work items, dealt round robin to the persistent programs:
@@ -35,10 +35,12 @@ def _dispatch_push_kernel(
     # * then (row block, column chunk) pairs, item t = block * NK + chunk. Each finds its rows'
     #   destination (an E-wide compare, cached plan vectors), quantizes its chunk and stores it.
     #   The tuned tile is one whole row (NK = 1 up to H = 8192).
-    # STAGGER: rows are sorted by expert, hence by owner; walked from row 0, every rank would
-    # store to owner 0 first, then owner 1, ... (W - 1 senders into one receiver's NVLink at a
-    # time). Starting each rank at the first row for owner rank + 1 (wrapping around, own rows
-    # last) makes the owners a permutation of the senders at every phase.
+    # Order (TUNING["peer_order"]): rows are sorted by expert, hence by owner; walked from row 0,
+    # every rank would store to owner 0 first, then owner 1, ... (W - 1 senders into one
+    # receiver's NVLink at a time). STAGGER starts each rank at the first row for owner rank + 1
+    # (wrapping around, own rows last): the owners are a permutation of the senders at every
+    # phase. SPREAD walks the rows interleaved (rows.work_item): every rank stores into all its
+    # owners at once, in proportion to its rows for them.
     pid = tl.program_id(0)
     NK = tl.cdiv(H, BLOCK_K)
     total = tl.cdiv(n_rows, BLOCK_M) * NK
@@ -54,10 +56,9 @@ def _dispatch_push_kernel(
         # src_end[rank, last own expert]: the first row for owner rank + 1
         own_end = tl.load(src_end_ptr + rank * E + (rank + 1) * L - 1)
         rot = (own_end // BLOCK_M) * NK
-    t -= num_pads
-    while t < total:
-        t_rot = t + rot
-        t_rot = tl.where(t_rot >= total, t_rot - total, t_rot)
+    u = t - num_pads
+    while u < work_steps(total, SPREAD):
+        t_rot = work_item(u, total, rot, SPREAD)
         raw = _load_item(x_ptr, t_rot, n_rows, H, NK, total, BLOCK_M, BLOCK_K)
         blk = t_rot // NK
         k0 = (t_rot - blk * NK) * BLOCK_K
@@ -97,7 +98,7 @@ def _dispatch_push_kernel(
         else:
             tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m_peer)
             tl.store(out_data_ptr + own_off[:, None] + cols[None, :], raw, mask=m_own)
-        t += NPROG
+        u += NPROG
 
 
 @triton.jit
@@ -193,6 +194,7 @@ def dispatch_push(
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
     data_arg = data_base if quantize else data_base.view(torch.int16)
     out_arg = out_data if quantize else out_data.view(torch.int16)
+    stagger, spread = order_flags()
     _dispatch_push_kernel[(nprog,)](
         x_arg, n, H, rank, capacity,
         plan.row_base, plan.src_end, E,
@@ -200,7 +202,7 @@ def dispatch_push(
         out_arg, out_scale if quantize else out_arg, plan.group_end, plan.recv,
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
-        STAGGER=TUNING["stagger_peers"], L=E // W, L_P=max(next_power_of_2(E // W), 2), ALIGN=plan.align,
+        STAGGER=stagger, SPREAD=spread, L=E // W, L_P=max(next_power_of_2(E // W), 2), ALIGN=plan.align,
         E_P=max(next_power_of_2(E), 2),
         BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["dispatch_warps"],
     )

@@ -49,11 +49,50 @@ TUNING = {
     # sources copy out) or "pull" (owners stage into their own region, sources read over NVLink
     # straight into the output). The zero-copy input (Buffer.combine_input) always pulls.
     "combine_mode": "push",
-    # Peer order of the push kernels: each rank starts with owner (or source) rank + 1, so at
-    # every moment the ranks store into distinct peers instead of all into rank 0 first
-    # (docs/performance-notes.md #15). False: natural order (for A/B runs).
-    "stagger_peers": True,
+    # Order in which the peer kernels (dispatch push, combine push, pull) walk their rows, which
+    # are grouped by peer (docs/performance-notes.md #15-16):
+    #   "natural":   row 0 first: every rank starts on peer 0 (W - 1 senders into one receiver);
+    #   "staggered": start at peer rank + 1 and wrap around: the peers form a permutation;
+    #   "spread":    the row list cut into SPREAD_PARTS equal parts, walked interleaved, so every
+    #                rank talks to all its peers at once, in proportion to the rows.
+    "peer_order": "staggered",
 }
+
+# Parts of the "spread" order: a window of P consecutive work items touches P / 16 rows in each
+# sixteenth of the list (at most 15 work items are skipped).
+SPREAD_PARTS = 16
+PEER_ORDERS = ("natural", "staggered", "spread")
+
+
+def order_flags() -> tuple[bool, int]:
+    """``(STAGGER, SPREAD)`` constexprs of ``TUNING["peer_order"]``."""
+    order = TUNING["peer_order"]
+    return order == "staggered", SPREAD_PARTS if order == "spread" else 1
+
+
+@triton.jit
+def work_item(u, total, rot, SPREAD: tl.constexpr):
+    """Item of the ``u``-th step of a walk over items ``[0, total)`` (``total``: past the end,
+    for the at most SPREAD - 1 steps of the spread order that have no item). SPREAD = 1: item
+    ``u + rot`` wrapped around (rot = 0: natural order); else the transposed order
+    ``(u % SPREAD) * ceil(total / SPREAD) + u // SPREAD``. Steps run ``u < steps(total)``."""
+    if SPREAD > 1:
+        m = tl.cdiv(total, SPREAD)
+        q = u // SPREAD
+        t = (u - q * SPREAD) * m + q
+        t = tl.where(t < total, t, total)
+    else:
+        t = u + rot
+        t = tl.where(t >= total, t - total, t)
+    return t
+
+
+@triton.jit
+def work_steps(total, SPREAD: tl.constexpr):
+    if SPREAD > 1:
+        return tl.cdiv(total, SPREAD) * SPREAD
+    else:
+        return total
 
 
 def _apply_env_tuning(env: str | None) -> None:
@@ -74,6 +113,8 @@ def _apply_env_tuning(env: str | None) -> None:
             raise ValueError(f"MXEP_TUNING: {k} must be {type(TUNING[k]).__name__}, got {v!r}")
         if k == "combine_mode" and v not in ("push", "pull"):
             raise ValueError(f"MXEP_TUNING: combine_mode must be 'push' or 'pull', got {v!r}")
+        if k == "peer_order" and v not in PEER_ORDERS:
+            raise ValueError(f"MXEP_TUNING: peer_order must be one of {PEER_ORDERS}, got {v!r}")
         if isinstance(v, int) and not isinstance(v, bool) and (v <= 0 or (k.endswith(("_block_m", "_block_n", "_block_k", "_warps")) and v & (v - 1))):
             raise ValueError(f"MXEP_TUNING: {k} must be a positive power of two, got {v}")
     TUNING.update(over)
@@ -97,15 +138,16 @@ def _combine_push_kernel(
     row_base_ptr, src_end_ptr, E,
     dst_base_ptr, dst_delta_ptr, out_ptr,
     W: tl.constexpr, W_P: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr, STAGGER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
+    SPREAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
     # The owner walks the rows it received, source by source: source s sent it its rows
     # [lo[s], hi[s]) (its rows for this owner's experts, contiguous since sources sort by
     # expert). Work item k is row lo[s] + (k - start[s]) of source s, whose position in this
     # owner's dispatch layout is the dispatch's own route (route_rows); its row there is read
     # and stored back at row i of the source's combine region. Pad rows are never read.
-    # STAGGER: sources in the order rank + 1, rank + 2, ... (own tokens last), so that at every
-    # moment the owners store into distinct sources (see the dispatch push kernel).
+    # Order (TUNING["peer_order"]): STAGGER lists the sources as rank + 1, rank + 2, ... (own
+    # tokens last) so that the owners store into distinct sources at every moment; SPREAD walks
+    # the list interleaved (work_item) so that every owner stores into all sources at once.
     pid = tl.program_id(0)
     s_idx = tl.arange(0, W_P)
     sm = s_idx < W
@@ -121,8 +163,9 @@ def _combine_push_kernel(
     stop = start + cnt
     total = tl.sum(cnt, axis=0)
     num_blocks = tl.cdiv(total, BLOCK_M)
-    blk = pid
-    while blk < num_blocks:
+    u = pid
+    while u < work_steps(num_blocks, SPREAD):
+        blk = work_item(u, num_blocks, 0, SPREAD)
         k = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         live = k < total
         hit = (start[None, :] <= k[:, None]) & (k[:, None] < stop[None, :]) & sm[None, :]
@@ -148,7 +191,7 @@ def _combine_push_kernel(
             tl.store(dst_base_ptr + dst_off[:, None] + cols[None, :], v, mask=(ok & ~own)[:, None] & cm)
             tl.store(out_ptr + own_off[:, None] + cols[None, :], v, mask=(ok & own)[:, None] & cm)
             c0 += BLOCK_N
-        blk += NPROG
+        u += NPROG
 
 
 def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, capacity: int,
@@ -168,11 +211,12 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
     src_arg = src.view(torch.int16) if src.dtype == torch.bfloat16 else src
     dst_arg = dst_base.view(torch.int16) if dst_base.dtype == torch.bfloat16 else dst_base
     out_arg = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+    stagger, spread = order_flags()
     _combine_push_kernel[(nprog,)](
         src_arg, H, rank, max_tokens_per_rank, capacity, plan.row_base, plan.src_end, E,
         dst_arg, dst_delta, out_arg,
         W=W, W_P=max(next_power_of_2(W), 2), L=L, E_P=max(next_power_of_2(E), 2),
-        STAGGER=TUNING["stagger_peers"],
+        STAGGER=stagger, SPREAD=spread,
         BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)), NPROG=nprog,
         num_warps=TUNING["combine_warps"],
     )
@@ -182,7 +226,7 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
 def _combine_gather_kernel(
     src_base_ptr, src_delta_ptr, out_ptr, n_rows, H, rank, capacity,
     row_base_ptr, src_end_ptr, E,
-    FROM_OWNERS: tl.constexpr, STAGGER: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
+    FROM_OWNERS: tl.constexpr, STAGGER: tl.constexpr, SPREAD: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
 ):
     # The source side of the combine, writing out[i] for this rank's rows i. Row i went to
@@ -192,17 +236,17 @@ def _combine_gather_kernel(
     # else (after the push combine): read row i of the local combine region, for rows that came
     #   from other owners; rows of this rank's own experts were written into out by the push.
     # Rows with an invalid route (inconsistent counts) read nothing and come out zero.
-    # STAGGER (pull): start at the first row owned by rank + 1, wrapping around, so that the
-    # sources read from distinct owners at every moment (see the dispatch push kernel).
+    # Order (pull; TUNING["peer_order"]): STAGGER starts at the first row owned by rank + 1,
+    # wrapping around, so that the sources read from distinct owners at every moment; SPREAD
+    # interleaves the walk (work_item) so that every source reads from all owners at once.
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(n_rows, BLOCK_M)
     rot = 0
     if STAGGER:
         rot = tl.load(src_end_ptr + rank * E + (rank + 1) * L - 1) // BLOCK_M
-    blk = pid
-    while blk < num_blocks:
-        b = blk + rot
-        b = tl.where(b >= num_blocks, b - num_blocks, b)
+    u = pid
+    while u < work_steps(num_blocks, SPREAD):
+        b = work_item(u, num_blocks, rot, SPREAD)
         rows = b * BLOCK_M + tl.arange(0, BLOCK_M)
         in_range = rows < n_rows
         src = tl.zeros([BLOCK_M], tl.int32) + rank
@@ -226,7 +270,7 @@ def _combine_gather_kernel(
                         eviction_policy="evict_first")
             tl.store(out_ptr + out_off[:, None] + cols[None, :], v, mask=write[:, None] & cm)
             c0 += BLOCK_N
-        blk += NPROG
+        u += NPROG
 
 
 def _combine_gather(src_base, src_delta, plan, rank, out, capacity, from_owners, knobs):
@@ -235,11 +279,12 @@ def _combine_gather(src_base, src_delta, plan, rank, out, capacity, from_owners,
     if n == 0:
         return out
     block_m, block_n, warps, per_sm = (TUNING[k] for k in knobs)
+    stagger, spread = order_flags()
     nprog = min(num_persistent_programs(out.device, per_sm), cdiv(n, block_m))
     _combine_gather_kernel[(nprog,)](
         src_base.view(torch.int16), src_delta, out.view(torch.int16), n, H, rank, capacity,
         plan.row_base, plan.src_end, E, FROM_OWNERS=from_owners,
-        STAGGER=from_owners and TUNING["stagger_peers"], L=E // W,
+        STAGGER=from_owners and stagger, SPREAD=spread if from_owners else 1, L=E // W,
         E_P=max(next_power_of_2(E), 2), BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)),
         NPROG=nprog, num_warps=warps,
     )
