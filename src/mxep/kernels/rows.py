@@ -55,7 +55,7 @@ TUNING = {
     #   "staggered": start at peer rank + 1 and wrap around: the peers form a permutation;
     #   "spread":    the row list cut into SPREAD_PARTS equal parts, walked interleaved, so every
     #                rank talks to all its peers at once, in proportion to the rows.
-    "peer_order": "staggered",
+    "peer_order": "spread",
 }
 
 # Parts of the "spread" order: a window of P consecutive work items touches P / 16 rows in each
