@@ -63,7 +63,7 @@ def main():
     cb_out = peer.push_bf16_combine(expert_out, plan, n)
     with torch.no_grad():
         rows.append(("plan (put counts + barrier + plan kernel)", timed(lambda: buf.plan(counts, n)), 0))
-        rows.append(("copy-out of received rows (+pad zero)", timed(lambda: peer.copy_out_mxfp8(plan, mx_out)), 0))
+        rows.append(("copy-out of received rows", timed(lambda: peer.copy_out_mxfp8(plan, mx_out)), 0))
         rows.append(("symm barrier", timed(lambda: buf.transport._barrier()), 0))
         sections = os.environ.get("SECTIONS", "push,combine").split(",")
         # Push: tile x warps x programs per SM.
