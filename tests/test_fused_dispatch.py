@@ -255,6 +255,6 @@ def test_env_tuning_override_is_checked(monkeypatch):
     assert rows.TUNING["combine_block_n"] == 1024 and rows.TUNING["combine_mode"] == "pull"
     assert rows.TUNING["peer_order"] == "spread"
     for bad in ('{"combine_blockn": 1024}', '{"combine_block_n": "1024"}', '{"combine_block_n": 1000}',
-                '{"combine_mode": "pul"}', '{"peer_order": "random"}', '{"combine_block_n": true}', '[1, 2]'):
+                '{"combine_mode": "pul"}', '{"peer_order": "random"}', '{"spread_parts": 0}', '{"combine_block_n": true}', '[1, 2]'):
         with pytest.raises(ValueError):
             rows._apply_env_tuning(bad)

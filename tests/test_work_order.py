@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from mxep.kernels.quantize import triton_available_for
-from mxep.kernels.rows import SPREAD_PARTS, work_item, work_steps
+from mxep.kernels.rows import TUNING, work_item, work_steps
 
 pytestmark = pytest.mark.skipif(not triton_available_for(torch.empty(0)),
                                 reason="CPU kernel tests need TRITON_INTERPRET=1")
@@ -30,16 +30,17 @@ def walk(total: int, rot: int, spread: int, nprog: int = 3) -> list[int]:
     return out[:steps].tolist()
 
 
+@pytest.mark.parametrize("parts", [TUNING["spread_parts"], 3, 7])
 @pytest.mark.parametrize("total", [1, 5, 15, 16, 17, 33, 250, 1023])
-def test_spread_walk_visits_every_item_once(total):
-    items = walk(total, 0, SPREAD_PARTS)
+def test_spread_walk_visits_every_item_once(total, parts):
+    items = walk(total, 0, parts)
     real = [t for t in items if t != total]
     assert sorted(real) == list(range(total))                 # a permutation of the items
-    assert len(items) - len(real) < SPREAD_PARTS               # at most SPREAD - 1 empty steps
+    assert len(items) - len(real) < parts                      # at most parts - 1 empty steps
     assert -1 not in items
-    m = -(-total // SPREAD_PARTS)
-    parts = {t // m for t in items[:SPREAD_PARTS] if t != total}
-    assert len(parts) == min(SPREAD_PARTS, -(-total // m))    # first steps: one item of every part
+    m = -(-total // parts)
+    first = {t // m for t in items[:parts] if t != total}
+    assert len(first) == min(parts, -(-total // m))           # first steps: one item of every part
 
 
 @pytest.mark.parametrize("total,rot", [(1, 0), (7, 0), (7, 3), (7, 6), (100, 99), (100, 41)])

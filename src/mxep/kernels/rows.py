@@ -55,21 +55,21 @@ TUNING = {
     # 1195 us; zero-copy pull 1550 / 1078 / 1103 us.
     #   "natural":   row 0 first: every rank starts on peer 0 (W - 1 senders into one receiver);
     #   "staggered": start at peer rank + 1 and wrap around: the peers form a permutation;
-    #   "spread":    the row list cut into SPREAD_PARTS equal parts, walked interleaved, so every
-    #                rank talks to all its peers at once, in proportion to the rows.
+    #   "spread":    the row list cut into "spread_parts" equal parts, walked interleaved, so
+    #                every rank talks to all its peers at once, in proportion to the rows.
     "peer_order": "spread",
+    # Parts of the "spread" order: a window of P consecutive work items touches P / 16 rows in
+    # each sixteenth of the list (at most 15 work items are skipped). 16 was chosen, not swept.
+    "spread_parts": 16,
 }
 
-# Parts of the "spread" order: a window of P consecutive work items touches P / 16 rows in each
-# sixteenth of the list (at most 15 work items are skipped).
-SPREAD_PARTS = 16
 PEER_ORDERS = ("natural", "staggered", "spread")
 
 
 def order_flags() -> tuple[bool, int]:
-    """``(STAGGER, SPREAD)`` constexprs of ``TUNING["peer_order"]``."""
+    """``(STAGGER, SPREAD)`` constexprs of ``TUNING["peer_order"]`` / ``["spread_parts"]``."""
     order = TUNING["peer_order"]
-    return order == "staggered", SPREAD_PARTS if order == "spread" else 1
+    return order == "staggered", TUNING["spread_parts"] if order == "spread" else 1
 
 
 @triton.jit
