@@ -129,20 +129,21 @@ def write_markdown(merged: dict, path: str) -> None:
             summ[_case_key(r)][(r["system"], r["op"])] = r["median_us"]
     if summ:
         L += ["## Summary (median µs; dispatch + combine)", "",
-              "| world | config | routing | mxep | mxep, zero-copy combine | unfused MXFP8 | NCCL bf16 | NVSHMEM 2d | "
-              "mxep speedup vs unfused | vs bf16 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| world | config | routing | mxep | mxep, zero-copy combine | mxep, CUDA graph | unfused MXFP8 | NCCL bf16 | "
+              "NVSHMEM 2d | mxep speedup vs unfused | vs bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in sorted(summ, key=_case_sort):
             d = summ[key]
 
-            def tot(s):
-                a, b = d.get((s, "dispatch")), d.get((s, "combine"))
+            def tot(s, ops=("dispatch", "combine")):
+                a, b = d.get((s, ops[0])), d.get((s, ops[1]))
                 return None if a is None or b is None else a + b
             mx, un, bf, nv = tot("mxep"), tot("unfused_mxfp8"), tot("nccl_bf16"), tot("nvshmem_a2a_2d")
+            mxg = tot("mxep", ("dispatch_graph", "combine_graph"))
             zc = d.get(("mxep", "combine_zero_copy"))
             mxz = d[("mxep", "dispatch")] + zc if zc and d.get(("mxep", "dispatch")) else None
             sp = lambda o: _fmt(o / mx, 2) if o and mx else ""  # noqa: E731
-            L.append(f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(mx)} | {_fmt(mxz)} | {_fmt(un)} | {_fmt(bf)} | "
+            L.append(f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(mx)} | {_fmt(mxz)} | {_fmt(mxg)} | {_fmt(un)} | {_fmt(bf)} | "
                      f"{_fmt(nv)} | {sp(un)} | {sp(bf)} |")
         L.append("")
 
