@@ -23,6 +23,9 @@ test:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu and not multigpu" tests
 
 # GPU suite: single-GPU tests plus multi-GPU tests on every visible GPU (2 and 4 ranks where possible).
+# Most of a first run is Triton compiling every kernel variant the tests launch: on a fresh
+# 2 x H200 machine it took more than 280 s, on 4 x H200 more than 380 s (2026-11-27); with a warm
+# cache 70 s on 2 GPUs and about 170 s on 4. Give a cold machine's first call 10 minutes.
 test-gpu:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	$(PYTHON) -m pytest -q -x -m "gpu or multigpu" tests
