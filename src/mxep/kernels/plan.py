@@ -43,12 +43,14 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     recv = tl.sum(C, axis=0)                              # [E_P]
     padded = tl.maximum((recv + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
     padded = tl.where(g < E, padded, 0)
-    # Segmented inclusive cumsum of padded sizes within each owner: an E x E masked sum (E <= a
-    # few hundred, one program).
-    gi = g[:, None]
-    gj = g[None, :]
-    same_owner = (gi // L == gj // L) & (gj <= gi)
-    group_end = tl.sum(tl.where(same_owner, padded[None, :], 0), axis=1)   # [E_P], indexed by gi
+    # Segmented inclusive cumsum of padded sizes within each owner: the global cumsum minus the
+    # padded rows of all lower owners' experts (two W x E masked sums; the earlier E x E masked
+    # sum touched 65536 elements at E = 256).
+    w = tl.arange(0, W_P)
+    owner = g // L
+    lower = tl.sum(tl.where((g[None, :] // L) < w[:, None], padded[None, :], 0), axis=1)      # [W_P]
+    base = tl.sum(tl.where(w[None, :] == owner[:, None], lower[None, :], 0), axis=1)          # [E_P]
+    group_end = tl.cumsum(padded, axis=0) - base
     group_start = group_end - padded
     src_start = src_end - C
     row_base = group_start[None, :] + prefix_src - src_start
