@@ -8,6 +8,8 @@ transfer ceilings, on every rank of one torchrun launch (one process group).
 
 Systems (names used in the JSON):
   mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync);
+                 ops dispatch_<sync>_sync / dispatch_graph_<sync>_sync: the dispatch with the
+                 non-default TUNING["sync"] (eager / CUDA graph);
                  op combine_zero_copy: .combine of .combine_input() (expert outputs already in
                  the Buffer's region, pulled by the sources); op combine_<mode>_mode: .combine
                  of a regular expert_out with the non-default TUNING["combine_mode"]; ops
@@ -104,6 +106,20 @@ def main() -> None:
                        for c in configs for r in routings for pt in patterns)
         ceil, ceil_err = run("ceilings init", lambda: _ceilings.PeerCeilings(group, device, need()))
 
+    def bench_other_sync(sync, dispatch, record, extra, keep):
+        m, err = timed(dispatch, pipelined=True)
+        record("mxep", f"dispatch_{sync}_sync", "dispatch_mxfp8", m, err, **extra)
+        if device.type == "cuda" and args.pipelined_iters > 0:
+            graph, err = run("sync graph capture", lambda: capture_graph(dispatch))
+            m = None
+            if graph is not None:
+                m, err = run("sync graph", lambda: time_pipelined(graph.replay, device=device, group=group,
+                                                                  iters=args.pipelined_iters))
+            record("mxep", f"dispatch_graph_{sync}_sync", "dispatch_mxfp8", m, err, **extra)
+        res, err = run(f"mxep dispatch, sync={sync}", dispatch)
+        if res is not None:
+            keep["mxep_other_sync"] = res
+
     with torch.no_grad():
         for cfg in configs:
             H, E, n = cfg.hidden, cfg.experts, cfg.rows
@@ -172,6 +188,17 @@ def main() -> None:
                             finally:
                                 TUNING["combine_mode"] = saved
                         record("mxep", f"combine_{other}_mode", "combine_bf16", m, err, **extra)
+                        # The other sync mode of the forward dispatch (TUNING["sync"]: barriers, or
+                        # the signal flags of kernels/signals.py), same run, same inputs; its output
+                        # is checked against the unfused pipeline's below. Symmetric memory only:
+                        # the collective path has no sync modes.
+                        if buf.transport_name == "symm_mem":
+                            other_sync = "flags" if TUNING["sync"] == "barrier" else "barrier"
+                            saved_sync, TUNING["sync"] = TUNING["sync"], other_sync
+                            try:
+                                bench_other_sync(other_sync, lambda: buf.dispatch(x, counts), record, extra, keep)
+                            finally:
+                                TUNING["sync"] = saved_sync
                         # CUDA-graph replay, back to back: the per-call time of a captured step,
                         # where no host work is left (eager calls above pay ~0.4-1 ms of host
                         # time each; see "pipelined").
@@ -226,6 +253,11 @@ def main() -> None:
                             bad.append("combine")
                         if not torch.equal(y0, y2):
                             bad.append("combine_zero_copy")
+                        if "mxep_other_sync" in keep:
+                            o = keep["mxep_other_sync"].tokens
+                            if not (torch.equal(o.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8))
+                                    and torch.equal(o.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8))):
+                                bad.append("dispatch_other_sync")
                         return "ok" if not bad else "mismatch: " + ",".join(bad)
                     out, err = run("check", check)
                     verdicts = gather(out)

@@ -16,6 +16,7 @@ Must run in its own process without ``TRITON_INTERPRET`` (tests/test_sm90_compil
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -55,15 +56,26 @@ class _CompileOnlyDriver(CudaDriver):
         return True
 
 
+# kernel name -> the atomics, fences and barriers in its PTX (every compiled variant): shows
+# that the "flags" sync's release / acquire operations reach the machine code.
+ORDERING: dict[str, set[str]] = {}
+
+
 def install() -> list[str]:
     """Route every Triton launch to a compile for sm_90; returns the list of compiled names."""
     compiled: list[str] = []
+    scanned: set[int] = set()
     triton_driver.set_active(_CompileOnlyDriver())
     original = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
         compiled.append(self.fn.__name__)
+        if id(kernel) in scanned:   # launches of an already compiled variant: no PTX scan (host-cost runs)
+            return kernel
+        scanned.add(id(kernel))
+        for op in set(re.findall(r"(?<![\w.])(?:(?:atom|red)\.[\w.]+|ld\.[\w.]*acquire[\w.]*|fence\.[\w.]+|bar\.sync)", kernel.asm["ptx"])):
+            ORDERING.setdefault(self.fn.__name__, set()).add(op)
         return kernel
 
     JITFunction.run = compile_only
@@ -76,6 +88,7 @@ def drive() -> None:
     import mxep.kernels.quantize as kq
     from mxep.comm.simulated import SimulatedWorld
     from mxep.kernels.quantize import mxfp8_quantize
+    from mxep.kernels.rows import TUNING
     from mxep.reference.routing import make_inputs, make_routing
 
     kq.use_hw_cast = kd.use_hw_cast = lambda x: True   # the GPU's e4m3 conversion path
@@ -88,6 +101,11 @@ def drive() -> None:
         for mode in ("rceil", "floor"):
             sim = SimulatedWorld(W, E, H, N, align, mode)
             res = sim.dispatch(xs, counts)
+        TUNING["sync"] = "flags"   # the plan kernel's two halves, the signalling push and copy-out
+        try:
+            SimulatedWorld(W, E, H, N, align).dispatch(xs, counts)
+        finally:
+            TUNING["sync"] = "barrier"
         handles = [r.handle for r in res]
         outs = [torch.zeros(sim.capacity, H, dtype=torch.bfloat16) for _ in range(W)]
         sim.combine(outs, handles, mode="push")
@@ -105,6 +123,8 @@ def main() -> int:
     drive()
     names = sorted(set(compiled))
     print(f"compiled for sm_90: {len(compiled)} launches, kernels: {', '.join(names)}")
+    for name in sorted(ORDERING):
+        print(f"ordering ops in {name}: {' '.join(sorted(ORDERING[name]))}")
     return 0
 
 

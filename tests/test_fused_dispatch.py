@@ -42,7 +42,7 @@ def test_simulated_world_dispatch_combine(world):
 @pytest.mark.parametrize("tuning", [
     dict(dispatch_block_m=1, dispatch_block_k=64, combine_block_m=4, combine_block_n=64, peer_order="spread"),
     dict(dispatch_block_m=4, dispatch_block_k=64, combine_block_m=8, combine_block_n=32,
-         copy_block_m=2, copy_block_n=64, peer_order="natural"),
+         copy_block_m=2, copy_block_n=64, peer_order="natural", sync="flags"),
     dict(dispatch_block_m=2, dispatch_block_k=256, combine_block_m=1, combine_block_n=256, peer_order="spread",
          pull_block_m=4),
 ])
@@ -249,12 +249,12 @@ def test_env_tuning_override_is_checked(monkeypatch):
     """MXEP_TUNING overrides knobs; typos, wrong types and non-powers of two raise."""
     from mxep.kernels import rows
 
-    for k in ("combine_block_n", "combine_mode", "peer_order"):
+    for k in ("combine_block_n", "combine_mode", "peer_order", "sync"):
         monkeypatch.setitem(rows.TUNING, k, rows.TUNING[k])
-    rows._apply_env_tuning('{"combine_block_n": 1024, "combine_mode": "pull", "peer_order": "spread"}')
+    rows._apply_env_tuning('{"combine_block_n": 1024, "combine_mode": "pull", "peer_order": "spread", "sync": "flags"}')
     assert rows.TUNING["combine_block_n"] == 1024 and rows.TUNING["combine_mode"] == "pull"
-    assert rows.TUNING["peer_order"] == "spread"
+    assert rows.TUNING["peer_order"] == "spread" and rows.TUNING["sync"] == "flags"
     for bad in ('{"combine_blockn": 1024}', '{"combine_block_n": "1024"}', '{"combine_block_n": 1000}',
-                '{"combine_mode": "pul"}', '{"peer_order": "random"}', '{"spread_parts": 0}', '{"combine_block_n": true}', '[1, 2]'):
+                '{"combine_mode": "pul"}', '{"peer_order": "random"}', '{"sync": "flag"}', '{"spread_parts": 0}', '{"combine_block_n": true}', '[1, 2]'):
         with pytest.raises(ValueError):
             rows._apply_env_tuning(bad)

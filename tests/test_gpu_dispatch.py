@@ -3,8 +3,10 @@
 * one GPU: the peer-store kernels in a simulated world (several ranks' buffers on one GPU);
 * every visible GPU (2 and 4 ranks where possible): real symmetric memory over NVLink through the
   public Buffer API: bit-exact layout, exact backward, reuse safety, 200 calls with changing
-  routing, sync-debug mode "error", and a captured CUDA graph replayed with new inputs.
+  routing, sync-debug mode "error", and a captured CUDA graph replayed with new inputs; each
+  with the forward dispatch ordered by barriers and by signal flags (``TUNING["sync"]``).
 """
+import json
 import os
 
 import pytest
@@ -20,6 +22,12 @@ from mxep.comm.simulated import SimulatedWorld
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 HIDDENS = (256, 2048, 5120, 7168)
 MULTI = [w for w in (2, 4) if w <= NGPU]
+SYNCS = ("barrier", "flags")   # TUNING["sync"]: how the forward dispatch orders its phases
+
+
+def sync_env(sync: str) -> dict:
+    """Environment for the spawned ranks: the dispatch sync mode under test."""
+    return {"MXEP_TUNING": json.dumps({"sync": sync})}
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -43,8 +51,10 @@ def gpu_cases(world: int, max_tokens: int = 300) -> list[Case]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_simulated_world_on_gpu(world):
+def test_simulated_world_on_gpu(world, sync, monkeypatch):
+    monkeypatch.setitem(TUNING, "sync", sync)
     for case in gpu_cases(world, max_tokens=200):
         counts, xs = case.inputs("cuda")
         sim = SimulatedWorld(world, case.num_experts, case.hidden, case.max_tokens, case.align, case.scale_mode,
@@ -83,8 +93,9 @@ def _symm_body(rank, world, cases):
         buf = mxep.Buffer(None, num_experts=case.num_experts, hidden=case.hidden,
                           max_tokens_per_rank=case.max_tokens, align=case.align, scale_mode=case.scale_mode)
         assert buf.transport_name == "symm_mem", repr(buf)
-        # poison the receive regions so stale or unwritten rows show
-        buf.transport.peer.mem.fill_(0xA5)
+        # poison the receive regions so stale or unwritten rows show (the signal words keep
+        # their values: they count the calls)
+        buf.transport.peer.data_regions().fill_(0xA5)
         torch.distributed.barrier()
         run_buffer_case(buf, case, rank, dev)
         del buf
@@ -92,9 +103,10 @@ def _symm_body(rank, world, cases):
 
 
 @pytest.mark.multigpu
+@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_buffer(world):
-    assert all(run_distributed(_symm_body, world, gpu_cases(world), backend="nccl", timeout=600))
+def test_symm_mem_buffer(world, sync):
+    assert all(run_distributed(_symm_body, world, gpu_cases(world), backend="nccl", timeout=600, env=sync_env(sync)))
 
 
 def _many_calls_body(rank, world, calls):
@@ -114,13 +126,21 @@ def _many_calls_body(rank, world, calls):
             for c, r_, cnt, x_ in pending:
                 check_dispatch(c, rank, r_.tokens, r_.group_end_offsets, r_.tokens_per_expert, cnt, x_)
             pending.clear()
+    # the signal words of the "flags" sync count the calls; the barrier path never touches them
+    sig = buf.transport.peer.signals.tolist()
+    if TUNING["sync"] == "flags":
+        assert sig[2 * world:] == [calls, 0, 0], sig
+        assert sig[:world] == [calls] * world and sig[world:2 * world] == [calls if s != rank else 0 for s in range(world)]
+    else:
+        assert sig == [0] * len(sig), sig
     return True
 
 
 @pytest.mark.multigpu
+@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_200_calls(world):
-    assert all(run_distributed(_many_calls_body, world, 200, backend="nccl", timeout=600))
+def test_symm_mem_200_calls(world, sync):
+    assert all(run_distributed(_many_calls_body, world, 200, backend="nccl", timeout=600, env=sync_env(sync)))
 
 
 def _sync_free_body(rank, world):
@@ -157,9 +177,10 @@ def _sync_free_body(rank, world):
 
 
 @pytest.mark.multigpu
+@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_no_host_sync(world):
-    assert all(run_distributed(_sync_free_body, world, backend="nccl", timeout=300))
+def test_symm_mem_no_host_sync(world, sync):
+    assert all(run_distributed(_sync_free_body, world, backend="nccl", timeout=300, env=sync_env(sync)))
 
 
 def _graph_body(rank, world):
@@ -209,6 +230,7 @@ def _graph_body(rank, world):
 
 
 @pytest.mark.multigpu
+@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_cuda_graph(world):
-    assert all(run_distributed(_graph_body, world, backend="nccl", timeout=300))
+def test_symm_mem_cuda_graph(world, sync):
+    assert all(run_distributed(_graph_body, world, backend="nccl", timeout=300, env=sync_env(sync)))

@@ -17,3 +17,13 @@ def test_every_kernel_compiles_for_sm90():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for name in KERNELS:
         assert name in proc.stdout, f"{name} was not compiled:\n{proc.stdout}"
+    # The "flags" sync (mxep/kernels/signals.py) reaches the machine code as system-scope
+    # release atomics and acquire loads (Triton turns the polling atomic_add(ptr, 0) into one),
+    # with CTA barriers around them.
+    ordering = {line.split(":")[0].split()[-1]: line.split(":")[1].split()
+                for line in proc.stdout.splitlines() if line.startswith("ordering ops in ")}
+    for name, needed in (("_plan_kernel", ("atom.global.sys.release.exch.b32", "ld.global.sys.acquire.b32")),
+                         ("_dispatch_push_kernel", ("atom.global.sys.acq_rel.add.u32", "atom.global.sys.release.exch.b32")),
+                         ("_copy_out_kernel", ("ld.global.sys.acquire.b32",))):
+        for op in needed + ("bar.sync",):
+            assert op in ordering.get(name, ()), f"{name}: {op} missing from {ordering.get(name)}"

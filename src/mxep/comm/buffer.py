@@ -50,9 +50,10 @@ class Buffer:
         transport: ``"auto"`` (symmetric memory on an NCCL group of CUDA tensors, else the
             collective path), ``"symm_mem"`` or ``"collective"``.
         debug: also run checks that need a device-to-host sync (counts sum to ``n``, no negative
-            counts). Off by default: the hot path never waits on the GPU.
+            counts; with ``TUNING["sync"] == "flags"``, no wait timed out on the device). Off by
+            default: the hot path never waits on the GPU.
 
-    Memory (symmetric, per rank, ``transport == "symm_mem"``): ``W*E*4 + max(cap*(H + H/32),
+    Memory (symmetric, per rank, ``transport == "symm_mem"``): ``W*E*4 + 4*(2W+3) + max(cap*(H + H/32),
     2*cap*H) + 2*N*H`` bytes (see ``symm_bytes``). Each dispatch also allocates its output
     (``cap * (H + H/32)`` bytes, of which the received rows are written).
 
@@ -169,7 +170,10 @@ class Buffer:
         return self.transport.plan(counts, num_rows, self.align)
 
     def dispatch_mxfp8_raw(self, x: torch.Tensor, handle: DispatchHandle) -> MXFP8Tensor:
-        return self.transport.dispatch_mxfp8(x.contiguous(), handle, self.scale_mode)
+        out = self.transport.dispatch_mxfp8(x.contiguous(), handle, self.scale_mode)
+        if self.debug:
+            self.transport.check()   # debug-only: host sync (a timed-out wait of the "flags" sync)
+        return out
 
     def dispatch_bf16_raw(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         return self.transport.dispatch_bf16(src.contiguous(), handle)

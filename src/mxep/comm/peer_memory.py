@@ -4,6 +4,7 @@ One allocation per rank (symmetric memory on GPUs; a plain tensor per simulated 
 allocated once for the true worst case and cut into regions (byte offsets, 256-byte aligned)::
 
     counts     int32 [W, E]              row s = source s's num_tokens_per_expert
+    signals    int32 [2W + 3]            flags of the "flags" sync (kernels/signals.py); zero at creation
     dispatch   uint8 [cap+1, H]          MXFP8 data    } the forward dispatch writes these
                uint8 [cap+1, H/32]       e8m0 scales   }
                bf16  [cap+1, H]          (aliases the above) combine-backward writes bf16 here
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from mxep.kernels.dispatch import dispatch_push
-from mxep.kernels.plan import DispatchPlan, compute_plan
+from mxep.kernels.plan import CountsExchange, DispatchPlan, compute_plan
 from mxep.kernels.rows import combine_copy_out, combine_pull, combine_push, copy_out, put_counts
+from mxep.kernels.signals import describe_status, num_signal_words
 
 __all__ = ["RegionLayout", "PeerMemory"]
 
@@ -61,8 +63,16 @@ class RegionLayout:
         return 0
 
     @property
-    def dispatch_offset(self) -> int:
+    def signal_offset(self) -> int:
         return _up(self.world_size * self.num_experts * 4)
+
+    @property
+    def signal_bytes(self) -> int:
+        return _up(num_signal_words(self.world_size) * 4)
+
+    @property
+    def dispatch_offset(self) -> int:
+        return self.signal_offset + self.signal_bytes
 
     @property
     def scale_offset(self) -> int:
@@ -112,6 +122,7 @@ class PeerMemory:
         self.delta_i32 = delta // 4
         self.delta_bf16 = delta // 2
         self.counts = _view(mem, r.counts_offset, (W, E), torch.int32)
+        self.signals = _view(mem, r.signal_offset, (num_signal_words(W),), torch.int32)
         self.dispatch_data = _view(mem, r.dispatch_offset, (r.rows, H), torch.uint8)
         self.dispatch_scale = _view(mem, r.scale_offset, (r.rows, H // 32), torch.uint8)
         self.dispatch_bf16 = _view(mem, r.dispatch_offset, (r.rows, H), torch.bfloat16)
@@ -124,14 +135,42 @@ class PeerMemory:
     def plan(self, align: int) -> DispatchPlan:
         return compute_plan(self.counts, align)
 
-    def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # --- the "flags" sync (kernels/signals.py): the same phases without barriers ------------
+    def exchange_and_plan(self, counts_i32: torch.Tensor, align: int, phase: str = "all") -> DispatchPlan | None:
+        """Counts exchange and plan in one launch (``phase="all"``), or its halves for the
+        simulated world (``"put"`` on every rank, then ``"plan"``)."""
+        ex = CountsExchange(counts_i32, self.delta_i32, self.signals, self.rank)
+        return compute_plan(self.counts, align, ex, phase)
+
+    def clear_signals(self) -> None:
+        """Zero the signal words (at creation, before the first call; never between calls)."""
+        self.signals.zero_()
+
+    def data_regions(self) -> torch.Tensor:
+        """uint8 view of every byte after the signal words (tests poison it; the signal words
+        must keep their values from call to call)."""
+        return self.mem[self.regions.dispatch_offset:]
+
+    def status(self) -> int:
+        """Non-zero if a wait of the "flags" sync timed out (host sync: debug mode only)."""
+        return int(self.signals[-1])
+
+    def check_status(self) -> None:
+        st = self.status()   # debug-only: host sync
+        if st:
+            raise RuntimeError(f"mxep: rank {self.rank}: {describe_status(st)}; the outputs of that call are "
+                               "invalid (a peer never arrived, or the ranks called different ops)")
+
+    def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str,
+                   signal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Push quantized rows to their owners; returns this rank's new output tensors (uint8
         ``[cap, H]``, ``[cap, H // 32]``) holding, so far, the rows it sent to itself and zeros
-        in its pad rows."""
+        in its pad rows. ``signal``: raise this rank's push flag on every owner at the end."""
         cap, H = self.regions.capacity, self.regions.hidden
         out = (_new_output((cap, H), torch.uint8, x.device), _new_output((cap, H // 32), torch.uint8, x.device))
         dispatch_push(x, plan, self.rank, cap, self.dispatch_data, self.dispatch_scale,
-                      self.delta_u8, scale_mode, *out)
+                      self.delta_u8, scale_mode, *out,
+                      signals=(self.signals, self.delta_i32) if signal else None)
         return out
 
     def push_bf16_dispatch(self, src: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -150,10 +189,13 @@ class PeerMemory:
 
     # --- local phases after the barrier: the rows other ranks stored here go into the outputs;
     # the rows a rank sent itself, and the pad rows' zeros, are there already (the push) ------
-    def copy_out_mxfp8(self, plan: DispatchPlan, out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def copy_out_mxfp8(self, plan: DispatchPlan, out: tuple[torch.Tensor, torch.Tensor],
+                       wait: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``wait``: first wait for every other rank's push flag of this call."""
         cap = self.regions.capacity
         return copy_out(self.dispatch_data[:cap], plan, self.rank, self.dispatch_scale[:cap],
-                        out=out[0], out2=out[1], skip_own=True, pads=False)
+                        out=out[0], out2=out[1], skip_own=True, pads=False,
+                        signals=self.signals if wait else None)
 
     def copy_out_bf16_dispatch(self, plan: DispatchPlan, out: torch.Tensor) -> torch.Tensor:
         return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, out=out, skip_own=True,

@@ -1,7 +1,9 @@
 """A simulated EP world: every rank's communication memory in one process.
 
 Runs the *same* kernels and phases as :class:`~mxep.comm.transport.SymmMemTransport`, with the
-barriers replaced by phase order (all ranks finish phase k before any starts phase k+1). On CPU
+barriers replaced by phase order (all ranks finish phase k before any starts phase k+1). With
+``TUNING["sync"] == "flags"`` the signal words are real: the plan kernel runs as its two halves
+(counts out to every rank, then wait + plan), and every copy-out checks the push flags. On CPU
 under ``TRITON_INTERPRET=1`` or on one GPU, it tests the fused kernels' peer stores, offsets and
 padding without a multi-GPU machine.
 
@@ -21,6 +23,7 @@ from mxep.comm.buffer import DispatchResult
 from mxep.comm.layout import capacity_rows
 from mxep.comm.peer_memory import PeerMemory, RegionLayout
 from mxep.comm.transport import DispatchHandle, as_mxfp8
+from mxep.kernels.rows import TUNING
 
 __all__ = ["SimulatedWorld"]
 
@@ -41,22 +44,31 @@ class SimulatedWorld:
         mems = [torch.full((regions.total_bytes,), POISON, dtype=torch.uint8, device=device) for _ in range(world_size)]
         addrs = [m.data_ptr() for m in mems]
         self.peers = [PeerMemory(m, addrs, r, regions) for r, m in enumerate(mems)]
+        for p in self.peers:
+            p.clear_signals()
 
     def plan(self, counts: Sequence[torch.Tensor], num_rows: Sequence[int]) -> list[DispatchHandle]:
+        counts = [c.to(torch.int32).contiguous() for c in counts]
+        if TUNING["sync"] == "flags":   # the plan kernel's two halves, one phase on every rank at a time
+            for r, p in enumerate(self.peers):
+                p.exchange_and_plan(counts[r], self.align, "put")
+            return [DispatchHandle(r, num_rows[r], plan=p.exchange_and_plan(counts[r], self.align, "plan"),
+                                   sync="flags") for r, p in enumerate(self.peers)]
         for r, p in enumerate(self.peers):
-            p.put_counts(counts[r].to(torch.int32).contiguous())
+            p.put_counts(counts[r])
         # ---- barrier ----
         return [DispatchHandle(r, num_rows[r], plan=p.plan(self.align)) for r, p in enumerate(self.peers)]
 
     def dispatch(self, xs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> list[DispatchResult]:
         """Fused MXFP8 dispatch on every rank: ``xs[r]`` bf16 ``[n_r, H]``, ``counts[r]`` ``[E]``."""
         handles = self.plan(counts, [x.shape[0] for x in xs])
-        outs = [p.push_mxfp8(xs[r].contiguous(), h.plan, self.scale_mode)
+        flags = handles[0].sync == "flags"   # push flags instead of the barrier
+        outs = [p.push_mxfp8(xs[r].contiguous(), h.plan, self.scale_mode, signal=flags)
                 for r, (p, h) in enumerate(zip(self.peers, handles))]
-        # ---- barrier ----
+        # ---- barrier (or: each copy-out waits for the other ranks' push flags) ----
         out = []
         for p, h, o in zip(self.peers, handles, outs):
-            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan, o))
+            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan, o, wait=flags))
             out.append(DispatchResult(tokens, h.group_end_offsets, h.tokens_per_expert, h))
         return out
 

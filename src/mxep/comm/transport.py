@@ -41,6 +41,8 @@ class DispatchHandle:
     num_rows: int
     plan: DispatchPlan | None = None
     layout: DispatchLayout | None = None
+    sync: str = "barrier"          # how the plan was made (TUNING["sync"] at the time)
+    dispatched: bool = False       # its MXFP8 dispatch ran (one per plan)
 
     @property
     def group_end_offsets(self) -> torch.Tensor:
@@ -96,6 +98,9 @@ class Transport:
         """bf16 ``[cap, H]`` that :meth:`combine_bf16` can read without a staging copy."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Debug mode only (may sync with the host): raise if the device reported an error."""
+
 
 class SymmMemTransport(Transport):
     name = "symm_mem"
@@ -110,14 +115,44 @@ class SymmMemTransport(Transport):
         mem = symm_mem.empty(regions.total_bytes, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(mem, group)
         self.peer = PeerMemory(mem, list(self.handle.buffer_ptrs), self.rank, regions)
-        # Poison once so a row that nobody wrote cannot pass for data (tests check bytes).
+        # Poison once so a row that nobody wrote cannot pass for data (tests check bytes); the
+        # signal words start at zero on every rank.
         mem.fill_(0xA5)
+        self.peer.clear_signals()
         self.handle.barrier(channel=0)
+        self._unpushed: DispatchHandle | None = None   # "flags" sync: the plan awaiting its dispatch
+
+    @classmethod
+    def over_local_memory(cls, regions: RegionLayout, device: torch.device | str = "cpu",
+                          group=None) -> "SymmMemTransport":
+        """A world-size-1 transport over a plain tensor (no symmetric memory; barriers are
+        no-ops): the symmetric-memory code path, host logic and kernels, where there is no
+        symmetric memory (CPU tests under the interpreter, host-cost measurements)."""
+        if regions.world_size != 1:
+            raise ValueError(f"over_local_memory is a one-rank world, got world_size={regions.world_size}")
+        self = cls.__new__(cls)
+        self.group, self.rank, self.handle = group, 0, None
+        mem = torch.full((regions.total_bytes,), 0xA5, dtype=torch.uint8, device=device)
+        self.peer = PeerMemory(mem, [mem.data_ptr()], 0, regions)
+        self.peer.clear_signals()
+        self._unpushed = None
+        self._barrier = lambda: None
+        return self
 
     def _barrier(self) -> None:
         self.handle.barrier(channel=0)
 
     def plan(self, counts_i32, num_rows, align):
+        if TUNING["sync"] == "flags":
+            # One launch: counts to every rank, wait for theirs, plan (kernels/signals.py). Its
+            # ordering argument needs every plan to be followed by its dispatch (host-side check).
+            if self._unpushed is not None:
+                raise RuntimeError("sync='flags': the previous plan was never dispatched; every plan must be "
+                                   "followed by its MXFP8 dispatch before the next plan (Buffer.dispatch does both)")
+            handle = DispatchHandle(self.rank, num_rows, plan=self.peer.exchange_and_plan(counts_i32, align),
+                                    sync="flags")
+            self._unpushed = handle
+            return handle
         # No entry barrier needed: peers read their count matrix (plan kernel) before the previous
         # dispatch's completion barrier, which this rank has passed.
         self.peer.put_counts(counts_i32)
@@ -125,11 +160,25 @@ class SymmMemTransport(Transport):
         return DispatchHandle(self.rank, num_rows, plan=self.peer.plan(align))
 
     def dispatch_mxfp8(self, x, handle, scale_mode):
+        if handle.dispatched:
+            # A second push of one plan could land in an owner still copying out the first.
+            raise RuntimeError("this DispatchHandle's MXFP8 dispatch already ran; plan again for another dispatch")
+        handle.dispatched = True
+        if handle.sync == "flags":
+            if handle is not self._unpushed:
+                raise RuntimeError("sync='flags': only the latest plan of this Buffer can be dispatched")
+            self._unpushed = None
+            out = self.peer.push_mxfp8(x, handle.plan, scale_mode, signal=True)
+            return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, out, wait=True))
         # The counts barrier doubles as the entry barrier: every owner has copied out the previous
         # call's rows (stream order) before it arrived there.
         out = self.peer.push_mxfp8(x, handle.plan, scale_mode)
         self._barrier()
         return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, out))
+
+    def check(self) -> None:
+        """Debug mode (host sync): raise if a wait of the "flags" sync timed out on this rank."""
+        self.peer.check_status()
 
     def dispatch_bf16(self, src, handle):
         self._barrier()  # entry: owners are done with their dispatch region

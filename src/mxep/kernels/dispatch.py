@@ -15,6 +15,7 @@ from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
 from mxep.kernels.plan import DispatchPlan, route_rows
 from mxep.kernels.quantize import use_hw_cast
 from mxep.kernels.rows import TUNING, num_persistent_programs, order_flags, work_item, work_steps
+from mxep.kernels.signals import finish_push
 
 __all__ = ["dispatch_push"]
 
@@ -24,10 +25,11 @@ def _dispatch_push_kernel(
     x_ptr, n_rows, H, rank, capacity,
     row_base_ptr, src_end_ptr, E,
     data_base_ptr, scale_base_ptr, dst_delta_ptr, out_data_ptr, out_scale_ptr,
-    group_end_ptr, recv_ptr,
+    group_end_ptr, recv_ptr, sig_ptr, sig_delta_ptr,
     QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
     STAGGER: tl.constexpr, SPREAD: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
+    SIGNAL: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr,
 ):
     # Work items, dealt round robin to the persistent programs:
     # * first, this rank's own pad rows: zeros into the output (local stores; the copy-out then
@@ -99,6 +101,8 @@ def _dispatch_push_kernel(
             tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m_peer)
             tl.store(out_data_ptr + own_off[:, None] + cols[None, :], raw, mask=m_own)
         u += NPROG
+    if SIGNAL:  # the "flags" sync: the last program to finish tells every owner (kernels/signals.py)
+        finish_push(sig_ptr, sig_delta_ptr, rank, W, W_P, NPROG)
 
 
 @triton.jit
@@ -161,6 +165,7 @@ def dispatch_push(
     out_data: torch.Tensor,
     out_scale: torch.Tensor | None,
     *,
+    signals: tuple[torch.Tensor, torch.Tensor] | None = None,
     block_m: int | None = None,
     block_k: int | None = None,
 ) -> None:
@@ -181,6 +186,10 @@ def dispatch_push(
             byte delta applies), or None for bf16 rows.
         dst_delta: int64 ``[W]`` offsets of every rank's allocation from the local one, in
             elements of ``data_base``.
+        signals: the "flags" sync (:mod:`mxep.kernels.signals`): ``(words, delta_i32)``, this
+            rank's int32 signal words and the int32-element offsets of every rank's; the last
+            program to finish raises this rank's push flag on every owner. None: the caller
+            orders the phases with a barrier.
     """
     n, H = x.shape
     quantize = scale_mode is not None
@@ -200,9 +209,11 @@ def dispatch_push(
         plan.row_base, plan.src_end, E,
         data_arg, scale_base if quantize else data_arg, dst_delta,
         out_arg, out_scale if quantize else out_arg, plan.group_end, plan.recv,
+        *(signals if signals is not None else (plan.recv, dst_delta)),
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and use_hw_cast(x),
         STAGGER=stagger, SPREAD=spread, L=E // W, L_P=max(next_power_of_2(E // W), 2), ALIGN=plan.align,
         E_P=max(next_power_of_2(E), 2),
-        BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=TUNING["dispatch_warps"],
+        BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog,
+        SIGNAL=signals is not None, W=W, W_P=max(next_power_of_2(W), 2), num_warps=TUNING["dispatch_warps"],
     )

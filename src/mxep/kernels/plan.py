@@ -20,24 +20,48 @@ torch ops cost more host time than the latency-bound dispatch itself (docs/perfo
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from mxep.kernels._host import next_power_of_2
+from mxep.kernels.signals import TIMEOUT_COUNTS, max_spin, signal_ranks, wait_flags
 
-__all__ = ["DispatchPlan", "compute_plan"]
+TIMEOUT_COUNTS_CODE = tl.constexpr(TIMEOUT_COUNTS)
+
+__all__ = ["DispatchPlan", "CountsExchange", "compute_plan"]
 
 
 @triton.jit
 def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr,
+                 my_counts_ptr, delta_ptr, sig_ptr, rank,
                  W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
-                 W_P: tl.constexpr, E_P: tl.constexpr):
+                 W_P: tl.constexpr, E_P: tl.constexpr,
+                 PUT: tl.constexpr, WAIT: tl.constexpr, PLAN: tl.constexpr, MAX_SPIN: tl.constexpr):
+    # The counts exchange of the "flags" sync (kernels/signals.py) runs in this same program:
+    # PUT stores this rank's count row into every rank's matrix and raises counts_flag there,
+    # WAIT spins until every rank's row of this call is here. A real world does all three phases
+    # in one launch; the simulated world launches PUT for every rank, then WAIT + PLAN.
     s = tl.arange(0, W_P)
     g = tl.arange(0, E_P)
     m2 = (s < W)[:, None] & (g < E)[None, :]
     offs = s[:, None] * E + g[None, :]
-    C = tl.load(counts_ptr + offs, mask=m2, other=0).to(tl.int32)
+    if PUT or WAIT:
+        e = tl.load(sig_ptr + 2 * W) + 1    # this call's number (seq is raised below, by PLAN)
+    if PUT:
+        mine = tl.load(my_counts_ptr + g, mask=g < E, other=0)
+        delta = tl.load(delta_ptr + s, mask=s < W, other=0)
+        tl.store(counts_ptr + delta[:, None] + rank * E + g[None, :], mine[None, :] + tl.zeros([W_P, E_P], tl.int32),
+                 mask=m2)
+        signal_ranks(sig_ptr, delta_ptr, rank, e, -1, W, W_P)
+    if WAIT:
+        wait_flags(sig_ptr, 0, e, -1, TIMEOUT_COUNTS_CODE, W, W_P, MAX_SPIN)
+    if not PLAN:
+        return
+    # volatile: peers wrote these rows; never serve them from a stale L1 line
+    C = tl.load(counts_ptr + offs, mask=m2, other=0, volatile=WAIT).to(tl.int32)
     src_end = tl.cumsum(C, axis=1)
     prefix_src = tl.cumsum(C, axis=0) - C                 # rows of lower sources, per expert
     recv = tl.sum(C, axis=0)                              # [E_P]
@@ -59,6 +83,8 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     tl.store(recv_cum_ptr + offs, prefix_src + C, mask=m2)
     tl.store(group_end_ptr + g, group_end, mask=g < E)
     tl.store(recv_ptr + g, recv, mask=g < E)
+    if WAIT:
+        tl.store(sig_ptr + 2 * W, e)
 
 
 class DispatchPlan:
@@ -83,8 +109,16 @@ class DispatchPlan:
         return self.group_end[(rank + 1) * L - 1:(rank + 1) * L]
 
 
-def compute_plan(counts: torch.Tensor, align: int) -> DispatchPlan:
-    """``counts`` int32 ``[W, E]`` -> :class:`DispatchPlan` (one kernel launch, no host sync)."""
+def compute_plan(counts: torch.Tensor, align: int, exchange: "CountsExchange | None" = None,
+                 phase: str = "all") -> DispatchPlan | None:
+    """``counts`` int32 ``[W, E]`` (this rank's count matrix) -> :class:`DispatchPlan` (one kernel
+    launch, no host sync).
+
+    ``exchange`` (the "flags" sync): the same launch first exchanges the count rows (this rank's
+    ``exchange.my_counts`` into every rank's matrix, then waits for all of them). ``phase``:
+    ``"all"`` (a real world), or ``"put"`` (returns None) then ``"plan"`` for the simulated
+    world, which runs one phase on every rank before the next.
+    """
     W, E = counts.shape
     dev = counts.device
     row_base = torch.empty(W, E, dtype=torch.int32, device=dev)
@@ -92,10 +126,38 @@ def compute_plan(counts: torch.Tensor, align: int) -> DispatchPlan:
     group_end = torch.empty(E, dtype=torch.int32, device=dev)
     recv = torch.empty(E, dtype=torch.int32, device=dev)
     recv_cum = torch.empty(W, E, dtype=torch.int32, device=dev)
-    _plan_kernel[(1,)](counts, row_base, src_end, group_end, recv, recv_cum, W=W, E=E, L=E // W, ALIGN=align,
+    if exchange is None:
+        put = wait = False
+        ex_args = (counts, recv, recv, 0)      # unused pointers
+    else:
+        if phase not in ("all", "put", "plan"):
+            raise ValueError(f"phase must be 'all', 'put' or 'plan', got {phase!r}")
+        put, wait = phase in ("all", "put"), phase in ("all", "plan")
+        ex_args = (exchange.my_counts, exchange.delta_i32, exchange.signals, exchange.rank)
+    _plan_kernel[(1,)](counts, row_base, src_end, group_end, recv, recv_cum, *ex_args,
+                       W=W, E=E, L=E // W, ALIGN=align,
                        W_P=next_power_of_2(W), E_P=max(next_power_of_2(E), 2),
+                       PUT=put, WAIT=wait, PLAN=phase != "put", MAX_SPIN=max_spin(dev.type),
                        num_warps=4)
+    if phase == "put":
+        return None
     return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align)
+
+
+class CountsExchange(NamedTuple):
+    """What the plan kernel needs to exchange count rows itself (the "flags" sync).
+
+    Attributes:
+        my_counts: int32 ``[E]`` this rank's num_tokens_per_expert.
+        delta_i32: int64 ``[W]`` every rank's allocation minus this one's, in int32 elements.
+        signals: int32 ``[2W + 3]`` this rank's signal words (kernels/signals.py).
+        rank: this rank.
+    """
+
+    my_counts: torch.Tensor
+    delta_i32: torch.Tensor
+    signals: torch.Tensor
+    rank: int
 
 
 @triton.jit

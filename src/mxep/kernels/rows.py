@@ -22,6 +22,9 @@ import triton.language as tl
 from mxep.kernels._host import cdiv, next_power_of_2
 
 from mxep.kernels.plan import route_rows
+from mxep.kernels.signals import TIMEOUT_PUSH, max_spin, wait_flags
+
+TIMEOUT_PUSH_CODE = tl.constexpr(TIMEOUT_PUSH)
 
 __all__ = ["combine_push", "combine_pull", "combine_copy_out", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
 
@@ -61,9 +64,18 @@ TUNING = {
     # Parts of the "spread" order: a window of P consecutive work items touches P / 16 rows in
     # each sixteenth of the list (at most 15 work items are skipped). 16 was chosen, not swept.
     "spread_parts": 16,
+    # How the forward dispatch orders its phases across ranks (kernels/signals.py):
+    #   "barrier": put_counts, barrier, plan, push, barrier, copy-out (6 launches);
+    #   "flags":   plan (exchanges the counts itself), push (its last program raises a flag on
+    #              every owner), copy-out (waits for the flags): 3 launches, no barrier.
+    # "flags" passes every CPU test (simulated world under the interpreter, release/acquire
+    # PTX checked by tests/test_sm90_compile.py) but has not yet run on GPUs: it becomes the
+    # default once tests/test_gpu_dispatch.py passes with it and it measures faster.
+    "sync": "barrier",
 }
 
 PEER_ORDERS = ("natural", "staggered", "spread")
+SYNC_MODES = ("barrier", "flags")
 
 
 def order_flags() -> tuple[bool, int]:
@@ -115,6 +127,8 @@ def _apply_env_tuning(env: str | None) -> None:
             raise ValueError(f"MXEP_TUNING: {k} must be {type(TUNING[k]).__name__}, got {v!r}")
         if k == "combine_mode" and v not in ("push", "pull"):
             raise ValueError(f"MXEP_TUNING: combine_mode must be 'push' or 'pull', got {v!r}")
+        if k == "sync" and v not in SYNC_MODES:
+            raise ValueError(f"MXEP_TUNING: sync must be one of {SYNC_MODES}, got {v!r}")
         if k == "peer_order" and v not in PEER_ORDERS:
             raise ValueError(f"MXEP_TUNING: peer_order must be one of {PEER_ORDERS}, got {v!r}")
         if isinstance(v, int) and not isinstance(v, bool) and (v <= 0 or (k.endswith(("_block_m", "_block_n", "_block_k", "_warps")) and v & (v - 1))):
@@ -325,11 +339,14 @@ def _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N: tl.co
 
 @triton.jit
 def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capacity, group_end_ptr, recv_ptr,
-                     recv_cum_ptr, rank, E,
+                     recv_cum_ptr, rank, E, sig_ptr,
+                     WAIT: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, MAX_SPIN: tl.constexpr,
                      HAS_SECOND: tl.constexpr, SKIP_OWN: tl.constexpr, PADS: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr,
                      L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
                      NPROG: tl.constexpr):
     pid = tl.program_id(0)
+    if WAIT:  # the "flags" sync: every other rank's push of this call has landed (kernels/signals.py)
+        wait_flags(sig_ptr, W, tl.load(sig_ptr + 2 * W), rank, TIMEOUT_PUSH_CODE, W, W_P, MAX_SPIN)
     e = tl.arange(0, L_P)
     ends = tl.load(group_end_ptr + e, mask=e < L, other=2147483647)
     end = tl.minimum(tl.max(tl.where(e < L, ends, 0), axis=0), capacity)
@@ -363,13 +380,15 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
 
 def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = None,
              out: torch.Tensor | None = None, out2: torch.Tensor | None = None, skip_own: bool = False,
-             pads: bool = True):
+             pads: bool = True, signals: torch.Tensor | None = None):
     """Copy rows ``[0, group_end_offsets[-1])`` of this rank's receive region ``src [cap, C]``
     (and of ``src2 [cap, C2]``, e.g. the scales, in the same launch) into new regular tensors
     (or into ``out [cap, C]`` / ``out2``), writing zeros for pad rows (``pads=False``: leave
     them); later rows are left unwritten. ``skip_own``: leave the rows this rank sent to itself
     (the push wrote them into ``out`` directly). The bound is read on the device: the cost is the rows received, not the
-    capacity. Returns ``dst`` or ``(dst, dst2)``."""
+    capacity. ``signals``: int32 ``[2W + 3]`` this rank's signal words: first wait for every
+    other rank's push flag of this call (the "flags" sync, :mod:`mxep.kernels.signals`).
+    Returns ``dst`` or ``(dst, dst2)``."""
     dst = torch.empty_like(src) if out is None else out
     dst2 = (torch.empty_like(src2) if out2 is None else out2) if src2 is not None else None
     R, C = src.shape
@@ -385,6 +404,9 @@ def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = Non
                                dst2 if dst2 is not None else d_arg, C2, R,
                                plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
                                plan.recv_cum, rank, plan.recv_cum.shape[1],
+                               signals if signals is not None else plan.recv_cum,
+                               WAIT=signals is not None, W=plan.recv_cum.shape[0],
+                               W_P=max(next_power_of_2(plan.recv_cum.shape[0]), 2), MAX_SPIN=max_spin(src.device.type),
                                HAS_SECOND=src2 is not None, SKIP_OWN=skip_own, PADS=pads, ALIGN=plan.align, L=L, L_P=max(next_power_of_2(L), 2),
                                BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(C)),
                                BLOCK_N2=min(block_n, next_power_of_2(C2)), NPROG=nprog,

@@ -1,0 +1,131 @@
+"""The "flags" sync of the forward dispatch (mxep/kernels/signals.py) on CPU: the plan kernel's
+counts exchange, the push kernel's completion flags and the copy-out's wait, run for real in the
+simulated world (Triton interpreter) and on the one-rank symmetric-memory transport. Outputs are
+checked bit for bit against the oracle, the signal words after every call, the timeouts of a
+rank that never arrives, and the host-side rules the ordering argument relies on."""
+import pytest
+import torch
+
+from _fused_cases import Case, check_dispatch, expected_combine
+
+from mxep.comm.layout import capacity_rows
+from mxep.comm.peer_memory import RegionLayout
+from mxep.comm.simulated import SimulatedWorld
+from mxep.comm.transport import SymmMemTransport
+from mxep.kernels.signals import TIMEOUT_COUNTS, TIMEOUT_PUSH, num_signal_words
+
+KINDS = ("uniform", "skewed", "one_expert", "empty_experts", "none")
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    from mxep.kernels.rows import TUNING
+
+    monkeypatch.setitem(TUNING, "sync", "flags")
+
+
+def expected_signals(world: int, rank: int, calls: int) -> list[int]:
+    """counts_flag: every rank raised it (itself included); push_flag: every other rank; seq;
+    ticket back at zero; status clean."""
+    push = [calls if s != rank else 0 for s in range(world)]
+    return [calls] * world + push + [calls, 0, 0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_flags_sync_simulated_world(world, flags):
+    """Several calls with changing routing (a rank that sends nothing, empty experts, odd sizes):
+    bit-exact outputs, and every rank's signal words name the call just finished."""
+    E, H, N = 3 * world, 96, 29
+    sim = SimulatedWorld(world, E, H, N, 16)
+    for it in range(4):
+        routing = tuple(KINDS[(it + r) % 5] for r in range(world))
+        rows = tuple(0 if k == "none" else 3 + (11 * it + 7 * r) % (N - 2) for r, k in enumerate(routing))
+        case = Case(world, E, H, N, 16, routing, rows, seed=300 + it)
+        counts, xs = case.inputs()
+        res = sim.dispatch(xs, counts)
+        for r in range(world):
+            check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+            assert sim.peers[r].signals.tolist() == expected_signals(world, r, it + 1)
+        # the combine (barrier-ordered in both modes) still reads the plan of a flags dispatch
+        _, outs, _ = case.upstream(sim.capacity)
+        for y, e in zip(sim.combine(outs, [x.handle for x in res]), expected_combine(case, outs, counts)):
+            assert torch.equal(y, e)
+
+
+def test_flags_timeout_when_a_rank_never_sends_its_counts(flags):
+    """Rank 0 never calls: rank 1's plan gives up after MAX_SPIN polls, reports it in the
+    status word (check_status raises, naming it) and writes nothing outside its buffers."""
+    sim = SimulatedWorld(2, 4, 64, 12, 32)
+    counts = [torch.tensor([3, 0, 5, 2], dtype=torch.int32), torch.tensor([1, 1, 1, 1], dtype=torch.int32)]
+    p0, p1 = sim.peers
+    before = p0.mem.clone()
+    p1.exchange_and_plan(counts[1], 32, "put")
+    p1.exchange_and_plan(counts[1], 32, "plan")
+    assert p1.status() == TIMEOUT_COUNTS
+    with pytest.raises(RuntimeError, match="counts"):
+        p1.check_status()
+    # rank 1 wrote only its count row and its counts flag into rank 0's allocation
+    changed = (p0.mem != before).nonzero().flatten()
+    W, E = 2, 4
+    allowed = set(range(1 * E * 4, 2 * E * 4)) | {p0.regions.signal_offset + 4 * 1 + i for i in range(4)}
+    assert set(changed.tolist()) <= allowed and len(changed) > 0
+    assert p0.status() == 0
+
+
+def test_flags_timeout_when_a_push_never_completes(flags):
+    """Both ranks plan; rank 0's push does not signal: rank 1's copy-out gives up and says so."""
+    sim = SimulatedWorld(2, 4, 64, 12, 32)
+    case = Case(2, 4, 64, 12, 32, ("uniform", "skewed"), (9, 12), seed=8)
+    counts, xs = case.inputs()
+    handles = sim.plan(counts, [9, 12])
+    p0, p1 = sim.peers
+    p0.push_mxfp8(xs[0], handles[0].plan, "rceil", signal=False)
+    out1 = p1.push_mxfp8(xs[1], handles[1].plan, "rceil", signal=True)
+    p1.copy_out_mxfp8(handles[1].plan, out1, wait=True)
+    assert p1.status() == TIMEOUT_PUSH and p0.status() == 0
+    with pytest.raises(RuntimeError, match="push"):
+        p1.check_status()
+
+
+def _one_rank_transport(E=6, H=64, N=20, align=32):
+    cap = capacity_rows(1, E, N, align)
+    return SymmMemTransport.over_local_memory(RegionLayout(1, E, H, N, cap))
+
+
+def test_flags_one_rank_transport_and_pairing_rules(flags):
+    """The symmetric-memory transport's own code path (one rank, CPU memory): outputs bit-exact
+    over calls, and the host refuses what the ordering argument does not cover: a second plan
+    before the first was dispatched, a handle dispatched twice, a stale handle."""
+    t = _one_rank_transport()
+    for it in range(3):
+        case = Case(1, 6, 64, 20, 32, (KINDS[it],), (7 + 5 * it,), seed=40 + it)
+        counts, xs = case.inputs()
+        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 32)
+        assert h.sync == "flags"
+        tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
+        check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
+        assert t.peer.signals.tolist() == expected_signals(1, 0, it + 1)
+        with pytest.raises(RuntimeError, match="already ran"):
+            t.dispatch_mxfp8(xs[0], h, "rceil")
+    c = counts[0].to(torch.int32)
+    first = t.plan(c, xs[0].shape[0], 32)
+    with pytest.raises(RuntimeError, match="never dispatched"):
+        t.plan(c, xs[0].shape[0], 32)
+    t.dispatch_mxfp8(xs[0], first, "rceil")
+    stale = first
+    t.plan(c, xs[0].shape[0], 32)
+    with pytest.raises(RuntimeError, match="already ran"):
+        t.dispatch_mxfp8(xs[0], stale, "rceil")
+
+
+def test_barrier_mode_refuses_a_second_dispatch_of_one_handle():
+    t = _one_rank_transport()
+    case = Case(1, 6, 64, 20, 32, ("skewed",), (13,), seed=2)
+    counts, xs = case.inputs()
+    h = t.plan(counts[0].to(torch.int32), 13, 32)
+    assert h.sync == "barrier"
+    tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
+    check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
+    with pytest.raises(RuntimeError, match="already ran"):
+        t.dispatch_mxfp8(xs[0], h, "rceil")
+    assert t.peer.signals.tolist() == [0] * num_signal_words(1)   # the barrier path leaves them alone
