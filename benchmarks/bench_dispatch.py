@@ -8,8 +8,9 @@ transfer ceilings, on every rank of one torchrun launch (one process group).
 
 Systems (names used in the JSON):
   mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync);
-                 ops dispatch_<sync>_sync / dispatch_graph_<sync>_sync: the dispatch with the
-                 non-default TUNING["sync"] (eager / CUDA graph);
+                 ops dispatch_<sync>_sync / dispatch_graph_<sync>_sync (combine_... likewise):
+                 the dispatch and push combine with the non-default TUNING["sync"] (eager /
+                 CUDA graph), outputs checked;
                  op combine_zero_copy: .combine of .combine_input() (expert outputs already in
                  the Buffer's region, pulled by the sources); op combine_<mode>_mode: .combine
                  of a regular expert_out with the non-default TUNING["combine_mode"]; ops
@@ -106,19 +107,23 @@ def main() -> None:
                        for c in configs for r in routings for pt in patterns)
         ceil, ceil_err = run("ceilings init", lambda: _ceilings.PeerCeilings(group, device, need()))
 
-    def bench_other_sync(sync, dispatch, record, extra, keep):
-        m, err = timed(dispatch, pipelined=True)
-        record("mxep", f"dispatch_{sync}_sync", "dispatch_mxfp8", m, err, **extra)
-        if device.type == "cuda" and args.pipelined_iters > 0:
-            graph, err = run("sync graph capture", lambda: capture_graph(dispatch))
-            m = None
-            if graph is not None:
-                m, err = run("sync graph", lambda: time_pipelined(graph.replay, device=device, group=group,
-                                                                  iters=args.pipelined_iters))
-            record("mxep", f"dispatch_graph_{sync}_sync", "dispatch_mxfp8", m, err, **extra)
-        res, err = run(f"mxep dispatch, sync={sync}", dispatch)
-        if res is not None:
-            keep["mxep_other_sync"] = res
+    def bench_other_sync(sync, dispatch, combine, record, extra, keep):
+        """The dispatch and the push combine with TUNING["sync"] = sync (set by the caller):
+        eager and CUDA-graph times, and one output of each for the check."""
+        for op, pat, fn in (("dispatch", "dispatch_mxfp8", dispatch), ("combine", "combine_bf16", combine)):
+            m, err = timed(fn, pipelined=True)
+            record("mxep", f"{op}_{sync}_sync", pat, m, err, **extra)
+            if device.type == "cuda" and args.pipelined_iters > 0:
+                graph, err = run(f"{op} sync={sync} graph capture", lambda: capture_graph(fn))
+                m = None
+                if graph is not None:
+                    m, err = run(f"{op} sync={sync} graph", lambda: time_pipelined(graph.replay, device=device,
+                                                                                   group=group, iters=args.pipelined_iters))
+                record("mxep", f"{op}_graph_{sync}_sync", pat, m, err, **extra)
+                graph = None
+            out, err = run(f"mxep {op}, sync={sync}", fn)
+            if out is not None:
+                keep[f"mxep_{op}_other_sync"] = out
 
     with torch.no_grad():
         for cfg in configs:
@@ -192,11 +197,12 @@ def main() -> None:
                         # the signal flags of kernels/signals.py), same run, same inputs; its output
                         # is checked against the unfused pipeline's below. Symmetric memory only:
                         # the collective path has no sync modes.
-                        if buf.transport_name == "symm_mem":
+                        if buf.transport_name == "symm_mem" and res is not None:
                             other_sync = "flags" if TUNING["sync"] == "barrier" else "barrier"
                             saved_sync, TUNING["sync"] = TUNING["sync"], other_sync
                             try:
-                                bench_other_sync(other_sync, lambda: buf.dispatch(x, counts), record, extra, keep)
+                                bench_other_sync(other_sync, lambda: buf.dispatch(x, counts),
+                                                 lambda: buf.combine(eo, res.handle), record, extra, keep)
                             finally:
                                 TUNING["sync"] = saved_sync
                         # CUDA-graph replay, back to back: the per-call time of a captured step,
@@ -253,11 +259,13 @@ def main() -> None:
                             bad.append("combine")
                         if not torch.equal(y0, y2):
                             bad.append("combine_zero_copy")
-                        if "mxep_other_sync" in keep:
-                            o = keep["mxep_other_sync"].tokens
+                        if "mxep_dispatch_other_sync" in keep:
+                            o = keep["mxep_dispatch_other_sync"].tokens
                             if not (torch.equal(o.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8))
                                     and torch.equal(o.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8))):
                                 bad.append("dispatch_other_sync")
+                        if "mxep_combine_other_sync" in keep and not torch.equal(keep["mxep_combine_other_sync"], y2):
+                            bad.append("combine_other_sync")
                         return "ok" if not bad else "mismatch: " + ",".join(bad)
                     out, err = run("check", check)
                     verdicts = gather(out)

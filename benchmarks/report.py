@@ -79,7 +79,8 @@ def derive(records: list[dict], nvlink_gbps: float = 450.0) -> list[dict]:
     op_order = {"dispatch": 0, "combine": 1, "combine_zero_copy": 1.5, "combine_pull_mode": 1.6, "combine_push_mode": 1.6,
                 "dispatch_graph": 1.7, "combine_graph": 1.8,
                 "dispatch_flags_sync": 0.3, "dispatch_barrier_sync": 0.3, "dispatch_graph_flags_sync": 1.75,
-                "dispatch_graph_barrier_sync": 1.75, "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
+                "dispatch_graph_barrier_sync": 1.75, "combine_flags_sync": 1.3, "combine_barrier_sync": 1.3,
+                "combine_graph_flags_sync": 1.85, "combine_graph_barrier_sync": 1.85, "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
     rows.sort(key=lambda r: _case_sort(_case_key(r)) + (op_order.get(r.get("op"), 9), order.get(r["system"], 99)))
     return rows
 

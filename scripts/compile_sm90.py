@@ -101,9 +101,12 @@ def drive() -> None:
         for mode in ("rceil", "floor"):
             sim = SimulatedWorld(W, E, H, N, align, mode)
             res = sim.dispatch(xs, counts)
-        TUNING["sync"] = "flags"   # the plan kernel's two halves, the signalling push and copy-out
+        TUNING["sync"] = "flags"   # the plan kernel's two halves, the signalling pushes and copy-outs
         try:
-            SimulatedWorld(W, E, H, N, align).dispatch(xs, counts)
+            fsim = SimulatedWorld(W, E, H, N, align)
+            fres = fsim.dispatch(xs, counts)
+            fsim.combine([torch.zeros(fsim.capacity, H, dtype=torch.bfloat16) for _ in range(W)],
+                         [r.handle for r in fres], mode="push")
         finally:
             TUNING["sync"] = "barrier"
         handles = [r.handle for r in res]

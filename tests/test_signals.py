@@ -1,8 +1,9 @@
-"""The "flags" sync of the forward dispatch (mxep/kernels/signals.py) on CPU: the plan kernel's
-counts exchange, the push kernel's completion flags and the copy-out's wait, run for real in the
-simulated world (Triton interpreter) and on the one-rank symmetric-memory transport. Outputs are
-checked bit for bit against the oracle, the signal words after every call, the timeouts of a
-rank that never arrives, and the host-side rules the ordering argument relies on."""
+"""The "flags" sync (mxep/kernels/signals.py) on CPU: for the forward dispatch, the plan kernel's
+counts exchange, the push kernel's completion flags and the copy-out's wait; for the push
+combine, the free and completion flags. Run for real in the simulated world (Triton
+interpreter) and on the one-rank symmetric-memory transport. Outputs are checked bit for bit
+against the oracle, the signal words after every call, the timeouts of a rank that never
+arrives, and the host-side rules the ordering argument relies on."""
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from mxep.comm.layout import capacity_rows
 from mxep.comm.peer_memory import RegionLayout
 from mxep.comm.simulated import SimulatedWorld
 from mxep.comm.transport import SymmMemTransport
-from mxep.kernels.signals import TIMEOUT_COUNTS, TIMEOUT_PUSH, num_signal_words
+from mxep.kernels.signals import (TIMEOUT_COMBINE_DONE, TIMEOUT_COMBINE_FREE, TIMEOUT_COUNTS, TIMEOUT_PUSH,
+                                  num_signal_words)
 
 KINDS = ("uniform", "skewed", "one_expert", "empty_experts", "none")
 
@@ -24,11 +26,12 @@ def flags(monkeypatch):
     monkeypatch.setitem(TUNING, "sync", "flags")
 
 
-def expected_signals(world: int, rank: int, calls: int) -> list[int]:
-    """counts_flag: every rank raised it (itself included); push_flag: every other rank; seq;
-    ticket back at zero; status clean."""
-    push = [calls if s != rank else 0 for s in range(world)]
-    return [calls] * world + push + [calls, 0, 0]
+def expected_signals(world: int, rank: int, dispatches: int, combines: int = 0) -> list[int]:
+    """counts_flag: every rank raised it (itself included); push_flag, cfree_flag, cdone_flag:
+    every other rank; seq; cseq; ticket back at zero; status clean."""
+    def others(v):
+        return [v if s != rank else 0 for s in range(world)]
+    return [dispatches] * world + others(dispatches) + others(combines) * 2 + [dispatches, combines, 0, 0]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -45,11 +48,17 @@ def test_flags_sync_simulated_world(world, flags):
         res = sim.dispatch(xs, counts)
         for r in range(world):
             check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
-            assert sim.peers[r].signals.tolist() == expected_signals(world, r, it + 1)
-        # the combine (barrier-ordered in both modes) still reads the plan of a flags dispatch
+            assert sim.peers[r].signals.tolist() == expected_signals(world, r, it + 1, 2 * it)
+        # the push combine with free / completion flags (twice per dispatch: the region is reused)
         _, outs, _ = case.upstream(sim.capacity)
-        for y, e in zip(sim.combine(outs, [x.handle for x in res]), expected_combine(case, outs, counts)):
+        for _ in range(2):
+            for y, e in zip(sim.combine(outs, [x.handle for x in res]), expected_combine(case, outs, counts)):
+                assert torch.equal(y, e)
+        # the pull combine keeps its barrier and leaves the words alone
+        for y, e in zip(sim.combine(outs, [x.handle for x in res], mode="pull"), expected_combine(case, outs, counts)):
             assert torch.equal(y, e)
+        for r in range(world):
+            assert sim.peers[r].signals.tolist() == expected_signals(world, r, it + 1, 2 * (it + 1))
 
 
 def test_flags_timeout_when_a_rank_never_sends_its_counts(flags):
@@ -68,6 +77,7 @@ def test_flags_timeout_when_a_rank_never_sends_its_counts(flags):
     changed = (p0.mem != before).nonzero().flatten()
     W, E = 2, 4
     allowed = set(range(1 * E * 4, 2 * E * 4)) | {p0.regions.signal_offset + 4 * 1 + i for i in range(4)}
+    assert W == p0.regions.world_size
     assert set(changed.tolist()) <= allowed and len(changed) > 0
     assert p0.status() == 0
 
@@ -85,6 +95,35 @@ def test_flags_timeout_when_a_push_never_completes(flags):
     assert p1.status() == TIMEOUT_PUSH and p0.status() == 0
     with pytest.raises(RuntimeError, match="push"):
         p1.check_status()
+
+
+def test_flags_combine_timeouts(flags):
+    """A source that never frees its combine region stalls the owners' next push; an owner
+    whose push never completes stalls the sources' copy-out. Both report, neither hangs."""
+    sim = SimulatedWorld(2, 4, 64, 12, 32)
+    case = Case(2, 4, 64, 12, 32, ("uniform", "skewed"), (9, 12), seed=8)
+    counts, xs = case.inputs()
+    res = sim.dispatch(xs, counts)
+    _, outs, _ = case.upstream(sim.capacity)
+    p0, p1 = sim.peers
+    h0, h1 = (r.handle.plan for r in res)
+    # combine 1: rank 0 never copies out (so never frees); rank 1 does
+    o0 = p0.push_bf16_combine(outs[0], h0, 9, signal=True)
+    o1 = p1.push_bf16_combine(outs[1], h1, 12, signal=True)
+    p1.copy_out_combine(h1, o1, signal=True)
+    assert p0.status() == 0 and p1.status() == 0
+    # combine 2 on rank 1: its push waits for rank 0's free flag of combine 1, gives up, and
+    # (the kernel runs to its end) still raises its completion flag
+    p1.push_bf16_combine(outs[1], h1, 12, signal=True)
+    assert p1.status() == TIMEOUT_COMBINE_FREE
+    # rank 0: copy-outs of combines 1 and 2 find their flags; combine 3 was never pushed
+    p0.copy_out_combine(h0, o0, signal=True)
+    p0.copy_out_combine(h0, o0, signal=True)
+    assert p0.status() == 0 and p0.signal_word("cseq") == 2
+    p0.copy_out_combine(h0, o0, signal=True)
+    assert p0.status() == TIMEOUT_COMBINE_DONE
+    with pytest.raises(RuntimeError, match="combine copy-out"):
+        p0.check_status()
 
 
 def _one_rank_transport(E=6, H=64, N=20, align=32):
@@ -129,3 +168,27 @@ def test_barrier_mode_refuses_a_second_dispatch_of_one_handle():
     with pytest.raises(RuntimeError, match="already ran"):
         t.dispatch_mxfp8(xs[0], h, "rceil")
     assert t.peer.signals.tolist() == [0] * num_signal_words(1)   # the barrier path leaves them alone
+
+
+def test_flags_combine_after_a_barrier_combine_puts_one_barrier_first(monkeypatch):
+    """A barrier-ordered combine's copy-out raises no free flag, so the first flags combine
+    after it starts with a barrier; flags after flags need none; the words count flags combines."""
+    from mxep.kernels.rows import TUNING
+
+    t = _one_rank_transport()
+    barriers = []
+    t._barrier = lambda: barriers.append(1)
+    case = Case(1, 6, 64, 20, 32, ("skewed",), (17,), seed=6)
+    counts, xs = case.inputs()
+    h = t.plan(counts[0].to(torch.int32), 17, 32)
+    t.dispatch_mxfp8(xs[0], h, "rceil")
+    _, outs, _ = case.upstream(t.peer.regions.capacity)
+    exp = expected_combine(case, outs, counts)[0]
+    seen = []
+    for sync in ("barrier", "flags", "flags", "barrier", "flags"):
+        monkeypatch.setitem(TUNING, "sync", sync)
+        before = len(barriers)
+        assert torch.equal(t.combine_bf16(outs[0], h), exp)
+        seen.append(len(barriers) - before)
+    assert seen == [2, 1, 0, 2, 1]
+    assert t.peer.signal_word("cseq") == 3 and t.peer.status() == 0

@@ -24,6 +24,10 @@ def test_every_kernel_compiles_for_sm90():
                 for line in proc.stdout.splitlines() if line.startswith("ordering ops in ")}
     for name, needed in (("_plan_kernel", ("atom.global.sys.release.exch.b32", "ld.global.sys.acquire.b32")),
                          ("_dispatch_push_kernel", ("atom.global.sys.acq_rel.add.u32", "atom.global.sys.release.exch.b32")),
-                         ("_copy_out_kernel", ("ld.global.sys.acquire.b32",))):
+                         ("_copy_out_kernel", ("ld.global.sys.acquire.b32",)),
+                         ("_combine_push_kernel", ("ld.global.sys.acquire.b32", "atom.global.sys.acq_rel.add.u32",
+                                                   "atom.global.sys.release.exch.b32")),
+                         ("_combine_gather_kernel", ("ld.global.sys.acquire.b32", "atom.global.sys.acq_rel.add.u32",
+                                                     "atom.global.sys.release.exch.b32"))):
         for op in needed + ("bar.sync",):
             assert op in ordering.get(name, ()), f"{name}: {op} missing from {ordering.get(name)}"

@@ -53,7 +53,7 @@ class Buffer:
             counts; with ``TUNING["sync"] == "flags"``, no wait timed out on the device). Off by
             default: the hot path never waits on the GPU.
 
-    Memory (symmetric, per rank, ``transport == "symm_mem"``): ``W*E*4 + 4*(2W+3) + max(cap*(H + H/32),
+    Memory (symmetric, per rank, ``transport == "symm_mem"``): ``W*E*4 + 4*(4W+4) + max(cap*(H + H/32),
     2*cap*H) + 2*N*H`` bytes (see ``symm_bytes``). Each dispatch also allocates its output
     (``cap * (H + H/32)`` bytes, of which the received rows are written).
 
@@ -179,7 +179,10 @@ class Buffer:
         return self.transport.dispatch_bf16(src.contiguous(), handle)
 
     def combine_raw(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        return self.transport.combine_bf16(expert_out.contiguous(), handle)
+        out = self.transport.combine_bf16(expert_out.contiguous(), handle)
+        if self.debug:
+            self.transport.check()   # debug-only: host sync (a timed-out wait of the "flags" sync)
+        return out
 
     # ------------------------------------------------------------------ public, differentiable
     def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> DispatchResult:

@@ -4,7 +4,7 @@ One allocation per rank (symmetric memory on GPUs; a plain tensor per simulated 
 allocated once for the true worst case and cut into regions (byte offsets, 256-byte aligned)::
 
     counts     int32 [W, E]              row s = source s's num_tokens_per_expert
-    signals    int32 [2W + 3]            flags of the "flags" sync (kernels/signals.py); zero at creation
+    signals    int32 [4W + 4]            flags of the "flags" sync (kernels/signals.py); zero at creation
     dispatch   uint8 [cap+1, H]          MXFP8 data    } the forward dispatch writes these
                uint8 [cap+1, H/32]       e8m0 scales   }
                bf16  [cap+1, H]          (aliases the above) combine-backward writes bf16 here
@@ -23,7 +23,7 @@ import torch
 from mxep.kernels.dispatch import dispatch_push
 from mxep.kernels.plan import CountsExchange, DispatchPlan, compute_plan
 from mxep.kernels.rows import combine_copy_out, combine_pull, combine_push, copy_out, put_counts
-from mxep.kernels.signals import describe_status, num_signal_words
+from mxep.kernels.signals import describe_status, num_signal_words, word_index
 
 __all__ = ["RegionLayout", "PeerMemory"]
 
@@ -153,7 +153,11 @@ class PeerMemory:
 
     def status(self) -> int:
         """Non-zero if a wait of the "flags" sync timed out (host sync: debug mode only)."""
-        return int(self.signals[-1])
+        return int(self.signals[word_index(self.regions.world_size, "status")])
+
+    def signal_word(self, name: str) -> int:
+        """``seq``, ``cseq``, ``ticket`` or ``status`` (host sync: tests and debugging)."""
+        return int(self.signals[word_index(self.regions.world_size, name)])
 
     def check_status(self) -> None:
         st = self.status()   # debug-only: host sync
@@ -179,12 +183,14 @@ class PeerMemory:
         dispatch_push(src, plan, self.rank, cap, self.dispatch_bf16, None, self.delta_bf16, None, out, None)
         return out
 
-    def push_bf16_combine(self, src: torch.Tensor, plan: DispatchPlan, n: int) -> torch.Tensor:
+    def push_bf16_combine(self, src: torch.Tensor, plan: DispatchPlan, n: int, signal: bool = False) -> torch.Tensor:
         """Push rows back to their sources; returns this rank's combine output ``[n, H]``,
-        holding, so far, the rows of its own tokens that its own experts produced."""
+        holding, so far, the rows of its own tokens that its own experts produced. ``signal``:
+        first wait for every source's free flag, raise this rank's completion flag at the end."""
         out = _new_output((n, self.regions.hidden), torch.bfloat16, src.device)
         combine_push(src, plan, self.rank, self.regions.max_tokens_per_rank, self.regions.capacity,
-                     self.combine_bf16, self.delta_bf16, out)
+                     self.combine_bf16, self.delta_bf16, out,
+                     signals=(self.signals, self.delta_i32) if signal else None)
         return out
 
     # --- local phases after the barrier: the rows other ranks stored here go into the outputs;
@@ -201,8 +207,10 @@ class PeerMemory:
         return copy_out(self.dispatch_bf16[: self.regions.capacity], plan, self.rank, out=out, skip_own=True,
                         pads=False)
 
-    def copy_out_combine(self, plan: DispatchPlan, out: torch.Tensor) -> torch.Tensor:
-        return combine_copy_out(self.combine_bf16, plan, self.rank, out, self.regions.capacity)
+    def copy_out_combine(self, plan: DispatchPlan, out: torch.Tensor, signal: bool = False) -> torch.Tensor:
+        """``signal``: wait for every owner's completion flag first, raise this rank's free flag after."""
+        return combine_copy_out(self.combine_bf16, plan, self.rank, out, self.regions.capacity,
+                                signals=(self.signals, self.delta_i32) if signal else None)
 
     # --- pull combine: owners expose their expert outputs in the dispatch region, sources read --
     @property

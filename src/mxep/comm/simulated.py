@@ -90,10 +90,11 @@ class SimulatedWorld:
         ``"pull"`` (owners stage into their own region unless ``expert_outs[r]`` is already
         :meth:`combine_inputs` ``[r]``, then sources read). Same bytes either way."""
         if mode == "push":
-            outs = [p.push_bf16_combine(expert_outs[r].contiguous(), h.plan, h.num_rows)
+            flags = TUNING["sync"] == "flags"   # free / completion flags instead of the barriers
+            outs = [p.push_bf16_combine(expert_outs[r].contiguous(), h.plan, h.num_rows, signal=flags)
                     for r, (p, h) in enumerate(zip(self.peers, handles))]
-            # ---- barrier ----
-            return [p.copy_out_combine(h.plan, o) for p, h, o in zip(self.peers, handles, outs)]
+            # ---- barrier (or: each copy-out waits for the owners' completion flags) ----
+            return [p.copy_out_combine(h.plan, o, signal=flags) for p, h, o in zip(self.peers, handles, outs)]
         if mode != "pull":
             raise ValueError(f"mode must be 'push' or 'pull', got {mode!r}")
         for r, (p, h) in enumerate(zip(self.peers, handles)):

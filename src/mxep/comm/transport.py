@@ -121,6 +121,7 @@ class SymmMemTransport(Transport):
         self.peer.clear_signals()
         self.handle.barrier(channel=0)
         self._unpushed: DispatchHandle | None = None   # "flags" sync: the plan awaiting its dispatch
+        self._combine_sync: str | None = None          # how the last push combine was ordered
 
     @classmethod
     def over_local_memory(cls, regions: RegionLayout, device: torch.device | str = "cpu",
@@ -136,6 +137,7 @@ class SymmMemTransport(Transport):
         self.peer = PeerMemory(mem, [mem.data_ptr()], 0, regions)
         self.peer.clear_signals()
         self._unpushed = None
+        self._combine_sync = None
         self._barrier = lambda: None
         return self
 
@@ -202,6 +204,16 @@ class SymmMemTransport(Transport):
             self.peer.stage_combine_input(src, handle.plan)
             self._barrier()
             return self.peer.pull_combine(handle.plan, handle.num_rows)
+        if TUNING["sync"] == "flags":
+            # Two launches, no barrier: the push waits for every source's free flag of the
+            # previous combine, the copy-out for every owner's completion flag (kernels/signals.py).
+            # A barrier-ordered copy-out raised no free flag: one barrier after it.
+            if self._combine_sync == "barrier":
+                self._barrier()
+            self._combine_sync = "flags"
+            out = self.peer.push_bf16_combine(src, handle.plan, handle.num_rows, signal=True)
+            return self.peer.copy_out_combine(handle.plan, out, signal=True)
+        self._combine_sync = "barrier"
         self._barrier()  # entry: sources are done with their combine region
         out = self.peer.push_bf16_combine(src, handle.plan, handle.num_rows)
         self._barrier()

@@ -15,7 +15,9 @@ from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
 from mxep.kernels.plan import DispatchPlan, route_rows
 from mxep.kernels.quantize import use_hw_cast
 from mxep.kernels.rows import TUNING, num_persistent_programs, order_flags, work_item, work_steps
-from mxep.kernels.signals import finish_push
+from mxep.kernels.signals import PUSH_FLAG, finish_program, seq_word
+
+_PUSH_FLAG = tl.constexpr(PUSH_FLAG)
 
 __all__ = ["dispatch_push"]
 
@@ -102,7 +104,7 @@ def _dispatch_push_kernel(
             tl.store(out_data_ptr + own_off[:, None] + cols[None, :], raw, mask=m_own)
         u += NPROG
     if SIGNAL:  # the "flags" sync: the last program to finish tells every owner (kernels/signals.py)
-        finish_push(sig_ptr, sig_delta_ptr, rank, W, W_P, NPROG)
+        finish_program(sig_ptr, sig_delta_ptr, rank, _PUSH_FLAG, tl.load(sig_ptr + seq_word(W)), W, W_P, NPROG, False)
 
 
 @triton.jit

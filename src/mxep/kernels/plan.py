@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 
 from mxep.kernels._host import next_power_of_2
-from mxep.kernels.signals import TIMEOUT_COUNTS, max_spin, signal_ranks, wait_flags
+from mxep.kernels.signals import COUNTS_FLAG, TIMEOUT_COUNTS, max_spin, seq_word, signal_ranks, wait_flags
 
-TIMEOUT_COUNTS_CODE = tl.constexpr(TIMEOUT_COUNTS)
+_COUNTS_FLAG = tl.constexpr(COUNTS_FLAG)
+_TIMEOUT_COUNTS = tl.constexpr(TIMEOUT_COUNTS)
 
 __all__ = ["DispatchPlan", "CountsExchange", "compute_plan"]
 
@@ -49,15 +50,15 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     m2 = (s < W)[:, None] & (g < E)[None, :]
     offs = s[:, None] * E + g[None, :]
     if PUT or WAIT:
-        e = tl.load(sig_ptr + 2 * W) + 1    # this call's number (seq is raised below, by PLAN)
+        e = tl.load(sig_ptr + seq_word(W)) + 1    # this call's number (seq is raised below, by PLAN)
     if PUT:
         mine = tl.load(my_counts_ptr + g, mask=g < E, other=0)
         delta = tl.load(delta_ptr + s, mask=s < W, other=0)
         tl.store(counts_ptr + delta[:, None] + rank * E + g[None, :], mine[None, :] + tl.zeros([W_P, E_P], tl.int32),
                  mask=m2)
-        signal_ranks(sig_ptr, delta_ptr, rank, e, -1, W, W_P)
+        signal_ranks(sig_ptr, delta_ptr, _COUNTS_FLAG * W + rank, e, -1, W, W_P)
     if WAIT:
-        wait_flags(sig_ptr, 0, e, -1, TIMEOUT_COUNTS_CODE, W, W_P, MAX_SPIN)
+        wait_flags(sig_ptr, _COUNTS_FLAG, e, -1, _TIMEOUT_COUNTS, W, MAX_SPIN)
     if not PLAN:
         return
     # volatile: peers wrote these rows; never serve them from a stale L1 line
@@ -84,7 +85,7 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     tl.store(group_end_ptr + g, group_end, mask=g < E)
     tl.store(recv_ptr + g, recv, mask=g < E)
     if WAIT:
-        tl.store(sig_ptr + 2 * W, e)
+        tl.store(sig_ptr + seq_word(W), e)
 
 
 class DispatchPlan:
@@ -150,7 +151,7 @@ class CountsExchange(NamedTuple):
     Attributes:
         my_counts: int32 ``[E]`` this rank's num_tokens_per_expert.
         delta_i32: int64 ``[W]`` every rank's allocation minus this one's, in int32 elements.
-        signals: int32 ``[2W + 3]`` this rank's signal words (kernels/signals.py).
+        signals: int32 ``[4W + 4]`` this rank's signal words (kernels/signals.py).
         rank: this rank.
     """
 

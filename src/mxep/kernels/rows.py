@@ -22,9 +22,12 @@ import triton.language as tl
 from mxep.kernels._host import cdiv, next_power_of_2
 
 from mxep.kernels.plan import route_rows
-from mxep.kernels.signals import TIMEOUT_PUSH, max_spin, wait_flags
+from mxep.kernels.signals import (CDONE_FLAG, CFREE_FLAG, PUSH_FLAG, TIMEOUT_COMBINE_DONE, TIMEOUT_COMBINE_FREE,
+                                  TIMEOUT_PUSH, cseq_word, finish_program, max_spin, seq_word, wait_flags)
 
-TIMEOUT_PUSH_CODE = tl.constexpr(TIMEOUT_PUSH)
+_PUSH_FLAG, _CFREE_FLAG, _CDONE_FLAG = tl.constexpr(PUSH_FLAG), tl.constexpr(CFREE_FLAG), tl.constexpr(CDONE_FLAG)
+_TIMEOUT_PUSH = tl.constexpr(TIMEOUT_PUSH)
+_TIMEOUT_COMBINE_FREE, _TIMEOUT_COMBINE_DONE = tl.constexpr(TIMEOUT_COMBINE_FREE), tl.constexpr(TIMEOUT_COMBINE_DONE)
 
 __all__ = ["combine_push", "combine_pull", "combine_copy_out", "copy_out", "put_counts", "num_persistent_programs", "TUNING"]
 
@@ -152,9 +155,10 @@ def num_persistent_programs(device: torch.device, per_sm: int | None = None) -> 
 def _combine_push_kernel(
     src_ptr, H, rank, N, capacity,
     row_base_ptr, src_end_ptr, E,
-    dst_base_ptr, dst_delta_ptr, out_ptr,
+    dst_base_ptr, dst_delta_ptr, out_ptr, sig_ptr, sig_delta_ptr,
     W: tl.constexpr, W_P: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr, STAGGER: tl.constexpr,
     SPREAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
+    FLAGS: tl.constexpr, MAX_SPIN: tl.constexpr,
 ):
     # The owner walks the rows it received, source by source: source s sent it its rows
     # [lo[s], hi[s]) (its rows for this owner's experts, contiguous since sources sort by
@@ -165,6 +169,9 @@ def _combine_push_kernel(
     # tokens last) so that the owners store into distinct sources at every moment; SPREAD walks
     # the list interleaved (work_item) so that every owner stores into all sources at once.
     pid = tl.program_id(0)
+    if FLAGS:  # the "flags" sync (kernels/signals.py): every source has copied out the previous combine
+        c = tl.load(sig_ptr + cseq_word(W)) + 1
+        wait_flags(sig_ptr, _CFREE_FLAG, c - 1, rank, _TIMEOUT_COMBINE_FREE, W, MAX_SPIN)
     s_idx = tl.arange(0, W_P)
     sm = s_idx < W
     hi = tl.load(src_end_ptr + s_idx * E + (rank + 1) * L - 1, mask=sm, other=0)
@@ -208,19 +215,26 @@ def _combine_push_kernel(
             tl.store(out_ptr + own_off[:, None] + cols[None, :], v, mask=(ok & own)[:, None] & cm)
             c0 += BLOCK_N
         u += NPROG
+    if FLAGS:  # the last program to finish tells every source its rows are there
+        finish_program(sig_ptr, sig_delta_ptr, rank, _CDONE_FLAG, c, W, W_P, NPROG, False)
 
 
 def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, capacity: int,
-                 dst_base: torch.Tensor, dst_delta: torch.Tensor, out: torch.Tensor) -> None:
+                 dst_base: torch.Tensor, dst_delta: torch.Tensor, out: torch.Tensor,
+                 signals: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Owner side of the combine: every row of this rank's dispatch layout ``src [cap, H]`` that
     holds a real token goes back to row ``i`` of its source's ``dst_base [N + 1, H]`` region
     (rank r's at ``dst_base + dst_delta[r]`` elements), or, for this rank's own tokens, straight
     into row ``i`` of ``out [n, H]`` (this rank's combine output). Pad rows are never read; the
-    work is the rows this rank received (bound read on the device), not ``W * N``."""
+    work is the rows this rank received (bound read on the device), not ``W * N``.
+
+    ``signals`` (the "flags" sync, :mod:`mxep.kernels.signals`): ``(words, delta_i32)``; wait
+    until every source has copied out the previous combine, and raise this rank's completion
+    flag on every source at the end. None: the caller orders the phases with barriers."""
     H = src.shape[1]
     W, E = plan.src_end.shape
     L = E // W
-    if max_tokens_per_rank == 0 or capacity == 0:
+    if (max_tokens_per_rank == 0 or capacity == 0) and signals is None:
         return
     block_m, block_n = TUNING["combine_block_m"], TUNING["combine_block_n"]
     nprog = min(num_persistent_programs(src.device), cdiv(capacity, block_m))
@@ -230,10 +244,11 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
     stagger, spread = order_flags()
     _combine_push_kernel[(nprog,)](
         src_arg, H, rank, max_tokens_per_rank, capacity, plan.row_base, plan.src_end, E,
-        dst_arg, dst_delta, out_arg,
+        dst_arg, dst_delta, out_arg, *(signals if signals is not None else (plan.recv, dst_delta)),
         W=W, W_P=max(next_power_of_2(W), 2), L=L, E_P=max(next_power_of_2(E), 2),
         STAGGER=stagger, SPREAD=spread,
         BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)), NPROG=nprog,
+        FLAGS=signals is not None, MAX_SPIN=max_spin(src.device.type),
         num_warps=TUNING["combine_warps"],
     )
 
@@ -241,9 +256,10 @@ def combine_push(src: torch.Tensor, plan, rank: int, max_tokens_per_rank: int, c
 @triton.jit
 def _combine_gather_kernel(
     src_base_ptr, src_delta_ptr, out_ptr, n_rows, H, rank, capacity,
-    row_base_ptr, src_end_ptr, E,
+    row_base_ptr, src_end_ptr, E, sig_ptr, sig_delta_ptr,
     FROM_OWNERS: tl.constexpr, STAGGER: tl.constexpr, SPREAD: tl.constexpr, L: tl.constexpr, E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPROG: tl.constexpr,
+    FLAGS: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, MAX_SPIN: tl.constexpr,
 ):
     # The source side of the combine, writing out[i] for this rank's rows i. Row i went to
     # expert g on owner g // L, at row row_base[rank, g] + i of the owner's dispatch layout (the
@@ -252,10 +268,15 @@ def _combine_gather_kernel(
     # else (after the push combine): read row i of the local combine region, for rows that came
     #   from other owners; rows of this rank's own experts were written into out by the push.
     # Rows with an invalid route (inconsistent counts) read nothing and come out zero.
+    # FLAGS (after a "flags" push combine, kernels/signals.py): wait for every owner's completion
+    # flag first; the last program to finish frees this rank's combine region for the next one.
     # Order (pull; TUNING["peer_order"]): STAGGER starts at the first row owned by rank + 1,
     # wrapping around, so that the sources read from distinct owners at every moment; SPREAD
     # interleaves the walk (work_item) so that every source reads from all owners at once.
     pid = tl.program_id(0)
+    if FLAGS:
+        c = tl.load(sig_ptr + cseq_word(W)) + 1
+        wait_flags(sig_ptr, _CDONE_FLAG, c, rank, _TIMEOUT_COMBINE_DONE, W, MAX_SPIN)
     num_blocks = tl.cdiv(n_rows, BLOCK_M)
     rot = 0
     if STAGGER:
@@ -287,22 +308,27 @@ def _combine_gather_kernel(
             tl.store(out_ptr + out_off[:, None] + cols[None, :], v, mask=write[:, None] & cm)
             c0 += BLOCK_N
         u += NPROG
+    if FLAGS:
+        finish_program(sig_ptr, sig_delta_ptr, rank, _CFREE_FLAG, c, W, W_P, NPROG, True)
 
 
-def _combine_gather(src_base, src_delta, plan, rank, out, capacity, from_owners, knobs):
+def _combine_gather(src_base, src_delta, plan, rank, out, capacity, from_owners, knobs, signals=None):
     n, H = out.shape
     W, E = plan.src_end.shape
-    if n == 0:
+    if n == 0 and signals is None:
         return out
     block_m, block_n, warps, per_sm = (TUNING[k] for k in knobs)
     stagger, spread = order_flags()
-    nprog = min(num_persistent_programs(out.device, per_sm), cdiv(n, block_m))
+    # with signals, even a rank with no rows launches: its free flags must go up
+    nprog = max(1, min(num_persistent_programs(out.device, per_sm), cdiv(n, block_m)))
     _combine_gather_kernel[(nprog,)](
         src_base.view(torch.int16), src_delta, out.view(torch.int16), n, H, rank, capacity,
-        plan.row_base, plan.src_end, E, FROM_OWNERS=from_owners,
+        plan.row_base, plan.src_end, E, *(signals if signals is not None else (plan.recv, src_delta)),
+        FROM_OWNERS=from_owners,
         STAGGER=from_owners and stagger, SPREAD=spread if from_owners else 1, L=E // W,
         E_P=max(next_power_of_2(E), 2), BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(H)),
-        NPROG=nprog, num_warps=warps,
+        NPROG=nprog, FLAGS=signals is not None, W=W, W_P=max(next_power_of_2(W), 2),
+        MAX_SPIN=max_spin(out.device.type), num_warps=warps,
     )
     return out
 
@@ -316,13 +342,16 @@ def combine_pull(src_base: torch.Tensor, src_delta: torch.Tensor, plan, rank: in
                            ("pull_block_m", "pull_block_n", "pull_warps", "pull_programs_per_sm"))
 
 
-def combine_copy_out(region: torch.Tensor, plan, rank: int, out: torch.Tensor, capacity: int) -> torch.Tensor:
+def combine_copy_out(region: torch.Tensor, plan, rank: int, out: torch.Tensor, capacity: int,
+                     signals: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Source side of the push combine, after its barrier: copy the rows that other owners
     stored in this rank's combine region ``region [>= n, H]`` into ``out [n, H]``; rows of this
-    rank's own experts are already there (written by :func:`combine_push`)."""
-    # (no peer addressing on this path: plan.row_base only fills the unused delta argument)
+    rank's own experts are already there (written by :func:`combine_push`). ``signals``
+    (``(words, delta_i32)``, the "flags" sync): instead of a barrier before, wait for every
+    owner's completion flag; afterwards raise this rank's free flag on every owner."""
+    # (no peer addressing of rows on this path: plan.row_base only fills the unused delta argument)
     return _combine_gather(region, plan.row_base, plan, rank, out, capacity, False,
-                           ("copy_block_m", "copy_block_n", "copy_warps", "programs_per_sm"))
+                           ("copy_block_m", "copy_block_n", "copy_warps", "programs_per_sm"), signals)
 
 
 @triton.jit
@@ -340,13 +369,13 @@ def _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, live, BLOCK_N: tl.co
 @triton.jit
 def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capacity, group_end_ptr, recv_ptr,
                      recv_cum_ptr, rank, E, sig_ptr,
-                     WAIT: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, MAX_SPIN: tl.constexpr,
+                     WAIT: tl.constexpr, W: tl.constexpr, MAX_SPIN: tl.constexpr,
                      HAS_SECOND: tl.constexpr, SKIP_OWN: tl.constexpr, PADS: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr,
                      L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
                      NPROG: tl.constexpr):
     pid = tl.program_id(0)
     if WAIT:  # the "flags" sync: every other rank's push of this call has landed (kernels/signals.py)
-        wait_flags(sig_ptr, W, tl.load(sig_ptr + 2 * W), rank, TIMEOUT_PUSH_CODE, W, W_P, MAX_SPIN)
+        wait_flags(sig_ptr, _PUSH_FLAG, tl.load(sig_ptr + seq_word(W)), rank, _TIMEOUT_PUSH, W, MAX_SPIN)
     e = tl.arange(0, L_P)
     ends = tl.load(group_end_ptr + e, mask=e < L, other=2147483647)
     end = tl.minimum(tl.max(tl.where(e < L, ends, 0), axis=0), capacity)
@@ -387,7 +416,7 @@ def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = Non
     them); later rows are left unwritten. ``skip_own``: leave the rows this rank sent to itself
     (the push wrote them into ``out`` directly). The bound is read on the device: the cost is the rows received, not the
     capacity. ``signals``: int32 ``[2W + 3]`` this rank's signal words: first wait for every
-    other rank's push flag of this call (the "flags" sync, :mod:`mxep.kernels.signals`).
+    other rank's push flag of this dispatch (the "flags" sync, :mod:`mxep.kernels.signals`).
     Returns ``dst`` or ``(dst, dst2)``."""
     dst = torch.empty_like(src) if out is None else out
     dst2 = (torch.empty_like(src2) if out2 is None else out2) if src2 is not None else None
@@ -405,8 +434,7 @@ def copy_out(src: torch.Tensor, plan, rank: int, src2: torch.Tensor | None = Non
                                plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
                                plan.recv_cum, rank, plan.recv_cum.shape[1],
                                signals if signals is not None else plan.recv_cum,
-                               WAIT=signals is not None, W=plan.recv_cum.shape[0],
-                               W_P=max(next_power_of_2(plan.recv_cum.shape[0]), 2), MAX_SPIN=max_spin(src.device.type),
+                               WAIT=signals is not None, W=plan.recv_cum.shape[0], MAX_SPIN=max_spin(src.device.type),
                                HAS_SECOND=src2 is not None, SKIP_OWN=skip_own, PADS=pads, ALIGN=plan.align, L=L, L_P=max(next_power_of_2(L), 2),
                                BLOCK_M=block_m, BLOCK_N=min(block_n, next_power_of_2(C)),
                                BLOCK_N2=min(block_n, next_power_of_2(C2)), NPROG=nprog,
