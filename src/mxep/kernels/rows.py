@@ -67,10 +67,13 @@ TUNING = {
     # Parts of the "spread" order: a window of P consecutive work items touches P / 16 rows in
     # each sixteenth of the list (at most 15 work items are skipped). 16 was chosen, not swept.
     "spread_parts": 16,
-    # How the forward dispatch orders its phases across ranks (kernels/signals.py):
-    #   "barrier": put_counts, barrier, plan, push, barrier, copy-out (6 launches);
-    #   "flags":   plan (exchanges the counts itself), push (its last program raises a flag on
-    #              every owner), copy-out (waits for the flags): 3 launches, no barrier.
+    # How the forward dispatch and the push combine order their phases across ranks
+    # (kernels/signals.py):
+    #   "barrier": dispatch = put_counts, barrier, plan, push, barrier, copy-out (6 launches);
+    #              combine = barrier, push, barrier, copy-out (4);
+    #   "flags":   dispatch = plan (exchanges the counts itself), push (its last program raises
+    #              a flag on every owner), copy-out (waits for the flags): 3 launches; combine =
+    #              push (waits for the sources' free flags), copy-out: 2. No barrier.
     # "flags" passes every CPU test (simulated world under the interpreter, release/acquire
     # PTX checked by tests/test_sm90_compile.py) but has not yet run on GPUs: it becomes the
     # default once tests/test_gpu_dispatch.py passes with it and it measures faster.
