@@ -115,8 +115,11 @@ class SymmMemTransport(Transport):
         mem = symm_mem.empty(regions.total_bytes, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(mem, group)
         self.peer = PeerMemory(mem, list(self.handle.buffer_ptrs), self.rank, regions)
-        # Poison once so a row that nobody wrote cannot pass for data (tests check bytes); the
-        # signal words start at zero on every rank.
+        # Every rank's stream first drains what it queued before (a previous Buffer's kernels may
+        # still be storing into memory that this allocation now reuses); then poison once, so a
+        # row that nobody wrote cannot pass for data (tests check bytes), and zero the signal
+        # words, whose values must only ever come from this Buffer's calls; then all ranks meet.
+        self.handle.barrier(channel=0)
         mem.fill_(0xA5)
         self.peer.clear_signals()
         self.handle.barrier(channel=0)
