@@ -26,9 +26,12 @@ test:
 # Most of a first run is Triton compiling every kernel variant the tests launch: on a fresh
 # 2 x H200 machine it took more than 280 s, on 4 x H200 more than 380 s (2026-11-27); with a warm
 # cache 70 s on 2 GPUs and about 170 s on 4. Give a cold machine's first call 10 minutes.
+# The tests of the not-yet-default "flags" sync (TUNING["sync"], docs/design.md) run second and
+# without -x, so that a failure there neither hides nor stops the default path's tests.
 test-gpu:
 	@$(PYTHON) scripts/ensure_deps.py --test
-	$(PYTHON) -m pytest -q -x -m "gpu or multigpu" tests
+	$(PYTHON) -m pytest -q -x -m "gpu or multigpu" -k "not flags" tests
+	$(PYTHON) -m pytest -q -m "gpu or multigpu" -k "flags" tests
 
 bench:
 	@$(PYTHON) scripts/ensure_deps.py --bench
