@@ -8,6 +8,8 @@ transfer ceilings, on every rank of one torchrun launch (one process group).
 
 Systems (names used in the JSON):
   mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync);
+                 op dispatch_zero_copy (+ _graph): .dispatch(zero_copy=True), tokens left in
+                 the receive region, no copy-out;
                  ops dispatch_<sync>_sync / dispatch_graph_<sync>_sync (combine_... likewise):
                  the dispatch and push combine with the non-default TUNING["sync"] (eager /
                  CUDA graph), outputs checked;
@@ -169,6 +171,10 @@ def main() -> None:
                     else:
                         m, err = timed(lambda: buf.dispatch(x, counts), pipelined=True)
                         record("mxep", "dispatch", "dispatch_mxfp8", m, err, **extra)
+                        # Zero-copy dispatch: the tokens stay in the receive region until the next
+                        # dispatch (no copy-out; DeepEP's low-latency contract). Checked below.
+                        m, err = timed(lambda: buf.dispatch(x, counts, zero_copy=True), pipelined=True)
+                        record("mxep", "dispatch_zero_copy", "dispatch_mxfp8", m, err, **extra)
                         res, err = run("mxep dispatch", lambda: buf.dispatch(x, counts))
                         if res is not None:
                             eo = torch.randn(buf.capacity, H, device=device, dtype=torch.bfloat16)
@@ -210,6 +216,8 @@ def main() -> None:
                         # time each; see "pipelined").
                         if device.type == "cuda" and res is not None and args.pipelined_iters > 0:
                             for op, pat, fn in (("dispatch_graph", "dispatch_mxfp8", lambda: buf.dispatch(x, counts)),
+                                                ("dispatch_zero_copy_graph", "dispatch_mxfp8",
+                                                 lambda: buf.dispatch(x, counts, zero_copy=True)),
                                                 ("combine_graph", "combine_bf16", lambda: buf.combine(eo, res.handle))):
                                 graph, err = run(f"{op} capture", lambda: capture_graph(fn))
                                 m = None
@@ -240,6 +248,9 @@ def main() -> None:
                     def check():
                         (res, eo), (ures, _) = keep["mxep"], keep["unfused_mxfp8"]
                         R = ures.handle.num_padded_rows
+                        rz = buf.dispatch(x, counts, zero_copy=True)   # compared before the region is reused
+                        zero_copy_ok = (torch.equal(rz.tokens.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8))
+                                        and torch.equal(rz.tokens.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8)))
                         # collectives first, on every rank whatever the comparisons say
                         y1 = buf.combine(eo, res.handle)
                         # the graph replays above dispatched again into the region: refill it
@@ -255,6 +266,8 @@ def main() -> None:
                                 bad.append("qdata")
                             if not torch.equal(res.tokens.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8)):
                                 bad.append("scale")
+                        if not zero_copy_ok:
+                            bad.append("dispatch_zero_copy")
                         if not torch.equal(y1, y2):
                             bad.append("combine")
                         if not torch.equal(y0, y2):

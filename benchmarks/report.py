@@ -27,8 +27,8 @@ SYSTEM_LABEL = {
     "ceil_nccl": "ceiling: NCCL a2a raw bytes",
 }
 CEILINGS = ("ceil_ce", "ceil_triton", "ceil_nccl")
-ZERO_COPY = "mxep_zero_copy"   # plot-only label: system mxep, op combine_zero_copy
-SYSTEM_LABEL[ZERO_COPY] = "mxep combine, zero-copy input"
+ZERO_COPY = "mxep_zero_copy"   # plot-only label: system mxep, op dispatch_zero_copy / combine_zero_copy
+SYSTEM_LABEL[ZERO_COPY] = "mxep, zero-copy (tokens / expert outputs in the Buffer)"
 COLORS = {"mxep": "#1f77b4", ZERO_COPY: "#aec7e8", "unfused_mxfp8": "#ff7f0e", "nccl_bf16": "#2ca02c", "nvshmem_a2a_2d": "#9467bd",
           "ceil_ce": "#7f7f7f", "ceil_triton": "#bcbd22", "ceil_nccl": "#17becf"}
 
@@ -77,7 +77,7 @@ def derive(records: list[dict], nvlink_gbps: float = 450.0) -> list[dict]:
         rows.append(row)
     order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
     op_order = {"dispatch": 0, "combine": 1, "combine_zero_copy": 1.5, "combine_pull_mode": 1.6, "combine_push_mode": 1.6,
-                "dispatch_graph": 1.7, "combine_graph": 1.8,
+                "dispatch_graph": 1.7, "dispatch_zero_copy": 0.5, "dispatch_zero_copy_graph": 1.72, "combine_graph": 1.8,
                 "dispatch_flags_sync": 0.3, "dispatch_barrier_sync": 0.3, "dispatch_graph_flags_sync": 1.75,
                 "dispatch_graph_barrier_sync": 1.75, "combine_flags_sync": 1.3, "combine_barrier_sync": 1.3,
                 "combine_graph_flags_sync": 1.85, "combine_graph_barrier_sync": 1.85, "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
@@ -132,9 +132,9 @@ def write_markdown(merged: dict, path: str) -> None:
             summ[_case_key(r)][(r["system"], r["op"])] = r["median_us"]
     if summ:
         L += ["## Summary (median µs; dispatch + combine)", "",
-              "| world | config | routing | mxep | mxep, zero-copy combine | mxep, CUDA graph | unfused MXFP8 | NCCL bf16 | "
-              "NVSHMEM 2d | mxep speedup vs unfused | vs bf16 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| world | config | routing | mxep | mxep, zero-copy combine | mxep, zero-copy dispatch | mxep, CUDA graph | "
+              "unfused MXFP8 | NCCL bf16 | NVSHMEM 2d | mxep speedup vs unfused | vs bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in sorted(summ, key=_case_sort):
             d = summ[key]
 
@@ -145,8 +145,9 @@ def write_markdown(merged: dict, path: str) -> None:
             mxg = tot("mxep", ("dispatch_graph", "combine_graph"))
             zc = d.get(("mxep", "combine_zero_copy"))
             mxz = d[("mxep", "dispatch")] + zc if zc and d.get(("mxep", "dispatch")) else None
+            mxzd = tot("mxep", ("dispatch_zero_copy", "combine"))   # (not with the zero-copy combine: same memory)
             sp = lambda o: _fmt(o / mx, 2) if o and mx else ""  # noqa: E731
-            L.append(f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(mx)} | {_fmt(mxz)} | {_fmt(mxg)} | {_fmt(un)} | {_fmt(bf)} | "
+            L.append(f"| {key[0]} | {key[1]} | {key[2]} | {_fmt(mx)} | {_fmt(mxz)} | {_fmt(mxzd)} | {_fmt(mxg)} | {_fmt(un)} | {_fmt(bf)} | "
                      f"{_fmt(nv)} | {sp(un)} | {sp(bf)} |")
         L.append("")
 
@@ -206,8 +207,7 @@ def write_plot(merged: dict, path: str) -> str | None:
         for j, metric in enumerate(("median_us", "gbps")):
             ax = axes[i][j]
             systems = [s for s in SYSTEM_ORDER if s not in CEILINGS] + (list(CEILINGS) if metric == "gbps" else [])
-            if op == "combine":
-                systems.insert(1, ZERO_COPY)
+            systems.insert(1, ZERO_COPY)
             width = 0.8 / len(systems)
             for k, s in enumerate(systems):
                 vals = []
@@ -215,7 +215,7 @@ def write_plot(merged: dict, path: str) -> str | None:
                     v = None
                     for r in rows:
                         if s == ZERO_COPY:
-                            if _case_key(r) == key and r["system"] == "mxep" and r.get("op") == "combine_zero_copy":
+                            if _case_key(r) == key and r["system"] == "mxep" and r.get("op") == f"{op}_zero_copy":
                                 v = r.get(metric)
                             continue
                         if _case_key(r) != key or r["system"] != s:

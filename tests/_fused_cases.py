@@ -161,3 +161,22 @@ def run_buffer_case(buf, case: Case, rank: int, device) -> None:
             assert torch.equal(buf.combine(outs[rank], res3.handle).cpu(), exp_y)
         finally:
             TUNING["combine_mode"] = saved
+
+    # Zero-copy dispatch: the tokens stay in the receive region (symmetric memory) until the
+    # next dispatch; checked before that, then combined from a regular expert_out, and its
+    # backward (which never reads the tokens) after a later dispatch has overwritten them.
+    xz = xs2[rank].clone().requires_grad_(True)
+    resz = buf.dispatch(xz, counts2[rank], zero_copy=True)
+    check_dispatch(case2, rank, resz.tokens, resz.group_end_offsets, resz.tokens_per_expert, counts2, xs2)
+    if buf.transport_name == "symm_mem":
+        region = buf.transport.peer.region_tokens()
+        assert resz.tokens.qdata.data_ptr() == region[0].data_ptr()
+        assert resz.tokens.scale.data_ptr() == region[1].data_ptr()
+    grads2, outs2, _ = case2.upstream(buf.capacity, device)
+    assert torch.equal(buf.combine(outs2[rank], resz.handle).cpu(), expected_combine(case2, outs2, counts2)[rank])
+    R2 = int(resz.group_end_offsets[-1])
+    loss = (resz.tokens.dequantize()[:R2] * grads2[rank][:R2]).float().sum()
+    with torch.no_grad():
+        buf.dispatch(xs[rank], counts[rank], zero_copy=True)   # overwrites the region
+    loss.backward()
+    assert torch.equal(xz.grad.cpu(), expected_grad_x(case2, grads2, counts2)[rank])

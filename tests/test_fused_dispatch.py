@@ -84,6 +84,36 @@ def test_simulated_world_zero_copy_combine():
     assert ys[2].shape == (0, 160)
 
 
+@pytest.mark.parametrize("sync", ["barrier", "flags"])
+def test_simulated_world_zero_copy_dispatch(sync, monkeypatch):
+    """zero_copy: every rank's tokens are its receive region (own rows and pad zeros written
+    there by its push, other ranks' rows by theirs): bit-exact, no copy-out, rows past the end
+    untouched (poison), and the next dispatch overwrites them (the documented lifetime)."""
+    from mxep.kernels.rows import TUNING
+
+    monkeypatch.setitem(TUNING, "sync", sync)
+    sim = SimulatedWorld(3, 6, 96, 30, 32)
+    first = None
+    for it, routing in enumerate([("skewed", "none", "uniform"), ("one_expert", "empty_experts", "skewed")]):
+        rows = tuple(0 if k == "none" else 11 + 6 * r + 4 * it for r, k in enumerate(routing))   # <= 30
+        case = Case(3, 6, 96, 30, 32, routing, rows, seed=70 + it)
+        counts, xs = case.inputs()
+        res = sim.dispatch(xs, counts, zero_copy=True)
+        for r in range(3):
+            check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+            assert res[r].tokens.qdata.data_ptr() == sim.peers[r].dispatch_data.data_ptr()
+            if it == 0:
+                R = int(res[r].group_end_offsets[-1])
+                assert (sim.peers[r].dispatch_data[R:sim.capacity] == POISON).all()
+        _, outs, _ = case.upstream(sim.capacity)
+        for y, e in zip(sim.combine(outs, [x.handle for x in res]), expected_combine(case, outs, counts)):
+            assert torch.equal(y, e)
+        if it == 0:
+            first = (res[2].tokens.qdata.view(torch.uint8).clone(), res[2].tokens.qdata.view(torch.uint8))
+    # the first call's tokens now show the second call's rows: the same memory
+    assert torch.equal(first[1], res[2].tokens.qdata.view(torch.uint8)) and not torch.equal(first[0], first[1])
+
+
 def test_simulated_world_poison_outside_rows_untouched():
     """Rows past group_end_offsets[-1] are never written in the receive regions (poison stays),
     so the copy-out provably reads only rows the dispatch wrote or zeroed. Rows a rank sends to

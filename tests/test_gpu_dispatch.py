@@ -167,6 +167,8 @@ def _sync_free_body(rank, world):
                     y_pull = buf.combine(res2.tokens.dequantize() * 3, res2.handle)
                 finally:
                     TUNING["combine_mode"] = "push"
+                resz = buf.dispatch(x, counts[rank], zero_copy=True)   # tokens stay in the region
+                y_zero_copy_dispatch = buf.combine(resz.tokens.dequantize() * 5, resz.handle)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
@@ -174,6 +176,7 @@ def _sync_free_body(rank, world):
     assert torch.equal(y.detach(), mxep.to_mxfp8(xs[rank]).dequantize())
     assert torch.equal(y_zero_copy, mxep.to_mxfp8(xs[rank]).dequantize() * 3)
     assert torch.equal(y_pull, y_zero_copy)
+    assert torch.equal(y_zero_copy_dispatch, mxep.to_mxfp8(xs[rank]).dequantize() * 5)
     return True
 
 
@@ -200,7 +203,9 @@ def _graph_body(rank, world):
             zin = buf.combine_input()
             torch.mul(res.tokens.dequantize(), 3, out=zin)
             y3 = buf.combine(zin, res.handle)
-        return res, y, gx, y3
+            resz = buf.dispatch(static_x, static_counts, zero_copy=True)   # tokens in the region
+            y5 = buf.combine(resz.tokens.dequantize() * 5, resz.handle)
+        return res, y, gx, y3, y5
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -210,7 +215,7 @@ def _graph_body(rank, world):
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        res, y, gx, y3 = step()
+        res, y, gx, y3, y5 = step()
     for it in range(3):  # replay with new routing and data (n = N rows: the graph's static shape)
         kinds = ("uniform", "skewed", "one_expert", "empty_experts")
         case = Case(world, E, H, N, 32, tuple(kinds[(it + r) % 4] for r in range(world)), (N,) * world, seed=50 + it)
@@ -225,6 +230,7 @@ def _graph_body(rank, world):
         check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
         assert torch.equal(y.cpu(), (mxep.to_mxfp8(xs[rank]).dequantize() * 2).cpu())
         assert torch.equal(y3.cpu(), (mxep.to_mxfp8(xs[rank]).dequantize() * 3).cpu())
+        assert torch.equal(y5.cpu(), (mxep.to_mxfp8(xs[rank]).dequantize() * 5).cpu())
         exp = expected_grad_x(case, [gg.cpu() for gg in grads], counts)[rank]
         assert torch.equal(gx.cpu(), exp)
     return True

@@ -143,9 +143,15 @@ def test_flags_one_rank_transport_and_pairing_rules(flags):
         assert h.sync == "flags"
         tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
         check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
-        assert t.peer.signals.tolist() == expected_signals(1, 0, it + 1)
+        assert t.peer.signals.tolist() == expected_signals(1, 0, 2 * it + 1)
         with pytest.raises(RuntimeError, match="already ran"):
             t.dispatch_mxfp8(xs[0], h, "rceil")
+        # the zero-copy dispatch of this mode: push, then a one-program wait; no copy-out
+        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 32)
+        tokens = t.dispatch_mxfp8(xs[0], h, "rceil", zero_copy=True)
+        check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
+        assert tokens.qdata.data_ptr() == t.peer.region_tokens()[0].data_ptr()
+        assert t.peer.signal_word("seq") == 2 * (it + 1) and t.peer.status() == 0
     c = counts[0].to(torch.int32)
     first = t.plan(c, xs[0].shape[0], 32)
     with pytest.raises(RuntimeError, match="never dispatched"):

@@ -169,8 +169,8 @@ class Buffer:
         counts = self._check_counts(num_tokens_per_expert, num_rows)
         return self.transport.plan(counts, num_rows, self.align)
 
-    def dispatch_mxfp8_raw(self, x: torch.Tensor, handle: DispatchHandle) -> MXFP8Tensor:
-        out = self.transport.dispatch_mxfp8(x.contiguous(), handle, self.scale_mode)
+    def dispatch_mxfp8_raw(self, x: torch.Tensor, handle: DispatchHandle, zero_copy: bool = False) -> MXFP8Tensor:
+        out = self.transport.dispatch_mxfp8(x.contiguous(), handle, self.scale_mode, zero_copy)
         if self.debug:
             self.transport.check()   # debug-only: host sync (a timed-out wait of the "flags" sync)
         return out
@@ -185,12 +185,20 @@ class Buffer:
         return out
 
     # ------------------------------------------------------------------ public, differentiable
-    def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> DispatchResult:
+    def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, zero_copy: bool = False) -> DispatchResult:
         """Quantize ``x`` to MXFP8 and send every row to its expert's rank, expert-major and padded.
 
         Args:
             x: bf16 ``[n, H]``, ``n <= max_tokens_per_rank``, rows sorted by global expert id.
             num_tokens_per_expert: int32/int64 ``[E]`` on ``x``'s device, summing to ``n``.
+            zero_copy: return the tokens where the other ranks' pushes put them, this rank's
+                receive region, instead of copying them out into new tensors (saves one local
+                read + write of every received row, and a launch; the low-latency mode of
+                DeepEP has the same contract). The tokens are then valid until the next
+                dispatch on this Buffer (or the backward of a combine, or a write into
+                :meth:`combine_input`, which is the same memory): consume them first (e.g. the
+                expert GEMM), and do not save them for a backward. On the collective transport
+                they are fresh tensors either way.
 
         Returns:
             :class:`DispatchResult`. Differentiable w.r.t. ``x``: the bf16 gradient of
@@ -201,7 +209,7 @@ class Buffer:
         handle = self.plan(num_tokens_per_expert, x.shape[0])
         from mxep.ops.dispatch import MXFP8DispatchFunction
 
-        tokens = MXFP8DispatchFunction.apply(x, self, handle)
+        tokens = MXFP8DispatchFunction.apply(x, self, handle, zero_copy)
         return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
 
     def combine_input(self) -> torch.Tensor:
@@ -216,8 +224,10 @@ class Buffer:
         Lifetime: it aliases the dispatch's receive region. Write it only after :meth:`dispatch`
         returned (the dispatch output was copied out by then, in stream order) and call
         :meth:`combine` before the next dispatch, or backward through a combine, on this
-        Buffer; those overwrite it. On the collective transport it is a plain tensor owned by
-        the Buffer (same API, no saving).
+        Buffer; those overwrite it. The tokens of a ``zero_copy`` dispatch live in the same
+        memory: a kernel must not read them while writing here (a grouped GEMM reading those
+        tokens writes a regular ``expert_out`` instead). On the collective transport it is a
+        plain tensor owned by the Buffer (same API, no saving).
 
         Example (in the same setting as the class example)::
 

@@ -23,7 +23,7 @@ import torch
 from mxep.kernels.dispatch import dispatch_push
 from mxep.kernels.plan import CountsExchange, DispatchPlan, compute_plan
 from mxep.kernels.rows import combine_copy_out, combine_pull, combine_push, copy_out, put_counts
-from mxep.kernels.signals import describe_status, num_signal_words, word_index
+from mxep.kernels.signals import describe_status, num_signal_words, wait_for_pushes, word_index
 
 __all__ = ["RegionLayout", "PeerMemory"]
 
@@ -166,16 +166,31 @@ class PeerMemory:
                                "invalid (a peer never arrived, or the ranks called different ops)")
 
     def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str,
-                   signal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   signal: bool = False, into_region: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Push quantized rows to their owners; returns this rank's new output tensors (uint8
         ``[cap, H]``, ``[cap, H // 32]``) holding, so far, the rows it sent to itself and zeros
-        in its pad rows. ``signal``: raise this rank's push flag on every owner at the end."""
+        in its pad rows. ``signal``: raise this rank's push flag on every owner at the end.
+        ``into_region`` (zero-copy dispatch): the "output" is this rank's own receive region,
+        where the other ranks' rows land too (:meth:`region_tokens`)."""
         cap, H = self.regions.capacity, self.regions.hidden
-        out = (_new_output((cap, H), torch.uint8, x.device), _new_output((cap, H // 32), torch.uint8, x.device))
+        if into_region:
+            out = self.region_tokens()
+        else:
+            out = (_new_output((cap, H), torch.uint8, x.device), _new_output((cap, H // 32), torch.uint8, x.device))
         dispatch_push(x, plan, self.rank, cap, self.dispatch_data, self.dispatch_scale,
                       self.delta_u8, scale_mode, *out,
                       signals=(self.signals, self.delta_i32) if signal else None)
         return out
+
+    def region_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``[cap, H]`` / ``[cap, H // 32]``: the MXFP8 receive rows and scales in this
+        rank's region (what a zero-copy dispatch returns)."""
+        cap = self.regions.capacity
+        return self.dispatch_data[:cap], self.dispatch_scale[:cap]
+
+    def wait_pushes(self) -> None:
+        """The "flags" sync without a copy-out: wait for every other rank's push flag."""
+        wait_for_pushes(self.signals, self.rank, self.regions.world_size)
 
     def push_bf16_dispatch(self, src: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         cap = self.regions.capacity

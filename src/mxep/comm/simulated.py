@@ -59,16 +59,23 @@ class SimulatedWorld:
         # ---- barrier ----
         return [DispatchHandle(r, num_rows[r], plan=p.plan(self.align)) for r, p in enumerate(self.peers)]
 
-    def dispatch(self, xs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor]) -> list[DispatchResult]:
-        """Fused MXFP8 dispatch on every rank: ``xs[r]`` bf16 ``[n_r, H]``, ``counts[r]`` ``[E]``."""
+    def dispatch(self, xs: Sequence[torch.Tensor], counts: Sequence[torch.Tensor],
+                 zero_copy: bool = False) -> list[DispatchResult]:
+        """Fused MXFP8 dispatch on every rank: ``xs[r]`` bf16 ``[n_r, H]``, ``counts[r]`` ``[E]``.
+        ``zero_copy``: every rank's tokens are its receive region (no copy-out)."""
         handles = self.plan(counts, [x.shape[0] for x in xs])
         flags = handles[0].sync == "flags"   # push flags instead of the barrier
-        outs = [p.push_mxfp8(xs[r].contiguous(), h.plan, self.scale_mode, signal=flags)
+        outs = [p.push_mxfp8(xs[r].contiguous(), h.plan, self.scale_mode, signal=flags, into_region=zero_copy)
                 for r, (p, h) in enumerate(zip(self.peers, handles))]
-        # ---- barrier (or: each copy-out waits for the other ranks' push flags) ----
+        # ---- barrier (or: each copy-out / wait kernel waits for the other ranks' push flags) ----
         out = []
         for p, h, o in zip(self.peers, handles, outs):
-            tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan, o, wait=flags))
+            if zero_copy:
+                if flags:
+                    p.wait_pushes()
+                tokens = as_mxfp8(*o)
+            else:
+                tokens = as_mxfp8(*p.copy_out_mxfp8(h.plan, o, wait=flags))
             out.append(DispatchResult(tokens, h.group_end_offsets, h.tokens_per_expert, h))
         return out
 

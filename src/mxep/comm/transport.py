@@ -82,8 +82,10 @@ class Transport:
         """Exchange counts (``[E]`` int32 per rank) and compute where every row goes."""
         raise NotImplementedError
 
-    def dispatch_mxfp8(self, x: torch.Tensor, handle: DispatchHandle, scale_mode: str) -> MXFP8Tensor:
-        """Quantize and move rows -> ``[cap, H]`` MXFP8, expert-major, pad rows zero."""
+    def dispatch_mxfp8(self, x: torch.Tensor, handle: DispatchHandle, scale_mode: str,
+                       zero_copy: bool = False) -> MXFP8Tensor:
+        """Quantize and move rows -> ``[cap, H]`` MXFP8, expert-major, pad rows zero.
+        ``zero_copy``: the result may alias the transport's memory (see ``Buffer.dispatch``)."""
         raise NotImplementedError
 
     def dispatch_bf16(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -164,7 +166,7 @@ class SymmMemTransport(Transport):
         self._barrier()
         return DispatchHandle(self.rank, num_rows, plan=self.peer.plan(align))
 
-    def dispatch_mxfp8(self, x, handle, scale_mode):
+    def dispatch_mxfp8(self, x, handle, scale_mode, zero_copy=False):
         if handle.dispatched:
             # A second push of one plan could land in an owner still copying out the first.
             raise RuntimeError("this DispatchHandle's MXFP8 dispatch already ran; plan again for another dispatch")
@@ -173,12 +175,17 @@ class SymmMemTransport(Transport):
             if handle is not self._unpushed:
                 raise RuntimeError("sync='flags': only the latest plan of this Buffer can be dispatched")
             self._unpushed = None
-            out = self.peer.push_mxfp8(x, handle.plan, scale_mode, signal=True)
+            out = self.peer.push_mxfp8(x, handle.plan, scale_mode, signal=True, into_region=zero_copy)
+            if zero_copy:   # the rows stay in the region: wait for them, copy nothing
+                self.peer.wait_pushes()
+                return as_mxfp8(*out)
             return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, out, wait=True))
         # The counts barrier doubles as the entry barrier: every owner has copied out the previous
         # call's rows (stream order) before it arrived there.
-        out = self.peer.push_mxfp8(x, handle.plan, scale_mode)
+        out = self.peer.push_mxfp8(x, handle.plan, scale_mode, into_region=zero_copy)
         self._barrier()
+        if zero_copy:
+            return as_mxfp8(*out)
         return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, out))
 
     def check(self) -> None:
@@ -293,7 +300,9 @@ class CollectiveTransport(Transport):
             outs.append(finish_rows(out.index_copy_(0, rows, part), layout.pad_rows[self.rank], self.regions.capacity))
         return outs
 
-    def dispatch_mxfp8(self, x, handle, scale_mode):
+    def dispatch_mxfp8(self, x, handle, scale_mode, zero_copy=False):
+        # zero_copy: nothing to alias here; fresh tensors keep the same contract (valid until
+        # the next dispatch, and longer)
         from mxep.format.mxfp8 import to_mxfp8
 
         H = x.shape[1]

@@ -63,10 +63,11 @@ raises on a non-zero status after every dispatch and combine.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["num_signal_words", "max_spin", "describe_status", "COUNTS_FLAG", "PUSH_FLAG", "CFREE_FLAG",
+__all__ = ["wait_for_pushes", "num_signal_words", "max_spin", "describe_status", "COUNTS_FLAG", "PUSH_FLAG", "CFREE_FLAG",
            "CDONE_FLAG", "TIMEOUT_COUNTS", "TIMEOUT_PUSH", "TIMEOUT_COMBINE_FREE", "TIMEOUT_COMBINE_DONE"]
 
 # Flag blocks: block b holds words [b * W, (b + 1) * W).
@@ -177,3 +178,20 @@ def finish_program(sig_ptr, delta_ptr, rank, block, value, W: tl.constexpr, W_P:
         if SET_CSEQ:
             tl.store(sig_ptr + cseq_word(W), value)
         signal_ranks(sig_ptr, delta_ptr, block * W + rank, value, rank, W, W_P)
+
+
+_PUSH_FLAG = tl.constexpr(PUSH_FLAG)
+_TIMEOUT_PUSH = tl.constexpr(TIMEOUT_PUSH)
+
+
+@triton.jit
+def _wait_pushes_kernel(sig_ptr, rank, W: tl.constexpr, MAX_SPIN: tl.constexpr):
+    wait_flags(sig_ptr, _PUSH_FLAG, tl.load(sig_ptr + seq_word(W)), rank, _TIMEOUT_PUSH, W, MAX_SPIN)
+
+
+
+def wait_for_pushes(signals: torch.Tensor, rank: int, world_size: int) -> None:
+    """One program that waits until every other rank's push flag of the current dispatch is up
+    (the zero-copy dispatch of the "flags" sync, whose rows stay where the pushes put them: the
+    kernels queued after this one read them)."""
+    _wait_pushes_kernel[(1,)](signals, rank, W=world_size, MAX_SPIN=max_spin(signals.device.type), num_warps=1)

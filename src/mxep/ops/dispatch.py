@@ -15,16 +15,17 @@ __all__ = ["MXFP8DispatchFunction", "CombineFunction", "a2a_dispatch_and_group_m
 
 class MXFP8DispatchFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, buffer, handle):
+    def forward(ctx, x, buffer, handle, zero_copy=False):
         ctx.buffer, ctx.handle = buffer, handle
-        return buffer.dispatch_mxfp8_raw(x, handle)
+        return buffer.dispatch_mxfp8_raw(x, handle, zero_copy)
 
     @staticmethod
     def backward(ctx, grad_tokens):
+        # (the backward never reads the tokens: a zero-copy dispatch's may be gone by now)
         if grad_tokens is None:
-            return None, None, None
+            return None, None, None, None
         grad_x = ctx.buffer.combine_raw(grad_tokens.to(torch.bfloat16), ctx.handle)
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 class CombineFunction(torch.autograd.Function):
