@@ -34,13 +34,13 @@ def expected_signals(world: int, rank: int, dispatches: int, combines: int = 0) 
     return [dispatches] * world + others(dispatches) + others(combines) * 2 + [dispatches, combines, 0, 0]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])   # (world 3 with flags: test_simulated_world_kernel_tunings)
 def test_flags_sync_simulated_world(world, flags):
     """Several calls with changing routing (a rank that sends nothing, empty experts, odd sizes):
     bit-exact outputs, and every rank's signal words name the call just finished."""
     E, H, N = 3 * world, 96, 29
     sim = SimulatedWorld(world, E, H, N, 16)
-    for it in range(4):
+    for it in range(3):
         routing = tuple(KINDS[(it + r) % 5] for r in range(world))
         rows = tuple(0 if k == "none" else 3 + (11 * it + 7 * r) % (N - 2) for r, k in enumerate(routing))
         case = Case(world, E, H, N, 16, routing, rows, seed=300 + it)
