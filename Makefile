@@ -45,3 +45,4 @@ gpu-session:
 	-$(MAKE) test-gpu > $(OUT)/test-gpu.log 2>&1; tail -3 $(OUT)/test-gpu.log
 	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/profile_stages.py --config a,c --zero-copy > $(OUT)/profile.log 2>&1; grep -A12 "^## config" $(OUT)/profile.log
 	-$(PYTHON) benchmarks/run_all.py --quick --out-dir $(OUT)/bench > $(OUT)/bench.log 2>&1; sed -n '/## Summary/,/## All/p' $(OUT)/bench/results.md
+	-$(PYTHON) benchmarks/bench_grouped_gemm.py --out $(OUT)/grouped_gemm.json > $(OUT)/grouped_gemm.log 2>&1; cat $(OUT)/grouped_gemm.log
