@@ -24,14 +24,16 @@ def test_buffer_docstring_examples():
 
 
 def test_module_docstring_examples():
-    """Every other runnable docstring example (format, layout, routing, grouped GEMM)."""
+    """Every other runnable docstring example (format, layout, routing, grouped GEMM, MoE)."""
     import mxep.comm.layout
     import mxep.format.mxfp8
+    import mxep.moe.layer
     import mxep.ops.grouped_gemm
     import mxep.reference.routing
 
     failed = 0
-    for mod in (mxep.format.mxfp8, mxep.comm.layout, mxep.reference.routing, mxep.ops.grouped_gemm):
+    for mod in (mxep.format.mxfp8, mxep.comm.layout, mxep.reference.routing, mxep.ops.grouped_gemm,
+                mxep.moe.layer):
         res = doctest.testmod(mod, extraglobs={"torch": __import__("torch"), "mxep": mxep},
                               optionflags=doctest.NORMALIZE_WHITESPACE)
         assert res.attempted > 0, mod.__name__

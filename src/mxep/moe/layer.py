@@ -1,0 +1,122 @@
+"""An expert-parallel MoE layer on mxep: top-k router, fused MXFP8 dispatch, SwiGLU experts as
+two grouped GEMMs on the dispatch layout, bf16 combine, gate-weighted sum. Autograd end to end;
+no host sync in forward or backward.
+
+Per call on every rank (``n`` tokens, hidden ``H``, ``E`` experts, ``L = E / world`` local)::
+
+    router   logits = x @ Wr^T (fp32)         -> top-k experts and gates per token   [n, k]
+    sort     rows = the n * k (token, expert) pairs sorted by expert; x gathered        [n*k, H] bf16
+    counts   per expert, on the device (scatter_add: bincount would sync for its size)  [E] int32
+    dispatch buf.dispatch(rows, counts)  -> MXFP8 tokens, expert-major, padded          [cap, H]
+    experts  h = tokens @ W13[e]^T; a = silu(h_gate) * h_up; MXFP8(a) @ W2[e]^T          [cap, H] bf16
+    combine  buf.combine(out, handle)     -> the rows back in sorted order               [n*k, H] bf16
+    sum      y[t] = sum over its k rows of gate * row (fp32, then bf16)                  [n, H] bf16
+
+Quantization points (MXFP8, straight-through in backward): the dispatched rows and the expert
+activation ``a``. The backward is bf16 throughout (dispatch, GEMMs, combine).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mxep.comm.buffer import Buffer
+from mxep.format.mxfp8 import MXFP8Tensor, to_mxfp8
+from mxep.ops.grouped_gemm import grouped_mm_mxfp8
+
+__all__ = ["MoE", "quantize_straight_through"]
+
+
+class _QuantizeStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale_mode: str) -> MXFP8Tensor:
+        return to_mxfp8(x, scale_mode)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def quantize_straight_through(x: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:
+    """:func:`mxep.to_mxfp8` whose gradient passes straight through, unquantized."""
+    return _QuantizeStraightThrough.apply(x.contiguous(), scale_mode)
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts, expert-parallel over ``group``.
+
+    Args:
+        hidden: ``H`` (a multiple of 32).
+        ffn_hidden: ``F``, each expert's inner size (a multiple of 32).
+        num_experts: ``E`` (a multiple of the group size); rank r holds experts
+            ``[r * L, (r + 1) * L)``, ``L = E // world``.
+        top_k: experts per token.
+        max_tokens_per_rank: the most tokens one rank passes to one call (sizes the Buffer for
+            ``max_tokens_per_rank * top_k`` rows).
+        group: the EP process group (None: the default group).
+        align, scale_mode: as :class:`mxep.Buffer`.
+        device: where the parameters and the Buffer live.
+
+    Parameters (this rank's): ``router`` fp32 ``[E, H]`` (replicated on every rank: reduce its
+    gradient over the group like any replicated parameter), ``w13`` bf16 ``[L, 2F, H]`` (gate
+    rows first, then up), ``w2`` bf16 ``[L, H, F]``.
+
+    Example (one process, gloo)::
+
+        >>> import torch, torch.distributed as dist, mxep
+        >>> dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29541", rank=0, world_size=1)
+        >>> moe = mxep.MoE(hidden=64, ffn_hidden=32, num_experts=4, top_k=2, max_tokens_per_rank=16)
+        >>> x = torch.randn(10, 64, dtype=torch.bfloat16, requires_grad=True)
+        >>> y = moe(x)                      # [10, 64] bf16
+        >>> y.float().sum().backward()      # x.grad, moe.w13.grad, moe.w2.grad, moe.router.grad
+        >>> y.shape, x.grad.dtype
+        (torch.Size([10, 64]), torch.bfloat16)
+        >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, max_tokens_per_rank: int,
+                 group=None, align: int = 32, scale_mode: str = "rceil", device: torch.device | str | None = None):
+        super().__init__()
+        if ffn_hidden % 32:
+            raise ValueError(f"ffn_hidden must be a multiple of 32 (MXFP8 blocks), got {ffn_hidden}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden,
+                             max_tokens_per_rank=max_tokens_per_rank * top_k, align=align, scale_mode=scale_mode)
+        L = num_experts // self.buffer.world_size
+        self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
+        self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
+        self.router = nn.Parameter(torch.randn(num_experts, hidden, device=device) / hidden ** 0.5)
+        self.w13 = nn.Parameter((torch.randn(L, 2 * ffn_hidden, hidden, device=device) / hidden ** 0.5).bfloat16())
+        self.w2 = nn.Parameter((torch.randn(L, hidden, ffn_hidden, device=device) / ffn_hidden ** 0.5).bfloat16())
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[n, H]`` -> (gates fp32 ``[n, k]``, renormalized over the chosen experts;
+        experts int64 ``[n, k]``)."""
+        probs = (x.float() @ self.router.t()).softmax(dim=-1)
+        gates, experts = probs.topk(self.top_k, dim=-1)
+        return gates / gates.sum(dim=-1, keepdim=True), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` bf16 ``[n, H]``, ``n <= max_tokens_per_rank`` -> bf16 ``[n, H]``."""
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x must be [n, {self.hidden}], got {tuple(x.shape)}")
+        if x.shape[0] > self.max_tokens_per_rank:
+            raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={self.max_tokens_per_rank}")
+        n, k, Fh = x.shape[0], self.top_k, self.ffn_hidden
+        gates, experts = self.route(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)                    # (token, expert) pairs, expert-major
+        token_of = order // k
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        res = self.buffer.dispatch(x[token_of].contiguous(), counts)
+        h = grouped_mm_mxfp8(res.tokens, self.w13, res.group_end_offsets, self.align)          # [cap, 2F]
+        a = F.silu(h[:, :Fh]) * h[:, Fh:]                                                      # [cap, F]
+        out = grouped_mm_mxfp8(quantize_straight_through(a, self.scale_mode), self.w2, res.group_end_offsets,
+                               self.align)                                                     # [cap, H]
+        rows = self.buffer.combine(out, res.handle)                                           # [n*k, H]
+        weighted = rows.float() * gates.flatten()[order, None]
+        return torch.zeros(n, self.hidden, device=x.device).index_add(0, token_of, weighted).to(x.dtype)

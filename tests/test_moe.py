@@ -1,0 +1,95 @@
+"""mxep.MoE on gloo ranks against the dense reference (mxep.reference.moe): output and the
+gradients of the tokens, the local experts' weights and the router, by relative error (the
+fused path rounds to bf16 at the same points; a value near an MXFP8 rounding boundary can land
+one e4m3 step away, so these are tolerances, not bit equality). Also: skewed routing through
+the router, a rank with fewer tokens, and bad input."""
+import pytest
+import torch
+
+from _dist import run_distributed
+
+import mxep
+from mxep.reference.moe import moe_reference
+
+H, FF, E, K = 64, 32, 6, 2
+
+
+def params(world: int):
+    g = torch.Generator().manual_seed(7)
+    router = torch.randn(E, H, generator=g) / H ** 0.5
+    router[1] += 0.5                                     # a popular expert: skewed counts
+    w13 = (torch.randn(E, 2 * FF, H, generator=g) / H ** 0.5).bfloat16()
+    w2 = (torch.randn(E, H, FF, generator=g) / FF ** 0.5).bfloat16()
+    xs = [torch.randn(12 - 5 * r, H, generator=g).bfloat16() for r in range(world)]
+    dys = [torch.randn(x.shape, generator=g).bfloat16() for x in xs]
+    return router, w13, w2, xs, dys
+
+
+def rel_err(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _moe_body(rank, world, device="cpu"):
+    router, w13, w2, xs, dys = params(world)
+    L = E // world
+    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, device=device)
+    with torch.no_grad():
+        moe.router.copy_(router)
+        moe.w13.copy_(w13[rank * L:(rank + 1) * L])
+        moe.w2.copy_(w2[rank * L:(rank + 1) * L])
+    x = xs[rank].to(device).requires_grad_(True)
+    y = moe(x)
+    y.backward(dys[rank].to(device))
+    return [t.cpu() for t in (y.detach(), x.grad, moe.w13.grad, moe.w2.grad, moe.router.grad)]
+
+
+NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("world,backend", [(1, "gloo"), (2, "gloo"),
+                                           pytest.param(2, "nccl", marks=[pytest.mark.multigpu, pytest.mark.skipif(
+                                               NGPU < 2, reason="needs 2 GPUs")])])
+def test_moe_matches_dense_reference(world, backend):
+    """(nccl: the symmetric-memory Buffer and the GPU grouped GEMM, in make test-gpu)"""
+    got = run_distributed(_moe_body, world, "cuda" if backend == "nccl" else "cpu", backend=backend)
+    router, w13, w2, xs, dys = params(world)
+    L = E // world
+    gw13, gw2 = torch.zeros(E, 2 * FF, H), torch.zeros(E, H, FF)
+    for s in range(world):
+        x = xs[s].clone().requires_grad_(True)
+        r = router.clone().requires_grad_(True)
+        a, b = w13.clone().requires_grad_(True), w2.clone().requires_grad_(True)
+        y = moe_reference(x, r, a, b, K)
+        y.backward(dys[s])
+        gw13 += a.grad.float()
+        gw2 += b.grad.float()
+        assert rel_err(got[s][0], y) < 5e-3
+        assert rel_err(got[s][1], x.grad) < 2e-2
+        assert rel_err(got[s][4], r.grad) < 2e-2
+    for d in range(world):
+        assert rel_err(got[d][2], gw13[d * L:(d + 1) * L]) < 2e-2
+        assert rel_err(got[d][3], gw2[d * L:(d + 1) * L]) < 2e-2
+
+
+def _bad_input_body(rank, world):
+    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=4)
+    errors = []
+    for bad in (torch.zeros(5, H, dtype=torch.bfloat16), torch.zeros(3, H + 32, dtype=torch.bfloat16)):
+        try:
+            moe(bad)
+        except ValueError as exc:
+            errors.append(str(exc))
+    for kw in (dict(ffn_hidden=40), dict(top_k=0)):
+        try:
+            mxep.MoE(**{**dict(hidden=H, ffn_hidden=FF, num_experts=E, top_k=K, max_tokens_per_rank=4), **kw})
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def test_moe_bad_input():
+    (errors,) = run_distributed(_bad_input_body, 1)
+    assert len(errors) == 4
+    assert "max_tokens_per_rank" in errors[0] and "[n, 64]" in errors[1]
+    assert "multiple of 32" in errors[2] and "top_k" in errors[3]
