@@ -93,3 +93,23 @@ def test_moe_bad_input():
     assert len(errors) == 4
     assert "max_tokens_per_rank" in errors[0] and "[n, 64]" in errors[1]
     assert "multiple of 32" in errors[2] and "top_k" in errors[3]
+
+
+def _moe_sync_free_body(rank, world):
+    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, device="cuda")
+    x = torch.randn(12 - 5 * rank, H, device="cuda").bfloat16().requires_grad_(True)
+    for mode in ("warn", "error"):    # warm-up (allocator, Triton compile) outside "error"
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            moe(x).float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(NGPU < 2, reason="needs 2 GPUs")
+def test_moe_forward_backward_without_host_sync():
+    """The whole layer, forward and backward, under torch.cuda.set_sync_debug_mode("error")."""
+    assert all(run_distributed(_moe_sync_free_body, 2, backend="nccl", timeout=300))
