@@ -40,15 +40,21 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c.world}-K{c.hidden}-align{c.align}")
-@pytest.mark.parametrize("N", [40, 72])
-def test_forward_matches_reference(case, N):
+@pytest.mark.parametrize("N,mx_weight", [(40, False), (72, False), (40, True)])
+def test_forward_matches_reference(case, N, mx_weight):
+    """bf16 weights, or MXFP8 weights (blocks along K) dequantized in registers like the tokens."""
     for rank in range(case.world):
         tokens, offs, is_pad = layout_for(case, rank)
         cap, K = tokens.shape
         L = case.num_experts // case.world
         w = (torch.randn(L, N, K, generator=torch.Generator().manual_seed(rank + N)) / K ** 0.5).bfloat16()
         out = torch.full((cap, N), POISON, dtype=torch.bfloat16)
-        grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w, offs, case.align, out=out)
+        if mx_weight:
+            w = mxep.to_mxfp8(w)
+            grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w.qdata, offs, case.align, out=out,
+                                     weight_scale=w.scale)
+        else:
+            grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w, offs, case.align, out=out)
         ref = grouped_mm_reference(tokens.qdata, tokens.scale, w, offs)
         R = ref.shape[0]
         real = ~is_pad[:R]
@@ -86,6 +92,16 @@ def test_gradients_match_torch_autograd():
     torch.cat(outs).backward(dy[:R].float())
     assert rel_err(w1.grad, w2.grad) < 1e-2
     assert rel_err(t.grad[:R], x.grad[:R]) < 1e-2
+
+    # MXFP8 weights: the gradient reaches the MXFP8Tensor in bf16 (straight-through); the
+    # tokens' gradient uses the dequantized weights
+    wq = mxep.to_mxfp8(w).detach().requires_grad_(True)
+    t2 = tokens.detach().requires_grad_(True)
+    mxep.grouped_mm_mxfp8(t2, wq, offs, align=case.align).backward(dy)
+    assert wq.grad.dtype == torch.bfloat16 and rel_err(wq.grad, w2.grad) < 1e-2
+    wd = dequantize_mxfp8(wq.qdata, wq.scale, torch.float32)
+    gx = torch.cat([dy[s:e].float() @ wd[i] for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
+    assert rel_err(t2.grad[:R], gx) < 1e-2
 
 
 def test_bad_inputs_raise():

@@ -30,10 +30,10 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def _moe_body(rank, world, device="cpu"):
+def _moe_body(rank, world, device="cpu", mx_weights=True):
     router, w13, w2, xs, dys = params(world)
     L = E // world
-    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, device=device)
+    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, mx_weights=mx_weights, device=device)
     with torch.no_grad():
         moe.router.copy_(router)
         moe.w13.copy_(w13[rank * L:(rank + 1) * L])
@@ -47,12 +47,12 @@ def _moe_body(rank, world, device="cpu"):
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@pytest.mark.parametrize("world,backend", [(1, "gloo"), (2, "gloo"),
-                                           pytest.param(2, "nccl", marks=[pytest.mark.multigpu, pytest.mark.skipif(
-                                               NGPU < 2, reason="needs 2 GPUs")])])
-def test_moe_matches_dense_reference(world, backend):
+@pytest.mark.parametrize("world,backend,mx_weights", [
+    (1, "gloo", True), (2, "gloo", True), (2, "gloo", False),
+    pytest.param(2, "nccl", True, marks=[pytest.mark.multigpu, pytest.mark.skipif(NGPU < 2, reason="needs 2 GPUs")])])
+def test_moe_matches_dense_reference(world, backend, mx_weights):
     """(nccl: the symmetric-memory Buffer and the GPU grouped GEMM, in make test-gpu)"""
-    got = run_distributed(_moe_body, world, "cuda" if backend == "nccl" else "cpu", backend=backend)
+    got = run_distributed(_moe_body, world, "cuda" if backend == "nccl" else "cpu", mx_weights, backend=backend)
     router, w13, w2, xs, dys = params(world)
     L = E // world
     gw13, gw2 = torch.zeros(E, 2 * FF, H), torch.zeros(E, H, FF)
@@ -60,7 +60,7 @@ def test_moe_matches_dense_reference(world, backend):
         x = xs[s].clone().requires_grad_(True)
         r = router.clone().requires_grad_(True)
         a, b = w13.clone().requires_grad_(True), w2.clone().requires_grad_(True)
-        y = moe_reference(x, r, a, b, K)
+        y = moe_reference(x, r, a, b, K, mx_weights=mx_weights)
         y.backward(dys[s])
         gw13 += a.grad.float()
         gw2 += b.grad.float()

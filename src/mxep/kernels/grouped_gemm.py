@@ -58,11 +58,13 @@ def fp32_to_bf16_bits(x):
 
 @triton.jit
 def _grouped_mm_mxfp8_kernel(
-    q_ptr, s_ptr, w_ptr, out_ptr, group_end_ptr,
+    q_ptr, s_ptr, w_ptr, ws_ptr, out_ptr, group_end_ptr,
     N, K, L,
     L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BF16_DOT: tl.constexpr,
+    BF16_DOT: tl.constexpr, W_MX: tl.constexpr,
 ):
+    # W_MX: the weights are MXFP8 too (e4m3 bytes [L, N, K], e8m0 scales [L, N, K/32], blocks
+    # along K, as an MX GEMM wants them), dequantized in registers like the tokens; else bf16.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     ex = tl.arange(0, L_P)
@@ -76,6 +78,7 @@ def _grouped_mm_mxfp8_kernel(
         kk = tl.arange(0, BLOCK_K)
         n_scale = K // 32
         w_base = w_ptr + e.to(tl.int64) * N * K
+        ws_base = ws_ptr + e.to(tl.int64) * N * n_scale
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         k0 = 0
         while k0 < K:
@@ -84,7 +87,13 @@ def _grouped_mm_mxfp8_kernel(
             sc = tl.load(s_ptr + rows.to(tl.int64)[:, None] * n_scale + ((k0 + kk) // 32)[None, :], mask=km[None, :],
                          other=127)
             a = (e4m3_bytes_to_fp32(q.to(tl.int32)) * e8m0_bytes_to_fp32(sc.to(tl.int32))).to(tl.bfloat16)
-            w = tl.load(w_base + cols[None, :] * K + (k0 + kk)[:, None], mask=km[:, None] & (cols < N)[None, :], other=0.0)
+            wm = km[:, None] & (cols < N)[None, :]
+            if W_MX:
+                wq = tl.load(w_base + cols[None, :] * K + (k0 + kk)[:, None], mask=wm, other=0)
+                wsc = tl.load(ws_base + cols[None, :] * n_scale + ((k0 + kk) // 32)[:, None], mask=wm, other=127)
+                w = (e4m3_bytes_to_fp32(wq.to(tl.int32)) * e8m0_bytes_to_fp32(wsc.to(tl.int32))).to(tl.bfloat16)
+            else:
+                w = tl.load(w_base + cols[None, :] * K + (k0 + kk)[:, None], mask=wm, other=0.0)
             if BF16_DOT:
                 acc += tl.dot(a, w)
             else:   # the CPU interpreter's bf16 dot is wrong (Triton 3.6); bf16 values are exact in fp32
@@ -96,9 +105,11 @@ def _grouped_mm_mxfp8_kernel(
 
 def grouped_mm_mxfp8_forward(qdata: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
                              group_end_offsets: torch.Tensor, align: int, out: torch.Tensor | None = None,
-                             tiles: tuple[int, int, int, int] | None = None, bf16_dot: bool | None = None) -> torch.Tensor:
+                             tiles: tuple[int, int, int, int] | None = None, bf16_dot: bool | None = None,
+                             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher (shapes checked by :func:`mxep.grouped_mm_mxfp8`): ``qdata`` uint8/e4m3
-    ``[cap, K]``, ``scale`` uint8/e8m0 ``[cap, K/32]``, ``weight`` bf16 ``[L, N, K]``,
+    ``[cap, K]``, ``scale`` uint8/e8m0 ``[cap, K/32]``, ``weight`` bf16 ``[L, N, K]`` (or, with
+    ``weight_scale`` uint8/e8m0 ``[L, N, K/32]``, uint8/e4m3 ``[L, N, K]``),
     ``group_end_offsets`` int32 ``[L]`` -> bf16 ``[cap, N]`` (rows past the last group end
     unwritten)."""
     cap, K = qdata.shape
@@ -111,8 +122,12 @@ def grouped_mm_mxfp8_forward(qdata: torch.Tensor, scale: torch.Tensor, weight: t
     bm = math.gcd(bm, align)      # a tile never straddles two groups (groups start at multiples of align)
     grid = (cdiv(cap, bm), cdiv(N, bn))
     _grouped_mm_mxfp8_kernel[grid](
-        qdata.view(torch.uint8), scale.view(torch.uint8), weight, out.view(torch.int16), group_end_offsets, N, K, L,
+        qdata.view(torch.uint8), scale.view(torch.uint8),
+        weight if weight_scale is None else weight.view(torch.uint8),
+        weight if weight_scale is None else weight_scale.view(torch.uint8),
+        out.view(torch.int16), group_end_offsets, N, K, L,
         L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16_DOT=qdata.is_cuda if bf16_dot is None else bf16_dot,
+        W_MX=weight_scale is not None,
         num_warps=warps,
     )
     return out

@@ -12,8 +12,9 @@ Per call on every rank (``n`` tokens, hidden ``H``, ``E`` experts, ``L = E / wor
     combine  buf.combine(out, handle)     -> the rows back in sorted order               [n*k, H] bf16
     sum      y[t] = sum over its k rows of gate * row (fp32, then bf16)                  [n, H] bf16
 
-Quantization points (MXFP8, straight-through in backward): the dispatched rows and the expert
-activation ``a``. The backward is bf16 throughout (dispatch, GEMMs, combine).
+Quantization points (MXFP8, straight-through in backward): the dispatched rows, the expert
+activation ``a`` and (``mx_weights``) the expert weights. The backward is bf16 throughout
+(dispatch, GEMMs, combine).
 """
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ class MoE(nn.Module):
             ``max_tokens_per_rank * top_k`` rows).
         group: the EP process group (None: the default group).
         align, scale_mode: as :class:`mxep.Buffer`.
-        device: where the parameters and the Buffer live.
+        mx_weights: quantize ``w13`` / ``w2`` to MXFP8 (blocks of 32 along their K) at every
+            forward, straight-through to the bf16 parameters, so that both operands of each
+            expert GEMM are MXFP8 (an MX GEMM's numerics); False: bf16 weights.
+        device: where the parameters live (the Buffer follows the group's backend).
 
     Parameters (this rank's): ``router`` fp32 ``[E, H]`` (replicated on every rank: reduce its
     gradient over the group like any replicated parameter), ``w13`` bf16 ``[L, 2F, H]`` (gate
@@ -76,7 +80,8 @@ class MoE(nn.Module):
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, max_tokens_per_rank: int,
-                 group=None, align: int = 32, scale_mode: str = "rceil", device: torch.device | str | None = None):
+                 group=None, align: int = 32, scale_mode: str = "rceil", mx_weights: bool = True,
+                 device: torch.device | str | None = None):
         super().__init__()
         if ffn_hidden % 32:
             raise ValueError(f"ffn_hidden must be a multiple of 32 (MXFP8 blocks), got {ffn_hidden}")
@@ -88,6 +93,7 @@ class MoE(nn.Module):
         L = num_experts // self.buffer.world_size
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
+        self.mx_weights = mx_weights
         self.router = nn.Parameter(torch.randn(num_experts, hidden, device=device) / hidden ** 0.5)
         self.w13 = nn.Parameter((torch.randn(L, 2 * ffn_hidden, hidden, device=device) / hidden ** 0.5).bfloat16())
         self.w2 = nn.Parameter((torch.randn(L, hidden, ffn_hidden, device=device) / ffn_hidden ** 0.5).bfloat16())
@@ -113,9 +119,12 @@ class MoE(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         res = self.buffer.dispatch(x[token_of].contiguous(), counts)
-        h = grouped_mm_mxfp8(res.tokens, self.w13, res.group_end_offsets, self.align)          # [cap, 2F]
+        w13, w2 = self.w13, self.w2
+        if self.mx_weights:
+            w13, w2 = quantize_straight_through(w13, self.scale_mode), quantize_straight_through(w2, self.scale_mode)
+        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.align)               # [cap, 2F]
         a = F.silu(h[:, :Fh]) * h[:, Fh:]                                                      # [cap, F]
-        out = grouped_mm_mxfp8(quantize_straight_through(a, self.scale_mode), self.w2, res.group_end_offsets,
+        out = grouped_mm_mxfp8(quantize_straight_through(a, self.scale_mode), w2, res.group_end_offsets,
                                self.align)                                                     # [cap, H]
         rows = self.buffer.combine(out, res.handle)                                           # [n*k, H]
         weighted = rows.float() * gates.flatten()[order, None]

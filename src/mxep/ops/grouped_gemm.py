@@ -20,19 +20,24 @@ __all__ = ["grouped_mm_mxfp8", "GroupedMXFP8MatmulFunction"]
 class GroupedMXFP8MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor, align: int):
-        ctx.save_for_backward(tokens.qdata, tokens.scale, weight, group_end_offsets)
+        if isinstance(weight, MXFP8Tensor):   # MX weights: dequantized in registers too
+            ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight.qdata, weight.scale)
+            return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight.qdata, group_end_offsets, align,
+                                            weight_scale=weight.scale)
+        ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight)
         return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight, group_end_offsets, align)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qdata, scale, weight, offs = ctx.saved_tensors
+        qdata, scale, offs, *w = ctx.saved_tensors
+        weight = w[0] if len(w) == 1 else dequantize_mxfp8(w[0], w[1], torch.bfloat16)
         grad_out = grad_out.to(torch.bfloat16).contiguous()
         grad_tokens = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_tokens = torch._grouped_mm(grad_out, weight, offs=offs)                  # [cap, K]
         if ctx.needs_input_grad[1]:
             x = dequantize_mxfp8(qdata, scale, torch.bfloat16)
-            grad_weight = torch._grouped_mm(grad_out.t(), x, offs=offs).to(weight.dtype)  # [L, N, K]
+            grad_weight = torch._grouped_mm(grad_out.t(), x, offs=offs)                   # [L, N, K] bf16
         return grad_tokens, grad_weight, None, None
 
 
@@ -43,7 +48,9 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
     Args:
         tokens: :class:`~mxep.MXFP8Tensor` ``[cap, K]`` in the dispatch layout (``DispatchResult.tokens``):
             e4m3 ``qdata [cap, K]``, e8m0 ``scale [cap, K / 32]``, groups padded to ``align`` rows.
-        weight: bf16 ``[L, N, K]``, one ``[N, K]`` matrix per local expert (``L = E // world``).
+        weight: bf16 ``[L, N, K]``, one ``[N, K]`` matrix per local expert (``L = E // world``), or an
+            :class:`~mxep.MXFP8Tensor` of it (blocks of 32 along K, e.g. ``mxep.to_mxfp8(w)``): the
+            MX GEMM's numerics for both operands; its gradient is returned in bf16 (straight-through).
         group_end_offsets: int32 ``[L]`` on the tokens' device (``DispatchResult.group_end_offsets``).
         align: the Buffer's group padding (a multiple of 16): tiles never straddle two groups.
 
@@ -64,7 +71,7 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
     if not isinstance(tokens, MXFP8Tensor):
         raise TypeError(f"tokens must be an MXFP8Tensor (DispatchResult.tokens), got {type(tokens).__name__}")
     if weight.dtype != torch.bfloat16:
-        raise TypeError(f"weight must be bfloat16, got {weight.dtype}")
+        raise TypeError(f"weight must be bfloat16 (or an MXFP8Tensor of bf16), got {weight.dtype}")
     if tokens.dim() != 2 or weight.dim() != 3:
         raise ValueError(f"tokens must be [cap, K] and weight [L, N, K], got {tuple(tokens.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -79,4 +86,6 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
         raise ValueError(f"align must be a multiple of 16 (a GEMM tile is at least 16 rows), got {align}")
     if weight.device != tokens.device or group_end_offsets.device != tokens.device:
         raise ValueError("tokens, weight and group_end_offsets must be on one device")
-    return GroupedMXFP8MatmulFunction.apply(tokens, weight.contiguous(), group_end_offsets, align)
+    if not isinstance(weight, MXFP8Tensor):
+        weight = weight.contiguous()
+    return GroupedMXFP8MatmulFunction.apply(tokens, weight, group_end_offsets, align)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from mxep.format.mxfp8 import dequantize_mxfp8
+from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8
 
 __all__ = ["grouped_mm_reference"]
 
 
 def grouped_mm_reference(qdata: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
                          group_end_offsets: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn ``[cap, K]``, float8_e8m0fnu ``[cap, K/32]``, bf16 ``[L, N, K]``, int32 ``[L]``
+    """float8_e4m3fn ``[cap, K]``, float8_e8m0fnu ``[cap, K/32]``, bf16 ``[L, N, K]`` (or an
+    MXFP8Tensor of it), int32 ``[L]``
     -> bf16 ``[R, N]`` with ``R = group_end_offsets[-1]`` (the rows the layout holds)."""
     x = dequantize_mxfp8(qdata, scale, torch.bfloat16).float()
+    if isinstance(weight, MXFP8Tensor):
+        weight = dequantize_mxfp8(weight.qdata, weight.scale, torch.bfloat16)
     ends = [int(e) for e in group_end_offsets.tolist()]
     out = torch.zeros(ends[-1] if ends else 0, weight.shape[1], dtype=torch.float32, device=qdata.device)
     start = 0

@@ -11,13 +11,16 @@ __all__ = ["moe_reference"]
 
 
 def moe_reference(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
-                  scale_mode: str = "rceil") -> torch.Tensor:
+                  scale_mode: str = "rceil", mx_weights: bool = True) -> torch.Tensor:
     """``x`` bf16 ``[n, H]``, ``router`` fp32 ``[E, H]``, ``w13`` bf16 ``[E, 2F, H]`` and ``w2`` bf16
     ``[E, H, F]`` (all experts of all ranks) -> bf16 ``[n, H]``; differentiable w.r.t. all four."""
     from mxep.moe.layer import quantize_straight_through
 
     n, H = x.shape
     Fh = w2.shape[2]
+    if mx_weights:   # MXFP8 weights, blocks along each GEMM's K, straight-through
+        w13 = quantize_straight_through(w13, scale_mode).dequantize()
+        w2 = quantize_straight_through(w2, scale_mode).dequantize()
     probs = (x.float() @ router.t()).softmax(dim=-1)
     gates, experts = probs.topk(top_k, dim=-1)
     gates = gates / gates.sum(dim=-1, keepdim=True)
