@@ -89,11 +89,12 @@ def word_index(world_size: int, name: str) -> int:
 
 
 def max_spin(device_type: str) -> int:
-    """Polls before a wait gives up. GPU: 2**26 polls of a local L2 word (about a minute at
-    ~1 µs per poll: longer than any straggler, shorter than a silent hang). CPU interpreter:
-    its simulated world runs the phases in order, so a flag is there on the first poll unless
-    a test withholds it on purpose."""
-    return 1 << 26 if device_type == "cuda" else 16
+    """Polls before a wait gives up. GPU: 2**30 polls of a local L2 word, some ten minutes at
+    ~0.5-1 µs per poll, like NCCL's watchdog: a give-up means a rank is gone, never a slow one
+    (a peer compiling Triton kernels on a cold cache can take a minute, and a give-up leaves
+    garbage outputs that only debug mode reports). CPU interpreter: its simulated world runs
+    the phases in order, so a flag is there on the first poll unless a test withholds it."""
+    return 1 << 30 if device_type == "cuda" else 16
 
 
 def describe_status(status: int) -> str:
