@@ -7,6 +7,7 @@ arrives, and the host-side rules the ordering argument relies on."""
 import pytest
 import torch
 
+from _dist import run_distributed
 from _fused_cases import Case, check_dispatch, expected_combine
 
 from mxep.comm.layout import capacity_rows
@@ -198,3 +199,33 @@ def test_flags_combine_after_a_barrier_combine_puts_one_barrier_first(monkeypatc
         seen.append(len(barriers) - before)
     assert seen == [2, 1, 0, 2, 1]
     assert t.peer.signal_word("cseq") == 3 and t.peer.status() == 0
+
+
+def _debug_buffer_body(rank, world):
+    import mxep
+    from mxep.kernels.rows import TUNING
+    from mxep.kernels.signals import word_index
+
+    TUNING["sync"] = "flags"
+    buf = mxep.Buffer(None, num_experts=4, hidden=64, max_tokens_per_rank=8, debug=True)
+    buf.transport = SymmMemTransport.over_local_memory(buf.regions, group=buf.group)   # the symm-mem code path
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    counts = torch.tensor([2, 0, 3, 0])
+    buf.dispatch(x, counts)                                  # clean: no error
+    out = []
+    buf.transport.peer.signals[word_index(1, "status")] = TIMEOUT_PUSH    # as a timed-out copy-out leaves it
+    for call in (lambda: buf.dispatch(x, counts), lambda: buf.combine(torch.zeros(buf.capacity, 64).bfloat16(),
+                                                                       buf.plan(counts, 5))):
+        try:
+            call()
+            out.append(None)
+        except RuntimeError as exc:
+            out.append(str(exc))
+    return out
+
+
+def test_debug_buffer_raises_on_a_timed_out_wait():
+    """Buffer(debug=True) reads the status word after every dispatch and combine (a host sync,
+    debug only) and names what timed out; without debug nothing reads it."""
+    (msgs,) = run_distributed(_debug_buffer_body, 1)
+    assert all(m is not None and "push" in m and "invalid" in m for m in msgs), msgs
