@@ -153,11 +153,11 @@ class PeerMemory:
 
     def status(self) -> int:
         """Non-zero if a wait of the "flags" sync timed out (host sync: debug mode only)."""
-        return int(self.signals[word_index(self.regions.world_size, "status")])
+        return int(self.signals[word_index(self.regions.world_size, "status")])   # debug-only: host sync
 
     def signal_word(self, name: str) -> int:
         """``seq``, ``cseq``, ``ticket`` or ``status`` (host sync: tests and debugging)."""
-        return int(self.signals[word_index(self.regions.world_size, name)])
+        return int(self.signals[word_index(self.regions.world_size, name)])   # debug-only: host sync (tests)
 
     def check_status(self) -> None:
         st = self.status()   # debug-only: host sync
