@@ -126,6 +126,13 @@ def drive() -> None:
     wq = to_mxfp8(w)   # MXFP8 weights (compile-only: the bytes are garbage, the shapes right)
     grouped_mm_mxfp8_forward(toks.qdata, toks.scale, wq.qdata, res[0].group_end_offsets, 32, tiles=GPU_TILES,
                              bf16_dot=True, weight_scale=wq.scale)
+    # SwiGLU + quantize and its backward, with the GPU tile and the hardware e4m3 path
+    from mxep.kernels import swiglu as ks
+
+    ks.INTERPRETER_TILE = ks.GPU_TILE
+    hmid = torch.zeros(res[0].tokens.shape[0], 2 * 2048, dtype=torch.bfloat16)
+    ks.swiglu_quantize_forward(hmid, res[0].group_end_offsets, "rceil", hw_cast=True)
+    ks.swiglu_backward(hmid, torch.zeros(hmid.shape[0], 2048, dtype=torch.bfloat16), res[0].group_end_offsets)
     for shape in [(64, 7168), (33, 96), (16, 5120)]:   # with the GPU tiles, not the interpreter's
         for mode in ("rceil", "floor"):
             mxfp8_quantize(torch.randn(*shape).bfloat16(), mode, block_m=min(kq.GPU_BLOCK_M, 64),

@@ -29,11 +29,12 @@ def test_module_docstring_examples():
     import mxep.format.mxfp8
     import mxep.moe.layer
     import mxep.ops.grouped_gemm
+    import mxep.ops.swiglu
     import mxep.reference.routing
 
     failed = 0
     for mod in (mxep.format.mxfp8, mxep.comm.layout, mxep.reference.routing, mxep.ops.grouped_gemm,
-                mxep.moe.layer):
+                mxep.ops.swiglu, mxep.moe.layer):
         res = doctest.testmod(mod, extraglobs={"torch": __import__("torch"), "mxep": mxep},
                               optionflags=doctest.NORMALIZE_WHITESPACE)
         assert res.attempted > 0, mod.__name__

@@ -8,7 +8,8 @@ Per call on every rank (``n`` tokens, hidden ``H``, ``E`` experts, ``L = E / wor
     sort     rows = the n * k (token, expert) pairs sorted by expert; x gathered        [n*k, H] bf16
     counts   per expert, on the device (scatter_add: bincount would sync for its size)  [E] int32
     dispatch buf.dispatch(rows, counts)  -> MXFP8 tokens, expert-major, padded          [cap, H]
-    experts  h = tokens @ W13[e]^T; a = silu(h_gate) * h_up; MXFP8(a) @ W2[e]^T          [cap, H] bf16
+    experts  h = tokens @ W13[e]^T; a = MXFP8(silu(h_gate) * h_up); a @ W2[e]^T          [cap, H] bf16
+             (the SwiGLU + quantization kernel stops at the layout's end, like the GEMMs)
     combine  buf.combine(out, handle)     -> the rows back in sorted order               [n*k, H] bf16
     sum      y[t] = sum over its k rows of gate * row (fp32, then bf16)                  [n, H] bf16
 
@@ -19,12 +20,12 @@ activation ``a`` and (``mx_weights``) the expert weights. The backward is bf16 t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mxep.comm.buffer import Buffer
 from mxep.format.mxfp8 import MXFP8Tensor, to_mxfp8
 from mxep.ops.grouped_gemm import grouped_mm_mxfp8
+from mxep.ops.swiglu import swiglu_mxfp8
 
 __all__ = ["MoE", "quantize_straight_through"]
 
@@ -111,7 +112,7 @@ class MoE(nn.Module):
             raise ValueError(f"x must be [n, {self.hidden}], got {tuple(x.shape)}")
         if x.shape[0] > self.max_tokens_per_rank:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={self.max_tokens_per_rank}")
-        n, k, Fh = x.shape[0], self.top_k, self.ffn_hidden
+        n, k = x.shape[0], self.top_k
         gates, experts = self.route(x)
         flat = experts.flatten()
         order = flat.argsort(stable=True)                    # (token, expert) pairs, expert-major
@@ -123,9 +124,8 @@ class MoE(nn.Module):
         if self.mx_weights:
             w13, w2 = quantize_straight_through(w13, self.scale_mode), quantize_straight_through(w2, self.scale_mode)
         h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.align)               # [cap, 2F]
-        a = F.silu(h[:, :Fh]) * h[:, Fh:]                                                      # [cap, F]
-        out = grouped_mm_mxfp8(quantize_straight_through(a, self.scale_mode), w2, res.group_end_offsets,
-                               self.align)                                                     # [cap, H]
+        a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)                           # MXFP8 [cap, F]
+        out = grouped_mm_mxfp8(a, w2, res.group_end_offsets, self.align)                       # [cap, H]
         rows = self.buffer.combine(out, res.handle)                                           # [n*k, H]
         weighted = rows.float() * gates.flatten()[order, None]
         return torch.zeros(n, self.hidden, device=x.device).index_add(0, token_of, weighted).to(x.dtype)
