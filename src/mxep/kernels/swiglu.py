@@ -38,18 +38,28 @@ def _layout_end(group_end_ptr, L, L_P: tl.constexpr):
 
 
 @triton.jit
+def _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's tile: ``(live, rows, cols, row_mask, mask, g, u)``; ``live`` is False for
+    tiles past the layout's end (nothing to do), ``g`` / ``u`` the gate / up values (fp32)."""
+    end = _layout_end(group_end_ptr, L, L_P)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rm = rows < end
+    m = rm[:, None] & (cols < F)[None, :]
+    hrow = rows[:, None] * (2 * F) + cols[None, :]
+    g = bf16_bits_to_fp32(tl.load(h_ptr + hrow, mask=m, other=0))
+    u = bf16_bits_to_fp32(tl.load(h_ptr + hrow + F, mask=m, other=0))
+    return row0 < end, rows, cols, rm, m, g, u
+
+
+@triton.jit
 def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, group_end_ptr, L, F,
                             L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
                             FLOOR: tl.constexpr, HW_CAST: tl.constexpr):
-    end = _layout_end(group_end_ptr, L, L_P)
-    row0 = tl.program_id(0) * BLOCK_M
-    if row0 < end:
-        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        # F % 32 == 0: masked columns form whole all-zero MX blocks that are never stored
-        m = (rows < end)[:, None] & (cols < F)[None, :]
-        g = bf16_bits_to_fp32(tl.load(h_ptr + rows[:, None] * (2 * F) + cols[None, :], mask=m, other=0))
-        u = bf16_bits_to_fp32(tl.load(h_ptr + rows[:, None] * (2 * F) + F + cols[None, :], mask=m, other=0))
+    # F % 32 == 0: masked columns form whole all-zero MX blocks that are never stored
+    live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
+    if live:
         silu = _round_bf16(g / (1.0 + tl.exp(-g)))
         a = _round_bf16(silu * u)
         q, s = quantize_tile(a, BLOCK_F, FLOOR, HW_CAST)
@@ -57,21 +67,15 @@ def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, group_end_ptr, L, F,
         NB: tl.constexpr = BLOCK_F // 32
         bcols = tl.program_id(1) * NB + tl.arange(0, NB)
         tl.store(s_ptr + rows[:, None] * (F // 32) + bcols[None, :], s,
-                 mask=(rows < end)[:, None] & (bcols < F // 32)[None, :])
+                 mask=rm[:, None] & (bcols < F // 32)[None, :])
 
 
 @triton.jit
 def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, group_end_ptr, L, F,
                             L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
-    end = _layout_end(group_end_ptr, L, L_P)
-    row0 = tl.program_id(0) * BLOCK_M
-    if row0 < end:
-        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        m = (rows < end)[:, None] & (cols < F)[None, :]
+    live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
+    if live:
         hrow = rows[:, None] * (2 * F) + cols[None, :]
-        g = bf16_bits_to_fp32(tl.load(h_ptr + hrow, mask=m, other=0))
-        u = bf16_bits_to_fp32(tl.load(h_ptr + hrow + F, mask=m, other=0))
         da = bf16_bits_to_fp32(tl.load(da_ptr + rows[:, None] * F + cols[None, :], mask=m, other=0))
         sig = 1.0 / (1.0 + tl.exp(-g))
         silu = _round_bf16(g * sig)
