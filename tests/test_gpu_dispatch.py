@@ -26,8 +26,9 @@ SYNCS = ("barrier", "flags")   # TUNING["sync"]: how the forward dispatch orders
 
 
 def sync_env(sync: str) -> dict:
-    """Environment for the spawned ranks: the dispatch sync mode under test."""
-    return {"MXEP_TUNING": json.dumps({"sync": sync})}
+    """Environment for the spawned ranks: the dispatch sync mode under test, and waits that give
+    up after some 30 s (2**25 polls) so that a lost flag fails the test instead of hanging it."""
+    return {"MXEP_TUNING": json.dumps({"sync": sync}), "MXEP_MAX_SPIN": str(1 << 25)}
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")

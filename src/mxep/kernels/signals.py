@@ -63,6 +63,8 @@ raises on a non-zero status after every dispatch and combine.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -93,8 +95,13 @@ def max_spin(device_type: str) -> int:
     ~0.5-1 µs per poll, like NCCL's watchdog: a give-up means a rank is gone, never a slow one
     (a peer compiling Triton kernels on a cold cache can take a minute, and a give-up leaves
     garbage outputs that only debug mode reports). CPU interpreter: its simulated world runs
-    the phases in order, so a flag is there on the first poll unless a test withholds it."""
-    return 1 << 30 if device_type == "cuda" else 16
+    the phases in order, so a flag is there on the first poll unless a test withholds it.
+    ``MXEP_MAX_SPIN`` overrides the GPU value, so that a test run turns a lost flag into a
+    failure within seconds instead of a hang (the GPU tests set 2**25, some 30 s)."""
+    if device_type != "cuda":
+        return 16
+    env = os.environ.get("MXEP_MAX_SPIN")
+    return int(env) if env else 1 << 30
 
 
 def describe_status(status: int) -> str:
