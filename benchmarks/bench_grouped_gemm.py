@@ -13,7 +13,8 @@ same card, on one dispatch layout (uniform routing, groups padded to 32 rows):
 TFLOP/s = 2 * rows * N * K / time. Timing: CUDA events around every call, warm-up first,
 median over ``--iters`` calls (``bench_quantize.time_calls``).
 
-Usage: ``python benchmarks/bench_grouped_gemm.py [--out benchmarks/results/grouped_gemm.json]``
+Usage: ``python benchmarks/bench_grouped_gemm.py [--sweep] [--out benchmarks/results/grouped_gemm.json]``
+(``--sweep``: every candidate tile configuration of the kernel, bf16 and MXFP8 weights.)
 """
 from __future__ import annotations
 
@@ -53,12 +54,64 @@ def make_layout(rows: int, L: int, K: int, align: int = 32):
     return tokens, lay.group_end_offsets.cuda(), cap
 
 
+def time_us(fn, iters: int, warmup: int) -> float:
+    return statistics.median(time_calls(lambda _: fn(), [None], iters, warmup)) * 1e3
+
+
+def sweep(args) -> dict:
+    """Every ``GPU_TILE_CANDIDATES`` entry on every shape, bf16 and MXFP8 weights, in one run;
+    each result checked against the unfused path (relative error) before it is timed."""
+    from mxep.kernels.grouped_gemm import GPU_TILE_CANDIDATES, grouped_mm_mxfp8_forward
+
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for rows, L, K, N in DEFAULT_SHAPES:
+        tokens, offs, cap = make_layout(rows, L, K)
+        w = (torch.randn(L, N, K, device="cuda") / K ** 0.5).bfloat16()
+        wq = mxep.to_mxfp8(w)
+        flops = 2.0 * cap * N * K
+        for wname, weight, wscale in (("bf16", w, None), ("mx", wq.qdata, wq.scale)):
+            wd = (w if wscale is None else dequantize_mxfp8(wq.qdata, wq.scale)).transpose(1, 2)   # [L, K, N]
+            ref = torch._grouped_mm(dequantize_mxfp8(tokens.qdata, tokens.scale), wd, offs=offs).float()
+            R = int(offs[-1])
+            base = time_us(lambda: torch._grouped_mm(dequantize_mxfp8(tokens.qdata, tokens.scale), wd, offs=offs),
+                           args.iters, args.warmup)
+            line = {"rows": cap, "experts": L, "K": K, "N": N, "weights": wname, "unfused_us": base, "tiles": []}
+            for t in GPU_TILE_CANDIDATES:
+                def fn(t=t):
+                    return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight, offs, tiles=t, weight_scale=wscale)
+                try:
+                    got = fn().float()
+                    err = float((got[:R] - ref[:R]).norm() / ref[:R].norm())
+                    us = time_us(fn, args.iters, args.warmup) if err < 1e-2 else None
+                    line["tiles"].append({"tiles": list(t), "us": us, "tflops": flops / us / 1e6 if us else None,
+                                          "rel_err": err})
+                except Exception as exc:  # noqa: BLE001  (record and go on)
+                    line["tiles"].append({"tiles": list(t), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            out["rows"].append(line)
+            best = sorted([x for x in line["tiles"] if x.get("us")], key=lambda x: x["us"])
+            print(f"# {cap}x{K} -> {N}, L={L}, {wname} weights: unfused {base:.0f} us", flush=True)
+            for x in line["tiles"]:
+                tag = f"{x['us']:.0f} us {x['tflops']:.0f} TF err {x['rel_err']:.1e}" if x.get("us") else x.get("error", x)
+                print(f"   {x['tiles']}: {tag}", flush=True)
+            if best:
+                print(f"   best {best[0]['tiles']}: {best[0]['us']:.0f} us ({base / best[0]['us']:.2f}x unfused)", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None)
+    p.add_argument("--sweep", action="store_true", help="time every GPU_TILE_CANDIDATES entry instead")
     args = p.parse_args()
+    if args.sweep:
+        results = sweep(args)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for rows, L, K, N in DEFAULT_SHAPES:
         tokens, offs, cap = make_layout(rows, L, K)

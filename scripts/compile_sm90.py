@@ -118,14 +118,16 @@ def drive() -> None:
         sim.dispatch_bf16([torch.zeros(N, H, dtype=torch.bfloat16) for _ in range(W)], handles)
     # the grouped GEMM on a dispatch layout, with the GPU tiles and bf16 tensor-core dots
     from mxep.format.mxfp8 import to_mxfp8
-    from mxep.kernels.grouped_gemm import GPU_TILES, grouped_mm_mxfp8_forward
+    from mxep.kernels import grouped_gemm as gg
 
     toks = res[0].tokens
     w = torch.zeros(E // W, 96, H, dtype=torch.bfloat16)
-    grouped_mm_mxfp8_forward(toks.qdata, toks.scale, w, res[0].group_end_offsets, 32, tiles=GPU_TILES, bf16_dot=True)
     wq = to_mxfp8(w)   # MXFP8 weights (compile-only: the bytes are garbage, the shapes right)
-    grouped_mm_mxfp8_forward(toks.qdata, toks.scale, wq.qdata, res[0].group_end_offsets, 32, tiles=GPU_TILES,
-                             bf16_dot=True, weight_scale=wq.scale)
+    for tiles in gg.GPU_TILE_CANDIDATES:   # every configuration the sweep may make the default
+        gg.grouped_mm_mxfp8_forward(toks.qdata, toks.scale, w, res[0].group_end_offsets, tiles=tiles,
+                                    bf16_dot=True, pipeline=True)
+        gg.grouped_mm_mxfp8_forward(toks.qdata, toks.scale, wq.qdata, res[0].group_end_offsets, tiles=tiles,
+                                    bf16_dot=True, pipeline=True, weight_scale=wq.scale)
     # SwiGLU + quantize and its backward, with the GPU tile and the hardware e4m3 path
     from mxep.kernels import swiglu as ks
 

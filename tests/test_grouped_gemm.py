@@ -12,7 +12,7 @@ from _fused_cases import Case
 
 import mxep
 from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8
-from mxep.kernels.grouped_gemm import grouped_mm_mxfp8_forward
+from mxep.kernels.grouped_gemm import GPU_TILE_CANDIDATES, INTERPRETER_TILES, GemmTiles, grouped_mm_mxfp8_forward
 from mxep.reference.grouped_gemm import grouped_mm_reference
 from mxep.reference.layout import simulate_dispatch_layout, simulate_dispatch_mxfp8
 
@@ -39,9 +39,15 @@ CASES = [
 ]
 
 
+# Interpreter tiles, and tiles taller than the layouts' align (16 / 32 / 48): groups end inside
+# tiles (partial last tiles, masked rows), K not a multiple of BLOCK_K, N not of BLOCK_N.
+CPU_TILES = [INTERPRETER_TILES, GemmTiles(32, 16, 64, 1, 1, 1, "int"), GemmTiles(64, 32, 32, 2, 1, 3, "int")]
+
+
+@pytest.mark.parametrize("tiles", CPU_TILES, ids=lambda t: f"{t.block_m}x{t.block_n}x{t.block_k}g{t.group_m}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c.world}-K{c.hidden}-align{c.align}")
 @pytest.mark.parametrize("N,mx_weight", [(40, False), (72, False), (40, True)])
-def test_forward_matches_reference(case, N, mx_weight):
+def test_forward_matches_reference(case, N, mx_weight, tiles):
     """bf16 weights, or MXFP8 weights (blocks along K) dequantized in registers like the tokens."""
     for rank in range(case.world):
         tokens, offs, is_pad = layout_for(case, rank)
@@ -51,10 +57,10 @@ def test_forward_matches_reference(case, N, mx_weight):
         out = torch.full((cap, N), POISON, dtype=torch.bfloat16)
         if mx_weight:
             w = mxep.to_mxfp8(w)
-            grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w.qdata, offs, case.align, out=out,
-                                     weight_scale=w.scale)
+            grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w.qdata, offs, out=out,
+                                     weight_scale=w.scale, tiles=tiles)
         else:
-            grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w, offs, case.align, out=out)
+            grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w, offs, out=out, tiles=tiles)
         ref = grouped_mm_reference(tokens.qdata, tokens.scale, w, offs)
         R = ref.shape[0]
         real = ~is_pad[:R]
@@ -62,7 +68,7 @@ def test_forward_matches_reference(case, N, mx_weight):
             assert rel_err(out[:R][real], ref[real]) < 4e-3
         assert (out[:R][is_pad[:R]] == 0).all()            # zero tokens, zero products
         assert (out[R:] == POISON).all()                    # past the layout: never written
-        assert torch.equal(mxep.grouped_mm_mxfp8(tokens, w, offs, align=case.align)[:R][is_pad[:R]],
+        assert torch.equal(mxep.grouped_mm_mxfp8(tokens, w, offs)[:R][is_pad[:R]],
                            out[:R][is_pad[:R]])
 
 
@@ -81,7 +87,7 @@ def test_gradients_match_torch_autograd():
 
     t = tokens.detach().requires_grad_(True)
     w1 = w.clone().requires_grad_(True)
-    mxep.grouped_mm_mxfp8(t, w1, offs, align=case.align).backward(dy)
+    mxep.grouped_mm_mxfp8(t, w1, offs).backward(dy)
 
     x = dequantize_mxfp8(tokens.qdata, tokens.scale, torch.float32).requires_grad_(True)
     w2 = w.float().requires_grad_(True)
@@ -97,7 +103,7 @@ def test_gradients_match_torch_autograd():
     # tokens' gradient uses the dequantized weights
     wq = mxep.to_mxfp8(w).detach().requires_grad_(True)
     t2 = tokens.detach().requires_grad_(True)
-    mxep.grouped_mm_mxfp8(t2, wq, offs, align=case.align).backward(dy)
+    mxep.grouped_mm_mxfp8(t2, wq, offs).backward(dy)
     assert wq.grad.dtype == torch.bfloat16 and rel_err(wq.grad, w2.grad) < 1e-2
     wd = dequantize_mxfp8(wq.qdata, wq.scale, torch.float32)
     gx = torch.cat([dy[s:e].float() @ wd[i] for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
@@ -119,8 +125,6 @@ def test_bad_inputs_raise():
         mxep.grouped_mm_mxfp8(tokens, w, offs.long())
     with pytest.raises(ValueError, match=r"int32 \[2\]"):
         mxep.grouped_mm_mxfp8(tokens, w[:2], offs)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        mxep.grouped_mm_mxfp8(tokens, w, offs, align=8)
 
 
 # ----------------------------------------------------------------------------- the expert path on gloo
@@ -132,11 +136,11 @@ def _weights(case: Case):
 
 def _expert_path_body(rank, world, case):
     counts, xs = case.inputs()
-    buf = mxep.Buffer(None, case.num_experts, case.hidden, case.max_tokens, align=case.align)
+    buf = mxep.Buffer(None, case.num_experts, case.hidden, case.max_tokens)
     x = xs[rank].clone().requires_grad_(True)
     w = _weights(case)[rank].clone().requires_grad_(True)
     res = buf.dispatch(x, counts[rank])
-    y = buf.combine(mxep.grouped_mm_mxfp8(res.tokens, w, res.group_end_offsets, align=case.align), res.handle)
+    y = buf.combine(mxep.grouped_mm_mxfp8(res.tokens, w, res.group_end_offsets), res.handle)
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(rank)).bfloat16())
     return y.detach(), x.grad, w.grad
 
@@ -197,3 +201,31 @@ def test_forward_and_gradients_on_gpu(K, N):
         gx = torch.cat([dy[s:e].float() @ w[i].float() for i, (s, e) in
                         enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
         assert rel_err(t.grad[:R], gx) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tiles", GPU_TILE_CANDIDATES, ids=lambda t: "x".join(map(str, t[:6])) + "-" + t.decode)
+@pytest.mark.parametrize("mx_weight", [False, True])
+def test_gpu_tile_candidates_match_reference(tiles, mx_weight):
+    """Every tile configuration the sweep may pick (GPU_TILES is one of them): poisoned output,
+    groups ending inside tiles, an empty expert, K and N off the tile sizes."""
+    case = Case(2, 16, 1056, 300, 32, ("skewed", "empty_experts"), (300, 257), seed=11)
+    N = 200
+    for rank in range(2):
+        tokens, offs, is_pad = layout_for(case, rank)
+        q, sc, offs = tokens.qdata.cuda(), tokens.scale.cuda(), offs.cuda()
+        L = case.num_experts // case.world
+        w = (torch.randn(L, N, tokens.shape[1], device="cuda") / 32).bfloat16()
+        out = torch.full((tokens.shape[0], N), POISON, dtype=torch.bfloat16, device="cuda")
+        if mx_weight:
+            w = mxep.to_mxfp8(w)
+            grouped_mm_mxfp8_forward(q, sc, w.qdata, offs, out=out, weight_scale=w.scale, tiles=tiles)
+        else:
+            grouped_mm_mxfp8_forward(q, sc, w, offs, out=out, tiles=tiles)
+        ref = grouped_mm_reference(q, sc, w, offs)
+        R = ref.shape[0]
+        pad = is_pad[:R].cuda()
+        assert rel_err(out[:R][~pad], ref[~pad]) < 4e-3
+        assert (out[:R][pad] == 0).all()
+        assert (out[R:] == POISON).all()

@@ -1,16 +1,17 @@
 """Grouped GEMM over the dispatch layout: ``out[r] = dequant(tokens[r]) @ W[e(r)]^T``.
 
 The tokens are the dispatch's output as it lands: MXFP8 rows ``[cap, K]`` (e4m3 bytes) with
-e8m0 scales ``[cap, K/32]``, expert-major, every expert's group padded to ``align`` rows, group
-ends in ``group_end_offsets`` (int32 ``[L]``, on the device). Hopper has no MX block-scaled MMA
-(reference/mxfp8.md), so each tile is dequantized in registers (exact: an e4m3 value times a
-power of two) and fed to bf16 tensor cores with fp32 accumulation, which reproduces MX GEMM
-numerics. Groups start at multiples of ``align``, so a tile of ``BLOCK_M`` rows (``BLOCK_M``
-dividing ``align``) belongs to one expert, found on the device: no host sync, no permute.
+e8m0 scales ``[cap, K/32]``, expert-major, group ends in ``group_end_offsets`` (int32 ``[L]``,
+on the device). Hopper has no MX block-scaled MMA (reference/mxfp8.md), so each tile is
+dequantized in registers (exact: an e4m3 value times a power of two) and fed to bf16 tensor
+cores with fp32 accumulation, which reproduces MX GEMM numerics. Every program rebuilds the
+per-expert tile list from the group ends on the device (tiles never straddle two experts; a
+group's last tile is partial), so there is no host sync and no permute, and any group padding
+works.
 """
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -18,11 +19,47 @@ import triton.language as tl
 
 from mxep.kernels._host import cdiv, next_power_of_2
 
-__all__ = ["grouped_mm_mxfp8_forward", "GPU_TILES"]
+__all__ = ["grouped_mm_mxfp8_forward", "GemmTiles", "GPU_TILES", "GPU_TILE_CANDIDATES", "INTERPRETER_TILES", "DECODES"]
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps) on GPUs; not tuned yet (no device time since it was written).
-GPU_TILES = (64, 128, 64, 4)
-INTERPRETER_TILES = (16, 32, 32, 1)
+
+class GemmTiles(NamedTuple):
+    """One launch configuration of the grouped GEMM.
+
+    ``decode`` says how an MXFP8 tile becomes a tensor-core operand:
+      * ``"int"``: integer bit decoding to fp32, times the scale, rounded to bf16 (the CPU
+        interpreter's path: Triton 3.6's interpreter has no reliable fp8 casts or bf16 dots);
+      * ``"cvt"``: the hardware e4m3 -> bf16 conversion, times the e8m0 scale as a bf16 power of
+        two (exact: at most 4 significant bits), bf16 dot;
+      * ``"dot_scaled"``: ``tl.dot_scaled`` (Triton lowers it on sm_90 to the same upcast + bf16
+        MMA).
+    ``group_m``: M tiles walked together before moving along N, so the tokens of a group of M
+    tiles stay in L2 while the weight tiles stream (the classic swizzled grid)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    group_m: int
+    decode: str
+
+
+DECODES = ("int", "cvt", "dot_scaled")
+# Candidates measured by ``benchmarks/bench_grouped_gemm.py --sweep`` (and all checked against
+# the reference by tests/test_grouped_gemm.py on a GPU), so the default is always a tested one.
+GPU_TILE_CANDIDATES = (
+    GemmTiles(128, 128, 64, 8, 3, 8, "cvt"),
+    GemmTiles(128, 128, 64, 4, 3, 8, "cvt"),
+    GemmTiles(128, 256, 64, 8, 3, 8, "cvt"),
+    GemmTiles(64, 128, 64, 4, 4, 8, "cvt"),
+    GemmTiles(128, 128, 128, 8, 2, 8, "cvt"),
+    GemmTiles(64, 256, 64, 8, 3, 8, "cvt"),
+    GemmTiles(128, 128, 64, 8, 3, 8, "dot_scaled"),
+    GemmTiles(128, 256, 64, 8, 3, 8, "dot_scaled"),
+    GemmTiles(64, 128, 64, 4, 3, 8, "int"),
+)
+# GPU default: UNTUNED first guess (Hopper bf16 wgmma shape) until the sweep has run.
+GPU_TILES = GPU_TILE_CANDIDATES[0]
+INTERPRETER_TILES = GemmTiles(16, 32, 32, 1, 1, 2, "int")
 
 
 @triton.jit
@@ -57,77 +94,154 @@ def fp32_to_bf16_bits(x):
 
 
 @triton.jit
+def mxfp8_tile_to_bf16(q, sc, DECODE: tl.constexpr):
+    """An e4m3 tile (uint8) and its e8m0 scales gathered to the same shape (uint8) -> bf16 values
+    ``e4m3 * 2^(scale - 127)`` (exact)."""
+    if DECODE == "int":
+        return fp32_to_bf16_bits(e4m3_bytes_to_fp32(q.to(tl.int32)) *
+                                 e8m0_bytes_to_fp32(sc.to(tl.int32))).to(tl.bfloat16, bitcast=True)
+    else:
+        v = q.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        s16 = sc.to(tl.int16)
+        bits = tl.where(s16 == 0, 0x40, s16 << 7)          # 2^-127 is a bf16 subnormal
+        bits = tl.where(s16 == 255, 0x7FC0, bits)          # e8m0 NaN
+        return v * bits.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _k_step(acc, k0, q_rows, s_rows, w_cols, ws_cols, sw_rows, kk, ks, K, n_scale,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DECODE: tl.constexpr, BF16_DOT: tl.constexpr,
+            W_MX: tl.constexpr):
+    """One BLOCK_K step: ``acc += dequant(tokens[:, k0:k0+BLOCK_K]) @ W[e][:, k0:k0+BLOCK_K]^T``."""
+    if EVEN_K:
+        km = kk < BLOCK_K
+        kms = ks < BLOCK_K // 32
+    else:
+        km = (k0 + kk) < K
+        kms = (k0 // 32 + ks) < n_scale
+    q = tl.load(q_rows + (k0 + kk)[None, :], mask=km[None, :], other=0)
+    if DECODE == "dot_scaled":
+        sa = tl.load(s_rows + (k0 // 32 + ks)[None, :], mask=kms[None, :], other=127)
+        if W_MX:
+            wq = tl.load(w_cols + (k0 + kk)[:, None], mask=km[:, None], other=0)
+            sw = tl.load(sw_rows + (k0 // 32 + ks)[None, :], mask=kms[None, :], other=127)
+            acc = tl.dot_scaled(q.to(tl.float8e4nv, bitcast=True), sa, "e4m3",
+                                wq.to(tl.float8e4nv, bitcast=True), sw, "e4m3", acc)
+        else:
+            w = tl.load(w_cols + (k0 + kk)[:, None], mask=km[:, None], other=0.0)
+            acc = tl.dot_scaled(q.to(tl.float8e4nv, bitcast=True), sa, "e4m3", w, None, "bf16", acc)
+    else:
+        sc = tl.load(s_rows + ((k0 + kk) // 32)[None, :], mask=km[None, :], other=127)
+        a = mxfp8_tile_to_bf16(q, sc, DECODE)
+        if W_MX:
+            wq = tl.load(w_cols + (k0 + kk)[:, None], mask=km[:, None], other=0)
+            wsc = tl.load(ws_cols + ((k0 + kk) // 32)[:, None], mask=km[:, None], other=127)
+            w = mxfp8_tile_to_bf16(wq, wsc, DECODE)
+        else:
+            w = tl.load(w_cols + (k0 + kk)[:, None], mask=km[:, None], other=0.0)
+        if BF16_DOT:
+            acc += tl.dot(a, w)
+        else:   # the CPU interpreter's bf16 dot is wrong (Triton 3.6); bf16 values are exact in fp32
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _grouped_mm_mxfp8_kernel(
     q_ptr, s_ptr, w_ptr, ws_ptr, out_ptr, group_end_ptr,
-    N, K, L,
+    cap, N, K, L,
     L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BF16_DOT: tl.constexpr, W_MX: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    DECODE: tl.constexpr, BF16_DOT: tl.constexpr, W_MX: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     # W_MX: the weights are MXFP8 too (e4m3 bytes [L, N, K], e8m0 scales [L, N, K/32], blocks
     # along K, as an MX GEMM wants them), dequantized in registers like the tokens; else bf16.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Tiles are cut per group (expert), not over the whole layout: group e's rows
+    # [start_e, end_e) make cdiv(n_e, BLOCK_M) tiles, the last one partial (rows masked). So
+    # BLOCK_M may exceed the layout's align (64-row wgmma tiles on align-32 layouts) with no
+    # tile straddling two experts and no work wasted on another expert's rows. The tile list is
+    # rebuilt by every program from the device-side group ends (an L-long cumsum): no host sync.
+    pid = tl.program_id(0)
     ex = tl.arange(0, L_P)
-    ends = tl.load(group_end_ptr + ex, mask=ex < L, other=2147483647)
-    end = tl.max(tl.where(ex < L, ends, 0), axis=0)
-    row0 = pid_m * BLOCK_M
-    if row0 < end:   # rows past the layout are left unwritten, as the dispatch leaves them
-        e = tl.sum((ends <= row0).to(tl.int32), axis=0)      # this tile's expert
+    valid = ex < L
+    ends = tl.load(group_end_ptr + ex, mask=valid, other=0)
+    starts = tl.load(group_end_ptr + ex - 1, mask=valid & (ex > 0), other=0)
+    tiles_e = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_cum = tl.cumsum(tiles_e, axis=0)                  # inclusive
+    num_m = tl.max(tiles_cum, axis=0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.maximum(tl.minimum(num_m - first_m, GROUP_M), 1)
+    tile_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    if tile_m < num_m:   # the grid is sized for the worst case; rows past the layout stay unwritten
+        e = tl.sum((tiles_cum <= tile_m).to(tl.int32), axis=0)      # this tile's expert
+        pick = ex == e
+        row0 = tl.sum(tl.where(pick, starts + (tile_m - (tiles_cum - tiles_e)) * BLOCK_M, 0), axis=0)
+        row_end = tl.sum(tl.where(pick, ends, 0), axis=0)
         rows = row0 + tl.arange(0, BLOCK_M)
+        rows_in = rows < row_end
+        rows = tl.where(rows_in, rows, row0)                  # clamp: loads stay in bounds, unmasked
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_in = cols < N
+        cols = tl.where(cols_in, cols, 0)
         kk = tl.arange(0, BLOCK_K)
+        ks = tl.arange(0, BLOCK_K // 32)
         n_scale = K // 32
-        w_base = w_ptr + e.to(tl.int64) * N * K
-        ws_base = ws_ptr + e.to(tl.int64) * N * n_scale
+        q_rows = q_ptr + rows.to(tl.int64)[:, None] * K
+        s_rows = s_ptr + rows.to(tl.int64)[:, None] * n_scale
+        w_cols = w_ptr + e.to(tl.int64) * N * K + cols.to(tl.int64)[None, :] * K
+        ws_cols = ws_ptr + e.to(tl.int64) * N * n_scale + cols.to(tl.int64)[None, :] * n_scale
+        sw_rows = ws_ptr + e.to(tl.int64) * N * n_scale + cols.to(tl.int64)[:, None] * n_scale   # [BN, 1]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        k0 = 0
-        while k0 < K:
-            km = (k0 + kk) < K
-            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * K + (k0 + kk)[None, :], mask=km[None, :], other=0)
-            sc = tl.load(s_ptr + rows.to(tl.int64)[:, None] * n_scale + ((k0 + kk) // 32)[None, :], mask=km[None, :],
-                         other=127)
-            a = (e4m3_bytes_to_fp32(q.to(tl.int32)) * e8m0_bytes_to_fp32(sc.to(tl.int32))).to(tl.bfloat16)
-            wm = km[:, None] & (cols < N)[None, :]
-            if W_MX:
-                wq = tl.load(w_base + cols[None, :] * K + (k0 + kk)[:, None], mask=wm, other=0)
-                wsc = tl.load(ws_base + cols[None, :] * n_scale + ((k0 + kk) // 32)[:, None], mask=wm, other=127)
-                w = (e4m3_bytes_to_fp32(wq.to(tl.int32)) * e8m0_bytes_to_fp32(wsc.to(tl.int32))).to(tl.bfloat16)
-            else:
-                w = tl.load(w_base + cols[None, :] * K + (k0 + kk)[:, None], mask=wm, other=0.0)
-            if BF16_DOT:
-                acc += tl.dot(a, w)
-            else:   # the CPU interpreter's bf16 dot is wrong (Triton 3.6); bf16 values are exact in fp32
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            k0 += BLOCK_K
+        if PIPELINE:   # a counted loop: Triton software-pipelines its loads (num_stages)
+            for k0 in range(0, K, BLOCK_K):
+                acc = _k_step(acc, k0, q_rows, s_rows, w_cols, ws_cols, sw_rows, kk, ks, K, n_scale,
+                              BLOCK_K, EVEN_K, DECODE, BF16_DOT, W_MX)
+        else:          # the CPU interpreter cannot take a runtime bound in range() (Triton 3.6)
+            k0 = 0
+            while k0 < K:
+                acc = _k_step(acc, k0, q_rows, s_rows, w_cols, ws_cols, sw_rows, kk, ks, K, n_scale,
+                              BLOCK_K, EVEN_K, DECODE, BF16_DOT, W_MX)
+                k0 += BLOCK_K
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], fp32_to_bf16_bits(acc),
-                 mask=(cols < N)[None, :])
+                 mask=rows_in[:, None] & cols_in[None, :])
 
 
 def grouped_mm_mxfp8_forward(qdata: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
-                             group_end_offsets: torch.Tensor, align: int, out: torch.Tensor | None = None,
-                             tiles: tuple[int, int, int, int] | None = None, bf16_dot: bool | None = None,
-                             weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+                             group_end_offsets: torch.Tensor, out: torch.Tensor | None = None,
+                             tiles: GemmTiles | None = None, bf16_dot: bool | None = None,
+                             weight_scale: torch.Tensor | None = None, pipeline: bool | None = None) -> torch.Tensor:
     """Launcher (shapes checked by :func:`mxep.grouped_mm_mxfp8`): ``qdata`` uint8/e4m3
     ``[cap, K]``, ``scale`` uint8/e8m0 ``[cap, K/32]``, ``weight`` bf16 ``[L, N, K]`` (or, with
     ``weight_scale`` uint8/e8m0 ``[L, N, K/32]``, uint8/e4m3 ``[L, N, K]``),
     ``group_end_offsets`` int32 ``[L]`` -> bf16 ``[cap, N]`` (rows past the last group end
-    unwritten)."""
+    unwritten). ``tiles`` overrides the default :class:`GemmTiles` (tests and sweeps);
+    ``bf16_dot`` / ``pipeline`` (default: on for CUDA tensors) let scripts/compile_sm90.py build
+    the GPU code from CPU tensors."""
     cap, K = qdata.shape
     L, N, _ = weight.shape
     if out is None:
         out = torch.empty(cap, N, dtype=torch.bfloat16, device=qdata.device)
     if cap == 0 or N == 0:
         return out
-    bm, bn, bk, warps = tiles or (GPU_TILES if qdata.is_cuda else INTERPRETER_TILES)
-    bm = math.gcd(bm, align)      # a tile never straddles two groups (groups start at multiples of align)
-    grid = (cdiv(cap, bm), cdiv(N, bn))
+    t = tiles or (GPU_TILES if qdata.is_cuda else INTERPRETER_TILES)
+    if t.decode not in DECODES:
+        raise ValueError(f"grouped GEMM: unknown decode {t.decode!r} (known: {DECODES})")
+    bm = t.block_m
+    bk = min(t.block_k, max(32, next_power_of_2(K)))
+    # worst case of sum_e cdiv(n_e, bm) without reading the group ends: cap // bm + L
+    grid = ((cap // bm + L) * cdiv(N, t.block_n),)
     _grouped_mm_mxfp8_kernel[grid](
         qdata.view(torch.uint8), scale.view(torch.uint8),
         weight if weight_scale is None else weight.view(torch.uint8),
         weight if weight_scale is None else weight_scale.view(torch.uint8),
-        out.view(torch.int16), group_end_offsets, N, K, L,
-        L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BF16_DOT=qdata.is_cuda if bf16_dot is None else bf16_dot,
-        W_MX=weight_scale is not None,
-        num_warps=warps,
+        out.view(torch.int16), group_end_offsets, cap, N, K, L,
+        L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_N=t.block_n, BLOCK_K=bk,
+        GROUP_M=t.group_m, EVEN_K=K % bk == 0,
+        DECODE=t.decode, BF16_DOT=qdata.is_cuda if bf16_dot is None else bf16_dot,
+        W_MX=weight_scale is not None, PIPELINE=qdata.is_cuda if pipeline is None else pipeline,
+        num_warps=t.warps, num_stages=t.stages,
     )
     return out

@@ -123,9 +123,9 @@ class MoE(nn.Module):
         w13, w2 = self.w13, self.w2
         if self.mx_weights:
             w13, w2 = quantize_straight_through(w13, self.scale_mode), quantize_straight_through(w2, self.scale_mode)
-        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.align)               # [cap, 2F]
+        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets)                       # [cap, 2F]
         a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)                           # MXFP8 [cap, F]
-        out = grouped_mm_mxfp8(a, w2, res.group_end_offsets, self.align)                       # [cap, H]
+        out = grouped_mm_mxfp8(a, w2, res.group_end_offsets)                               # [cap, H]
         rows = self.buffer.combine(out, res.handle)                                           # [n*k, H]
         weighted = rows.float() * gates.flatten()[order, None]
         return torch.zeros(n, self.hidden, device=x.device).index_add(0, token_of, weighted).to(x.dtype)

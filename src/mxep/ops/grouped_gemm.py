@@ -19,13 +19,13 @@ __all__ = ["grouped_mm_mxfp8", "GroupedMXFP8MatmulFunction"]
 
 class GroupedMXFP8MatmulFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor, align: int):
+    def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor):
         if isinstance(weight, MXFP8Tensor):   # MX weights: dequantized in registers too
             ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight.qdata, weight.scale)
-            return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight.qdata, group_end_offsets, align,
+            return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight.qdata, group_end_offsets,
                                             weight_scale=weight.scale)
         ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight)
-        return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight, group_end_offsets, align)
+        return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight, group_end_offsets)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -38,21 +38,20 @@ class GroupedMXFP8MatmulFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x = dequantize_mxfp8(qdata, scale, torch.bfloat16)
             grad_weight = torch._grouped_mm(grad_out.t(), x, offs=offs)                   # [L, N, K] bf16
-        return grad_tokens, grad_weight, None, None
+        return grad_tokens, grad_weight, None
 
 
-def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor,
-                     align: int = 32) -> torch.Tensor:
+def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
     """``out[r] = dequant(tokens[r]) @ weight[e]^T`` for every row ``r`` of expert ``e``'s group.
 
     Args:
         tokens: :class:`~mxep.MXFP8Tensor` ``[cap, K]`` in the dispatch layout (``DispatchResult.tokens``):
-            e4m3 ``qdata [cap, K]``, e8m0 ``scale [cap, K / 32]``, groups padded to ``align`` rows.
+            e4m3 ``qdata [cap, K]``, e8m0 ``scale [cap, K / 32]``, groups in order, any padding.
         weight: bf16 ``[L, N, K]``, one ``[N, K]`` matrix per local expert (``L = E // world``), or an
             :class:`~mxep.MXFP8Tensor` of it (blocks of 32 along K, e.g. ``mxep.to_mxfp8(w)``): the
             MX GEMM's numerics for both operands; its gradient is returned in bf16 (straight-through).
-        group_end_offsets: int32 ``[L]`` on the tokens' device (``DispatchResult.group_end_offsets``).
-        align: the Buffer's group padding (a multiple of 16): tiles never straddle two groups.
+        group_end_offsets: int32 ``[L]`` on the tokens' device (``DispatchResult.group_end_offsets``);
+            group ``e`` is rows ``[end[e-1], end[e])``. Tiles are cut per group, so no tile mixes experts.
 
     Returns:
         bf16 ``[cap, N]``; rows ``[0, group_end_offsets[-1])`` hold the products (pad rows 0), later
@@ -82,10 +81,8 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
     if group_end_offsets.dtype != torch.int32 or tuple(group_end_offsets.shape) != (L,):
         raise ValueError(f"group_end_offsets must be int32 [{L}] (one end per weight matrix), got "
                          f"{group_end_offsets.dtype} {tuple(group_end_offsets.shape)}")
-    if align % 16:
-        raise ValueError(f"align must be a multiple of 16 (a GEMM tile is at least 16 rows), got {align}")
     if weight.device != tokens.device or group_end_offsets.device != tokens.device:
         raise ValueError("tokens, weight and group_end_offsets must be on one device")
     if not isinstance(weight, MXFP8Tensor):
         weight = weight.contiguous()
-    return GroupedMXFP8MatmulFunction.apply(tokens, weight, group_end_offsets, align)
+    return GroupedMXFP8MatmulFunction.apply(tokens, weight, group_end_offsets)
