@@ -2,15 +2,19 @@
 """GPU benchmark of the grouped GEMM on the dispatch layout (``mxep.grouped_mm_mxfp8``, forward).
 
 For every shape (rows received per rank, local experts, K, N), measured in the same run on the
-same card, on one dispatch layout (uniform routing, groups padded to 32 rows):
-  * mxep: the Triton kernel, MXFP8 tokens dequantized in registers, bf16 tensor cores;
+same card, on one dispatch layout (uniform routing, groups padded to 32 rows; the last row of
+the table again with a worst-case-sized layout, 4x the rows, garbage past the end):
+  * mxep: the public op's default (``impl="dequant"``: the one-pass Triton dequantize kernel,
+    stopping at the last group end, then ``torch._grouped_mm``); the dequantize kernel alone;
+  * mxep fused: ``impl="fused"``, the Triton grouped GEMM that dequantizes in registers;
+  * the same three with MXFP8 weights (``mx_weights_*``);
   * unfused: ``dequantize_mxfp8`` into a bf16 tensor, then ``torch._grouped_mm`` (what a
     Hopper user does without the fused kernel);
   * bf16 only: ``torch._grouped_mm`` on an already dequantized bf16 copy (the bf16 GEMM alone,
     a reference point, not a ceiling);
   * agreement: relative error of mxep against the unfused result (the same math up to fp32
     summation order).
-TFLOP/s = 2 * rows * N * K / time. Timing: CUDA events around every call, warm-up first,
+TFLOP/s = 2 * rows * N * K / time (rows: the layout's, not the capacity). Timing: CUDA events around every call, warm-up first,
 median over ``--iters`` calls (``bench_quantize.time_calls``).
 
 Usage: ``python benchmarks/bench_grouped_gemm.py [--sweep] [--out benchmarks/results/grouped_gemm.json]``
@@ -35,7 +39,7 @@ except ImportError:  # run from a checkout without PYTHONPATH=src
 from bench_quantize import time_calls  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.format.mxfp8 import dequantize_mxfp8  # noqa: E402
+from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8  # noqa: E402
 from mxep.reference.layout import simulate_dispatch_layout  # noqa: E402
 from mxep.reference.routing import make_routing  # noqa: E402
 
@@ -44,14 +48,19 @@ from mxep.reference.routing import make_routing  # noqa: E402
 DEFAULT_SHAPES = [(32768, 64, 7168, 2048), (32768, 64, 2048, 7168), (8192, 4, 5120, 8192), (1024, 64, 7168, 2048)]
 
 
-def make_layout(rows: int, L: int, K: int, align: int = 32):
+def make_layout(rows: int, L: int, K: int, slack: int = 0, align: int = 32):
+    """A uniform-routing layout of ``rows`` rows, plus ``slack`` rows of garbage bytes past its
+    end (a Buffer's layout is sized for the worst case; nothing may read those rows)."""
     counts = make_routing(rows, L, "uniform", torch.Generator().manual_seed(0))
     lay = simulate_dispatch_layout([counts], align)[0]
-    cap = lay.num_rows
-    x = torch.randn(cap, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(lay.num_rows, K, device="cuda", dtype=torch.bfloat16)
     x[lay.is_pad.cuda()] = 0
-    tokens = mxep.to_mxfp8(x)
-    return tokens, lay.group_end_offsets.cuda(), cap
+    t = mxep.to_mxfp8(x)
+    if slack:
+        q = torch.cat([t.qdata.view(torch.uint8), torch.randint(0, 256, (slack, K), dtype=torch.uint8, device="cuda")])
+        s = torch.cat([t.scale.view(torch.uint8), torch.randint(0, 256, (slack, K // 32), dtype=torch.uint8, device="cuda")])
+        t = MXFP8Tensor(q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), torch.bfloat16)
+    return t, lay.group_end_offsets.cuda(), t.shape[0]
 
 
 def time_us(fn, iters: int, warmup: int) -> float:
@@ -112,31 +121,46 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
         return
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    for rows, L, K, N in DEFAULT_SHAPES:
-        tokens, offs, cap = make_layout(rows, L, K)
+    from mxep.kernels.dequantize import dequantize_mxfp8_rows
+    from mxep.kernels.grouped_gemm import GPU_TILES
+
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "fused_tiles": list(GPU_TILES),
+               "rows": []}
+    for (rows, L, K, N), slack in [(s, 0) for s in DEFAULT_SHAPES] + [(DEFAULT_SHAPES[0], 3 * DEFAULT_SHAPES[0][0])]:
+        tokens, offs, cap = make_layout(rows, L, K, slack)
+        R = int(offs[-1])
         w = (torch.randn(L, N, K, device="cuda") / K ** 0.5).bfloat16()
+        wq = mxep.to_mxfp8(w)
         wt = w.transpose(1, 2)
-        x_bf16 = dequantize_mxfp8(tokens.qdata, tokens.scale)
-        flops = 2.0 * cap * N * K
-        row = {"rows": cap, "experts": L, "K": K, "N": N}
+        # the unfused flow knows its row count (it synced on the counts): it dequantizes R rows
+        qR, sR = tokens.qdata[:R], tokens.scale[:R]
+        x_bf16 = dequantize_mxfp8(qR, sR)
+        flops = 2.0 * R * N * K
+        row = {"rows": R, "capacity": cap, "experts": L, "K": K, "N": N}
         fns = {
-            "mxep": lambda _: mxep.grouped_mm_mxfp8(tokens, w, offs),
-            "unfused": lambda _: torch._grouped_mm(dequantize_mxfp8(tokens.qdata, tokens.scale), wt, offs=offs),
-            "bf16_only": lambda _: torch._grouped_mm(x_bf16, wt, offs=offs),
+            "mxep": lambda: mxep.grouped_mm_mxfp8(tokens, w, offs),   # impl="auto": "dequant" here
+            "mxep_fused": lambda: mxep.grouped_mm_mxfp8(tokens, w, offs, impl="fused"),
+            "dequantize_kernel": lambda: dequantize_mxfp8_rows(tokens.qdata, tokens.scale, offs[-1:]),
+            "unfused": lambda: torch._grouped_mm(dequantize_mxfp8(qR, sR), wt, offs=offs),
+            "bf16_only": lambda: torch._grouped_mm(x_bf16, wt, offs=offs),
+            "mx_weights_mxep": lambda: mxep.grouped_mm_mxfp8(tokens, wq, offs),
+            "mx_weights_fused": lambda: mxep.grouped_mm_mxfp8(tokens, wq, offs, impl="fused"),
+            "mx_weights_unfused": lambda: torch._grouped_mm(dequantize_mxfp8(qR, sR),
+                                                            dequantize_mxfp8(wq.qdata, wq.scale).transpose(1, 2), offs=offs),
         }
         for name, fn in fns.items():
             try:
-                ms = statistics.median(time_calls(fn, [None], args.iters, args.warmup))
-                row[name] = {"median_us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
+                us = time_us(fn, args.iters, args.warmup)
+                row[name] = {"median_us": us, "tflops": flops / us / 1e6}
             except Exception as exc:  # noqa: BLE001  (record and go on: one failing system must not lose the rest)
                 row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        try:
-            a, b = mxep.grouped_mm_mxfp8(tokens, w, offs).float(), fns["unfused"](None).float()
-            R = int(offs[-1])
-            row["rel_err_vs_unfused"] = float((a[:R] - b[:R]).norm() / b[:R].norm())
-        except Exception as exc:  # noqa: BLE001
-            row["rel_err_vs_unfused"] = f"{type(exc).__name__}: {exc}"[:300]
+        for name, ref in (("mxep", "unfused"), ("mxep_fused", "unfused"), ("mx_weights_mxep", "mx_weights_unfused"),
+                          ("mx_weights_fused", "mx_weights_unfused")):
+            try:
+                a, b = fns[name]()[:R].float(), fns[ref]()[:R].float()
+                row[f"rel_err_{name}"] = float((a - b).norm() / b.norm())
+            except Exception as exc:  # noqa: BLE001
+                row[f"rel_err_{name}"] = f"{type(exc).__name__}: {exc}"[:300]
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -72,22 +72,26 @@ def test_forward_matches_reference(case, N, mx_weight, tiles):
                            out[:R][is_pad[:R]])
 
 
-def test_gradients_match_torch_autograd():
+@pytest.mark.parametrize("impl", ["dequant", "fused"])
+def test_gradients_match_torch_autograd(impl):
     """grad_weight and the straight-through grad of the tokens against autograd through the
-    reference math (dequantize, per-group fp32 matmul)."""
+    reference math (dequantize, per-group fp32 matmul), for both forward implementations."""
     case = CASES[1]
-    tokens, offs, _ = layout_for(case, 0)
+    tokens, offs, is_pad = layout_for(case, 0)
     cap, K = tokens.shape
     L, N = case.num_experts // case.world, 56
     g = torch.Generator().manual_seed(9)
     w = (torch.randn(L, N, K, generator=g) / K ** 0.5).bfloat16()
     dy = torch.randn(cap, N, generator=g).bfloat16()
     R = int(offs[-1])
+    real = ~is_pad[:R]
     dy[R:] = float("nan")   # rows past the layout are never read
 
     t = tokens.detach().requires_grad_(True)
     w1 = w.clone().requires_grad_(True)
-    mxep.grouped_mm_mxfp8(t, w1, offs).backward(dy)
+    y = mxep.grouped_mm_mxfp8(t, w1, offs, impl=impl)
+    assert rel_err(y[:R][real], grouped_mm_reference(tokens.qdata, tokens.scale, w, offs)[real]) < 4e-3
+    y.backward(dy)
 
     x = dequantize_mxfp8(tokens.qdata, tokens.scale, torch.float32).requires_grad_(True)
     w2 = w.float().requires_grad_(True)
@@ -103,7 +107,9 @@ def test_gradients_match_torch_autograd():
     # tokens' gradient uses the dequantized weights
     wq = mxep.to_mxfp8(w).detach().requires_grad_(True)
     t2 = tokens.detach().requires_grad_(True)
-    mxep.grouped_mm_mxfp8(t2, wq, offs).backward(dy)
+    y2 = mxep.grouped_mm_mxfp8(t2, wq, offs, impl=impl)
+    assert rel_err(y2[:R][real], grouped_mm_reference(tokens.qdata, tokens.scale, wq, offs)[real]) < 4e-3
+    y2.backward(dy)
     assert wq.grad.dtype == torch.bfloat16 and rel_err(wq.grad, w2.grad) < 1e-2
     wd = dequantize_mxfp8(wq.qdata, wq.scale, torch.float32)
     gx = torch.cat([dy[s:e].float() @ wd[i] for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
@@ -117,6 +123,8 @@ def test_bad_inputs_raise():
     w = torch.zeros(L, 8, K, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="MXFP8Tensor"):
         mxep.grouped_mm_mxfp8(tokens.dequantize(), w, offs)
+    with pytest.raises(ValueError, match="impl"):
+        mxep.grouped_mm_mxfp8(tokens, w, offs, impl="cublas")
     with pytest.raises(TypeError, match="bfloat16"):
         mxep.grouped_mm_mxfp8(tokens, w.float(), offs)
     with pytest.raises(ValueError, match="hidden size"):

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from mxep.kernels._host import cdiv, next_power_of_2
+from mxep.kernels.mxfp8_tile import fp32_to_bf16_bits, mxfp8_tile_to_bf16
 
 __all__ = ["grouped_mm_mxfp8_forward", "GemmTiles", "GPU_TILES", "GPU_TILE_CANDIDATES", "INTERPRETER_TILES", "DECODES"]
 
@@ -46,66 +47,26 @@ class GemmTiles(NamedTuple):
 DECODES = ("int", "cvt", "dot_scaled")
 # Candidates measured by ``benchmarks/bench_grouped_gemm.py --sweep`` (and all checked against
 # the reference by tests/test_grouped_gemm.py on a GPU), so the default is always a tested one.
+# 1 x H200, 2026-11-27, 33856 x 7168 -> 2048 (config (a) up-projection, 64 experts), bf16 /
+# MXFP8 weights, us: 128x128x64 8 warps 7136 / 8116; 4 warps 4090 / 5910; 128x256x64 4794 /
+# 6314; 64x128x64 6582 / 9309; 128x128x128 18275 / 17049; 64x256x64 5467 / 8645; dot_scaled
+# 128x128 10935 / 7172, 128x256 8989 / 6475; the integer decode 9071 / 21866 (the first
+# version, 30657 us, had 32-row tiles and an unpipelined K loop). Dequantize + torch._grouped_mm
+# beats all of them (the public op's default, ops/grouped_gemm.py).
 GPU_TILE_CANDIDATES = (
-    GemmTiles(128, 128, 64, 8, 3, 8, "cvt"),
     GemmTiles(128, 128, 64, 4, 3, 8, "cvt"),
+    GemmTiles(128, 128, 64, 8, 3, 8, "cvt"),
+    GemmTiles(128, 128, 64, 4, 4, 8, "cvt"),
+    GemmTiles(128, 64, 64, 4, 4, 8, "cvt"),
     GemmTiles(128, 256, 64, 8, 3, 8, "cvt"),
     GemmTiles(64, 128, 64, 4, 4, 8, "cvt"),
-    GemmTiles(128, 128, 128, 8, 2, 8, "cvt"),
     GemmTiles(64, 256, 64, 8, 3, 8, "cvt"),
-    GemmTiles(128, 128, 64, 8, 3, 8, "dot_scaled"),
     GemmTiles(128, 256, 64, 8, 3, 8, "dot_scaled"),
     GemmTiles(64, 128, 64, 4, 3, 8, "int"),
 )
-# GPU default: UNTUNED first guess (Hopper bf16 wgmma shape) until the sweep has run.
+# the fastest on every large shape of that sweep (64x256x64 won the 2048-row one by 14%)
 GPU_TILES = GPU_TILE_CANDIDATES[0]
 INTERPRETER_TILES = GemmTiles(16, 32, 32, 1, 1, 2, "int")
-
-
-@triton.jit
-def e4m3_bytes_to_fp32(b):
-    """e4m3 bytes (int32 0..255) -> fp32, exactly: sign, 4-bit exponent (bias 7), 3-bit mantissa;
-    0x7F / 0xFF are NaN (no infinities in e4m3)."""
-    sign = (b >> 7) & 1
-    e = (b >> 3) & 15
-    m = b & 7
-    normal = ((e + 120) << 23) | (m << 20)                      # (1 + m/8) * 2^(e - 7) as fp32 bits
-    v = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))   # subnormal: m * 2^-9
-    v = tl.where((e == 15) & (m == 7), float("nan"), v)
-    return tl.where(sign == 1, -v, v)
-
-
-@triton.jit
-def e8m0_bytes_to_fp32(s):
-    """e8m0 scale bytes (int32 0..255) -> 2^(s - 127) as fp32 (0 -> 2^-127, a subnormal; 255 -> NaN)."""
-    bits = tl.where(s == 0, 0x400000, s << 23)
-    bits = tl.where(s == 255, 0x7FC00000, bits)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def fp32_to_bf16_bits(x):
-    """fp32 -> bf16 bit patterns (int16), round to nearest even, NaN kept NaN. Written out
-    because the CPU interpreter's fp32 -> bf16 cast truncates; on GPUs it is the same as
-    ``cvt.rn.bf16.f32``."""
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return tl.where(x != x, 0x7FC0, rounded).to(tl.int16)
-
-
-@triton.jit
-def mxfp8_tile_to_bf16(q, sc, DECODE: tl.constexpr):
-    """An e4m3 tile (uint8) and its e8m0 scales gathered to the same shape (uint8) -> bf16 values
-    ``e4m3 * 2^(scale - 127)`` (exact)."""
-    if DECODE == "int":
-        return fp32_to_bf16_bits(e4m3_bytes_to_fp32(q.to(tl.int32)) *
-                                 e8m0_bytes_to_fp32(sc.to(tl.int32))).to(tl.bfloat16, bitcast=True)
-    else:
-        v = q.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-        s16 = sc.to(tl.int16)
-        bits = tl.where(s16 == 0, 0x40, s16 << 7)          # 2^-127 is a bf16 subnormal
-        bits = tl.where(s16 == 255, 0x7FC0, bits)          # e8m0 NaN
-        return v * bits.to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

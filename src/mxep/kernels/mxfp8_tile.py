@@ -1,5 +1,6 @@
 """Register-level MXFP8 quantization of one tile, shared by the standalone quantize kernel and
-the fused dispatch kernel.
+the fused dispatch kernel; and the reverse, e4m3 bytes + e8m0 scales -> bf16, shared by the
+dequantize kernel and the grouped GEMM.
 
 The rules are those of :mod:`mxep.format.mxfp8` (bit-exact with
 :func:`mxep.reference.mxfp8.to_mxfp8_reference`). Element rounding to e4m3 is done with integer
@@ -13,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["quantize_tile", "bf16_bits_to_fp32"]
+__all__ = ["quantize_tile", "bf16_bits_to_fp32", "mxfp8_tile_to_bf16", "fp32_to_bf16_bits"]
 
 
 @triton.jit
@@ -112,3 +113,50 @@ def quantize_tile(x, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.con
     q_bits = tl.reshape(code, [BLOCK_M, BLOCK_K]).to(tl.uint8)
     s_bits = byte.to(tl.uint8)
     return q_bits, s_bits
+
+
+@triton.jit
+def e4m3_bytes_to_fp32(b):
+    """e4m3 bytes (int32 0..255) -> fp32, exactly: sign, 4-bit exponent (bias 7), 3-bit mantissa;
+    0x7F / 0xFF are NaN (no infinities in e4m3)."""
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = ((e + 120) << 23) | (m << 20)                      # (1 + m/8) * 2^(e - 7) as fp32 bits
+    sub = (m.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)   # subnormal: m * 2^-9
+    mag = tl.where(e == 0, sub, normal)
+    mag = tl.where((e == 15) & (m == 7), 0x7FC00000, mag)      # NaN
+    # the sign as a bit, not by negation: Triton's -x is 0 - x, which turns -0.0 into +0.0
+    return (mag | ((b >> 7) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e8m0_bytes_to_fp32(s):
+    """e8m0 scale bytes (int32 0..255) -> 2^(s - 127) as fp32 (0 -> 2^-127, a subnormal; 255 -> NaN)."""
+    bits = tl.where(s == 0, 0x400000, s << 23)
+    bits = tl.where(s == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp32_to_bf16_bits(x):
+    """fp32 -> bf16 bit patterns (int16), round to nearest even, NaN kept NaN. Written out
+    because the CPU interpreter's fp32 -> bf16 cast truncates; on GPUs it is the same as
+    ``cvt.rn.bf16.f32``."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.int16)
+
+
+@triton.jit
+def mxfp8_tile_to_bf16(q, sc, DECODE: tl.constexpr):
+    """An e4m3 tile (uint8) and its e8m0 scales gathered to the same shape (uint8) -> bf16 values
+    ``e4m3 * 2^(scale - 127)`` (exact)."""
+    if DECODE == "int":
+        return fp32_to_bf16_bits(e4m3_bytes_to_fp32(q.to(tl.int32)) *
+                                 e8m0_bytes_to_fp32(sc.to(tl.int32))).to(tl.bfloat16, bitcast=True)
+    else:
+        v = q.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        s16 = sc.to(tl.int16)
+        bits = tl.where(s16 == 0, 0x40, s16 << 7)          # 2^-127 is a bf16 subnormal
+        bits = tl.where(s16 == 255, 0x7FC0, bits)          # e8m0 NaN
+        return v * bits.to(tl.bfloat16, bitcast=True)

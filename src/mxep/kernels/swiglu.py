@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from mxep.kernels._host import cdiv, next_power_of_2
-from mxep.kernels.grouped_gemm import fp32_to_bf16_bits
+from mxep.kernels.mxfp8_tile import fp32_to_bf16_bits
 from mxep.kernels.mxfp8_tile import bf16_bits_to_fp32, quantize_tile
 
 __all__ = ["swiglu_quantize_forward", "swiglu_backward"]

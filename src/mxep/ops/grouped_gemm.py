@@ -1,7 +1,10 @@
 """Grouped GEMM that consumes the dispatch layout directly (public op, autograd).
 
-Forward: the Triton kernel of :mod:`mxep.kernels.grouped_gemm` (MXFP8 tokens dequantized in
-registers, bf16 tensor cores, fp32 accumulation). Backward, in bf16 like the dispatch's
+Forward, two implementations of the same math (MX numerics on bf16 tensor cores, fp32
+accumulation; Hopper has no MX MMA): ``"dequant"`` (default) dequantizes the rows up to the last
+group end in one Triton pass (:mod:`mxep.kernels.dequantize`) and runs ``torch._grouped_mm``;
+``"fused"`` is the Triton kernel of :mod:`mxep.kernels.grouped_gemm`, which dequantizes each
+tile in registers (no bf16 copy of the tokens). Backward, in bf16 like the dispatch's
 (``torch._grouped_mm`` with the same device-side group ends: no host sync):
 ``grad_tokens = dy @ W[e]`` per group (straight-through for the tokens' quantization, as
 ``MXFP8Tensor.dequantize``) and ``grad_W[e] = dy[group]^T @ dequant(tokens[group])``. Only rows
@@ -12,36 +15,80 @@ from __future__ import annotations
 import torch
 
 from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8
+from mxep.kernels.dequantize import dequantize_mxfp8_rows
+from mxep.kernels.quantize import triton_available_for
 from mxep.kernels.grouped_gemm import grouped_mm_mxfp8_forward
 
 __all__ = ["grouped_mm_mxfp8", "GroupedMXFP8MatmulFunction"]
 
 
+IMPLS = ("auto", "dequant", "fused")
+
+
+def _resolve_impl(impl: str, tokens: MXFP8Tensor, N: int) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "fused" and not triton_available_for(tokens.qdata):
+        raise RuntimeError("grouped_mm_mxfp8(impl='fused') runs a Triton kernel: it needs CUDA tensors, or "
+                           "TRITON_INTERPRET=1 on CPU; impl='dequant' works anywhere")
+    if impl != "auto":
+        return impl
+    # torch._grouped_mm wants 16-byte strides (K, N multiples of 8) and, on CUDA, sm_90+.
+    ok = tokens.shape[1] % 8 == 0 and N % 8 == 0
+    if tokens.is_cuda:
+        ok = ok and torch.cuda.get_device_capability(tokens.device) >= (9, 0)
+    return "dequant" if ok else "fused"
+
+
+def _dequantize(qdata: torch.Tensor, scale: torch.Tensor, row_end: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 of MXFP8 rows ``[..., K]``: the one-pass Triton kernel (stopping at ``row_end``)
+    where Triton runs, else the torch expression (a CPU without the interpreter)."""
+    if not triton_available_for(qdata):
+        return dequantize_mxfp8(qdata, scale, torch.bfloat16)
+    K = qdata.shape[-1]
+    out = dequantize_mxfp8_rows(qdata.reshape(-1, K), scale.reshape(-1, K // 32), row_end)
+    return out.view(qdata.shape)
+
+
+def _forward_dequant(tokens: MXFP8Tensor, weight, group_end_offsets: torch.Tensor) -> torch.Tensor:
+    """Dequantize the layout's rows (one Triton pass, stopping at the last group end), then bf16
+    tensor cores through ``torch._grouped_mm`` on the same device-side offsets."""
+    x = _dequantize(tokens.qdata, tokens.scale, group_end_offsets[-1:])
+    if isinstance(weight, MXFP8Tensor):
+        weight = _dequantize(weight.qdata, weight.scale)
+    return torch._grouped_mm(x, weight.transpose(1, 2), offs=group_end_offsets)
+
+
 class GroupedMXFP8MatmulFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor):
-        if isinstance(weight, MXFP8Tensor):   # MX weights: dequantized in registers too
+    def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor, impl: str):
+        if isinstance(weight, MXFP8Tensor):   # MX weights: dequantized like the tokens
             ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight.qdata, weight.scale)
+        else:
+            ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight)
+        if impl == "dequant":
+            return _forward_dequant(tokens, weight, group_end_offsets)
+        if isinstance(weight, MXFP8Tensor):
             return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight.qdata, group_end_offsets,
                                             weight_scale=weight.scale)
-        ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight)
         return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight, group_end_offsets)
 
     @staticmethod
     def backward(ctx, grad_out):
         qdata, scale, offs, *w = ctx.saved_tensors
-        weight = w[0] if len(w) == 1 else dequantize_mxfp8(w[0], w[1], torch.bfloat16)
+        weight = w[0] if len(w) == 1 else _dequantize(w[0], w[1])
         grad_out = grad_out.to(torch.bfloat16).contiguous()
         grad_tokens = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_tokens = torch._grouped_mm(grad_out, weight, offs=offs)                  # [cap, K]
         if ctx.needs_input_grad[1]:
-            x = dequantize_mxfp8(qdata, scale, torch.bfloat16)
+            x = _dequantize(qdata, scale, offs[-1:])
             grad_weight = torch._grouped_mm(grad_out.t(), x, offs=offs)                   # [L, N, K] bf16
-        return grad_tokens, grad_weight, None
+        return grad_tokens, grad_weight, None, None
 
 
-def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
+def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor,
+                     impl: str = "auto") -> torch.Tensor:
     """``out[r] = dequant(tokens[r]) @ weight[e]^T`` for every row ``r`` of expert ``e``'s group.
 
     Args:
@@ -51,7 +98,13 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
             :class:`~mxep.MXFP8Tensor` of it (blocks of 32 along K, e.g. ``mxep.to_mxfp8(w)``): the
             MX GEMM's numerics for both operands; its gradient is returned in bf16 (straight-through).
         group_end_offsets: int32 ``[L]`` on the tokens' device (``DispatchResult.group_end_offsets``);
-            group ``e`` is rows ``[end[e-1], end[e])``. Tiles are cut per group, so no tile mixes experts.
+            group ``e`` is rows ``[end[e-1], end[e])``.
+        impl: ``"dequant"``: one Triton pass dequantizes the rows up to the last group end into
+            a transient bf16 ``[cap, K]`` copy, then ``torch._grouped_mm`` (bf16 tensor cores);
+            the fastest on H200 (docs/benchmarks.md). ``"fused"``: the Triton grouped GEMM
+            dequantizes each tile in registers: no bf16 copy of the tokens (saves ``2 cap K``
+            bytes of transient memory), slower. ``"auto"`` (default): ``"dequant"`` where
+            ``torch._grouped_mm`` takes the shapes (K and N multiples of 8, sm_90+), else ``"fused"``.
 
     Returns:
         bf16 ``[cap, N]``; rows ``[0, group_end_offsets[-1])`` hold the products (pad rows 0), later
@@ -85,4 +138,4 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
         raise ValueError("tokens, weight and group_end_offsets must be on one device")
     if not isinstance(weight, MXFP8Tensor):
         weight = weight.contiguous()
-    return GroupedMXFP8MatmulFunction.apply(tokens, weight, group_end_offsets)
+    return GroupedMXFP8MatmulFunction.apply(tokens, weight, group_end_offsets, _resolve_impl(impl, tokens, N))

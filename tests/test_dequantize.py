@@ -1,0 +1,54 @@
+"""The one-pass MXFP8 -> bf16 kernel (mxep.kernels.dequantize) against the torch reference
+(mxep.format.mxfp8.dequantize_mxfp8), bit for bit: every e4m3 byte (NaN codes included) under
+every e8m0 scale (0 = 2^-127, 255 = NaN), odd row counts, K not a multiple of the tile, and a
+device-side row end past which the (poisoned) output must stay untouched."""
+import pytest
+import torch
+
+from mxep.format.mxfp8 import dequantize_mxfp8
+from mxep.kernels.dequantize import dequantize_mxfp8_rows
+
+POISON_BITS = 0x5A5A   # a normal bf16 (about 1.5e16) that no input here decodes to
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """bf16 -> int16 bit patterns, every NaN folded to one pattern (payloads may differ)."""
+    b = t.view(torch.int16).clone()
+    b[t.isnan()] = 0x7FC0
+    return b
+
+
+def all_codes(R: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random e4m3 bytes and e8m0 scales, with every byte value of each present."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (R, K), generator=g, dtype=torch.uint8)
+    s = torch.randint(0, 256, (R, K // 32), generator=g, dtype=torch.uint8)
+    q.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)[: q.numel()]
+    s.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)[: s.numel()]
+    return q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("R,K", [(1, 32), (37, 96), (300, 1056), (9, 7168)])
+def test_matches_reference_bit_exact(R, K, device):
+    if device == "cuda":
+        pytest.importorskip("triton")
+    q, s = all_codes(R, K, seed=R * K)
+    q, s = q.to(device), s.to(device)
+    ref = dequantize_mxfp8(q, s, torch.bfloat16)
+    out = torch.full((R, K), 0, dtype=torch.int16, device=device).fill_(POISON_BITS).view(torch.bfloat16)
+    dequantize_mxfp8_rows(q, s, out=out)
+    assert torch.equal(bits(out), bits(ref))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("end", [0, 1, 23, 64])
+def test_row_end_leaves_later_rows_unwritten(end, device):
+    R, K = 64, 160
+    q, s = all_codes(R, K, seed=end)
+    q, s = q.to(device), s.to(device)
+    out = torch.zeros(R, K, dtype=torch.int16, device=device).fill_(POISON_BITS).view(torch.bfloat16)
+    dequantize_mxfp8_rows(q, s, torch.tensor([end], dtype=torch.int32, device=device), out=out)
+    assert torch.equal(bits(out[:end]), bits(dequantize_mxfp8(q[:end], s[:end], torch.bfloat16)))
+    assert (out[end:].view(torch.int16) == POISON_BITS).all()
