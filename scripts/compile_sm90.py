@@ -128,6 +128,9 @@ def drive() -> None:
                                     bf16_dot=True, pipeline=True)
         gg.grouped_mm_mxfp8_forward(toks.qdata, toks.scale, wq.qdata, res[0].group_end_offsets, tiles=tiles,
                                     bf16_dot=True, pipeline=True, weight_scale=wq.scale)
+    from mxep.kernels.dequantize import dequantize_mxfp8_rows
+
+    dequantize_mxfp8_rows(toks.qdata, toks.scale, res[0].group_end_offsets[-1:], decode="cvt")
     # SwiGLU + quantize and its backward, with the GPU tile and the hardware e4m3 path
     from mxep.kernels import swiglu as ks
 

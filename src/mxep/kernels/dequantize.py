@@ -44,18 +44,20 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, row_end_ptr, R, K,
 
 
 def dequantize_mxfp8_rows(qdata: torch.Tensor, scale: torch.Tensor, row_end: torch.Tensor | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, decode: str | None = None) -> torch.Tensor:
     """``qdata`` e4m3 (or uint8) ``[R, K]``, ``scale`` e8m0 (or uint8) ``[R, K/32]``, optional
     ``row_end`` int32 scalar tensor on the same device -> bf16 ``[R, K]`` (rows at or past
-    ``row_end`` unwritten). Contiguous inputs; ``K % 32 == 0``."""
+    ``row_end`` unwritten). Contiguous inputs; ``K % 32 == 0``. ``decode`` (default: ``"cvt"``,
+    the hardware e4m3 conversion, on CUDA; ``"int"`` elsewhere) lets scripts/compile_sm90.py
+    build the GPU code from CPU tensors."""
     R, K = qdata.shape
     if out is None:
         out = torch.empty(R, K, dtype=torch.bfloat16, device=qdata.device)
     if R == 0 or K == 0:
         return out
-    bm, bk, warps = GPU_TILE if qdata.is_cuda else INTERPRETER_TILE
+    bm, bk, warps = GPU_TILE if qdata.is_cuda or decode == "cvt" else INTERPRETER_TILE
     _dequantize_kernel[(cdiv(R, bm), cdiv(K, bk))](
         qdata.view(torch.uint8), scale.view(torch.uint8), out, row_end if row_end is not None else qdata,
         R, K, HAS_END=row_end is not None, BLOCK_M=bm, BLOCK_K=bk,
-        DECODE="cvt" if qdata.is_cuda else "int", num_warps=warps)
+        DECODE=decode or ("cvt" if qdata.is_cuda else "int"), num_warps=warps)
     return out
