@@ -8,7 +8,7 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 KERNELS = ("_combine_gather_kernel", "_combine_push_kernel", "_copy_out_kernel", "_dispatch_push_kernel",
            "_mxfp8_quantize_kernel", "_plan_kernel", "_put_counts_kernel", "_grouped_mm_mxfp8_kernel",
-           "_wait_pushes_kernel", "_swiglu_quantize_kernel", "_swiglu_backward_kernel")
+           "_wait_pushes_kernel", "_swiglu_quantize_kernel", "_swiglu_backward_kernel", "_dequantize_kernel")
 
 
 def test_every_kernel_compiles_for_sm90():
