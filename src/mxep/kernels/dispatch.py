@@ -201,7 +201,7 @@ def dispatch_push(
     # row items + at most L * align pad rows (the exact count is on the device); even a rank that
     # sends nothing launches: its pad rows still need zeros.
     items = cdiv(n, block_m) * cdiv(H, block_k) + (E // W) * plan.align
-    nprog = min(num_persistent_programs(x.device), items)
+    nprog = min(num_persistent_programs(x.device, TUNING["dispatch_programs_per_sm"]), items)
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
     data_arg = data_base if quantize else data_base.view(torch.int16)
     out_arg = out_data if quantize else out_data.view(torch.int16)

@@ -47,6 +47,11 @@ __all__ = ["combine_push", "combine_pull", "combine_copy_out", "copy_out", "put_
 #   (4 x H200, earlier: 16/SM beat 4/SM by 1.3-1.4x on every kernel.)
 TUNING = {
     "programs_per_sm": 16,
+    # The dispatch push alone: more programs, more rows (bytes) in flight per SM. 4 x H200,
+    # config (a) uniform, zero-copy dispatch (the push alone) with programs_per_sm 8 / 16 / 32
+    # for all kernels, same machine (scripts/sweep_tuning.py, 2026-11-27): 589.0 / 559.9 /
+    # 548.7 us; NCCL same bytes 606 us in each launch.
+    "dispatch_programs_per_sm": 32,
     "dispatch_block_m": 1, "dispatch_block_k": 8192, "dispatch_warps": 4,
     "combine_block_m": 1, "combine_block_n": 8192, "combine_warps": 8,
     "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 8,
