@@ -22,16 +22,13 @@ test:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu and not multigpu" tests
 
-# GPU suite: single-GPU tests plus multi-GPU tests on every visible GPU (2 and 4 ranks where possible).
-# Most of a first run is Triton compiling every kernel variant the tests launch: on a fresh
-# 2 x H200 machine it took more than 280 s, on 4 x H200 more than 380 s (2026-11-27); with a warm
-# cache 70 s on 2 GPUs and about 170 s on 4. Give a cold machine's first call 10 minutes.
-# The tests of the not-yet-default "flags" sync (TUNING["sync"], docs/design.md) run second and
-# without -x, so that a failure there neither hides nor stops the default path's tests.
+# GPU suite: single-GPU tests plus multi-GPU tests on every visible GPU (2 and 4 ranks where
+# possible), in both sync modes. Most of a first run is Triton compiling every kernel variant the
+# tests launch, so the three groups run as concurrent pytest processes (scripts/run_gpu_tests.py):
+# a cold 4 x H200 machine took 6 minutes (2026-11-27). Logs: $(OUT)/tests/*.log.
 test-gpu:
 	@$(PYTHON) scripts/ensure_deps.py --test
-	$(PYTHON) -m pytest -q -x -m "gpu or multigpu" -k "not flags" tests
-	$(PYTHON) -m pytest -q -m "gpu or multigpu" -k "flags" tests
+	$(PYTHON) scripts/run_gpu_tests.py --out $(OUT)/tests
 
 bench:
 	@$(PYTHON) scripts/ensure_deps.py --bench
@@ -42,7 +39,7 @@ bench:
 OUT ?= gpu-session
 gpu-session:
 	@mkdir -p $(OUT)
-	-$(MAKE) test-gpu > $(OUT)/test-gpu.log 2>&1; tail -3 $(OUT)/test-gpu.log
+	-$(MAKE) test-gpu > $(OUT)/test-gpu.log 2>&1; tail -12 $(OUT)/test-gpu.log
 	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/profile_stages.py --config a,c --zero-copy > $(OUT)/profile.log 2>&1; grep -A12 "^## config" $(OUT)/profile.log
 	-$(PYTHON) benchmarks/run_all.py --quick --out-dir $(OUT)/bench > $(OUT)/bench.log 2>&1; sed -n '/## Summary/,/## All/p' $(OUT)/bench/results.md
 	-$(PYTHON) benchmarks/bench_grouped_gemm.py --out $(OUT)/grouped_gemm.json > $(OUT)/grouped_gemm.log 2>&1; cat $(OUT)/grouped_gemm.log
