@@ -1,8 +1,9 @@
-"""The GPU test suite in three concurrent pytest processes, so a cold device machine (every
+"""The GPU test suite in four concurrent pytest processes, so a cold device machine (every
 Triton kernel variant compiled from scratch) finishes within one 10-minute call: 6 minutes on
 4 x H200 (2026-11-27) instead of more than 10 one after another.
 
-  1. single-GPU tests (``-m gpu``) on the last visible GPU;
+  1. single-GPU tests (``-m gpu``): the quantize / dequantize kernels' on the next-to-last
+     visible GPU, the others on the last;
   2. multi-GPU tests of the default sync (``-m multigpu -k "not flags"``) on all GPUs;
   3. multi-GPU tests of the "flags" sync (``-k flags``), started 20 s later.
 
@@ -41,7 +42,10 @@ def main() -> int:
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
     n = gpu_count()
     pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rf", os.path.join(ROOT, "tests")]
-    jobs = [("single-gpu", pytest + ["-m", "gpu"], {"CUDA_VISIBLE_DEVICES": str(max(n - 1, 0))} if n else {}, 0),
+    quant = [os.path.join(ROOT, "tests", f) for f in ("test_mxfp8.py", "test_dequantize.py")]
+    on = lambda i: {"CUDA_VISIBLE_DEVICES": str(max(n - i, 0))} if n else {}  # noqa: E731
+    jobs = [("single-gpu-quantize", pytest[:-1] + quant + ["-m", "gpu"], on(2), 0),
+            ("single-gpu", pytest + ["-m", "gpu"] + [f"--ignore={q}" for q in quant], on(1), 0),
             ("multi-gpu", pytest + ["-m", "multigpu", "-k", "not flags"], {}, 0),
             ("multi-gpu-flags", pytest + ["-m", "multigpu", "-k", "flags"], {}, 20)]
     start, procs = time.monotonic(), []
