@@ -7,6 +7,9 @@
   symmetric buffers through their addresses (``hdl.buffer_ptrs``), then the barrier.
 * ``ceil_nccl``: ``all_to_all_single`` of raw uint8 with equal splits carrying the average number
   of off-rank bytes (the routing's imbalance is not modelled: NCCL's best case).
+* ``ceil_nccl_pairs``: ``all_to_all_single`` of raw uint8 with the routing's real per-pair splits
+  (the same pair matrix as the other two movers): under skewed routing the hot rank's ingress
+  bounds it as it bounds every mover, so this is the like-for-like NCCL number.
 
 Bytes per pair come from the routing of the case (``_common.pattern_pair_bytes``), rounded up to
 16 bytes per pair.
@@ -18,7 +21,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-__all__ = ["peer_store", "PeerCeilings", "nccl_ceiling", "simulated_peer_store_check", "round16"]
+__all__ = ["peer_store", "PeerCeilings", "nccl_ceiling", "nccl_pairs_ceiling", "simulated_peer_store_check", "round16"]
 
 _WORD = 4  # the kernel moves int32 words; 4 words = one 16-byte vector
 
@@ -161,6 +164,21 @@ def nccl_ceiling(B: list[list[int]], group, device: torch.device):
         dist.all_to_all_single(out, inp, group=group)
 
     return fn, (W - 1) * chunk
+
+
+def nccl_pairs_ceiling(B: list[list[int]], group, device: torch.device):
+    """``all_to_all_single`` of uint8 with this rank's real splits: ``B[me][p]`` bytes to peer
+    ``p``, ``B[p][me]`` from it (16-byte rounded, nothing to itself). Returns ``fn``."""
+    me, W = dist.get_rank(group), len(B)
+    send = [round16(B[me][p]) if p != me else 0 for p in range(W)]
+    recv = [round16(B[p][me]) if p != me else 0 for p in range(W)]
+    inp = torch.randint(0, 256, (max(1, sum(send)),), dtype=torch.uint8, device=device)[: sum(send)]
+    out = torch.empty(sum(recv), dtype=torch.uint8, device=device)
+
+    def fn():
+        dist.all_to_all_single(out, inp, output_split_sizes=recv, input_split_sizes=send, group=group)
+
+    return fn
 
 
 def simulated_peer_store_check(world: int = 3, seed: int = 0) -> str:

@@ -19,7 +19,7 @@ Systems (names used in the JSON):
                  dispatch_graph / combine_graph: CUDA-graph replays back to back (GPU only)
   unfused_mxfp8  mxep.reference.ep_pipeline.unfused_dispatch_mxfp8 / unfused_combine
   nccl_bf16      unfused_dispatch_bf16 / unfused_combine (bf16 all_to_all_single + permute)
-  ceilings       ceil_ce, ceil_triton, ceil_nccl (see _ceilings.py), for three traffic patterns
+  ceilings       ceil_ce, ceil_triton, ceil_nccl, ceil_nccl_pairs (see _ceilings.py), for three traffic patterns
 Every system runs under try/except: a failure is recorded as its error string and the rest run.
 """
 from __future__ import annotations
@@ -310,6 +310,10 @@ def main() -> None:
                             m, err = timed(fn)
                             record("ceil_nccl", pt, pt, m, err, nbytes=nbytes)
                         del got
+                        fn, err = run("nccl pairs ceiling", lambda: _ceilings.nccl_pairs_ceiling(B, group, device))
+                        m, err = (None, err) if fn is None else timed(fn)
+                        record("ceil_nccl_pairs", pt, pt, m, err)
+                        del fn
                 case = x = counts = None
                 gc.collect()
                 if device.type == "cuda":

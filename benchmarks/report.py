@@ -16,7 +16,8 @@ import os
 import sys
 from collections import defaultdict
 
-SYSTEM_ORDER = ["mxep", "unfused_mxfp8", "nccl_bf16", "nvshmem_a2a_2d", "ceil_ce", "ceil_triton", "ceil_nccl"]
+SYSTEM_ORDER = ["mxep", "unfused_mxfp8", "nccl_bf16", "nvshmem_a2a_2d", "ceil_ce", "ceil_triton", "ceil_nccl",
+                "ceil_nccl_pairs"]
 SYSTEM_LABEL = {
     "mxep": "mxep fused (MXFP8)",
     "unfused_mxfp8": "unfused MXFP8 (NCCL a2a + permute)",
@@ -25,12 +26,14 @@ SYSTEM_LABEL = {
     "ceil_ce": "ceiling: copy engine",
     "ceil_triton": "ceiling: Triton peer stores",
     "ceil_nccl": "ceiling: NCCL a2a raw bytes",
+    "ceil_nccl_pairs": "ceiling: NCCL a2a raw bytes, real splits",
 }
-CEILINGS = ("ceil_ce", "ceil_triton", "ceil_nccl")
+CEILINGS = ("ceil_ce", "ceil_triton", "ceil_nccl", "ceil_nccl_pairs")
 ZERO_COPY = "mxep_zero_copy"   # plot-only label: system mxep, op dispatch_zero_copy / combine_zero_copy
 SYSTEM_LABEL[ZERO_COPY] = "mxep, zero-copy (tokens / expert outputs in the Buffer)"
 COLORS = {"mxep": "#1f77b4", ZERO_COPY: "#aec7e8", "unfused_mxfp8": "#ff7f0e", "nccl_bf16": "#2ca02c", "nvshmem_a2a_2d": "#9467bd",
-          "ceil_ce": "#7f7f7f", "ceil_triton": "#bcbd22", "ceil_nccl": "#17becf"}
+          "ceil_ce": "#7f7f7f", "ceil_triton": "#bcbd22", "ceil_nccl": "#17becf",
+          "ceil_nccl_pairs": "#9edae5"}
 
 
 def _cell(text) -> str:
@@ -113,8 +116,9 @@ def write_markdown(merged: dict, path: str) -> None:
           "per measurement; `pipelined` = back-to-back calls (no host sync systems only).",
           "- GB/s per rank = mean over ranks of bytes sent to other ranks / time; bytes per row: H + H/32 "
           "(MXFP8), 2H (bf16). Combine moves the dispatched rows back as bf16.",
-          "- % CE / % Triton / % NCCL: fraction of the ceiling measured on the same traffic pattern "
-          "(dispatch MXFP8, dispatch bf16, or combine bf16) in the same run; % NVLink: of 450 GB/s nominal.",
+          "- % CE / % Triton / % NCCL / % NCCL real splits: fraction of the ceiling measured on the same traffic "
+          "pattern (dispatch MXFP8, dispatch bf16, or combine bf16) in the same run (NCCL: equal splits carrying "
+          "the average bytes; real splits: the routing's pair matrix); % NVLink: of 450 GB/s nominal.",
           "- mxep speedup = this system's time / mxep's time (same op, same case; >1 means mxep is faster).",
           "- host µs/call = host time to issue one call from an idle GPU (includes any host sync inside the "
           "call); the device sleep before each timed call is sized from it.", ""]
@@ -153,8 +157,8 @@ def write_markdown(merged: dict, path: str) -> None:
 
     L += ["## All measurements", ""]
     hdr = ("| system | op | median µs | pipelined µs | host µs/call | GB/s/rank | % CE | % Triton | % NCCL | "
-           "% NVLink | mxep speedup | symm MB/rank | check | error |")
-    sep = "|" + "---|" * 14
+           "% NCCL real splits | % NVLink | mxep speedup | symm MB/rank | check | error |")
+    sep = "|" + "---|" * 15
     cur = None
     for r in rows:
         key = _case_key(r)
@@ -166,7 +170,8 @@ def write_markdown(merged: dict, path: str) -> None:
         L.append("| " + " | ".join(_cell(v) for v in [
             SYSTEM_LABEL.get(r["system"], r["system"]), r.get("op"), _fmt(r.get("median_us")),
             _fmt(r.get("pipelined_us")), _fmt(r.get("host_enqueue_us")), _fmt(r.get("gbps")), _fmt(r.get("pct_ceil_ce")),
-            _fmt(r.get("pct_ceil_triton")), _fmt(r.get("pct_ceil_nccl")), _fmt(r.get("pct_nvlink")),
+            _fmt(r.get("pct_ceil_triton")), _fmt(r.get("pct_ceil_nccl")), _fmt(r.get("pct_ceil_nccl_pairs")),
+            _fmt(r.get("pct_nvlink")),
             _fmt(r.get("mxep_speedup"), 2), _fmt(sb / 2**20 if sb else None), r.get("check") or "",
             r.get("error") or ""]) + " |")
     checks = [r for r in records if r.get("system") in ("check", "selftest")]
