@@ -30,10 +30,10 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def _moe_body(rank, world, device="cpu", mx_weights=True):
+def _moe_body(rank, world, device="cpu", mx_weights=True, gemm_impl="auto"):
     router, w13, w2, xs, dys = params(world)
     L = E // world
-    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, mx_weights=mx_weights, device=device)
+    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, mx_weights=mx_weights, device=device, gemm_impl=gemm_impl)
     with torch.no_grad():
         moe.router.copy_(router)
         moe.w13.copy_(w13[rank * L:(rank + 1) * L])
@@ -47,12 +47,13 @@ def _moe_body(rank, world, device="cpu", mx_weights=True):
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@pytest.mark.parametrize("world,backend,mx_weights", [
-    (1, "gloo", True), (2, "gloo", True), (2, "gloo", False),
-    pytest.param(2, "nccl", True, marks=[pytest.mark.multigpu, pytest.mark.skipif(NGPU < 2, reason="needs 2 GPUs")])])
-def test_moe_matches_dense_reference(world, backend, mx_weights):
+@pytest.mark.parametrize("world,backend,mx_weights,gemm_impl", [
+    (1, "gloo", True, "auto"), (2, "gloo", True, "auto"), (2, "gloo", False, "fused"),
+    pytest.param(2, "nccl", True, "auto", marks=[pytest.mark.multigpu, pytest.mark.skipif(NGPU < 2, reason="needs 2 GPUs")])])
+def test_moe_matches_dense_reference(world, backend, mx_weights, gemm_impl):
     """(nccl: the symmetric-memory Buffer and the GPU grouped GEMM, in make test-gpu)"""
-    got = run_distributed(_moe_body, world, "cuda" if backend == "nccl" else "cpu", mx_weights, backend=backend)
+    got = run_distributed(_moe_body, world, "cuda" if backend == "nccl" else "cpu", mx_weights, gemm_impl,
+                          backend=backend)
     router, w13, w2, xs, dys = params(world)
     L = E // world
     gw13, gw2 = torch.zeros(E, 2 * FF, H), torch.zeros(E, H, FF)
@@ -80,7 +81,7 @@ def _bad_input_body(rank, world):
             moe(bad)
         except ValueError as exc:
             errors.append(str(exc))
-    for kw in (dict(ffn_hidden=40), dict(top_k=0)):
+    for kw in (dict(ffn_hidden=40), dict(top_k=0), dict(gemm_impl="cublas")):
         try:
             mxep.MoE(**{**dict(hidden=H, ffn_hidden=FF, num_experts=E, top_k=K, max_tokens_per_rank=4), **kw})
         except ValueError as exc:
@@ -90,9 +91,9 @@ def _bad_input_body(rank, world):
 
 def test_moe_bad_input():
     (errors,) = run_distributed(_bad_input_body, 1)
-    assert len(errors) == 4
+    assert len(errors) == 5
     assert "max_tokens_per_rank" in errors[0] and "[n, 64]" in errors[1]
-    assert "multiple of 32" in errors[2] and "top_k" in errors[3]
+    assert "multiple of 32" in errors[2] and "top_k" in errors[3] and "gemm_impl" in errors[4]
 
 
 def _moe_sync_free_body(rank, world):

@@ -24,7 +24,7 @@ from torch import nn
 
 from mxep.comm.buffer import Buffer
 from mxep.format.mxfp8 import MXFP8Tensor, to_mxfp8
-from mxep.ops.grouped_gemm import grouped_mm_mxfp8
+from mxep.ops.grouped_gemm import IMPLS, grouped_mm_mxfp8
 from mxep.ops.swiglu import swiglu_mxfp8
 
 __all__ = ["MoE", "quantize_straight_through"]
@@ -62,6 +62,9 @@ class MoE(nn.Module):
             forward, straight-through to the bf16 parameters, so that both operands of each
             expert GEMM are MXFP8 (an MX GEMM's numerics); False: bf16 weights.
         device: where the parameters live (the Buffer follows the group's backend).
+        gemm_impl: the expert GEMMs' ``impl`` (:func:`mxep.grouped_mm_mxfp8`): ``"auto"``
+            (dequantize + ``torch._grouped_mm``, the fast one), or ``"fused"`` (no transient bf16
+            copy of the dispatched tokens: less memory, slower).
 
     Parameters (this rank's): ``router`` fp32 ``[E, H]`` (replicated on every rank: reduce its
     gradient over the group like any replicated parameter), ``w13`` bf16 ``[L, 2F, H]`` (gate
@@ -82,7 +85,7 @@ class MoE(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, max_tokens_per_rank: int,
                  group=None, align: int = 32, scale_mode: str = "rceil", mx_weights: bool = True,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, gemm_impl: str = "auto"):
         super().__init__()
         if ffn_hidden % 32:
             raise ValueError(f"ffn_hidden must be a multiple of 32 (MXFP8 blocks), got {ffn_hidden}")
@@ -95,6 +98,9 @@ class MoE(nn.Module):
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
         self.mx_weights = mx_weights
+        if gemm_impl not in IMPLS:
+            raise ValueError(f"gemm_impl must be one of {IMPLS}, got {gemm_impl!r}")
+        self.gemm_impl = gemm_impl
         self.router = nn.Parameter(torch.randn(num_experts, hidden, device=device) / hidden ** 0.5)
         self.w13 = nn.Parameter((torch.randn(L, 2 * ffn_hidden, hidden, device=device) / hidden ** 0.5).bfloat16())
         self.w2 = nn.Parameter((torch.randn(L, hidden, ffn_hidden, device=device) / ffn_hidden ** 0.5).bfloat16())
@@ -123,9 +129,9 @@ class MoE(nn.Module):
         w13, w2 = self.w13, self.w2
         if self.mx_weights:
             w13, w2 = quantize_straight_through(w13, self.scale_mode), quantize_straight_through(w2, self.scale_mode)
-        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets)                       # [cap, 2F]
+        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.gemm_impl)      # [cap, 2F]
         a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)                           # MXFP8 [cap, F]
-        out = grouped_mm_mxfp8(a, w2, res.group_end_offsets)                               # [cap, H]
+        out = grouped_mm_mxfp8(a, w2, res.group_end_offsets, self.gemm_impl)              # [cap, H]
         rows = self.buffer.combine(out, res.handle)                                           # [n*k, H]
         weighted = rows.float() * gates.flatten()[order, None]
         return torch.zeros(n, self.hidden, device=x.device).index_add(0, token_of, weighted).to(x.dtype)
