@@ -104,7 +104,7 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
 
     Returns:
         bf16 ``[cap, N]``; rows ``[0, group_end_offsets[-1])`` hold the products (pad rows 0), later
-        rows are left unwritten. Differentiable w.r.t. ``tokens`` (bf16, straight-through) and
+        rows are unspecified (never computed). Differentiable w.r.t. ``tokens`` (bf16, straight-through) and
         ``weight``. No host sync.
 
     Example::
