@@ -30,9 +30,12 @@ test-gpu:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	$(PYTHON) scripts/run_gpu_tests.py --out $(OUT)/tests
 
+# The dispatch / combine suite on every visible GPU (docs/benchmarks.md), then the grouped GEMM
+# on the layout on the first visible GPU; outputs in benchmarks/results/.
 bench:
 	@$(PYTHON) scripts/ensure_deps.py --bench
 	$(PYTHON) benchmarks/run_all.py
+	$(PYTHON) benchmarks/bench_grouped_gemm.py --out benchmarks/results/grouped_gemm.json
 
 # One device-machine call that does everything in order (few, full calls): GPU tests, per-kernel
 # device times, then the quick benchmark suite. OUT (default ./gpu-session) collects the logs.
