@@ -11,7 +11,7 @@ Systems (names used in the JSON):
                  op dispatch_zero_copy (+ _graph): .dispatch(zero_copy=True), tokens left in
                  the receive region, no copy-out;
                  ops dispatch_<sync>_sync / dispatch_graph_<sync>_sync (combine_... likewise):
-                 the dispatch and push combine with the non-default TUNING["sync"] (eager /
+                 the dispatch and push combine with each non-default TUNING["sync"] (eager /
                  CUDA graph), outputs checked;
                  op combine_zero_copy: .combine of .combine_input() (expert outputs already in
                  the Buffer's region, pulled by the sources); op combine_<mode>_mode: .combine
@@ -41,7 +41,7 @@ from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_ar
 from _timing import capture_graph, gather, guarded, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.kernels.rows import TUNING  # noqa: E402
+from mxep.kernels.rows import SYNC_MODES, TUNING  # noqa: E402
 from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
 
 SYSTEMS = ("mxep", "unfused_mxfp8", "nccl_bf16", "ceilings")
@@ -125,7 +125,7 @@ def main() -> None:
                 graph = None
             out, err = run(f"mxep {op}, sync={sync}", fn)
             if out is not None:
-                keep[f"mxep_{op}_other_sync"] = out
+                keep[f"mxep_{op}_{sync}_sync"] = out
 
     with torch.no_grad():
         for cfg in configs:
@@ -204,13 +204,13 @@ def main() -> None:
                         # is checked against the unfused pipeline's below. Symmetric memory only:
                         # the collective path has no sync modes.
                         if buf.transport_name == "symm_mem" and res is not None:
-                            other_sync = "flags" if TUNING["sync"] == "barrier" else "barrier"
-                            saved_sync, TUNING["sync"] = TUNING["sync"], other_sync
-                            try:
-                                bench_other_sync(other_sync, lambda: buf.dispatch(x, counts),
-                                                 lambda: buf.combine(eo, res.handle), record, extra, keep)
-                            finally:
-                                TUNING["sync"] = saved_sync
+                            for other_sync in (m for m in SYNC_MODES if m != TUNING["sync"]):
+                                saved_sync, TUNING["sync"] = TUNING["sync"], other_sync
+                                try:
+                                    bench_other_sync(other_sync, lambda: buf.dispatch(x, counts),
+                                                     lambda: buf.combine(eo, res.handle), record, extra, keep)
+                                finally:
+                                    TUNING["sync"] = saved_sync
                         # CUDA-graph replay, back to back: the per-call time of a captured step,
                         # where no host work is left (eager calls above pay ~0.4-1 ms of host
                         # time each; see "pipelined").
@@ -272,13 +272,14 @@ def main() -> None:
                             bad.append("combine")
                         if not torch.equal(y0, y2):
                             bad.append("combine_zero_copy")
-                        if "mxep_dispatch_other_sync" in keep:
-                            o = keep["mxep_dispatch_other_sync"].tokens
-                            if not (torch.equal(o.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8))
-                                    and torch.equal(o.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8))):
-                                bad.append("dispatch_other_sync")
-                        if "mxep_combine_other_sync" in keep and not torch.equal(keep["mxep_combine_other_sync"], y2):
-                            bad.append("combine_other_sync")
+                        for sync in SYNC_MODES:
+                            if f"mxep_dispatch_{sync}_sync" in keep:
+                                o = keep[f"mxep_dispatch_{sync}_sync"].tokens
+                                if not (torch.equal(o.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8))
+                                        and torch.equal(o.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8))):
+                                    bad.append(f"dispatch_{sync}_sync")
+                            if f"mxep_combine_{sync}_sync" in keep and not torch.equal(keep[f"mxep_combine_{sync}_sync"], y2):
+                                bad.append(f"combine_{sync}_sync")
                         return "ok" if not bad else "mismatch: " + ",".join(bad)
                     out, err = run("check", check)
                     verdicts = gather(out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -81,10 +82,13 @@ def derive(records: list[dict], nvlink_gbps: float = 450.0) -> list[dict]:
     order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
     op_order = {"dispatch": 0, "combine": 1, "combine_zero_copy": 1.5, "combine_pull_mode": 1.6, "combine_push_mode": 1.6,
                 "dispatch_graph": 1.7, "dispatch_zero_copy": 0.5, "dispatch_zero_copy_graph": 1.72, "combine_graph": 1.8,
-                "dispatch_flags_sync": 0.3, "dispatch_barrier_sync": 0.3, "dispatch_graph_flags_sync": 1.75,
-                "dispatch_graph_barrier_sync": 1.75, "combine_flags_sync": 1.3, "combine_barrier_sync": 1.3,
-                "combine_graph_flags_sync": 1.85, "combine_graph_barrier_sync": 1.85, "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
-    rows.sort(key=lambda r: _case_sort(_case_key(r)) + (op_order.get(r.get("op"), 9), order.get(r["system"], 99)))
+                "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
+    sync_order = {("dispatch", ""): 0.3, ("dispatch", "_graph"): 1.75, ("combine", ""): 1.3, ("combine", "_graph"): 1.85}
+
+    def op_rank(op):   # "<dispatch|combine>[_graph]_<sync mode>_sync": after its default-sync twin
+        m = re.fullmatch(r"(dispatch|combine)(_graph)?_\w+_sync", op or "")
+        return sync_order[(m.group(1), m.group(2) or "")] if m else op_order.get(op, 9)
+    rows.sort(key=lambda r: _case_sort(_case_key(r)) + (op_rank(r.get("op")), order.get(r["system"], 99)))
     return rows
 
 

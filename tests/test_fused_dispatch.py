@@ -84,7 +84,7 @@ def test_simulated_world_zero_copy_combine():
     assert ys[2].shape == (0, 160)
 
 
-@pytest.mark.parametrize("sync", ["barrier", "flags"])
+@pytest.mark.parametrize("sync", ["barrier", "flags", "counts_flags"])
 def test_simulated_world_zero_copy_dispatch(sync, monkeypatch):
     """zero_copy: every rank's tokens are its receive region (own rows and pad zeros written
     there by its push, other ranks' rows by theirs): bit-exact, no copy-out, rows past the end

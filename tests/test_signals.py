@@ -183,8 +183,6 @@ def test_flags_combine_after_a_barrier_combine_puts_one_barrier_first(monkeypatc
     from mxep.kernels.rows import TUNING
 
     t = _one_rank_transport()
-    barriers = []
-    t._barrier = lambda: barriers.append(1)
     case = Case(1, 6, 64, 20, 32, ("skewed",), (17,), seed=6)
     counts, xs = case.inputs()
     h = t.plan(counts[0].to(torch.int32), 17, 32)
@@ -194,10 +192,12 @@ def test_flags_combine_after_a_barrier_combine_puts_one_barrier_first(monkeypatc
     seen = []
     for sync in ("barrier", "flags", "flags", "barrier", "flags"):
         monkeypatch.setitem(TUNING, "sync", sync)
-        before = len(barriers)
+        before = t.handle.barriers
         assert torch.equal(t.combine_bf16(outs[0], h), exp)
-        seen.append(len(barriers) - before)
-    assert seen == [2, 1, 0, 2, 1]
+        seen.append(t.handle.barriers - before)
+    # the first barrier combine needs no entry barrier: the dispatch's barrier came after the
+    # last combine copy-out (there was none); the second one follows a flags copy-out
+    assert seen == [1, 1, 0, 2, 1]
     assert t.peer.signal_word("cseq") == 3 and t.peer.status() == 0
 
 
@@ -229,3 +229,67 @@ def test_debug_buffer_raises_on_a_timed_out_wait():
     debug only) and names what timed out; without debug nothing reads it."""
     (msgs,) = run_distributed(_debug_buffer_body, 1)
     assert all(m is not None and "push" in m and "invalid" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("sync", ["barrier", "counts_flags"])
+def test_barriers_per_call(sync, monkeypatch):
+    """Barriers each call queues (the one-rank transport counts them): the dispatch has two
+    ("barrier": counts, push) or one ("counts_flags": the plan kernel exchanges the counts);
+    a push combine has one when a barrier came after the last combine copy-out (a dispatch in
+    between), two when not (two combines in a row); outputs bit-exact throughout."""
+    from mxep.kernels.rows import TUNING
+
+    monkeypatch.setitem(TUNING, "sync", sync)
+    t = _one_rank_transport()
+    per_dispatch = 2 if sync == "barrier" else 1
+    seen, expect = [], []
+    for it in range(2):
+        case = Case(1, 6, 64, 20, 32, (KINDS[it + 1],), (19 - 4 * it,), seed=60 + it)
+        counts, xs = case.inputs()
+        before = t.handle.barriers
+        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 32)
+        tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
+        seen.append(t.handle.barriers - before)
+        check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
+        _, outs, _ = case.upstream(t.peer.regions.capacity)
+        exp = expected_combine(case, outs, counts)[0]
+        for _ in range(2):
+            before = t.handle.barriers
+            assert torch.equal(t.combine_bf16(outs[0], h), exp)
+            seen.append(t.handle.barriers - before)
+        expect += [per_dispatch, 1, 2]
+    assert seen == expect
+    # counts_flags: the counts words count the dispatches, push and combine words stay zero
+    words = expected_signals(1, 0, 2) if sync == "counts_flags" else [0] * num_signal_words(1)
+    assert t.peer.signals.tolist() == words
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_counts_flags_sync_simulated_world(world, monkeypatch):
+    """"counts_flags": the plan kernel's counts exchange (put on every rank, then wait + plan),
+    the barrier's phase order after the push. Bit-exact over calls; every rank's counts flags
+    and seq name the last call, the push and combine flags are never raised. A plan must be
+    followed by its dispatch (the same host rule as "flags")."""
+    from mxep.kernels.rows import TUNING
+
+    monkeypatch.setitem(TUNING, "sync", "counts_flags")
+    E, H, N = 2 * world, 64, 23
+    sim = SimulatedWorld(world, E, H, N, 32)
+    for it in range(3):
+        routing = tuple(KINDS[(2 * it + r) % 5] for r in range(world))
+        rows = tuple(0 if k == "none" else 5 + (13 * it + 3 * r) % (N - 4) for r, k in enumerate(routing))
+        case = Case(world, E, H, N, 32, routing, rows, seed=500 + it)
+        counts, xs = case.inputs()
+        res = sim.dispatch(xs, counts, zero_copy=it == 1)
+        for r in range(world):
+            check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
+            assert res[r].handle.sync == "counts_flags"
+            assert sim.peers[r].signals.tolist() == [it + 1] * world + [0] * (3 * world) + [it + 1, 0, 0, 0]
+        _, outs, _ = case.upstream(sim.capacity)
+        for y, e in zip(sim.combine(outs, [x.handle for x in res]), expected_combine(case, outs, counts)):
+            assert torch.equal(y, e)
+    t = _one_rank_transport()
+    c = torch.tensor([3, 0, 2, 0, 0, 1], dtype=torch.int32)
+    t.plan(c, 6, 32)
+    with pytest.raises(RuntimeError, match="counts_flags.*never dispatched"):
+        t.plan(c, 6, 32)

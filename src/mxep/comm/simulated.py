@@ -3,7 +3,8 @@
 Runs the *same* kernels and phases as :class:`~mxep.comm.transport.SymmMemTransport`, with the
 barriers replaced by phase order (all ranks finish phase k before any starts phase k+1). With
 ``TUNING["sync"] == "flags"`` the signal words are real: the plan kernel runs as its two halves
-(counts out to every rank, then wait + plan), and every copy-out checks the push flags. On CPU
+(counts out to every rank, then wait + plan), and every copy-out checks the push flags
+(``"counts_flags"``: the plan's two halves, then the barrier's phase order). On CPU
 under ``TRITON_INTERPRET=1`` or on one GPU, it tests the fused kernels' peer stores, offsets and
 padding without a multi-GPU machine.
 
@@ -49,11 +50,12 @@ class SimulatedWorld:
 
     def plan(self, counts: Sequence[torch.Tensor], num_rows: Sequence[int]) -> list[DispatchHandle]:
         counts = [c.to(torch.int32).contiguous() for c in counts]
-        if TUNING["sync"] == "flags":   # the plan kernel's two halves, one phase on every rank at a time
+        sync = TUNING["sync"]
+        if sync in ("flags", "counts_flags"):   # the plan kernel's two halves, one phase on every rank at a time
             for r, p in enumerate(self.peers):
                 p.exchange_and_plan(counts[r], self.align, "put")
             return [DispatchHandle(r, num_rows[r], plan=p.exchange_and_plan(counts[r], self.align, "plan"),
-                                   sync="flags") for r, p in enumerate(self.peers)]
+                                   sync=sync) for r, p in enumerate(self.peers)]
         for r, p in enumerate(self.peers):
             p.put_counts(counts[r])
         # ---- barrier ----

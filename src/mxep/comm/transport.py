@@ -104,6 +104,16 @@ class Transport:
         """Debug mode only (may sync with the host): raise if the device reported an error."""
 
 
+class _NoBarrier:
+    """The symmetric-memory handle of a one-rank world without symmetric memory: a barrier with
+    nobody to wait for. Counts barriers like the real one (``barriers``: tests read it)."""
+
+    barriers = 0
+
+    def barrier(self, channel: int = 0) -> None:
+        self.barriers += 1
+
+
 class SymmMemTransport(Transport):
     name = "symm_mem"
 
@@ -125,8 +135,9 @@ class SymmMemTransport(Transport):
         mem.fill_(0xA5)
         self.peer.clear_signals()
         self.handle.barrier(channel=0)
-        self._unpushed: DispatchHandle | None = None   # "flags" sync: the plan awaiting its dispatch
+        self._unpushed: DispatchHandle | None = None   # flag-exchanged counts: the plan awaiting its dispatch
         self._combine_sync: str | None = None          # how the last push combine was ordered
+        self._combine_region_read = False              # a combine copy-out was queued since the last barrier
 
     @classmethod
     def over_local_memory(cls, regions: RegionLayout, device: torch.device | str = "cpu",
@@ -137,27 +148,36 @@ class SymmMemTransport(Transport):
         if regions.world_size != 1:
             raise ValueError(f"over_local_memory is a one-rank world, got world_size={regions.world_size}")
         self = cls.__new__(cls)
-        self.group, self.rank, self.handle = group, 0, None
+        self.group, self.rank, self.handle = group, 0, _NoBarrier()
         mem = torch.full((regions.total_bytes,), 0xA5, dtype=torch.uint8, device=device)
         self.peer = PeerMemory(mem, [mem.data_ptr()], 0, regions)
         self.peer.clear_signals()
         self._unpushed = None
         self._combine_sync = None
-        self._barrier = lambda: None
+        self._combine_region_read = False
         return self
 
     def _barrier(self) -> None:
+        # Once every rank has passed a barrier queued after its last combine copy-out, no
+        # rank still reads its combine region: the next push combine needs no entry barrier
+        # of its own (every rank runs the same calls, so every rank's k-th barrier follows the
+        # same copy-outs).
         self.handle.barrier(channel=0)
+        self._combine_region_read = False
 
     def plan(self, counts_i32, num_rows, align):
-        if TUNING["sync"] == "flags":
+        sync = TUNING["sync"]
+        if sync in ("flags", "counts_flags"):
             # One launch: counts to every rank, wait for theirs, plan (kernels/signals.py). Its
-            # ordering argument needs every plan to be followed by its dispatch (host-side check).
+            # ordering argument needs every plan to be followed by its dispatch (host-side
+            # check): a rank writes its next count row into a peer's matrix only after the
+            # peer's push of this call ("flags": its push flag; "counts_flags": the barrier
+            # after the push), hence after the peer's plan read the matrix.
             if self._unpushed is not None:
-                raise RuntimeError("sync='flags': the previous plan was never dispatched; every plan must be "
+                raise RuntimeError(f"sync={sync!r}: the previous plan was never dispatched; every plan must be "
                                    "followed by its MXFP8 dispatch before the next plan (Buffer.dispatch does both)")
             handle = DispatchHandle(self.rank, num_rows, plan=self.peer.exchange_and_plan(counts_i32, align),
-                                    sync="flags")
+                                    sync=sync)
             self._unpushed = handle
             return handle
         # No entry barrier needed: peers read their count matrix (plan kernel) before the previous
@@ -171,17 +191,18 @@ class SymmMemTransport(Transport):
             # A second push of one plan could land in an owner still copying out the first.
             raise RuntimeError("this DispatchHandle's MXFP8 dispatch already ran; plan again for another dispatch")
         handle.dispatched = True
-        if handle.sync == "flags":
+        if handle.sync in ("flags", "counts_flags"):
             if handle is not self._unpushed:
-                raise RuntimeError("sync='flags': only the latest plan of this Buffer can be dispatched")
+                raise RuntimeError(f"sync={handle.sync!r}: only the latest plan of this Buffer can be dispatched")
             self._unpushed = None
+        if handle.sync == "flags":
             out = self.peer.push_mxfp8(x, handle.plan, scale_mode, signal=True, into_region=zero_copy)
             if zero_copy:   # the rows stay in the region: wait for them, copy nothing
                 self.peer.wait_pushes()
                 return as_mxfp8(*out)
             return as_mxfp8(*self.peer.copy_out_mxfp8(handle.plan, out, wait=True))
-        # The counts barrier doubles as the entry barrier: every owner has copied out the previous
-        # call's rows (stream order) before it arrived there.
+        # The counts barrier (or the counts flags) doubles as the entry barrier: every owner has
+        # copied out the previous call's rows (stream order) before it arrived there.
         out = self.peer.push_mxfp8(x, handle.plan, scale_mode, into_region=zero_copy)
         self._barrier()
         if zero_copy:
@@ -222,11 +243,16 @@ class SymmMemTransport(Transport):
                 self._barrier()
             self._combine_sync = "flags"
             out = self.peer.push_bf16_combine(src, handle.plan, handle.num_rows, signal=True)
+            self._combine_region_read = True
             return self.peer.copy_out_combine(handle.plan, out, signal=True)
         self._combine_sync = "barrier"
-        self._barrier()  # entry: sources are done with their combine region
+        if self._combine_region_read:
+            # Entry: sources are done with their combine region. Skipped when a barrier came
+            # after the last copy-out (the dispatch's, in a dispatch -> combine step).
+            self._barrier()
         out = self.peer.push_bf16_combine(src, handle.plan, handle.num_rows)
         self._barrier()
+        self._combine_region_read = True
         return self.peer.copy_out_combine(handle.plan, out)
 
 

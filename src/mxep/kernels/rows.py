@@ -79,6 +79,11 @@ TUNING = {
     #   "flags":   dispatch = plan (exchanges the counts itself), push (its last program raises
     #              a flag on every owner), copy-out (waits for the flags): 3 launches; combine =
     #              push (waits for the sources' free flags), copy-out: 2. No barrier.
+    #   "counts_flags": the dispatch's counts travel as in "flags" (the plan kernel exchanges
+    #              them and waits for every rank's row: one launch instead of put_counts,
+    #              barrier, plan); the push is followed by a barrier as in "barrier" (no
+    #              grid-wide ticket, no polls): plan, push, barrier, copy-out (4 launches);
+    #              combine as "barrier".
     # "flags" passes every CPU and GPU test but measured no faster: 4 x H200, same run, (a)
     # dispatch 638.6 vs 647.1 us, combine 1194.6 vs 1195.3; (c) under graph replay dispatch
     # 51.6 vs 42.3 us, combine 60.4 vs 51.3 (docs/performance-notes.md, fifth round).
@@ -86,7 +91,7 @@ TUNING = {
 }
 
 PEER_ORDERS = ("natural", "staggered", "spread")
-SYNC_MODES = ("barrier", "flags")
+SYNC_MODES = ("barrier", "flags", "counts_flags")
 
 
 def order_flags() -> tuple[bool, int]:
