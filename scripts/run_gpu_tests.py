@@ -1,11 +1,12 @@
-"""The GPU test suite in four concurrent pytest processes, so a cold device machine (every
+"""The GPU test suite in five concurrent pytest processes, so a cold device machine (every
 Triton kernel variant compiled from scratch) finishes within one 10-minute call: 315 s on a
 cold 4 x H200 machine (2026-11-27, 129 tests) instead of more than 10 minutes one after another.
 
   1. single-GPU tests (``-m gpu``): the quantize / dequantize kernels' on the next-to-last
      visible GPU, the others on the last;
   2. multi-GPU tests of the default sync (``-m multigpu -k "not flags"``) on all GPUs;
-  3. multi-GPU tests of the "flags" sync (``-k flags``), started 20 s later.
+  3. multi-GPU tests of the "flags" sync, started 20 s later;
+  4. multi-GPU tests of the "counts_flags" sync, started 40 s later.
 
 Tests assert results, never timings, so sharing the GPUs changes nothing but speed. Each
 process writes ``OUT/<name>.log``; the summary lines are printed at the end and the exit status
@@ -47,7 +48,8 @@ def main() -> int:
     jobs = [("single-gpu-quantize", pytest[:-1] + quant + ["-m", "gpu"], on(2), 0),
             ("single-gpu", pytest + ["-m", "gpu"] + [f"--ignore={q}" for q in quant], on(1), 0),
             ("multi-gpu", pytest + ["-m", "multigpu", "-k", "not flags"], {}, 0),
-            ("multi-gpu-flags", pytest + ["-m", "multigpu", "-k", "flags"], {}, 20)]
+            ("multi-gpu-flags", pytest + ["-m", "multigpu", "-k", "flags and not counts_flags"], {}, 20),
+            ("multi-gpu-counts-flags", pytest + ["-m", "multigpu", "-k", "counts_flags"], {}, 40)]
     start, procs = time.monotonic(), []
     for name, cmd, extra, delay in jobs:
         time.sleep(delay)
