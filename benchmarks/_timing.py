@@ -160,20 +160,27 @@ def _summarize(per_rank: list[list[float]], method: str, iters: int, warmup: int
 
 
 def time_aligned(fn: Callable[[], Any], *, device: torch.device, group=None, warmup: int = 5,
-                 iters: int = 50, sleep_us: float | None = None) -> Measurement:
-    """Median over ``iters`` barrier-aligned single calls of ``fn`` (see module docstring)."""
+                 iters: int = 50, sleep_us: float | None = None,
+                 setup: Callable[[], Any] | None = None) -> Measurement:
+    """Median over ``iters`` barrier-aligned single calls of ``fn`` (see module docstring).
+    ``setup`` (untimed) runs before every call, ahead of the alignment: e.g. the dispatch
+    before a timed combine, so that the combine runs as it does in a training step."""
     device = torch.device(device)
+    setup = setup or (lambda: None)
     for _ in range(warmup):
+        setup()
         fn()
     if not _cuda(device):
         times = []
         for _ in range(iters):
+            setup()
             dist.barrier(group=group)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e6)
         return _summarize(gather(times, group), "host-clock-barrier", iters, warmup)
 
+    setup()
     host_us = _host_enqueue_us(fn, device, group)
     if sleep_us is None:
         # Long enough for the host to queue one whole call before the GPU gets there.
@@ -184,6 +191,7 @@ def time_aligned(fn: Callable[[], Any], *, device: torch.device, group=None, war
     _sync(device)
     dist.barrier(group=group)
     for i in range(iters):
+        setup()
         torch.cuda._sleep(cycles)
         _align(device, group)
         starts[i].record()

@@ -15,8 +15,11 @@ Systems (names used in the JSON):
                  CUDA graph), outputs checked;
                  op combine_zero_copy: .combine of .combine_input() (expert outputs already in
                  the Buffer's region, pulled by the sources); op combine_<mode>_mode: .combine
-                 of a regular expert_out with the non-default TUNING["combine_mode"]; ops
-                 dispatch_graph / combine_graph: CUDA-graph replays back to back (GPU only)
+                 of a regular expert_out with the non-default TUNING["combine_mode"]; op
+                 combine_after_dispatch: the combine timed right after an (untimed) dispatch,
+                 as in a training step; ops dispatch_graph / combine_graph: CUDA-graph replays
+                 back to back (GPU only); op step_graph: dispatch + combine in one graph (its
+                 GB/s column counts the dispatch's bytes only)
   unfused_mxfp8  mxep.reference.ep_pipeline.unfused_dispatch_mxfp8 / unfused_combine
   nccl_bf16      unfused_dispatch_bf16 / unfused_combine (bf16 all_to_all_single + permute)
   ceilings       ceil_ce, ceil_triton, ceil_nccl, ceil_nccl_pairs (see _ceilings.py), for three traffic patterns
@@ -85,9 +88,9 @@ def main() -> None:
     def run(name, fn):
         return guarded(name, fn, group, device, log_all)
 
-    def timed(fn, pipelined: bool = False):
+    def timed(fn, pipelined: bool = False, setup=None):
         m, err = run("time", lambda: time_aligned(fn, device=device, group=group, warmup=args.warmup,
-                                                  iters=args.iters))
+                                                  iters=args.iters, setup=setup))
         if m is not None and pipelined and args.pipelined_iters > 0:
             pm, perr = run("pipelined", lambda: time_pipelined(fn, device=device, group=group,
                                                                 iters=args.pipelined_iters))
@@ -181,6 +184,16 @@ def main() -> None:
                             keep["mxep"] = (res, eo)
                             m, err = timed(lambda: buf.combine(eo, res.handle), pipelined=True)
                         record("mxep", "combine", "combine_bf16", m, err, **extra)
+                        # The combine as a training step runs it: right after its dispatch (untimed,
+                        # before the alignment), so the dispatch's last barrier serves as the
+                        # combine's entry barrier. The "combine" row above is combine after combine.
+                        m = None
+                        if res is not None:
+                            step = {}
+                            m, err = timed(lambda: buf.combine(eo, step["res"].handle),
+                                           setup=lambda: step.update(res=buf.dispatch(x, counts)))
+                            step.clear()
+                        record("mxep", "combine_after_dispatch", "combine_bf16", m, err, **extra)
                         # Zero-copy input: the expert outputs already sit in the Buffer's region
                         # (written there after the dispatch, as a grouped GEMM with out= would).
                         m = None
@@ -218,7 +231,10 @@ def main() -> None:
                             for op, pat, fn in (("dispatch_graph", "dispatch_mxfp8", lambda: buf.dispatch(x, counts)),
                                                 ("dispatch_zero_copy_graph", "dispatch_mxfp8",
                                                  lambda: buf.dispatch(x, counts, zero_copy=True)),
-                                                ("combine_graph", "combine_bf16", lambda: buf.combine(eo, res.handle))):
+                                                ("combine_graph", "combine_bf16", lambda: buf.combine(eo, res.handle)),
+                                                # dispatch then combine, one graph: a step's EP traffic
+                                                ("step_graph", "dispatch_mxfp8",
+                                                 lambda: buf.combine(eo, buf.dispatch(x, counts).handle))):
                                 graph, err = run(f"{op} capture", lambda: capture_graph(fn))
                                 m = None
                                 if graph is not None:

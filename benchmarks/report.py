@@ -80,7 +80,7 @@ def derive(records: list[dict], nvlink_gbps: float = 450.0) -> list[dict]:
         row["mxep_speedup"] = r["median_us"] / t_mx if r.get("median_us") and t_mx and r["system"] != "mxep" else None
         rows.append(row)
     order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
-    op_order = {"dispatch": 0, "combine": 1, "combine_zero_copy": 1.5, "combine_pull_mode": 1.6, "combine_push_mode": 1.6,
+    op_order = {"dispatch": 0, "combine": 1, "combine_zero_copy": 1.5, "combine_after_dispatch": 1.4, "step_graph": 1.9, "combine_pull_mode": 1.6, "combine_push_mode": 1.6,
                 "dispatch_graph": 1.7, "dispatch_zero_copy": 0.5, "dispatch_zero_copy_graph": 1.72, "combine_graph": 1.8,
                 "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4}
     sync_order = {("dispatch", ""): 0.3, ("dispatch", "_graph"): 1.75, ("combine", ""): 1.3, ("combine", "_graph"): 1.85}

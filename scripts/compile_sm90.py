@@ -88,7 +88,7 @@ def drive() -> None:
     import mxep.kernels.quantize as kq
     from mxep.comm.simulated import SimulatedWorld
     from mxep.kernels.quantize import mxfp8_quantize
-    from mxep.kernels.rows import TUNING
+    from mxep.kernels.rows import SYNC_MODES, TUNING
     from mxep.reference.routing import make_inputs, make_routing
 
     kq.use_hw_cast = kd.use_hw_cast = lambda x: True   # the GPU's e4m3 conversion path
@@ -101,15 +101,19 @@ def drive() -> None:
         for mode in ("rceil", "floor"):
             sim = SimulatedWorld(W, E, H, N, align, mode)
             res = sim.dispatch(xs, counts)
-        TUNING["sync"] = "flags"   # the plan kernel's two halves, the signalling pushes and copy-outs
+        # every sync mode: put_counts + plan; the plan kernel's two halves, the signalling pushes
+        # and copy-outs, the one-program wait kernel of the zero-copy dispatch
+        saved = TUNING["sync"]
         try:
-            fsim = SimulatedWorld(W, E, H, N, align)
-            fres = fsim.dispatch(xs, counts)
-            fsim.combine([torch.zeros(fsim.capacity, H, dtype=torch.bfloat16) for _ in range(W)],
-                         [r.handle for r in fres], mode="push")
-            fsim.dispatch(xs, counts, zero_copy=True)   # its one-program wait kernel
+            for sync in SYNC_MODES:
+                TUNING["sync"] = sync
+                fsim = SimulatedWorld(W, E, H, N, align)
+                fres = fsim.dispatch(xs, counts)
+                fsim.combine([torch.zeros(fsim.capacity, H, dtype=torch.bfloat16) for _ in range(W)],
+                             [r.handle for r in fres], mode="push")
+                fsim.dispatch(xs, counts, zero_copy=True)
         finally:
-            TUNING["sync"] = "barrier"
+            TUNING["sync"] = saved
         handles = [r.handle for r in res]
         outs = [torch.zeros(sim.capacity, H, dtype=torch.bfloat16) for _ in range(W)]
         sim.combine(outs, handles, mode="push")

@@ -29,7 +29,7 @@ import mxep  # noqa: E402
 import mxep.kernels.dispatch as kd  # noqa: E402
 import mxep.kernels.quantize as kq  # noqa: E402
 from mxep.comm.transport import SymmMemTransport  # noqa: E402
-from mxep.kernels.rows import TUNING  # noqa: E402
+from mxep.kernels.rows import SYNC_MODES, TUNING  # noqa: E402
 
 
 def per_call_us(fn, n: int = 300) -> float:
@@ -52,10 +52,12 @@ def main() -> None:
     print(f"dispatch (autograd)  {per_call_us(lambda: buf.dispatch(x, counts)):7.1f} us host per call")
     with torch.no_grad():
         print(f"dispatch (no_grad)   {per_call_us(lambda: buf.dispatch(x, counts)):7.1f} us")
-        TUNING["sync"] = "flags"
-        print(f"dispatch (no_grad, sync=flags) {per_call_us(lambda: buf.dispatch(x, counts)):7.1f} us "
-              f"(barriers here cost no host time, so this shows only the launches saved)")
-        TUNING["sync"] = "barrier"
+        saved = TUNING["sync"]
+        for sync in (m for m in SYNC_MODES if m != saved):
+            TUNING["sync"] = sync
+            print(f"dispatch (no_grad, sync={sync}) {per_call_us(lambda: buf.dispatch(x, counts)):7.1f} us "
+                  f"(barriers here cost no host time, so this shows only the launches saved)")
+        TUNING["sync"] = saved
         res = buf.dispatch(x, counts)
         eo = torch.zeros(buf.capacity, H).bfloat16()
         print(f"combine (no_grad)    {per_call_us(lambda: buf.combine(eo, res.handle)):7.1f} us")

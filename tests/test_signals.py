@@ -164,7 +164,10 @@ def test_flags_one_rank_transport_and_pairing_rules(flags):
         t.dispatch_mxfp8(xs[0], stale, "rceil")
 
 
-def test_barrier_mode_refuses_a_second_dispatch_of_one_handle():
+def test_barrier_mode_refuses_a_second_dispatch_of_one_handle(monkeypatch):
+    from mxep.kernels.rows import TUNING
+
+    monkeypatch.setitem(TUNING, "sync", "barrier")
     t = _one_rank_transport()
     case = Case(1, 6, 64, 20, 32, ("skewed",), (13,), seed=2)
     counts, xs = case.inputs()

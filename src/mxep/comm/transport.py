@@ -1,9 +1,11 @@
 """How rows reach other ranks. Two transports produce the same bytes (docs/layout.md):
 
 * :class:`SymmMemTransport` (CUDA, one node): PyTorch symmetric memory. Counts are exchanged by
-  a kernel writing into the peers' buffers; the fused kernel quantizes each row in registers and
-  stores it at its final expert-major row on the owner over NVLink; device-side barriers
-  (symmetric-memory signal pads) order the phases. No host sync, no extra collective.
+  a kernel writing into the peers' buffers (by default the plan kernel itself, with a release
+  flag per row that it waits for: ``TUNING["sync"]``); the fused kernel quantizes each row in
+  registers and stores it at its final expert-major row on the owner over NVLink; device-side
+  barriers (symmetric-memory signal pads) order the later phases. No host sync, no extra
+  collective.
 * :class:`CollectiveTransport` (gloo on CPU, or any NCCL group): torch.distributed collectives
   with *fixed-size* messages (every source reserves ``max_tokens_per_rank`` rows per peer), so
   no split sizes ever need to reach the host: also free of host syncs on CUDA, but it moves

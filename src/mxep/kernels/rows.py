@@ -52,7 +52,11 @@ TUNING = {
     # for all kernels, same machine (scripts/sweep_tuning.py, 2026-11-27): 589.0 / 559.9 /
     # 548.7 us; NCCL same bytes 606 us in each launch.
     "dispatch_programs_per_sm": 32,
-    "dispatch_block_m": 1, "dispatch_block_k": 8192, "dispatch_warps": 4,
+    # 8 warps per whole-row program (32 columns per thread instead of 64): 4 x H200, config (a)
+    # uniform, same machine (scripts/sweep_tuning.py, 2026-11-27, sync counts_flags): zero-copy
+    # dispatch 546.6 -> 537.9 us (332 -> 338 GB/s per rank), regular 642.8 -> 634.3 us;
+    # dispatch_programs_per_sm 64 instead: 540.8 / 636.8 us (docs/sweeps/dispatch-knobs.md).
+    "dispatch_block_m": 1, "dispatch_block_k": 8192, "dispatch_warps": 8,
     "combine_block_m": 1, "combine_block_n": 8192, "combine_warps": 8,
     "copy_block_m": 8, "copy_block_n": 1024, "copy_warps": 8,
     "pull_block_m": 2, "pull_block_n": 4096, "pull_warps": 4, "pull_programs_per_sm": 32,
@@ -87,7 +91,10 @@ TUNING = {
     # "flags" passes every CPU and GPU test but measured no faster: 4 x H200, same run, (a)
     # dispatch 638.6 vs 647.1 us, combine 1194.6 vs 1195.3; (c) under graph replay dispatch
     # 51.6 vs 42.3 us, combine 60.4 vs 51.3 (docs/performance-notes.md, fifth round).
-    "sync": "barrier",
+    # "counts_flags" (the default) keeps what was cheap in "flags" and drops the rest: 4 x H200,
+    # same run (barrier / counts_flags), (c) dispatch eager 52.2 / 48.5 us, graph 42.1 / 41.0;
+    # world 2: 51.0 / 46.7, 42.1 / 39.6; (a) within noise (647.0 / 645.1, graph 653.2 / 638.2).
+    "sync": "counts_flags",
 }
 
 PEER_ORDERS = ("natural", "staggered", "spread")
