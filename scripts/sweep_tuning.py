@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--config", default="a")
     p.add_argument("--routing", default="uniform")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--graph-iters", type=int, default=0,
+                   help="back-to-back CUDA-graph replays per sample of the graph ops (0: none; the latency config needs them)")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per launch")
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: the visible GPUs)")
     p.add_argument("--cpu-smoke", action="store_true", help="plumbing check on CPU (TRITON_INTERPRET=1)")
@@ -43,7 +45,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ngpu}",
                os.path.join(ROOT, "benchmarks", "bench_dispatch.py"), "--out", out, "--systems", "mxep,ceilings",
                "--patterns", "dispatch_mxfp8", "--configs", args.config, "--routings", args.routing,
-               "--iters", str(args.iters), "--warmup", "3", "--pipelined-iters", "0"] + (["--cpu-smoke"] if args.cpu_smoke else [])
+               "--iters", str(args.iters), "--warmup", "3", "--pipelined-iters", str(args.graph_iters)] + (["--cpu-smoke"] if args.cpu_smoke else [])
         env = dict(os.environ, MXEP_TUNING=setting)
         try:
             rc = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
@@ -66,15 +68,16 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n| setting | dispatch µs (GB/s, x NCCL) | zero-copy µs (GB/s, x NCCL, % of {NVLINK_GBPS:.0f}) "
-          f"| NCCL same bytes µs | Triton peer stores µs |")
-    print("|---|---|---|---|---|")
+          f"| NCCL same bytes µs | Triton peer stores µs | graph replay µs (dispatch / zero-copy) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         d, z = r.get("dispatch"), r.get("dispatch_zero_copy")
         n, t = r.get("ceil_nccl"), r.get("ceil_triton")
         fmt = lambda x: f"{x['us']:.1f} ({x['gbps']:.0f}, {x['vs_nccl']:.3f}x)" if x and x.get("vs_nccl") else "-"  # noqa: E731
         zz = fmt(z)[:-1] + f", {100 * z['gbps'] / NVLINK_GBPS:.0f}%)" if z and z.get("vs_nccl") else "-"
-        print(f"| `{r['setting']}` | {fmt(d)} | {zz} | {n['us']:.1f} | {t['us']:.1f} |" if n and t else
-              f"| `{r['setting']}` | {fmt(d)} | {zz} | - | - | {r['note']}")
+        graphs = " / ".join(f"{r[op]['us']:.1f}" for op in ("dispatch_graph", "dispatch_zero_copy_graph") if r.get(op))
+        print(f"| `{r['setting']}` | {fmt(d)} | {zz} | {n['us']:.1f} | {t['us']:.1f} | {graphs or '-'} |" if n and t else
+              f"| `{r['setting']}` | {fmt(d)} | {zz} | - | - | {graphs or '-'} | {r['note']}")
     with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
