@@ -23,9 +23,9 @@ test:
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu and not multigpu" tests
 
 # GPU suite: single-GPU tests plus multi-GPU tests on every visible GPU (2 and 4 ranks where
-# possible), in both sync modes. Most of a first run is Triton compiling every kernel variant the
+# possible), in every sync mode. Most of a first run is Triton compiling every kernel variant the
 # tests launch, so the groups run as concurrent pytest processes (scripts/run_gpu_tests.py):
-# a cold 4 x H200 machine took 315 s (2026-11-27, 129 tests). Logs: $(OUT)/tests/*.log.
+# a cold 4 x H200 machine took 412 s (2026-11-27, commit 1abf67d, 141 tests). Logs: $(OUT)/tests/*.log.
 test-gpu:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	$(PYTHON) scripts/run_gpu_tests.py --out $(OUT)/tests

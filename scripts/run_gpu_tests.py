@@ -1,6 +1,7 @@
 """The GPU test suite in five concurrent pytest processes, so a cold device machine (every
-Triton kernel variant compiled from scratch) finishes within one 10-minute call: 315 s on a
-cold 4 x H200 machine (2026-11-27, 129 tests) instead of more than 10 minutes one after another.
+Triton kernel variant compiled from scratch) finishes within one 10-minute call: 412 s on a
+cold 4 x H200 machine (2026-11-27, commit 1abf67d, 141 tests) instead of more than 10 minutes
+one after another.
 
   1. single-GPU tests (``-m gpu``): the quantize / dequantize kernels' on the next-to-last
      visible GPU, the others on the last;

@@ -50,7 +50,7 @@ class Buffer:
         transport: ``"auto"`` (symmetric memory on an NCCL group of CUDA tensors, else the
             collective path), ``"symm_mem"`` or ``"collective"``.
         debug: also run checks that need a device-to-host sync (counts sum to ``n``, no negative
-            counts; with ``TUNING["sync"] == "flags"``, no wait timed out on the device). Off by
+            counts; with flag-based sync modes, no wait timed out on the device). Off by
             default: the hot path never waits on the GPU.
 
     Memory (symmetric, per rank, ``transport == "symm_mem"``): ``W*E*4 + 4*(4W+4) + max(cap*(H + H/32),

@@ -1,8 +1,10 @@
 """Device-side signalling between ranks: release/acquire flags in place of full barriers.
 
-Used by the forward dispatch and the push combine when ``TUNING["sync"] == "flags"`` (the
-default ``"barrier"`` orders their phases with symmetric-memory barriers instead). Signal words,
-int32, in every rank's allocation (``RegionLayout.signal_offset``), zero at creation::
+Used by the forward dispatch and the push combine when ``TUNING["sync"] == "flags"``; the
+default ``"counts_flags"`` uses only the counts exchange below (the plan kernel's flags) and
+orders the later phases with symmetric-memory barriers, as ``"barrier"`` orders all of them.
+Signal words, int32, in every rank's allocation (``RegionLayout.signal_offset``), zero at
+creation::
 
     [0, W)      counts_flag  slot s: number of the dispatch whose count row source s last wrote here
     [W, 2W)     push_flag    slot s: number of the dispatch whose push from source s has completed
