@@ -52,3 +52,20 @@ def test_row_end_leaves_later_rows_unwritten(end, device):
     dequantize_mxfp8_rows(q, s, torch.tensor([end], dtype=torch.int32, device=device), out=out)
     assert torch.equal(bits(out[:end]), bits(dequantize_mxfp8(q[:end], s[:end], torch.bfloat16)))
     assert (out[end:].view(torch.int16) == POISON_BITS).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mxfp8_tensor_dequantize_uses_the_kernel_bit_exact():
+    """``MXFP8Tensor.dequantize()`` on CUDA (bf16) runs the kernel: same bits as the torch
+    expression, any leading shape, gradient straight through."""
+    import mxep
+
+    x = (torch.randn(3, 37, 224, device="cuda") * 100).bfloat16()
+    t = mxep.to_mxfp8(x).detach().requires_grad_(True)
+    y = t.dequantize()
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    assert torch.equal(bits(y.detach()), bits(dequantize_mxfp8(t.qdata, t.scale, torch.bfloat16)))
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(t.grad, g)
