@@ -69,3 +69,22 @@ def test_mxfp8_tensor_dequantize_uses_the_kernel_bit_exact():
     g = torch.randn_like(y)
     y.backward(g)
     assert torch.equal(t.grad, g)
+
+
+def test_registered_op():
+    """``torch.ops.mxep.dequantize_mxfp8`` passes torch.library's op checks (fake
+    implementation, autograd registration) and gives the reference's bits, with and without a
+    row end."""
+    import mxep.ops.dequantize  # noqa: F401  (registers the op)
+
+    q, s = all_codes(13, 96, seed=5)
+    # ("test_schema" cannot run here: its checker multiplies the fp8 inputs, which CPU torch lacks)
+    torch.library.opcheck(torch.ops.mxep.dequantize_mxfp8.default, (q, s),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+    assert torch.equal(bits(torch.ops.mxep.dequantize_mxfp8(q, s)), bits(dequantize_mxfp8(q, s, torch.bfloat16)))
+    head = torch.ops.mxep.dequantize_mxfp8(q, s, torch.tensor([5], dtype=torch.int32))[:5]
+    assert torch.equal(bits(head), bits(dequantize_mxfp8(q[:5], s[:5], torch.bfloat16)))
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        f = torch.ops.mxep.dequantize_mxfp8(torch.empty(2, 7, 64, dtype=torch.float8_e4m3fn),
+                                            torch.empty(2, 7, 2, dtype=torch.float8_e8m0fnu))
+        assert f.shape == (2, 7, 64) and f.dtype == torch.bfloat16

@@ -88,13 +88,12 @@ class _DequantizeStraightThrough(torch.autograd.Function):
     def forward(ctx, t: "MXFP8Tensor", dtype: torch.dtype):
         ctx.in_dtype = t.dtype
         q, s = t.qdata, t.scale
-        if q.is_cuda and dtype == torch.bfloat16 and q.numel() and q.is_contiguous() and s.is_contiguous():
+        if q.is_cuda and dtype == torch.bfloat16 and q.is_contiguous() and s.is_contiguous():
             # one Triton pass (bit-exact with dequantize_mxfp8, tests/test_dequantize.py) instead of
             # torch's three fp32 passes: 0.3 ms against 1.7 ms for 33856 x 7168 on one H200
-            from mxep.kernels.dequantize import dequantize_mxfp8_rows
+            from mxep.ops.dequantize import dequantize_mxfp8_op
 
-            K = q.shape[-1]
-            return dequantize_mxfp8_rows(q.reshape(-1, K), s.reshape(-1, K // BLOCK_SIZE)).view(q.shape)
+            return dequantize_mxfp8_op(q, s)
         return dequantize_mxfp8(q, s, dtype)
 
     @staticmethod

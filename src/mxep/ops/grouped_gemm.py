@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8
-from mxep.kernels.dequantize import dequantize_mxfp8_rows
-from mxep.kernels.quantize import triton_available_for
+from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.kernels.grouped_gemm import grouped_mm_mxfp8_forward
+from mxep.kernels.quantize import triton_available_for
+from mxep.ops.dequantize import dequantize_mxfp8_op
 
 __all__ = ["grouped_mm_mxfp8", "GroupedMXFP8MatmulFunction"]
 
@@ -41,13 +41,9 @@ def _resolve_impl(impl: str, tokens: MXFP8Tensor, N: int) -> str:
 
 
 def _dequantize(qdata: torch.Tensor, scale: torch.Tensor, row_end: torch.Tensor | None = None) -> torch.Tensor:
-    """bf16 of MXFP8 rows ``[..., K]``: the one-pass Triton kernel (stopping at ``row_end``)
-    where Triton runs, else the torch expression (a CPU without the interpreter)."""
-    if not triton_available_for(qdata):
-        return dequantize_mxfp8(qdata, scale, torch.bfloat16)
-    K = qdata.shape[-1]
-    out = dequantize_mxfp8_rows(qdata.reshape(-1, K), scale.reshape(-1, K // 32), row_end)
-    return out.view(qdata.shape)
+    """bf16 of MXFP8 rows ``[..., K]``: the one-pass kernel (stopping at ``row_end``) where Triton
+    runs, else the torch expression (a CPU without the interpreter)."""
+    return dequantize_mxfp8_op(qdata.contiguous(), scale.contiguous(), row_end)
 
 
 def _forward_dequant(tokens: MXFP8Tensor, weight, group_end_offsets: torch.Tensor) -> torch.Tensor:
