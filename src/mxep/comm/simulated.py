@@ -24,7 +24,7 @@ from mxep.comm.buffer import DispatchResult
 from mxep.comm.layout import capacity_rows
 from mxep.comm.peer_memory import PeerMemory, RegionLayout
 from mxep.comm.transport import DispatchHandle, as_mxfp8
-from mxep.kernels.rows import TUNING
+from mxep.kernels.rows import COUNTS_BY_FLAGS, TUNING
 
 __all__ = ["SimulatedWorld"]
 
@@ -51,7 +51,7 @@ class SimulatedWorld:
     def plan(self, counts: Sequence[torch.Tensor], num_rows: Sequence[int]) -> list[DispatchHandle]:
         counts = [c.to(torch.int32).contiguous() for c in counts]
         sync = TUNING["sync"]
-        if sync in ("flags", "counts_flags"):   # the plan kernel's two halves, one phase on every rank at a time
+        if sync in COUNTS_BY_FLAGS:   # the plan kernel's two halves, one phase on every rank at a time
             for r, p in enumerate(self.peers):
                 p.exchange_and_plan(counts[r], self.align, "put")
             return [DispatchHandle(r, num_rows[r], plan=p.exchange_and_plan(counts[r], self.align, "plan"),

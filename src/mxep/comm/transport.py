@@ -24,7 +24,7 @@ from mxep.comm.layout import DispatchLayout, compute_dispatch_layout
 from mxep.comm.peer_memory import PeerMemory, RegionLayout
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.kernels.plan import DispatchPlan
-from mxep.kernels.rows import TUNING
+from mxep.kernels.rows import COUNTS_BY_FLAGS, TUNING
 
 
 @dataclass
@@ -169,7 +169,7 @@ class SymmMemTransport(Transport):
 
     def plan(self, counts_i32, num_rows, align):
         sync = TUNING["sync"]
-        if sync in ("flags", "counts_flags"):
+        if sync in COUNTS_BY_FLAGS:
             # One launch: counts to every rank, wait for theirs, plan (kernels/signals.py). Its
             # ordering argument needs every plan to be followed by its dispatch (host-side
             # check): a rank writes its next count row into a peer's matrix only after the
@@ -193,7 +193,7 @@ class SymmMemTransport(Transport):
             # A second push of one plan could land in an owner still copying out the first.
             raise RuntimeError("this DispatchHandle's MXFP8 dispatch already ran; plan again for another dispatch")
         handle.dispatched = True
-        if handle.sync in ("flags", "counts_flags"):
+        if handle.sync in COUNTS_BY_FLAGS:
             if handle is not self._unpushed:
                 raise RuntimeError(f"sync={handle.sync!r}: only the latest plan of this Buffer can be dispatched")
             self._unpushed = None

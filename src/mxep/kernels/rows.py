@@ -99,6 +99,8 @@ TUNING = {
 
 PEER_ORDERS = ("natural", "staggered", "spread")
 SYNC_MODES = ("barrier", "flags", "counts_flags")
+# The modes whose plan kernel exchanges the counts itself (every plan must then be dispatched).
+COUNTS_BY_FLAGS = ("flags", "counts_flags")
 
 
 def order_flags() -> tuple[bool, int]:
