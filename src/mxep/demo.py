@@ -2,7 +2,7 @@
 
 One process per visible CUDA GPU (NCCL), else 4 CPU processes (gloo, Triton interpreter).
 Routing is skewed, one expert receives nothing anywhere and the last rank sends nothing.
-Each rank runs the unfused MXFP8 pipeline (mxep.reference.ep_pipeline) and mxep's fused
+Each rank runs the unfused MXFP8 pipeline (mxep.ep.naive_pipeline) and mxep's fused
 dispatch (mxep.Buffer) on the same rows; rank 0 prints, per rank, both layouts side by side
 (rows received per local expert, padded group sizes, pad rows, group_end_offsets), then per path
 a check line (bytes and layout equal, round trip) and a timing line.
@@ -52,7 +52,7 @@ class LayoutSummary:
 
 def _rank_inputs(rank: int, world: int, rows: int, hidden: int, device):
     """Deterministic per-rank routing and rows (any rank can rebuild any other rank's counts)."""
-    from mxep.reference.routing import make_inputs, make_routing
+    from mxep.ep.routing import make_inputs, make_routing
 
     g = torch.Generator().manual_seed(1234 + rank)
     num_experts = LOCAL_EXPERTS * world
@@ -87,9 +87,9 @@ def run_reference(rank: int, world: int, x: torch.Tensor, counts: torch.Tensor, 
     Returns the summary with its checks; ``.result`` is the UnfusedDispatchResult (tokens
     MXFP8Tensor [R, H], group_end_offsets, tokens_per_expert) for comparing a fused layout's bytes.
     """
-    from mxep.format.mxfp8 import dequantize_mxfp8, to_mxfp8
-    from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_mxfp8
-    from mxep.reference.layout import simulate_dispatch_layout
+    from mxep.format import dequantize_mxfp8, to_mxfp8
+    from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_mxfp8
+    from mxep.ep.naive import simulate_dispatch_layout
 
     res, seconds = _timed(lambda: unfused_dispatch_mxfp8(x, counts, align=align), device, iters)
     back = unfused_combine(res.tokens.dequantize(), res.handle)

@@ -1,4 +1,5 @@
-"""The MoE layer built on the Buffer and the grouped GEMM (:mod:`mxep.moe.layer`)."""
-from mxep.moe.layer import MoE, quantize_straight_through
+"""The MoE layer built on the Buffer, the grouped GEMM and SwiGLU (``layer``); the dense
+single-process reference in ``naive``."""
+from mxep.moe.layer import MoE
 
-__all__ = ["MoE", "quantize_straight_through"]
+__all__ = ["MoE"]

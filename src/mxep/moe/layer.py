@@ -22,27 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mxep.comm.buffer import Buffer
-from mxep.format.mxfp8 import MXFP8Tensor, to_mxfp8
-from mxep.ops.grouped_gemm import IMPLS, grouped_mm_mxfp8
-from mxep.ops.swiglu import swiglu_mxfp8
+from mxep.ep.buffer import Buffer, check_size
+from mxep.format.mxfp8 import quantize_straight_through
+from mxep.gemm import IMPLS, grouped_mm_mxfp8
+from mxep.swiglu import swiglu_mxfp8
 
-__all__ = ["MoE", "quantize_straight_through"]
-
-
-class _QuantizeStraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale_mode: str) -> MXFP8Tensor:
-        return to_mxfp8(x, scale_mode)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def quantize_straight_through(x: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:
-    """:func:`mxep.to_mxfp8` whose gradient passes straight through, unquantized."""
-    return _QuantizeStraightThrough.apply(x.contiguous(), scale_mode)
+__all__ = ["MoE"]
 
 
 class MoE(nn.Module):

@@ -1,0 +1,60 @@
+"""Small helpers shared by every package: integer arithmetic for launchers, the one padded-group
+formula (host and ``@triton.jit``), and where Triton kernels can run.
+
+``triton.cdiv`` / ``triton.next_power_of_2`` are Triton ``constexpr_function`` objects in Triton
+3.6: callable from host code, but each call goes through argument unwrapping (~11 calls per
+dispatch). The plain functions here give the same values for the positive sizes the launchers
+pass.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["cdiv", "next_power_of_2", "padded_group_rows", "padded_group_rows_jit", "triton_available_for",
+           "require_triton"]
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def padded_group_rows(received, align: int):
+    """Rows of one expert's group in the dispatch layout (docs/layout.md): ``received`` rounded
+    up to a multiple of ``align``, and ``align`` rows for an expert that receives nothing (every
+    group is non-empty, so the MXFP8 weight-gradient blocks of 32 rows never straddle experts).
+    Works on python ints and on integer tensors (elementwise)."""
+    if isinstance(received, torch.Tensor):
+        return torch.clamp((received + align - 1) // align * align, min=align)
+    return max((received + align - 1) // align * align, align)
+
+
+@triton.jit
+def padded_group_rows_jit(received, ALIGN: tl.constexpr):
+    """:func:`padded_group_rows` inside a kernel (``received``: int32 scalar or tensor)."""
+    return tl.maximum((received + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+
+
+def triton_available_for(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``x``: CUDA tensors, or CPU tensors when the Triton
+    interpreter is on (``TRITON_INTERPRET=1``; it must be set before ``triton`` is imported)."""
+    if x.is_cuda:
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def require_triton(x: torch.Tensor, what: str) -> None:
+    """Raise a clear error where ``what`` (a Triton kernel) cannot run on ``x``'s device."""
+    if not triton_available_for(x):
+        raise RuntimeError(
+            f"mxep: {what} runs a Triton kernel, which needs a CUDA tensor; on the CPU, run under Triton's "
+            f"interpreter by setting TRITON_INTERPRET=1 in the environment before Python starts (got a "
+            f"{x.device.type} tensor)")

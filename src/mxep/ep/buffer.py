@@ -1,0 +1,387 @@
+"""``mxep.Buffer``: the stateful object that owns the communication memory of one EP group, its
+autograd Functions and the functional alias.
+
+* dispatch: forward quantizes to MXFP8 and moves rows into the expert-major padded layout; the
+  backward moves the bf16 gradient back along the same routes (a combine): high precision,
+  straight-through for the quantization, pad rows dropped.
+* combine: forward moves rows back to their sources; the backward moves the bf16 gradient into
+  the dispatch layout (a bf16 dispatch), pad rows zero.
+"""
+from __future__ import annotations
+
+import operator
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from mxep.ep.config import EPConfig, default_config
+from mxep.ep.layout import capacity_rows
+from mxep.ep.transport.base import DispatchHandle, Transport, describe_status
+from mxep.ep.transport.collective import CollectiveTransport
+from mxep.ep.transport.symm_mem import RegionLayout, SymmMemTransport
+from mxep.format.mxfp8 import MXFP8Tensor
+from mxep.format.spec import BLOCK_SIZE, SCALE_MODES, check_scale_mode
+
+__all__ = ["Buffer", "DispatchHandle", "DispatchResult", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd",
+           "check_size"]
+
+TRANSPORTS = ("symm_mem", "collective")
+
+
+def check_size(name: str, value, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum``; bools, floats and other types are refused (a clear
+    ``TypeError`` / ``ValueError`` naming ``name`` and the value given)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class DispatchResult(NamedTuple):
+    """Output of :meth:`Buffer.dispatch`.
+
+    Attributes:
+        tokens: :class:`MXFP8Tensor` ``[capacity, H]`` (``.qdata`` float8_e4m3fn, ``.scale``
+            float8_e8m0fnu ``[capacity, H // 32]``), expert-major and padded per docs/layout.md in
+            rows ``[0, group_end_offsets[-1])``; later rows are undefined. Presents to autograd
+            as bf16: ``tokens.dequantize()`` is differentiable back to ``x`` in bf16.
+        group_end_offsets: int32 ``[E // W]`` cumulative padded group ends (``torch._grouped_mm``
+            ``offs``).
+        tokens_per_expert: int32 ``[E // W]`` unpadded received rows per local expert.
+        handle: :class:`DispatchHandle` for :meth:`Buffer.combine`.
+    """
+
+    tokens: MXFP8Tensor
+    group_end_offsets: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    handle: DispatchHandle
+
+
+class Buffer:
+    """Communication memory and fused MXFP8 dispatch / bf16 combine for one EP group.
+
+    Args:
+        group: the EP process group (``None``: the default group). Expert ``g`` lives on rank
+            ``g // (num_experts // world)`` of this group.
+        num_experts: ``E``, global experts (a multiple of the group size).
+        hidden: ``H``, a multiple of 32.
+        max_tokens_per_rank: ``N``, the most rows any rank passes to one dispatch (counting
+            top-k duplicates). Memory is sized once for the worst case, every row of every rank
+            going to one rank: ``capacity = W * N + (E // W) * align`` rows.
+        align: per-expert group padding in rows (32 for MXFP8 weight-gradient blocks).
+        scale_mode: ``"rceil"`` or ``"floor"`` (see :mod:`mxep.format.mxfp8`).
+        transport: ``"auto"`` (symmetric memory on an NCCL group of CUDA tensors, else the
+            collective path), ``"symm_mem"`` or ``"collective"``.
+        debug: also run checks that need a device-to-host sync: counts sum to ``n`` with none
+            negative (before the dispatch), and the device-side error word is clear after every
+            dispatch and combine (:meth:`check`). Off by default: the hot path never waits on
+            the GPU; bad counts are then clamped on the device (no kernel touches memory outside
+            its tensors) and recorded in the error word, which :meth:`check` reads.
+        device: the device of the inputs (default: the current CUDA device on an NCCL group,
+            else the CPU).
+        config: the :class:`~mxep.EPConfig` of the kernels (default: :func:`mxep.default_config`
+            for the device and ``hidden``). Frozen; kept for the Buffer's lifetime.
+
+    Every rank of the group must pass the same settings: they are compared once, here, with one
+    small collective, and a mismatch raises naming the setting and every rank's value.
+
+    Waits: on the symmetric-memory transport every device-side wait is bounded (the counts
+    exchange by ``config.wait_polls`` polls, recorded in the error word; the barriers by
+    ``config.barrier_timeout_ms``, after which PyTorch traps the kernel). On the collective
+    transport a rank that skips a call leaves the others in the collective until the process
+    group's own timeout (``init_process_group(timeout=...)``).
+
+    Memory (symmetric, per rank, ``transport == "symm_mem"``): ``W*E*4 + 4*(W+2) + max(cap*(H + H/32),
+    2*cap*H) + 2*N*H`` bytes, each region rounded up to 256 (see ``symm_bytes``). Each dispatch
+    also allocates its output (``cap * (H + H/32)`` bytes, of which the received rows are written).
+
+    Example (one process, gloo)::
+
+        >>> import torch, torch.distributed as dist, mxep
+        >>> dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        >>> buf = mxep.Buffer(None, num_experts=4, hidden=64, max_tokens_per_rank=8)
+        >>> x = torch.randn(5, 64, dtype=torch.bfloat16, requires_grad=True)
+        >>> counts = torch.tensor([2, 0, 3, 0])
+        >>> res = buf.dispatch(x, counts)
+        >>> res.group_end_offsets.tolist(), res.tokens_per_expert.tolist()  # debug-only (doc example)
+        ([32, 64, 96, 128], [2, 0, 3, 0])
+        >>> y = buf.combine(res.tokens.dequantize(), res.handle)   # back to [5, 64], original order
+        >>> y.sum().backward()                                      # x.grad: bf16 [5, 64]
+        >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, align: int = 32,
+                 scale_mode: str = "rceil", transport: str = "auto", debug: bool = False,
+                 device: torch.device | str | None = None, config: EPConfig | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("mxep.Buffer needs torch.distributed to be initialized")
+        self.group = group if group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        num_experts = check_size("num_experts", num_experts, 1)
+        hidden = check_size("hidden", hidden, 1)
+        max_tokens_per_rank = check_size("max_tokens_per_rank", max_tokens_per_rank, 0)
+        align = check_size("align", align, 1)
+        if num_experts % self.world_size:
+            raise ValueError(f"num_experts ({num_experts}) must be a positive multiple of the group size ({self.world_size})")
+        if hidden % BLOCK_SIZE:
+            raise ValueError(f"hidden ({hidden}) must be a positive multiple of {BLOCK_SIZE}")
+        check_scale_mode(scale_mode)
+        if config is not None and not isinstance(config, EPConfig):
+            raise TypeError(f"config must be an mxep.EPConfig, got {type(config).__name__}")
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.world_size
+        self.hidden = hidden
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.align = align
+        self.scale_mode = scale_mode
+        self.debug = bool(debug)
+        self.capacity = capacity_rows(self.world_size, self.num_local_experts, max_tokens_per_rank, align)
+
+        backend = dist.get_backend(self.group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = torch.device(device)
+        self.config = config if config is not None else default_config(self.device, hidden)
+        if transport == "auto":
+            transport = "symm_mem" if (backend == "nccl" and self.device.type == "cuda") else "collective"
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be 'auto', 'symm_mem' or 'collective', got {transport!r}")
+        if transport == "symm_mem" and self.device.type != "cuda":
+            raise ValueError("transport='symm_mem' needs CUDA devices")
+        self._check_ranks_agree(transport)
+        self.regions = RegionLayout(self.world_size, num_experts, hidden, max_tokens_per_rank, self.capacity)
+        if transport == "symm_mem":
+            self.transport: Transport = SymmMemTransport(self.group, self.regions, self.device, self.config)
+        else:
+            self.transport = CollectiveTransport(self.group, hidden, max_tokens_per_rank, self.capacity, self.device)
+
+    def _check_ranks_agree(self, transport: str) -> None:
+        """Compare the settings every rank passed, with one small all-gather; raise naming the
+        first setting that differs and every rank's value."""
+        settings = {"hidden": self.hidden, "num_experts": self.num_experts,
+                    "max_tokens_per_rank": self.max_tokens_per_rank, "align": self.align,
+                    "scale_mode": SCALE_MODES.index(self.scale_mode), "transport": TRANSPORTS.index(transport)}
+        mine = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.device)
+        every = torch.empty(self.world_size, mine.numel(), dtype=torch.int64, device=self.device)
+        dist.all_gather_into_tensor(every, mine, group=self.group)
+        every = every.cpu()   # construction-only: host read of the ranks' settings
+        for k, (name, _) in enumerate(settings.items()):
+            col = every[:, k].tolist()   # construction-only
+            if len(set(col)) > 1:
+                if name == "scale_mode":
+                    col = [SCALE_MODES[v] for v in col]
+                elif name == "transport":
+                    col = [TRANSPORTS[v] for v in col]
+                values = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(col))
+                raise ValueError(f"mxep.Buffer: the ranks of the EP group passed different {name} ({values}); "
+                                 "every rank must build its Buffer with the same settings")
+
+    @property
+    def transport_name(self) -> str:
+        """``"symm_mem"`` (fused, NVLink peer stores) or ``"collective"`` (fixed-size all-to-all)."""
+        return self.transport.name
+
+    @property
+    def symm_bytes(self) -> int:
+        """Symmetric-memory bytes this Buffer holds per rank (0 on the collective path)."""
+        return self.regions.total_bytes if self.transport_name == "symm_mem" else 0
+
+    def __repr__(self) -> str:
+        return (f"mxep.Buffer(transport={self.transport_name!r}, rank={self.rank}/{self.world_size}, "
+                f"num_experts={self.num_experts}, hidden={self.hidden}, max_tokens_per_rank="
+                f"{self.max_tokens_per_rank}, align={self.align}, capacity={self.capacity}, "
+                f"scale_mode={self.scale_mode!r}, symm_bytes={self.symm_bytes})")
+
+    # ------------------------------------------------------------------ validation (host only)
+    def _check_x(self, x: torch.Tensor, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor")
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"{name} must be bfloat16, got {x.dtype}")
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"{name} must be [n, {self.hidden}], got {tuple(x.shape)}")
+        if x.shape[0] > self.max_tokens_per_rank:
+            raise ValueError(f"{name} has {x.shape[0]} rows but this Buffer was built for "
+                             f"max_tokens_per_rank={self.max_tokens_per_rank}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device}, the Buffer on {self.device}")
+
+    def _check_counts(self, counts: torch.Tensor, n: int) -> torch.Tensor:
+        if not isinstance(counts, torch.Tensor):
+            raise TypeError("num_tokens_per_expert must be a torch.Tensor")
+        if counts.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"num_tokens_per_expert must be int32 or int64, got {counts.dtype}")
+        if tuple(counts.shape) != (self.num_experts,):
+            raise ValueError(f"num_tokens_per_expert must have shape [{self.num_experts}], got {tuple(counts.shape)}")
+        if counts.device != self.device:
+            raise ValueError(f"num_tokens_per_expert is on {counts.device}, expected {self.device}")
+        if self.debug:
+            total, low = int(counts.sum()), int(counts.min())  # debug-only: host sync
+            if total != n or low < 0:
+                raise ValueError(f"num_tokens_per_expert must be >= 0 and sum to n={n}; got sum {total}, min {low}")
+        if counts.dtype == torch.int64:
+            # saturate instead of wrapping: a huge int64 count must stay visibly bad (clamped on
+            # the device and recorded), not wrap into a plausible int32 one
+            counts = counts.clamp(-1, 2**31 - 1)
+        return counts.to(torch.int32).contiguous()
+
+    def _check_handle(self, handle: DispatchHandle) -> None:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
+        if handle.transport is not self.transport:
+            raise ValueError("handle belongs to a dispatch on another Buffer; pass the handle of a dispatch on this one")
+
+    def check(self, op: str = "the last call") -> None:
+        """Raise if the device-side error word of this rank is set: a wait that timed out, a
+        call-sequence mismatch between ranks, or counts that had to be clamped (host sync:
+        call it where a sync is acceptable, e.g. once per step or in tests; ``debug=True``
+        calls it after every dispatch and combine)."""
+        status = self.transport.status()   # debug-only: host sync
+        if status:
+            raise RuntimeError(f"mxep: rank {self.rank}, {op}: {describe_status(status)}; the outputs of that "
+                               "call are invalid")
+
+    # ------------------------------------------------------------------ raw ops (no autograd)
+    def plan(self, num_tokens_per_expert: torch.Tensor, num_rows: int) -> DispatchHandle:
+        """Exchange counts (device-side) and compute the layout of one dispatch."""
+        counts = self._check_counts(num_tokens_per_expert, num_rows)
+        return self.transport.plan(counts, num_rows, self.align)
+
+    def dispatch_mxfp8_raw(self, x: torch.Tensor, handle: DispatchHandle, zero_copy: bool = False) -> MXFP8Tensor:
+        out = self.transport.dispatch_mxfp8(x.contiguous(), handle, self.scale_mode, zero_copy)
+        if self.debug:
+            self.check("dispatch")   # debug-only: host sync
+        return out
+
+    def dispatch_bf16_raw(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        return self.transport.dispatch_bf16(src.contiguous(), handle)
+
+    def combine_raw(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        out = self.transport.combine_bf16(expert_out.contiguous(), handle)
+        if self.debug:
+            self.check("combine")   # debug-only: host sync
+        return out
+
+    # ------------------------------------------------------------------ public, differentiable
+    def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, zero_copy: bool = False) -> DispatchResult:
+        """Quantize ``x`` to MXFP8 and send every row to its expert's rank, expert-major and padded.
+
+        Args:
+            x: bf16 ``[n, H]``, ``n <= max_tokens_per_rank``, rows sorted by global expert id.
+            num_tokens_per_expert: int32/int64 ``[E]`` on ``x``'s device, summing to ``n``.
+            zero_copy: return the tokens where the other ranks' pushes put them, this rank's
+                receive region, instead of copying them out into new tensors (saves one local
+                read + write of every received row, and a launch; the low-latency mode of
+                DeepEP has the same contract). The tokens are then valid until the next
+                dispatch on this Buffer (or the backward of a combine, or a write into
+                :meth:`combine_input`, which is the same memory): consume them first (e.g. the
+                expert GEMM), and do not save them for a backward. On the collective transport
+                they are fresh tensors either way.
+
+        Returns:
+            :class:`DispatchResult`. Differentiable w.r.t. ``x``: the bf16 gradient of
+            ``tokens.dequantize()`` travels back (never quantized); ``x.grad[i]`` is the
+            gradient at the row where ``x[i]`` landed.
+        """
+        self._check_x(x)
+        handle = self.plan(num_tokens_per_expert, x.shape[0])
+        tokens = MXFP8DispatchFunction.apply(x, self, handle, zero_copy)
+        return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
+
+    def combine_input(self) -> torch.Tensor:
+        """The zero-copy combine input: bf16 ``[capacity, H]``, in the dispatch layout.
+
+        Write the expert outputs here (e.g. a grouped GEMM with ``out=``, or any kernel that
+        fills rows ``[0, group_end_offsets[-1])``) and pass this tensor to :meth:`combine`:
+        on the symmetric-memory transport it is this rank's own receive region, so the combine
+        skips the staging copy and every source reads its rows straight from the owners over
+        NVLink into its output (one barrier, one kernel). Pad rows are never read.
+
+        Lifetime: it aliases the dispatch's receive region. Write it only after :meth:`dispatch`
+        returned (the dispatch output was copied out by then, in stream order) and call
+        :meth:`combine` before the next dispatch, or backward through a combine, on this
+        Buffer; those overwrite it. The tokens of a ``zero_copy`` dispatch live in the same
+        memory: a kernel must not read them while writing here (a grouped GEMM reading those
+        tokens writes a regular ``expert_out`` instead). On the collective transport it is a
+        plain tensor owned by the Buffer (same API, no saving).
+
+        Example (in the same setting as the class example)::
+
+            >>> res = buf.dispatch(x.detach(), counts)
+            >>> out = buf.combine_input()
+            >>> _ = torch.mul(res.tokens.dequantize(), 2, out=out)    # the "experts"
+            >>> y = buf.combine(out, res.handle)                        # [5, 64]: 2 * x, MXFP8 round trip
+            >>> torch.equal(y, 2 * mxep.to_mxfp8(x.detach()).dequantize())
+            True
+        """
+        return self.transport.combine_input()
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Send rows of the dispatch layout back to their source ranks, original order.
+
+        Args:
+            expert_out: bf16 ``[capacity, H]`` in the layout of ``handle``'s dispatch (only rows
+                ``< group_end_offsets[-1]`` that are not pad rows are read).
+            handle: the :class:`DispatchHandle` of that dispatch.
+
+        Returns:
+            bf16 ``[n, H]``: row ``i`` is ``expert_out`` at the row where ``x[i]`` landed (a
+            bit-exact copy). Differentiable: the backward sends the bf16 gradient into the
+            dispatch layout (pad rows zero).
+        """
+        self._check_handle(handle)
+        if expert_out.dtype != torch.bfloat16:
+            raise TypeError(f"expert_out must be bfloat16, got {expert_out.dtype}")
+        if tuple(expert_out.shape) != (self.capacity, self.hidden):
+            raise ValueError(f"expert_out must be [{self.capacity}, {self.hidden}] (the dispatch layout), "
+                             f"got {tuple(expert_out.shape)}")
+        return CombineFunction.apply(expert_out, self, handle)
+
+
+__all__ = ["MXFP8DispatchFunction", "CombineFunction", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd"]
+
+
+class MXFP8DispatchFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, buffer, handle, zero_copy=False):
+        ctx.buffer, ctx.handle = buffer, handle
+        return buffer.dispatch_mxfp8_raw(x, handle, zero_copy)
+
+    @staticmethod
+    def backward(ctx, grad_tokens):
+        # (the backward never reads the tokens: a zero-copy dispatch's may be gone by now)
+        if grad_tokens is None:
+            return None, None, None, None
+        grad_x = ctx.buffer.combine_raw(grad_tokens.to(torch.bfloat16), ctx.handle)
+        return grad_x, None, None, None
+
+
+class CombineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_out, buffer, handle):
+        ctx.buffer, ctx.handle = buffer, handle
+        return buffer.combine_raw(expert_out, handle)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if grad_y is None:
+            return None, None, None
+        return ctx.buffer.dispatch_bf16_raw(grad_y.to(torch.bfloat16), ctx.handle), None, None
+
+
+def a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(x: torch.Tensor, num_tokens_per_expert: torch.Tensor, buffer):
+    """Functional alias of :meth:`mxep.Buffer.dispatch` (MXFP8 forward, high-precision backward).
+
+    Args:
+        x: bf16 ``[n, H]`` rows sorted by global expert id.
+        num_tokens_per_expert: int32/int64 ``[E]`` on ``x``'s device.
+        buffer: the :class:`mxep.Buffer` of the EP group.
+
+    Returns:
+        :class:`mxep.DispatchResult` ``(tokens, group_end_offsets, tokens_per_expert, handle)``.
+    """
+    return buffer.dispatch(x, num_tokens_per_expert)

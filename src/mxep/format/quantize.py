@@ -1,0 +1,135 @@
+"""Standalone single-pass MXFP8 quantization kernel (bf16/fp32 ``[M, K]`` -> e4m3 + e8m0).
+
+Each program loads one ``[BLOCK_M, BLOCK_K]`` tile of the input exactly once, quantizes it in
+registers with :func:`mxep.format.tile.quantize_tile` and stores the e4m3 bytes and the
+row-major e8m0 scale bytes. No host synchronization anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mxep._utils import cdiv, next_power_of_2, require_triton
+from mxep.format.spec import BLOCK_SIZE
+from mxep.format.tile import bf16_bits_to_fp32, quantize_tile
+
+__all__ = ["mxfp8_quantize", "quantize_mxfp8"]
+
+# Default tiles for GPU (UNTUNED until measured with benchmarks/bench_quantize.py): 512 columns
+# = 16 MX blocks, 1 KiB of bf16 per row, so each thread of 4 warps issues whole 16-byte vector
+# loads/stores; 8 rows -> 4096 elements (8 KiB bf16 in, 4 KiB fp8 out) per program.
+GPU_BLOCK_K = 512
+GPU_BLOCK_M = 8
+GPU_NUM_WARPS = 4
+# The CPU interpreter pays per program and per op, not per element: bigger tiles are faster.
+INTERPRET_BLOCK_K = 2048
+INTERPRET_BLOCK_M = 32
+
+
+@triton.jit
+def _mxfp8_quantize_kernel(
+    x_ptr, q_ptr, s_ptr,  # x: fp32 or bf16-as-int16 [M, K]; q: uint8 [M, K]; s: uint8 [M, K // 32]
+    M, K,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
+):
+    NB: tl.constexpr = BLOCK_K // 32
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M*K > 2^31
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    # K % 32 == 0 and tiles start at multiples of BLOCK_K, so masked-out columns form whole
+    # all-zero MX blocks that are never stored: they cannot contaminate a real block.
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    offs = rows[:, None] * K + cols[None, :]
+
+    if x_ptr.dtype.element_ty == tl.int16:  # bf16 passed as raw bits (see bf16_bits_to_fp32)
+        x = bf16_bits_to_fp32(tl.load(x_ptr + offs, mask=mask, other=0))
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    q_bits, s_bits = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
+    tl.store(q_ptr + offs, q_bits, mask=mask)
+
+    n_blocks = K // 32
+    bcols = pid_k * NB + tl.arange(0, NB)
+    s_offs = rows[:, None] * n_blocks + bcols[None, :]
+    s_mask = row_ok[:, None] & (bcols < n_blocks)[None, :]
+    tl.store(s_ptr + s_offs, s_bits, mask=s_mask)
+
+
+def mxfp8_quantize(
+    x2d: torch.Tensor,
+    scale_mode: str = "rceil",
+    *,
+    block_m: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    hw_cast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a contiguous 2-D bf16/fp32 ``x2d [M, K]`` (``K % 32 == 0``) to MXFP8.
+
+    Returns ``(q float8_e4m3fn [M, K], s float8_e8m0fnu [M, K // 32])``. ``block_m`` /
+    ``block_k`` (powers of two, ``block_k >= 32``) override the default tiles (tests use this).
+    ``hw_cast``: on GPUs, round to e4m3 with the hardware conversion (bit-identical to the
+    integer rounding, which the interpreter always uses; False times or tests that path there).
+    """
+    require_triton(x2d, "the MXFP8 quantize kernel")
+    if x2d.dim() != 2:
+        raise ValueError(f"mxfp8_quantize expects a 2-D tensor, got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"mxfp8_quantize expects bfloat16 or float32, got {x2d.dtype}")
+    if not x2d.is_contiguous():
+        raise ValueError("mxfp8_quantize expects a contiguous tensor")
+    if scale_mode not in ("rceil", "floor"):
+        raise ValueError(f"scale_mode must be 'rceil' or 'floor', got {scale_mode!r}")
+    M, K = x2d.shape
+    if K % 32 != 0:
+        raise ValueError(f"K must be a multiple of 32, got {K}")
+
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x2d.device)
+    s = torch.empty((M, K // 32), dtype=torch.float8_e8m0fnu, device=x2d.device)
+    if M == 0 or K == 0:
+        return q, s
+
+    on_gpu = x2d.is_cuda
+    if block_k is None:
+        block_k = min(GPU_BLOCK_K if on_gpu else INTERPRET_BLOCK_K, next_power_of_2(K))
+    if block_m is None:
+        block_m = min(GPU_BLOCK_M if on_gpu else INTERPRET_BLOCK_M, next_power_of_2(M))
+    if block_k < 32 or block_k & (block_k - 1) or block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_k must be a power of two >= 32 and block_m a power of two, got {block_k}, {block_m}")
+    if num_warps is None:
+        num_warps = GPU_NUM_WARPS
+
+    grid = (cdiv(M, block_m), cdiv(K, block_k))
+    # bf16 travels as its int16 bits: the kernel widens them exactly (the interpreter's own
+    # bf16 -> fp32 conversion mishandles subnormals).
+    x_arg = x2d.view(torch.int16) if x2d.dtype == torch.bfloat16 else x2d
+    _mxfp8_quantize_kernel[grid](
+        x_arg, q.view(torch.uint8), s.view(torch.uint8), M, K,
+        BLOCK_M=block_m, BLOCK_K=block_k, FLOOR=(scale_mode == "floor"),
+        HW_CAST=hw_cast and on_gpu, num_warps=num_warps,
+    )
+    return q, s
+
+
+@torch.library.custom_op("mxep::quantize_mxfp8", mutates_args=())
+def quantize_mxfp8(x: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` bf16/fp32 ``[..., K]`` (contiguous, ``K % 32 == 0``) -> ``(qdata float8_e4m3fn [..., K],
+    scale float8_e8m0fnu [..., K // 32])``: the Triton kernel, on CUDA or on CPU under
+    ``TRITON_INTERPRET=1`` (elsewhere a clear error says so)."""
+    # Not reshape(-1, K): that is ambiguous (an error) when K == 0.
+    q, s = mxfp8_quantize(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), scale_mode)
+    return q.view(x.shape), s.view(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
+
+
+@quantize_mxfp8.register_fake
+def _(x: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q = x.new_empty(x.shape, dtype=torch.float8_e4m3fn)
+    s = x.new_empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.float8_e8m0fnu)
+    return q, s

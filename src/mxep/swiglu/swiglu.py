@@ -1,0 +1,172 @@
+"""SwiGLU between the two expert GEMMs, fused with the MXFP8 quantization of its output, on the
+dispatch layout: only rows below the layout's end (``group_end_offsets[-1]``, read on the
+device) are touched, not the ``capacity`` rows the buffers are sized for.
+
+Forward: ``h [cap, 2F]`` bf16 (gate columns, then up) -> ``a = silu(g) * u`` rounded to bf16 in
+the same two steps as torch's bf16 ops (``silu`` in fp32 rounded to bf16, then the product
+rounded) -> MXFP8 ``[cap, F]`` (e4m3 + e8m0, blocks of 32 along F, :mod:`mxep.format.spec`'s
+rules). Backward (straight-through for the quantization): ``da [cap, F]`` -> ``dh [cap, 2F]``
+with torch's bf16 roundings (``da * u`` and ``da * silu(g)`` rounded, then silu's derivative).
+Rows past the end stay unwritten in both. The pure-torch reference is :mod:`mxep.swiglu.naive`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mxep._utils import cdiv, next_power_of_2, require_triton
+from mxep.format.mxfp8 import MXFP8Tensor
+from mxep.format.spec import check_scale_mode
+from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, quantize_tile
+
+__all__ = ["swiglu_mxfp8", "SwiGLUQuantizeFunction", "swiglu_quantize_forward", "swiglu_backward"]
+
+GPU_TILE = (32, 128)          # (BLOCK_M rows, BLOCK_F columns); not tuned yet
+INTERPRETER_TILE = (16, 64)
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32."""
+    return bf16_bits_to_fp32(fp32_to_bf16_bits(x))
+
+
+@triton.jit
+def _layout_end(group_end_ptr, L, L_P: tl.constexpr):
+    ex = tl.arange(0, L_P)
+    return tl.max(tl.load(group_end_ptr + ex, mask=ex < L, other=0), axis=0)
+
+
+@triton.jit
+def _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's tile: ``(live, rows, cols, row_mask, mask, g, u)``; ``live`` is False for
+    tiles past the layout's end (nothing to do), ``g`` / ``u`` the gate / up values (fp32)."""
+    end = _layout_end(group_end_ptr, L, L_P)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rm = rows < end
+    m = rm[:, None] & (cols < F)[None, :]
+    hrow = rows[:, None] * (2 * F) + cols[None, :]
+    g = bf16_bits_to_fp32(tl.load(h_ptr + hrow, mask=m, other=0))
+    u = bf16_bits_to_fp32(tl.load(h_ptr + hrow + F, mask=m, other=0))
+    return row0 < end, rows, cols, rm, m, g, u
+
+
+@triton.jit
+def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, group_end_ptr, L, F,
+                            L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+                            FLOOR: tl.constexpr, HW_CAST: tl.constexpr):
+    # F % 32 == 0: masked columns form whole all-zero MX blocks that are never stored
+    live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
+    if live:
+        silu = _round_bf16(g / (1.0 + tl.exp(-g)))
+        a = _round_bf16(silu * u)
+        q, s = quantize_tile(a, BLOCK_F, FLOOR, HW_CAST)
+        tl.store(q_ptr + rows[:, None] * F + cols[None, :], q, mask=m)
+        NB: tl.constexpr = BLOCK_F // 32
+        bcols = tl.program_id(1) * NB + tl.arange(0, NB)
+        tl.store(s_ptr + rows[:, None] * (F // 32) + bcols[None, :], s,
+                 mask=rm[:, None] & (bcols < F // 32)[None, :])
+
+
+@triton.jit
+def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, group_end_ptr, L, F,
+                            L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
+    if live:
+        hrow = rows[:, None] * (2 * F) + cols[None, :]
+        da = bf16_bits_to_fp32(tl.load(da_ptr + rows[:, None] * F + cols[None, :], mask=m, other=0))
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        silu = _round_bf16(g * sig)
+        du = fp32_to_bf16_bits(da * silu)
+        d_silu = _round_bf16(da * u)
+        dg = fp32_to_bf16_bits(d_silu * (sig * (1.0 + g * (1.0 - sig))))
+        tl.store(dh_ptr + hrow, dg, mask=m)
+        tl.store(dh_ptr + hrow + F, du, mask=m)
+
+
+def _tile(t: torch.Tensor) -> tuple[int, int]:
+    return GPU_TILE if t.is_cuda else INTERPRETER_TILE
+
+
+def swiglu_quantize_forward(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str,
+                            hw_cast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h`` bf16 ``[cap, 2F]`` (contiguous) -> (e4m3 ``[cap, F]``, e8m0 ``[cap, F / 32]``); rows
+    past ``group_end_offsets[-1]`` unwritten."""
+    cap, F2 = h.shape
+    F = F2 // 2
+    q = torch.empty(cap, F, dtype=torch.uint8, device=h.device)
+    s = torch.empty(cap, F // 32, dtype=torch.uint8, device=h.device)
+    if cap and F:
+        bm, bf = _tile(h)
+        L = group_end_offsets.numel()
+        _swiglu_quantize_kernel[(cdiv(cap, bm), cdiv(F, bf))](
+            h.view(torch.int16), q, s, group_end_offsets, L, F, L_P=max(next_power_of_2(L), 2),
+            BLOCK_M=bm, BLOCK_F=bf, FLOOR=scale_mode == "floor", HW_CAST=hw_cast)
+    return q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
+
+
+def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
+    """``h`` bf16 ``[cap, 2F]``, ``grad_a`` bf16 ``[cap, F]`` -> ``grad_h`` bf16 ``[cap, 2F]`` (rows
+    past the layout's end unwritten)."""
+    cap, F2 = h.shape
+    F = F2 // 2
+    dh = torch.empty_like(h)
+    if cap and F:
+        bm, bf = _tile(h)
+        L = group_end_offsets.numel()
+        _swiglu_backward_kernel[(cdiv(cap, bm), cdiv(F, bf))](
+            h.view(torch.int16), grad_a.contiguous().view(torch.int16), dh.view(torch.int16), group_end_offsets,
+            L, F, L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_F=bf)
+    return dh
+
+
+
+
+class SwiGLUQuantizeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str) -> MXFP8Tensor:
+        ctx.save_for_backward(h, group_end_offsets)
+        q, s = swiglu_quantize_forward(h, group_end_offsets, scale_mode, hw_cast=h.is_cuda)
+        return MXFP8Tensor(q, s, torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad_a):
+        h, offs = ctx.saved_tensors
+        return swiglu_backward(h, grad_a.to(torch.bfloat16), offs), None, None
+
+
+def swiglu_mxfp8(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:
+    """``silu(h[:, :F]) * h[:, F:]`` quantized to MXFP8, for the rows of the dispatch layout.
+
+    Args:
+        h: bf16 ``[cap, 2F]``, gate columns then up columns (the first expert GEMM's output),
+            ``F % 32 == 0``.
+        group_end_offsets: int32 ``[L]``: rows ``[0, group_end_offsets[-1])`` are computed, later
+            rows are left unwritten (and their gradient too): no work for the unused capacity.
+        scale_mode: ``"rceil"`` or ``"floor"``.
+
+    Returns:
+        :class:`~mxep.MXFP8Tensor` ``[cap, F]`` (e4m3 + e8m0 per 32 along F). Differentiable
+        w.r.t. ``h``: straight-through for the quantization, bf16 SwiGLU backward.
+
+    Example::
+
+        >>> import torch, mxep
+        >>> from mxep.swiglu import swiglu_mxfp8
+        >>> h = torch.randn(64, 128, dtype=torch.bfloat16)
+        >>> a = swiglu_mxfp8(h, torch.tensor([32, 64], dtype=torch.int32))
+        >>> a.shape, a.qdata.dtype
+        (torch.Size([64, 64]), torch.float8_e4m3fn)
+    """
+    if h.dtype != torch.bfloat16 or h.dim() != 2 or h.shape[1] % 64:
+        raise ValueError(f"h must be bf16 [cap, 2F] with F a multiple of 32, got {h.dtype} {tuple(h.shape)}")
+    if group_end_offsets.dtype != torch.int32 or group_end_offsets.dim() != 1:
+        raise ValueError(f"group_end_offsets must be int32 [L], got {group_end_offsets.dtype} "
+                         f"{tuple(group_end_offsets.shape)}")
+    check_scale_mode(scale_mode)
+    require_triton(h, "swiglu_mxfp8")
+    return SwiGLUQuantizeFunction.apply(h.contiguous(), group_end_offsets, scale_mode)
