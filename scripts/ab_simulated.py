@@ -1,0 +1,104 @@
+"""Same-run A/B of the dispatch and combine kernels of two source trees on the simulated world
+(every rank's buffers on one GPU), so that a change of structure can be shown no slower on the
+one GPU the device machine lends.
+
+Each tree is timed in its own subprocess (one mxep per interpreter), the trees alternate for
+``--rounds`` rounds, and the table gives each case's median over rounds of the per-round median
+(CUDA events around one world-wide dispatch or combine, after warm-up). The world's ranks run
+one after another on the one GPU, so a time is the sum of every rank's kernels: compare trees,
+not against NVLink numbers.
+
+    python scripts/ab_simulated.py --trees old=/path/to/old/src new=src [--rounds 3]
+
+Cases: W = 2, 4, 8; config (a) scaled (H 7168, 256 experts, top-8 rows of 1024 tokens per rank,
+uniform routing) and config (c) (H 7168, 128 tokens x top-8 per rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CASES = [(w, cfg) for cfg in ("a", "c") for w in (2, 4, 8)]
+SHAPES = {"a": dict(hidden=7168, experts=256, rows=1024 * 8), "c": dict(hidden=7168, experts=256, rows=128 * 8)}
+
+
+def _child(reps: int) -> None:
+    import torch
+
+    try:
+        from mxep.ep.transport.symm_mem.simulated import SimulatedWorld  # the new tree
+    except ImportError:
+        from mxep.comm.simulated import SimulatedWorld  # trees before the restructure
+    results = {}
+    for w, cfg in CASES:
+        sh = SHAPES[cfg]
+        g = torch.Generator().manual_seed(1234 + w)
+        world = SimulatedWorld(w, sh["experts"], sh["hidden"], sh["rows"], device="cuda")
+        counts = [torch.bincount(torch.randint(0, sh["experts"], (sh["rows"],), generator=g),
+                                 minlength=sh["experts"]).cuda() for _ in range(w)]
+        xs = [torch.randn(sh["rows"], sh["hidden"], generator=g).to("cuda", torch.bfloat16) for _ in range(w)]
+        eo = [torch.randn(world.capacity, sh["hidden"], generator=g).to("cuda", torch.bfloat16) for _ in range(w)]
+        times = {"dispatch": [], "combine": [], "combine_zero_copy": []}
+        for it in range(reps + 3):
+            s0, s1, s2, s3 = (torch.cuda.Event(enable_timing=True) for _ in range(4))
+            s0.record()
+            out = world.dispatch(xs, counts)
+            s1.record()
+            s2.record()
+            world.combine(eo, [o.handle for o in out])
+            s3.record()
+            out2 = world.dispatch(xs, counts)
+            z0, z1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ins = world.combine_inputs()
+            z0.record()
+            world.combine(ins, [o.handle for o in out2])
+            z1.record()
+            torch.cuda.synchronize()
+            if it >= 3:
+                times["dispatch"].append(s0.elapsed_time(s1) * 1e3)
+                times["combine"].append(s2.elapsed_time(s3) * 1e3)
+                times["combine_zero_copy"].append(z0.elapsed_time(z1) * 1e3)
+        results[f"W{w}-{cfg}"] = {k: statistics.median(v) for k, v in times.items()}
+        del world, xs, out, out2, eo
+        torch.cuda.empty_cache()
+    print("RESULT " + json.dumps(results))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trees", nargs="+", required=True, help="name=path-to-src pairs")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--child", action="store_true")
+    a = p.parse_args()
+    if a.child:
+        _child(a.reps)
+        return
+    trees = [t.split("=", 1) for t in a.trees]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
+    for r in range(a.rounds):
+        for name, path in trees:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--trees", "x", "--child",
+                                  "--reps", str(a.reps)], env=env, capture_output=True, text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not line:
+                print(out.stdout[-3000:], out.stderr[-3000:])
+                raise SystemExit(f"tree {name} failed")
+            runs[name].append(json.loads(line[0][7:]))
+    names = [n for n, _ in trees]
+    print("| case | op | " + " | ".join(f"{n} (us)" for n in names) + " | " + " / ".join(names[1:]) + f" vs {names[0]} |")
+    print("|---|---|" + "---|" * len(names) + "---|")
+    for case in runs[names[0]][0]:
+        for op in runs[names[0]][0][case]:
+            med = [statistics.median(run[case][op] for run in runs[n]) for n in names]
+            print(f"| {case} | {op} | " + " | ".join(f"{m:.1f}" for m in med) + " | "
+                  + " / ".join(f"{m / med[0]:.3f}" for m in med[1:]) + " |")
+
+
+if __name__ == "__main__":
+    main()
