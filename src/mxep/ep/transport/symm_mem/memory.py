@@ -25,8 +25,9 @@ from mxep.ep.transport.symm_mem.combine import combine_copy_out, combine_pull, c
 from mxep.ep.transport.symm_mem.dispatch import copy_out, dispatch_push
 from mxep.ep.transport.symm_mem.plan import CountsExchange, DispatchPlan, compute_plan
 from mxep.ep.transport.symm_mem.sync import describe_status, num_signal_words, word_index
+from mxep.ep.transport.symm_mem.tokens import expand_token_grads, expand_tokens, push_tokens, reduce_tokens, sum_partials
 
-__all__ = ["RegionLayout", "PeerMemory"]
+__all__ = ["RegionLayout", "PeerMemory", "TokenState"]
 
 _ALIGN = 256
 
@@ -39,23 +40,45 @@ def _up(n: int, a: int = _ALIGN) -> int:
 
 @dataclass(frozen=True)
 class RegionLayout:
+    """Byte offsets of one rank's regions (identical on every rank).
+
+    ``top_k == 0`` (row-level Buffer): ``max_tokens_per_rank`` counts rows; the receive region
+    holds the dispatch layout itself (``capacity + 1`` rows) and the combine region ``N + 1``
+    rows. ``top_k > 0`` (token-level Buffer): ``max_tokens_per_rank`` = ``T`` counts tokens; the
+    receive region holds ``W * T`` token slots (source s's tokens at slots ``[s*T, (s+1)*T)``),
+    the combine region ``W * T`` returned partials (owner d's at ``[d*T, (d+1)*T)``), and three
+    ``[W * T, top_k]`` tables: the slots' layout rows (int32), their gate weights (fp32) and the
+    weight gradients coming back (fp32).
+    """
+
     world_size: int
     num_experts: int
     hidden: int
     max_tokens_per_rank: int
     capacity: int
+    top_k: int = 0
 
     @property
-    def rows(self) -> int:  # capacity plus the scratch row that masked scatters aim at
+    def rows(self) -> int:
+        """Rows of the receive region: the layout plus the scratch row that masked scatters aim
+        at (row-level), or the token slots (token-level)."""
+        if self.top_k:
+            return self.world_size * self.max_tokens_per_rank
         return self.capacity + 1
 
     @property
-    def counts_offset(self) -> int:
+    def combine_rows(self) -> int:
+        if self.top_k:
+            return self.world_size * self.max_tokens_per_rank
+        return self.max_tokens_per_rank + 1
+
+    @property
+    def counts_offset(self) -> int:   # int32 [W, E + W] count matrix
         return 0
 
     @property
     def signal_offset(self) -> int:
-        return _up(self.world_size * self.num_experts * 4)
+        return _up(self.world_size * (self.num_experts + self.world_size) * 4)
 
     @property
     def signal_bytes(self) -> int:
@@ -79,8 +102,39 @@ class RegionLayout:
         return self.dispatch_offset + self.dispatch_bytes
 
     @property
+    def table_offset(self) -> int:   # token-level: the three [W * T, top_k] tables, 4 bytes each
+        return self.combine_offset + _up(self.combine_rows * self.hidden * 2)
+
+    @property
+    def table_bytes(self) -> int:
+        return _up(self.world_size * self.max_tokens_per_rank * self.top_k * 4)
+
+    @property
     def total_bytes(self) -> int:
-        return self.combine_offset + _up((self.max_tokens_per_rank + 1) * self.hidden * 2)
+        return self.table_offset + 3 * self.table_bytes
+
+
+@dataclass
+class TokenState:
+    """The per-call state of a token-level dispatch (regular tensors, kept by the handle).
+
+    Attributes:
+        plan: the call's :class:`DispatchPlan` (``tok_recv``: tokens each source sent here).
+        slot: int32 ``[t, W]`` each token's slot index on each rank (``-1``: not sent there).
+        pair_owner: int32 ``[t, k]`` each pair's owner rank (``-1``: no expert).
+        pair_rows: int32 ``[t, k]`` each pair's row in its owner's layout (``-1``: no expert).
+        pair_weights: fp32 ``[t, k]`` the gate weights (as dispatched).
+        rows: int32 ``[W * T, k]`` (owner side) each received slot's layout rows (``-1``: none).
+        weights: fp32 ``[W * T, k]`` (owner side) their gate weights.
+    """
+
+    plan: DispatchPlan
+    slot: torch.Tensor
+    pair_owner: torch.Tensor
+    pair_rows: torch.Tensor
+    pair_weights: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
 
 
 def _view(mem: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -119,12 +173,17 @@ class PeerMemory:
         self.delta_u8 = delta
         self.delta_i32 = delta // 4
         self.delta_bf16 = delta // 2
-        self.counts = _view(mem, r.counts_offset, (W, E), torch.int32)
+        self.counts = _view(mem, r.counts_offset, (W, E + W), torch.int32)
         self.signals = _view(mem, r.signal_offset, (num_signal_words(W),), torch.int32)
         self.dispatch_data = _view(mem, r.dispatch_offset, (r.rows, H), torch.uint8)
         self.dispatch_scale = _view(mem, r.scale_offset, (r.rows, H // 32), torch.uint8)
         self.dispatch_bf16 = _view(mem, r.dispatch_offset, (r.rows, H), torch.bfloat16)
-        self.combine_bf16 = _view(mem, r.combine_offset, (N + 1, H), torch.bfloat16)
+        self.combine_bf16 = _view(mem, r.combine_offset, (r.combine_rows, H), torch.bfloat16)
+        if r.top_k:
+            S, K = r.rows, r.top_k
+            self.slot_rows = _view(mem, r.table_offset, (S, K), torch.int32)
+            self.slot_weights = _view(mem, r.table_offset + r.table_bytes, (S, K), torch.float32)
+            self.weight_grads = _view(mem, r.table_offset + 2 * r.table_bytes, (S, K), torch.float32)
 
     def _new_output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=self.mem.device)
@@ -134,10 +193,13 @@ class PeerMemory:
 
     # --- counts exchange + plan (sync.py) ---------------------------------------------------
     def exchange_and_plan(self, counts_i32: torch.Tensor, num_rows: int, align: int,
-                          phase: str = "all") -> DispatchPlan | None:
+                          phase: str = "all", tokens_per_rank: torch.Tensor | None = None) -> DispatchPlan | None:
         """Counts exchange and plan in one launch (``phase="all"``), or its halves for the
-        simulated world (``"put"`` on every rank, then ``"plan"``)."""
-        ex = CountsExchange(self.counts, counts_i32, num_rows, self.delta_i32, self.signals, self.rank)
+        simulated world (``"put"`` on every rank, then ``"plan"``). ``tokens_per_rank`` (int32
+        ``[W]``, the token-level dispatch): the tokens this rank sends each rank travel with the
+        counts; ``num_rows`` is then the most pairs (the expert counts may sum to fewer)."""
+        ex = CountsExchange(self.counts, counts_i32, tokens_per_rank, num_rows, self.regions.max_tokens_per_rank,
+                            self.delta_i32, self.signals, self.rank)
         return compute_plan(ex, align, self.config.polls(self.mem.device), phase)
 
     def clear_signals(self) -> None:
@@ -232,3 +294,52 @@ class PeerMemory:
         out = self._new_output((n, self.regions.hidden), torch.bfloat16)
         return combine_pull(self.combine_input, self.delta_bf16, plan, self.rank, out, self.regions.capacity,
                             self.config)
+
+    # --- token-level dispatch and combine (tokens.py) -----------------------------------------
+    def push_tokens_mxfp8(self, x: torch.Tensor, state: "TokenState", scale_mode: str) -> None:
+        r = self.regions
+        push_tokens(x, self.rank, r.max_tokens_per_rank, state.slot, self.dispatch_data, self.dispatch_scale,
+                    self.delta_u8, self.config, scale_mode,
+                    tables=(state.pair_rows, state.pair_owner, state.pair_weights, self.slot_rows, self.slot_weights,
+                            self.delta_i32))
+
+    def expand_tokens(self, state: "TokenState") -> tuple[torch.Tensor, torch.Tensor]:
+        """After the push's barrier: the received tokens into new uint8 ``[cap, H]`` /
+        ``[cap, H // 32]`` outputs (expert-major, pad rows zero); fills ``state.rows`` /
+        ``state.weights`` with the received slots' tables."""
+        r = self.regions
+        cap, H = r.capacity, r.hidden
+        out = (self._new_output((cap, H), torch.uint8), self._new_output((cap, H // 32), torch.uint8))
+        expand_tokens(self.dispatch_data, self.dispatch_scale, self.slot_rows, self.slot_weights, state.plan,
+                      self.rank, r.max_tokens_per_rank, *out, state.rows, state.weights, self.config)
+        return out
+
+    def reduce_tokens(self, src: torch.Tensor, state: "TokenState", weighted: bool) -> None:
+        reduce_tokens(src, state.rows, state.weights if weighted else None, state.plan, self.rank,
+                      self.regions.max_tokens_per_rank, self.combine_bf16, self.delta_bf16, self.config)
+
+    def sum_partials(self, state: "TokenState") -> torch.Tensor:
+        out = self._new_output((state.slot.shape[0], self.regions.hidden), torch.bfloat16)
+        return sum_partials(self.combine_bf16, state.slot, self.regions.max_tokens_per_rank, out, self.config)
+
+    def push_token_grads(self, dy: torch.Tensor, state: "TokenState") -> None:
+        push_tokens(dy, self.rank, self.regions.max_tokens_per_rank, state.slot, self.dispatch_bf16, None,
+                    self.delta_bf16, self.config)
+
+    def expand_token_grads(self, expert_out: torch.Tensor, state: "TokenState") -> torch.Tensor:
+        r = self.regions
+        geo = self._new_output((r.capacity, r.hidden), torch.bfloat16)
+        return expand_token_grads(self.dispatch_bf16, expert_out, state.rows, state.weights, state.plan, self.rank,
+                                  r.max_tokens_per_rank, geo, self.weight_grads, self.delta_i32, self.config)
+
+    def gather_weight_grads(self, state: "TokenState") -> torch.Tensor:
+        """After the grads' barrier: fp32 ``[t, k]``, the gradient of every pair's gate weight
+        (0 for ``-1`` slots)."""
+        T, K = self.regions.max_tokens_per_rank, self.regions.top_k
+        owner = state.pair_owner.long()
+        valid = owner >= 0
+        own = owner.clamp(min=0)
+        slot = state.slot.long().gather(1, own).clamp(0, T - 1)
+        j = torch.arange(K, device=owner.device).expand_as(owner)
+        flat = ((own * T + slot) * K + j).clamp(0, self.weight_grads.numel() - 1)
+        return torch.where(valid, self.weight_grads.view(-1)[flat], 0.0)

@@ -33,15 +33,18 @@ __all__ = ["DispatchPlan", "CountsExchange", "compute_plan", "route_rows", "work
 
 
 @triton.jit
-def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr,
-                 my_counts_ptr, n_rows, delta_ptr, sig_ptr, rank,
+def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
+                 my_counts_ptr, my_tok_ptr, n_rows, max_tokens, delta_ptr, sig_ptr, rank,
                  W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
-                 W_P: tl.constexpr, E_P: tl.constexpr,
+                 W_P: tl.constexpr, E_P: tl.constexpr, EXACT: tl.constexpr, HAS_TOK: tl.constexpr,
                  PUT: tl.constexpr, PLAN: tl.constexpr, MAX_POLLS: tl.constexpr):
     # The counts exchange (sync.py) runs in this same program: PUT stores this rank's count row
     # into every rank's matrix and raises counts_flag there; then the program waits until every
     # rank's row of this call is here. A real world does both in one launch; the simulated world
     # launches PUT for every rank, then the wait + PLAN.
+    # A count row is E expert counts, then W token counts (tokens this rank sends each rank:
+    # the token-level dispatch; zeros for the row-level one): the matrix is [W, E + W].
+    CS: tl.constexpr = E + W
     s = tl.arange(0, W_P)
     g = tl.arange(0, E_P)
     m2 = (s < W)[:, None] & (g < E)[None, :]
@@ -58,18 +61,24 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
         cum = tl.minimum(tl.cumsum(pos, axis=0), n_rows)
         mine = cum - tl.minimum(cum - pos, n_rows)
         mine = tl.maximum(mine, 0)
-        bad = (tl.sum((mine != raw).to(tl.int32), axis=0) > 0) | (tl.sum(mine, axis=0) != n_rows)
+        bad = tl.sum((mine != raw).to(tl.int32), axis=0) > 0
+        if EXACT:   # row-level: the counts must describe every one of the n rows
+            bad = bad | (tl.sum(mine, axis=0) != n_rows)
         if bad:
             raise_status(sig_ptr, _BAD_COUNTS, W)
+        tok = tl.minimum(tl.maximum(tl.load(my_tok_ptr + s, mask=(s < W) & HAS_TOK, other=0), 0), max_tokens)
         delta = tl.load(delta_ptr + s, mask=s < W, other=0)
-        tl.store(counts_ptr + delta[:, None] + rank * E + g[None, :], mine[None, :] + tl.zeros([W_P, E_P], tl.int32),
+        tl.store(counts_ptr + delta[:, None] + rank * CS + g[None, :], mine[None, :] + tl.zeros([W_P, E_P], tl.int32),
                  mask=m2)
+        tl.store(counts_ptr + delta[:, None] + rank * CS + E + s[None, :], tok[None, :] + tl.zeros([W_P, W_P], tl.int32),
+                 mask=(s < W)[:, None] & (s < W)[None, :])
         signal_ranks(sig_ptr, delta_ptr, rank, e, W, W_P)
     if not PLAN:
         return
     wait_flags(sig_ptr, e, W, MAX_POLLS)
     # volatile: peers wrote these rows; never serve them from a stale L1 line
-    C = tl.load(counts_ptr + offs, mask=m2, other=0, volatile=True).to(tl.int32)
+    C = tl.load(counts_ptr + s[:, None] * CS + g[None, :], mask=m2, other=0, volatile=True).to(tl.int32)
+    tl.store(tok_recv_ptr + s, tl.load(counts_ptr + s * CS + E + rank, mask=s < W, other=0, volatile=True), mask=s < W)
     src_end = tl.cumsum(C, axis=1)
     prefix_src = tl.cumsum(C, axis=0) - C                 # rows of lower sources, per expert
     recv = tl.sum(C, axis=0)                              # [E_P]
@@ -96,9 +105,11 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
 class DispatchPlan:
     """Output of :func:`compute_plan` (device tensors, see the module docstring)."""
 
-    def __init__(self, row_base, src_end, group_end, recv, recv_cum, num_local_experts: int, align: int):
+    def __init__(self, row_base, src_end, group_end, recv, recv_cum, num_local_experts: int, align: int,
+                 tok_recv=None):
         self.row_base, self.src_end, self.group_end, self.recv = row_base, src_end, group_end, recv
         self.recv_cum = recv_cum
+        self.tok_recv = tok_recv   # int32 [W]: tokens each source sends this rank (token-level dispatch)
         self.num_local_experts = num_local_experts
         self.align = align
 
@@ -126,30 +137,39 @@ def compute_plan(ex: "CountsExchange", align: int, max_polls: int, phase: str = 
     """
     if phase not in ("all", "put", "plan"):
         raise ValueError(f"phase must be 'all', 'put' or 'plan', got {phase!r}")
-    W, E = ex.counts.shape
+    W = ex.counts.shape[0]
+    E = ex.counts.shape[1] - W
     dev = ex.counts.device
     row_base = torch.empty(W, E, dtype=torch.int32, device=dev)
     src_end = torch.empty(W, E, dtype=torch.int32, device=dev)
     group_end = torch.empty(E, dtype=torch.int32, device=dev)
     recv = torch.empty(E, dtype=torch.int32, device=dev)
     recv_cum = torch.empty(W, E, dtype=torch.int32, device=dev)
-    _plan_kernel[(1,)](ex.counts, row_base, src_end, group_end, recv, recv_cum,
-                       ex.my_counts, ex.num_rows, ex.delta_i32, ex.signals, ex.rank,
+    tok_recv = torch.empty(W, dtype=torch.int32, device=dev)
+    _plan_kernel[(1,)](ex.counts, row_base, src_end, group_end, recv, recv_cum, tok_recv,
+                       ex.my_counts, ex.my_tokens if ex.my_tokens is not None else ex.my_counts,
+                       ex.num_rows, ex.max_tokens, ex.delta_i32, ex.signals, ex.rank,
                        W=W, E=E, L=E // W, ALIGN=align,
-                       W_P=next_power_of_2(W), E_P=max(next_power_of_2(E), 2),
+                       W_P=max(next_power_of_2(W), 2), E_P=max(next_power_of_2(E), 2),
+                       EXACT=ex.my_tokens is None, HAS_TOK=ex.my_tokens is not None,
                        PUT=phase != "plan", PLAN=phase != "put", MAX_POLLS=max_polls, num_warps=4)
     if phase == "put":
         return None
-    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align)
+    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align, tok_recv)
 
 
 class CountsExchange(NamedTuple):
     """What the plan kernel needs to exchange count rows.
 
     Attributes:
-        counts: int32 ``[W, E]`` this rank's count matrix (row s = source s's counts).
-        my_counts: int32 ``[E]`` this rank's num_tokens_per_expert.
-        num_rows: ``n``, this rank's rows.
+        counts: int32 ``[W, E + W]`` this rank's count matrix (row s = source s's expert counts,
+            then the tokens it sends each rank).
+        my_counts: int32 ``[E]`` this rank's expert counts.
+        my_tokens: int32 ``[W]`` the tokens this rank sends each rank (token-level dispatch), or
+            None (row-level: zeros travel; the expert counts must then sum to ``num_rows``,
+            else only not past it).
+        num_rows: ``n``, this rank's rows (row-level) or most (token, expert) pairs (token-level).
+        max_tokens: the most tokens a rank sends one rank (token counts are clamped to it).
         delta_i32: int64 ``[W]`` every rank's allocation minus this one's, in int32 elements.
         signals: int32 ``[W + 2]`` this rank's signal words (sync.py).
         rank: this rank.
@@ -157,7 +177,9 @@ class CountsExchange(NamedTuple):
 
     counts: torch.Tensor
     my_counts: torch.Tensor
+    my_tokens: torch.Tensor | None
     num_rows: int
+    max_tokens: int
     delta_i32: torch.Tensor
     signals: torch.Tensor
     rank: int

@@ -22,6 +22,7 @@ from mxep.ep.config import EPConfig
 from mxep.ep.layout import capacity_rows
 from mxep.ep.transport.base import DispatchHandle, as_mxfp8
 from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout
+from mxep.ep.transport.symm_mem.transport import plan_token_state
 from mxep.format.mxfp8 import MXFP8Tensor
 
 __all__ = ["SimulatedWorld", "SimulatedDispatch"]
@@ -41,14 +42,17 @@ class SimulatedWorld:
 
     def __init__(self, world_size: int, num_experts: int, hidden: int, max_tokens_per_rank: int,
                  align: int = 32, scale_mode: str = "rceil", device: torch.device | str = "cpu",
-                 config: EPConfig | None = None):
+                 config: EPConfig | None = None, top_k: int = 0):
         if num_experts % world_size or hidden % 32:
             raise ValueError("num_experts must be a multiple of world_size and hidden of 32")
         self.world_size, self.num_experts, self.hidden = world_size, num_experts, hidden
         self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
         self.config = config if config is not None else EPConfig()
-        self.capacity = capacity_rows(world_size, num_experts // world_size, max_tokens_per_rank, align)
-        regions = RegionLayout(world_size, num_experts, hidden, max_tokens_per_rank, self.capacity)
+        L = num_experts // world_size
+        rows_per_rank = max_tokens_per_rank * min(top_k, L) if top_k else max_tokens_per_rank
+        self.top_k = top_k
+        self.capacity = capacity_rows(world_size, L, rows_per_rank, align)
+        regions = RegionLayout(world_size, num_experts, hidden, max_tokens_per_rank, self.capacity, top_k)
         mems = [torch.full((regions.total_bytes,), POISON, dtype=torch.uint8, device=device) for _ in range(world_size)]
         addrs = [m.data_ptr() for m in mems]
         self.peers = [PeerMemory(m, addrs, r, regions, self.config) for r, m in enumerate(mems)]
@@ -100,3 +104,48 @@ class SimulatedWorld:
                 for r, (p, h) in enumerate(zip(self.peers, handles))]
         # ---- barrier ----
         return [p.copy_out_combine(h.state, o) for p, h, o in zip(self.peers, handles, outs)]
+
+    # ---------------------------------------------------------------- token-level (top_k > 0)
+    def dispatch_tokens(self, xs: Sequence[torch.Tensor], topk_idx: Sequence[torch.Tensor],
+                        topk_weights: Sequence[torch.Tensor]) -> list[SimulatedDispatch]:
+        """Token-level MXFP8 dispatch on every rank: ``xs[r]`` bf16 ``[t_r, H]``, ``topk_idx[r]``
+        int ``[t_r, k]`` (``-1``: no expert), ``topk_weights[r]`` fp32 ``[t_r, k]``."""
+        if not self.top_k:
+            raise ValueError("dispatch_tokens needs a world built with top_k")
+        for r, p in enumerate(self.peers):
+            plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "put")
+        states = [plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "plan")
+                  for r, p in enumerate(self.peers)]
+        for r, (p, st) in enumerate(zip(self.peers, states)):
+            p.push_tokens_mxfp8(xs[r].contiguous(), st, self.scale_mode)
+        # ---- barrier ----
+        out = []
+        for r, (p, st) in enumerate(zip(self.peers, states)):
+            h = DispatchHandle(None, r, xs[r].shape[0], st.plan.group_end_offsets(r), st.plan.tokens_per_expert(r), st)
+            out.append(SimulatedDispatch(as_mxfp8(*p.expand_tokens(st)), h.group_end_offsets, h.tokens_per_expert, h))
+        return out
+
+    def _reduce_back(self, srcs, handles, weighted):
+        for p, s, h in zip(self.peers, srcs, handles):
+            p.reduce_tokens(s.contiguous(), h.state, weighted)
+        # ---- barrier ----
+        return [p.sum_partials(h.state) for p, h in zip(self.peers, handles)]
+
+    def combine_tokens(self, expert_outs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
+        """``y[r]`` bf16 ``[t_r, H]``: every token's gate-weighted sum of its expert rows."""
+        return self._reduce_back(expert_outs, handles, True)
+
+    def dispatch_tokens_backward(self, grads: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
+        """The dispatch's backward: ``x.grad[r]`` bf16 ``[t_r, H]`` from the layout's gradients."""
+        return self._reduce_back(grads, handles, False)
+
+    def combine_tokens_backward(self, dys: Sequence[torch.Tensor], expert_outs: Sequence[torch.Tensor],
+                                handles: Sequence[DispatchHandle]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The combine's backward: per rank ``(grad_expert_out [cap, H] bf16, grad_topk_weights
+        [t, k] fp32)``."""
+        for p, dy, h in zip(self.peers, dys, handles):
+            p.push_token_grads(dy.contiguous(), h.state)
+        # ---- barrier ----
+        geo = [p.expand_token_grads(e.contiguous(), h.state) for p, e, h in zip(self.peers, expert_outs, handles)]
+        # ---- barrier ----
+        return [(g, p.gather_weight_grads(h.state)) for p, g, h in zip(self.peers, geo, handles)]

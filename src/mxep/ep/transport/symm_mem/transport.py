@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.base import DispatchHandle, Transport, as_mxfp8
-from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout
+from mxep.ep.tokens import route_tokens
+from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout, TokenState
 
-__all__ = ["SymmMemTransport"]
+__all__ = ["SymmMemTransport", "plan_token_state"]
 
 
 class _NoBarrier:
@@ -139,3 +140,69 @@ class SymmMemTransport(Transport):
         self._barrier()
         self._combine_region_read = True
         return self.peer.copy_out_combine(handle.state, out)
+
+    # ------------------------------------------------------------------ token-level (tokens.py)
+    def plan_tokens(self, topk_idx, topk_weights, align):
+        if self._unpushed is not None:
+            raise RuntimeError("mxep: the previous dispatch plan was never dispatched; every plan must be followed "
+                               "by its dispatch before the next plan")
+        state = plan_token_state(self.peer, topk_idx, topk_weights, align, "all")
+        plan = state.plan
+        handle = DispatchHandle(self, self.rank, topk_idx.shape[0], plan.group_end_offsets(self.rank),
+                                plan.tokens_per_expert(self.rank), state)
+        self._unpushed = handle
+        return handle
+
+    def dispatch_tokens_mxfp8(self, x, handle, scale_mode):
+        if handle.dispatched or handle is not self._unpushed:
+            raise RuntimeError("mxep: only the latest plan of this Buffer can be dispatched, once")
+        handle.dispatched = True
+        self._unpushed = None
+        self.peer.push_tokens_mxfp8(x, handle.state, scale_mode)
+        self._barrier()
+        return as_mxfp8(*self.peer.expand_tokens(handle.state))
+
+    def _reduce_back(self, src, handle, weighted):
+        if self._combine_region_read:
+            self._barrier()   # entry: sources are done reading their combine region
+        self.peer.reduce_tokens(src, handle.state, weighted)
+        self._barrier()
+        self._combine_region_read = True
+        return self.peer.sum_partials(handle.state)
+
+    def combine_tokens(self, expert_out, handle):
+        return self._reduce_back(expert_out, handle, True)
+
+    def dispatch_tokens_backward(self, grad_tokens, handle):
+        return self._reduce_back(grad_tokens, handle, False)
+
+    def combine_tokens_backward(self, dy, expert_out, handle):
+        self._barrier()   # entry: owners are done with their token slots (the dispatch's expand)
+        self.peer.push_token_grads(dy, handle.state)
+        self._barrier()
+        grad_expert_out = self.peer.expand_token_grads(expert_out, handle.state)
+        self._barrier()
+        return grad_expert_out, self.peer.gather_weight_grads(handle.state)
+
+
+def plan_token_state(peer: PeerMemory, topk_idx: torch.Tensor, topk_weights: torch.Tensor, align: int,
+                     phase: str) -> TokenState | None:
+    """Route the tokens (sync-free torch ops, :mod:`mxep.ep.tokens`), exchange the counts and
+    plan (``phase`` as :meth:`PeerMemory.exchange_and_plan`), and derive every pair's layout row."""
+    r = peer.regions
+    t, k = topk_idx.shape
+    route = route_tokens(topk_idx, r.num_experts, r.world_size)
+    plan = peer.exchange_and_plan(route.counts, t * k, align, phase, tokens_per_rank=route.tokens_per_rank)
+    if plan is None:
+        return None
+    E = r.num_experts
+    g = route.expert.clamp(max=E - 1)
+    base = plan.row_base[peer.rank].long().gather(0, g.flatten()).view(t, k)
+    # row_base is "dest_row - i" for the row-level row i: the pair's row is base + its index in
+    # the sorted expansion (pair_index), exactly the row the row-level dispatch would give
+    pair_rows = torch.where(route.pair_index >= 0, base + route.pair_index.long(), -1).to(torch.int32)
+    S = r.world_size * r.max_tokens_per_rank
+    rows = torch.full((S, k), -1, dtype=torch.int32, device=topk_idx.device)
+    weights = torch.zeros(S, k, dtype=torch.float32, device=topk_idx.device)
+    return TokenState(plan, route.slot, route.pair_owner, pair_rows,
+                      topk_weights.detach().to(torch.float32).contiguous(), rows, weights)
