@@ -115,7 +115,8 @@ class Buffer:
 
     def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, align: int = 32,
                  scale_mode: str = "rceil", transport: str = "auto", debug: bool = False,
-                 device: torch.device | str | None = None, config: EPConfig | None = None):
+                 device: torch.device | str | None = None, config: EPConfig | None = None,
+                 top_k: int | None = None):
         if not dist.is_initialized():
             raise RuntimeError("mxep.Buffer needs torch.distributed to be initialized")
         self.group = group if group is not None else dist.group.WORLD
@@ -139,7 +140,13 @@ class Buffer:
         self.align = align
         self.scale_mode = scale_mode
         self.debug = bool(debug)
-        self.capacity = capacity_rows(self.world_size, self.num_local_experts, max_tokens_per_rank, align)
+        self.top_k = None if top_k is None else check_size("top_k", top_k, 1)
+        if self.top_k is not None and self.top_k > num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({num_experts})")
+        # Output rows on one rank in the true worst case: every row of every rank (row-level),
+        # or every token's pairs for one rank, at most min(k, L) per token (token-level).
+        rows = max_tokens_per_rank if self.top_k is None else max_tokens_per_rank * min(self.top_k, self.num_local_experts)
+        self.capacity = capacity_rows(self.world_size, self.num_local_experts, rows, align)
 
         backend = dist.get_backend(self.group)
         if device is None:
@@ -153,22 +160,26 @@ class Buffer:
         if transport == "symm_mem" and self.device.type != "cuda":
             raise ValueError("transport='symm_mem' needs CUDA devices")
         self._check_ranks_agree(transport)
-        self.regions = RegionLayout(self.world_size, num_experts, hidden, max_tokens_per_rank, self.capacity)
+        self.regions = RegionLayout(self.world_size, num_experts, hidden, max_tokens_per_rank, self.capacity,
+                                    self.top_k or 0)
         if transport == "symm_mem":
             self.transport: Transport = SymmMemTransport(self.group, self.regions, self.device, self.config)
         else:
-            self.transport = CollectiveTransport(self.group, hidden, max_tokens_per_rank, self.capacity, self.device)
+            self.transport = CollectiveTransport(self.group, num_experts, hidden, max_tokens_per_rank, self.capacity,
+                                                 self.device, self.top_k or 0, align)
 
     def _check_ranks_agree(self, transport: str) -> None:
         """Compare the settings every rank passed, with one small all-gather; raise naming the
         first setting that differs and every rank's value."""
         settings = {"hidden": self.hidden, "num_experts": self.num_experts,
                     "max_tokens_per_rank": self.max_tokens_per_rank, "align": self.align,
-                    "scale_mode": SCALE_MODES.index(self.scale_mode), "transport": TRANSPORTS.index(transport)}
+                    "scale_mode": SCALE_MODES.index(self.scale_mode), "transport": TRANSPORTS.index(transport),
+                    "top_k": self.top_k or 0}
         mine = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.device)
-        every = torch.empty(self.world_size, mine.numel(), dtype=torch.int64, device=self.device)
-        dist.all_gather_into_tensor(every, mine, group=self.group)
-        every = every.cpu()   # construction-only: host read of the ranks' settings
+        every = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=self.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        gather(every, mine, group=self.group)   # a flat output: gloo's all_gather_single refuses [W, n]
+        every = every.view(self.world_size, -1).cpu()   # construction-only: host read of the ranks' settings
         for k, (name, _) in enumerate(settings.items()):
             col = every[:, k].tolist()   # construction-only
             if len(set(col)) > 1:
@@ -246,8 +257,19 @@ class Buffer:
                                "call are invalid")
 
     # ------------------------------------------------------------------ raw ops (no autograd)
+    def _row_level_only(self, what: str) -> None:
+        if self.top_k is not None:
+            raise RuntimeError(f"mxep.Buffer.{what} is the row-level API; this Buffer was built with top_k="
+                               f"{self.top_k} for the token-level one (dispatch_tokens / combine_tokens): build a "
+                               "Buffer without top_k for rows")
+
+    def _token_level_only(self, what: str) -> None:
+        if self.top_k is None:
+            raise RuntimeError(f"mxep.Buffer.{what} is the token-level API: build the Buffer with top_k=k")
+
     def plan(self, num_tokens_per_expert: torch.Tensor, num_rows: int) -> DispatchHandle:
         """Exchange counts (device-side) and compute the layout of one dispatch."""
+        self._row_level_only("plan")
         counts = self._check_counts(num_tokens_per_expert, num_rows)
         return self.transport.plan(counts, num_rows, self.align)
 
@@ -287,6 +309,7 @@ class Buffer:
             ``tokens.dequantize()`` travels back (never quantized); ``x.grad[i]`` is the
             gradient at the row where ``x[i]`` landed.
         """
+        self._row_level_only("dispatch")
         self._check_x(x)
         handle = self.plan(num_tokens_per_expert, x.shape[0])
         tokens = MXFP8DispatchFunction.apply(x, self, handle, zero_copy)
@@ -333,6 +356,7 @@ class Buffer:
             bit-exact copy). Differentiable: the backward sends the bf16 gradient into the
             dispatch layout (pad rows zero).
         """
+        self._row_level_only("combine")
         self._check_handle(handle)
         if expert_out.dtype != torch.bfloat16:
             raise TypeError(f"expert_out must be bfloat16, got {expert_out.dtype}")
@@ -341,8 +365,84 @@ class Buffer:
                              f"got {tuple(expert_out.shape)}")
         return CombineFunction.apply(expert_out, self, handle)
 
+    # ------------------------------------------------------------------ token-level (top_k)
+    def _check_routing(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        self._check_x(x)
+        t, k = x.shape[0], self.top_k
+        if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"topk_idx must be an int32/int64 tensor, got {getattr(topk_idx, 'dtype', type(topk_idx))}")
+        if tuple(topk_idx.shape) != (t, k):
+            raise ValueError(f"topk_idx must be [{t}, {k}] (tokens x top_k), got {tuple(topk_idx.shape)}")
+        if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point():
+            raise TypeError("topk_weights must be a floating-point tensor (fp32 [t, k])")
+        if tuple(topk_weights.shape) != (t, k):
+            raise ValueError(f"topk_weights must be [{t}, {k}], got {tuple(topk_weights.shape)}")
+        if topk_idx.device != self.device or topk_weights.device != self.device:
+            raise ValueError(f"topk_idx and topk_weights must be on {self.device}")
+        if self.debug:
+            lo, hi = int(topk_idx.min()) if topk_idx.numel() else 0, int(topk_idx.max()) if topk_idx.numel() else 0  # debug-only
+            if lo < -1 or hi >= self.num_experts:
+                raise ValueError(f"topk_idx must hold expert ids in [0, {self.num_experts}) or -1; got [{lo}, {hi}]")
 
-__all__ = ["MXFP8DispatchFunction", "CombineFunction", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd"]
+    def dispatch_tokens(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        """Token-level fused MXFP8 dispatch: every token crosses to each rank that owns one of
+        its experts at most once (quantized once, at its source) and is expanded there into its
+        local experts' rows of the expert-major, padded layout.
+
+        Args:
+            x: bf16 ``[t, H]``, ``t <= max_tokens_per_rank`` tokens in any order (not expanded).
+            topk_idx: int32/int64 ``[t, top_k]`` global expert ids, distinct within a row; ``-1``
+                marks a slot with no expert (skipped, its weight ignored).
+            topk_weights: fp32 ``[t, top_k]`` gate weights (travel with the tokens; the combine
+                applies them).
+
+        Returns:
+            :class:`DispatchResult`: ``tokens`` MXFP8 ``[capacity, H]`` bit for bit the row-level
+            dispatch of the stably expert-sorted expansion of the (token, expert) pairs with id
+            >= 0 (docs/layout.md: on the owner, expert e's group holds source 0's tokens that
+            chose e in token order, then source 1's, ...); ``group_end_offsets`` /
+            ``tokens_per_expert`` int32 ``[E // W]``; ``handle`` for :meth:`combine_tokens`.
+            Differentiable w.r.t. ``x`` (bf16, straight-through: ``x.grad[t]`` = the sum over
+            its pairs of the gradient at the pair's row) and, through :meth:`combine_tokens`,
+            ``topk_weights``. No host sync.
+
+        Memory (symmetric, per rank): ``W*(E+W)*4 + 4*(W+2) + max(W*T*(H + H/32), 2*W*T*H)
+        + 2*W*T*H + 3*4*W*T*k`` bytes (token slots, returned partials, slot tables; each region
+        rounded up to 256): ``W * T`` token slots, not ``W * T * k`` rows (``symm_bytes``). The
+        output holds ``capacity = W * T * min(k, L) + L * align`` rows.
+        """
+        self._token_level_only("dispatch_tokens")
+        self._check_routing(x, topk_idx, topk_weights)
+        handle = self.transport.plan_tokens(topk_idx.contiguous(), topk_weights, self.align)
+        tokens = TokenDispatchFunction.apply(x.contiguous(), self, handle)
+        return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
+
+    def combine_tokens(self, expert_out: torch.Tensor, handle: DispatchHandle,
+                       topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``y[t] = sum_j topk_weights[t, j] * expert_out[row(t, j)]``: each owner reduces a
+        token's rows over its local experts in fp32 (gate-weighted, in top-k slot order) and
+        sends one bf16 partial per (token, rank) back; the source adds the partials in fp32 in
+        rank order. Bit-identical from run to run.
+
+        Args:
+            expert_out: bf16 ``[capacity, H]`` in the layout of ``handle``'s dispatch (pad rows
+                and rows past ``group_end_offsets[-1]`` are never read).
+            handle: the handle of that :meth:`dispatch_tokens`.
+            topk_weights: the tensor passed to that dispatch, to receive its gradient (its
+                values are the dispatched ones, which travelled with the tokens); None: no
+                gradient for the weights.
+
+        Returns:
+            bf16 ``[t, H]``. Differentiable: ``expert_out.grad[row(t, j)] = topk_weights[t, j] *
+            dy[t]`` (bf16, pad rows zero) and ``topk_weights.grad[t, j] = <dy[t],
+            expert_out[row(t, j)]>`` (fp32); ``dy`` crosses once per (token, rank) in bf16.
+        """
+        self._token_level_only("combine_tokens")
+        self._check_handle(handle)
+        if expert_out.dtype != torch.bfloat16 or tuple(expert_out.shape) != (self.capacity, self.hidden):
+            raise ValueError(f"expert_out must be bf16 [{self.capacity}, {self.hidden}] (the dispatch layout), got "
+                             f"{expert_out.dtype} {tuple(expert_out.shape)}")
+        return TokenCombineFunction.apply(expert_out.contiguous(), topk_weights, self, handle)
 
 
 class MXFP8DispatchFunction(torch.autograd.Function):
@@ -385,3 +485,40 @@ def a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(x: torch.Tensor, num_tokens_per_expe
         :class:`mxep.DispatchResult` ``(tokens, group_end_offsets, tokens_per_expert, handle)``.
     """
     return buffer.dispatch(x, num_tokens_per_expert)
+
+
+class TokenDispatchFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, buffer, handle):
+        ctx.buffer, ctx.handle = buffer, handle
+        out = buffer.transport.dispatch_tokens_mxfp8(x, handle, buffer.scale_mode)
+        if buffer.debug:
+            buffer.check("dispatch_tokens")   # debug-only: host sync
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_tokens):
+        if grad_tokens is None:
+            return None, None, None
+        grad_x = ctx.buffer.transport.dispatch_tokens_backward(grad_tokens.to(torch.bfloat16).contiguous(), ctx.handle)
+        return grad_x, None, None
+
+
+class TokenCombineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_out, topk_weights, buffer, handle):
+        ctx.buffer, ctx.handle = buffer, handle
+        ctx.save_for_backward(expert_out)
+        y = buffer.transport.combine_tokens(expert_out, handle)
+        if buffer.debug:
+            buffer.check("combine_tokens")   # debug-only: host sync
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None
+        (expert_out,) = ctx.saved_tensors
+        grad_eo, grad_w = ctx.buffer.transport.combine_tokens_backward(dy.to(torch.bfloat16).contiguous(), expert_out,
+                                                                        ctx.handle)
+        return grad_eo, (grad_w if ctx.needs_input_grad[1] else None), None, None

@@ -30,9 +30,9 @@ def clamp_counts(counts: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, tor
     not dispatched). Returns ``(clamped int32 [E], bad bool [])``: ``bad`` is True where the
     input was not already a valid description (negative, or not summing to ``num_rows``). The
     symmetric-memory plan kernel applies the same rule in registers."""
-    pos = counts.to(torch.int64).clamp(min=0)
-    cum = pos.cumsum(0).clamp(max=num_rows)
-    clamped = (cum - (cum - pos).clamp(max=num_rows)).clamp(min=0)
+    pos = counts.to(torch.int64).clamp(0, num_rows)   # (no count above n: the sums below cannot overflow)
+    cum = pos.cumsum(0)
+    clamped = cum.clamp(max=num_rows) - (cum - pos).clamp(max=num_rows)
     bad = (clamped != counts.to(torch.int64)).any() | (clamped.sum() != num_rows)
     return clamped.to(torch.int32), bad
 
@@ -63,8 +63,11 @@ class DispatchLayout:
     trash_row: int
 
 
-def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, align: int) -> DispatchLayout:
-    """``counts``: int32/int64 ``[W, E]`` count matrix -> :class:`DispatchLayout`.
+def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, align: int,
+                            capacity: int | None = None) -> DispatchLayout:
+    """``counts``: int32/int64 ``[W, E]`` count matrix -> :class:`DispatchLayout`. ``capacity``:
+    rows of the receive buffer (default :func:`capacity_rows`; the token-level path's is smaller,
+    at most ``min(k, L)`` rows of a token on one rank).
 
     Sync-free: only fixed-size tensor ops; shapes depend on (W, E, N, align) alone.
 
@@ -104,7 +107,8 @@ def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, alig
     g = torch.searchsorted(src_end, rows, right=True)                     # E for rows >= n_s
     g_c = g.clamp(max=E - 1)
     dest_row = first_row.gather(1, g_c) + rows - src_start.gather(1, g_c)
-    capacity = capacity_rows(W, L, N, align)
+    if capacity is None:
+        capacity = capacity_rows(W, L, N, align)
     # Counts that do not describe the rows (not checked outside debug mode: that needs a host
     # sync) must not make anyone write outside the buffer: such rows are dropped.
     valid = (g < E) & (dest_row >= 0) & (dest_row < capacity)

@@ -8,10 +8,13 @@ call leaves the others blocked in the collective until the process group's own t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from mxep.ep.layout import DispatchLayout, clamp_counts, compute_dispatch_layout
+from mxep.ep.tokens import route_tokens
 from mxep.ep.transport.base import BAD_COUNTS, DispatchHandle, Transport, as_mxfp8
 from mxep.format.mxfp8 import to_mxfp8
 
@@ -28,21 +31,27 @@ def _finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> to
 class CollectiveTransport(Transport):
     name = "collective"
 
-    def __init__(self, group, hidden: int, max_tokens_per_rank: int, capacity: int, device: torch.device):
+    def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, capacity: int,
+                 device: torch.device, top_k: int = 0, align: int = 32):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.hidden, self.max_tokens_per_rank, self.capacity = hidden, max_tokens_per_rank, capacity
+        self.num_experts = num_experts
+        self.hidden, self.capacity, self.top_k = hidden, capacity, top_k
+        # The token-level path expands on the source: it moves the rows of the sorted expansion,
+        # at most T * min(k, L) ... of them per peer, so its row budget is T * k.
+        self.max_tokens_per_rank = max_tokens_per_rank * top_k if top_k else max_tokens_per_rank
         self.device = device
         self._combine_input = None
         # The device-side error word (as the symmetric-memory transport's status word):
         # BAD_COUNTS when a rank's counts had to be clamped.
         self._status = torch.zeros((), dtype=torch.int32, device=device)
 
-    def plan(self, counts_i32, num_rows, align):
+    def plan(self, counts_i32, num_rows, align, exact: bool = True):
         counts, bad = clamp_counts(counts_i32, num_rows)
-        self._status.bitwise_or_(bad.to(torch.int32) * BAD_COUNTS)
-        layout = compute_dispatch_layout(self._exchange_counts(counts), self.max_tokens_per_rank, align)
+        if exact:
+            self._status.bitwise_or_(bad.to(torch.int32) * BAD_COUNTS)
+        layout = compute_dispatch_layout(self._exchange_counts(counts), self.max_tokens_per_rank, align, self.capacity)
         return DispatchHandle(self, self.rank, num_rows, layout.group_end_offsets[self.rank],
                               layout.tokens_per_expert[self.rank], layout)
 
@@ -128,3 +137,72 @@ class CollectiveTransport(Transport):
         if n == 0:
             return recv[:0].clone()
         return recv.index_select(0, self._send_slots(layout, n))
+
+    # ------------------------------------------------------------------ token-level
+    # The portable path expands on the source: the rows of the stably expert-sorted expansion go
+    # through the row-level collective dispatch (the same bytes, docs/layout.md), and the combine
+    # reduces on the source with the same arithmetic as the symmetric-memory kernels (per owner,
+    # fp32 in top-k slot order, rounded to bf16; then the owners' partials in rank order), so
+    # both transports give the same bits.
+    def plan_tokens(self, topk_idx, topk_weights, align):
+        t, k = topk_idx.shape
+        route = route_tokens(topk_idx, self.num_experts, self.world)
+        order = torch.argsort(route.expert.flatten(), stable=True)
+        rows = self.plan(route.counts, t * k, align, exact=False)
+        state = _TokenState(rows, order // k, route.pair_index.long().clamp(min=0), route.pair_owner.long(),
+                            topk_weights.detach().to(torch.float32), None)
+        return DispatchHandle(self, self.rank, t, rows.group_end_offsets, rows.tokens_per_expert, state)
+
+    def dispatch_tokens_mxfp8(self, x, handle, scale_mode):
+        st = handle.state
+        return self.dispatch_mxfp8(x.index_select(0, st.token_of), st.rows, scale_mode)
+
+    def _two_level_sum(self, pair_rows: torch.Tensor, st: "_TokenState", weights: torch.Tensor | None) -> torch.Tensor:
+        t, k, H = pair_rows.shape
+        y = torch.zeros(t, H, dtype=torch.float32, device=pair_rows.device)
+        for d in range(self.world):
+            part = torch.zeros(t, H, dtype=torch.float32, device=pair_rows.device)
+            for j in range(k):
+                v = pair_rows[:, j].float()
+                if weights is not None:
+                    v = v * weights[:, j:j + 1]
+                part = part + torch.where((st.owner[:, j] == d)[:, None], v, 0.0)
+            y = y + part.to(torch.bfloat16).float()
+        return y.to(torch.bfloat16)
+
+    def _rows_by_pair(self, src, st):
+        t, k = st.owner.shape
+        rows = self.combine_bf16(src, st.rows)                          # sorted expansion order
+        return rows.index_select(0, st.pair_index.flatten()).view(t, k, -1)
+
+    def combine_tokens(self, expert_out, handle):
+        st = handle.state
+        st.expert_rows = self._rows_by_pair(expert_out, st)             # the weight gradient reads them
+        return self._two_level_sum(st.expert_rows, st, st.weights)
+
+    def dispatch_tokens_backward(self, grad_tokens, handle):
+        st = handle.state
+        return self._two_level_sum(self._rows_by_pair(grad_tokens, st), st, None)
+
+    def combine_tokens_backward(self, dy, expert_out, handle):
+        st = handle.state
+        t, k = st.owner.shape
+        valid = st.owner >= 0
+        g = (st.weights[:, :, None] * dy[:, None, :].float()).to(torch.bfloat16)          # [t, k, H]
+        g = torch.where(valid[:, :, None], g, 0)
+        sorted_rows = torch.zeros(t * k, dy.shape[1], dtype=torch.bfloat16, device=dy.device)
+        sorted_rows.index_copy_(0, st.pair_index.flatten()[valid.flatten()], g.flatten(0, 1)[valid.flatten()])
+        grad_expert_out = self.dispatch_bf16(sorted_rows, st.rows)
+        rows = st.expert_rows if st.expert_rows is not None else self._rows_by_pair(expert_out, st)
+        grad_w = torch.where(valid, (dy[:, None, :].float() * rows.float()).sum(-1), 0.0)
+        return grad_expert_out, grad_w
+
+
+@dataclass
+class _TokenState:
+    rows: DispatchHandle          # the row-level handle of the sorted expansion
+    token_of: torch.Tensor        # int64 [t * k]: the token of each sorted row
+    pair_index: torch.Tensor      # int64 [t, k]: each pair's sorted row (0 for -1 slots)
+    owner: torch.Tensor           # int64 [t, k]: each pair's owner rank (-1: no expert)
+    weights: torch.Tensor         # fp32 [t, k]
+    expert_rows: torch.Tensor | None   # bf16 [t, k, H]: the combine's rows back at the source
