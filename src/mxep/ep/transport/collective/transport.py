@@ -173,7 +173,7 @@ class CollectiveTransport(Transport):
     def _rows_by_pair(self, src, st):
         t, k = st.owner.shape
         rows = self.combine_bf16(src, st.rows)                          # sorted expansion order
-        return rows.index_select(0, st.pair_index.flatten()).view(t, k, -1)
+        return rows.index_select(0, st.pair_index.flatten()).view(t, k, rows.shape[1])
 
     def combine_tokens(self, expert_out, handle):
         st = handle.state

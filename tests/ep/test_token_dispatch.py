@@ -1,0 +1,243 @@
+"""Token-level dispatch and combine (``Buffer(top_k=k).dispatch_tokens`` / ``combine_tokens``).
+
+Against independent references: the layout bit for bit against the single-process oracle of
+the stably expert-sorted expansion (``mxep.ep.naive``, pure-torch quantizer); the combine, the
+dispatch's backward and both combine gradients against float64 sums; the simulated world
+(the symmetric-memory kernels) and the collective transport (gloo ranks) against each other,
+bit for bit. Routing: skewed, ``-1`` slots, a rank with no tokens, tokens whose experts all
+live on one rank, top_k 1, 2 and 8; outputs poisoned before the kernels write them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxep.ep.config import EPConfig
+from mxep.ep.naive import simulate_dispatch_mxfp8
+from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
+from support.dist import run_distributed
+
+POISON = EPConfig(poison_outputs=True)
+
+
+def _routing(g, t, E, k, W, kind):
+    """``topk_idx`` int64 ``[t, k]`` (distinct per row, ``-1`` slots where ``kind`` says)."""
+    if kind == "one_rank":     # every expert of a token on one rank
+        L = E // W
+        d = torch.randint(0, W, (t,), generator=g)
+        idx = torch.stack([d[i] * L + torch.randperm(L, generator=g)[:k] for i in range(t)]) if t else \
+            torch.zeros(0, k, dtype=torch.int64)
+    elif kind == "skewed":     # expert 0 in most tokens
+        rows = []
+        for _ in range(t):
+            r = torch.randperm(E, generator=g)[:k]
+            if torch.rand((), generator=g) < 0.7 and 0 not in r:
+                r[0] = 0
+            rows.append(r)
+        idx = torch.stack(rows) if t else torch.zeros(0, k, dtype=torch.int64)
+    else:
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(t)]) if t else \
+            torch.zeros(0, k, dtype=torch.int64)
+    if kind in ("holes", "skewed") and t:
+        holes = torch.rand(t, k, generator=g) < 0.25
+        idx = torch.where(holes, -1, idx)
+    return idx
+
+
+def _inputs(seed, W, E, H, T, k, kind, empty_rank=None):
+    g = torch.Generator().manual_seed(seed)
+    ts = [0 if r == empty_rank else int(torch.randint(1, T + 1, (), generator=g)) for r in range(W)]
+    xs = [torch.randn(t, H, generator=g).bfloat16() for t in ts]
+    idx = [_routing(g, t, E, k, W, kind) for t in ts]
+    ws = [torch.rand(t, k, generator=g) for t in ts]
+    return xs, idx, ws
+
+
+def _expansion(xs, idx, E, k):
+    """Rows and counts of the stably expert-sorted expansion of every rank's pairs (the oracle's input)."""
+    rows, counts = [], []
+    for x, i in zip(xs, idx):
+        e = torch.where(i >= 0, i, E).flatten()
+        order = torch.argsort(e, stable=True)
+        keep = e[order] < E
+        rows.append(x[order // k][keep] if x.shape[0] else x[:0])
+        counts.append(torch.bincount(e[e < E], minlength=E))
+    return rows, counts
+
+
+def _pair_rows_ref(idx, offsets_per_rank, E, W):
+    """Oracle row of every pair: on the owner, expert e's group holds source 0's tokens that chose
+    e in token order, then source 1's, ... (docs/layout.md)."""
+    L = E // W
+    nxt = {}
+    out = []
+    for s, i in enumerate(idx):
+        rows = torch.full(i.shape, -1, dtype=torch.int64)
+        out.append(rows)
+    for g in range(E):
+        d, e = divmod(g, L)
+        start = 0 if e == 0 else int(offsets_per_rank[d][e - 1])
+        p = start
+        for s, i in enumerate(idx):
+            for t in range(i.shape[0]):
+                for j in range(i.shape[1]):
+                    if int(i[t, j]) == g:
+                        out[s][t, j] = p
+                        p += 1
+        nxt[g] = p
+    return out
+
+
+CASES = [  # (W, E, H, T, k, kind, empty_rank)
+    (2, 8, 64, 9, 3, "holes", None),
+    (3, 6, 96, 7, 2, "skewed", 1),
+    (4, 16, 64, 6, 8, "uniform", None),
+    (2, 4, 32, 5, 1, "one_rank", None),
+    (4, 8, 64, 5, 2, "one_rank", 3),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}-E{c[1]}-k{c[4]}-{c[5]}")
+def test_simulated_token_dispatch_combine(case):
+    W, E, H, T, k, kind, empty = case
+    xs, idx, ws = _inputs(7 + W + k, W, E, H, T, k, kind, empty)
+    world = SimulatedWorld(W, E, H, T, top_k=k, config=POISON)
+    out = world.dispatch_tokens(xs, idx, ws)
+
+    # layout, bit for bit, against the oracle of the sorted expansion
+    rows, counts = _expansion(xs, idx, E, k)
+    ref = simulate_dispatch_mxfp8(rows, counts, 32)
+    for r in range(W):
+        end = int(out[r].group_end_offsets[-1])
+        assert torch.equal(out[r].group_end_offsets, ref[r].group_end_offsets.to(torch.int32))
+        assert torch.equal(out[r].tokens_per_expert, ref[r].tokens_per_expert.to(torch.int32))
+        assert torch.equal(out[r].tokens.qdata.view(torch.uint8)[:end], ref[r].qdata.view(torch.uint8)[:end])
+        assert torch.equal(out[r].tokens.scale.view(torch.uint8)[:end], ref[r].scale.view(torch.uint8)[:end])
+    pair_rows = _pair_rows_ref(idx, [o.group_end_offsets for o in out], E, W)
+    for r in range(W):
+        assert torch.equal(out[r].handle.state.pair_rows.long(), pair_rows[r])
+
+    # combine against float64; run to run bit-identical
+    g = torch.Generator().manual_seed(99)
+    eos = [torch.randn(world.capacity, H, generator=g).bfloat16() for _ in range(W)]
+    handles = [o.handle for o in out]
+    ys = world.combine_tokens(eos, handles)
+    ys2 = world.combine_tokens(eos, handles)
+    L = E // W
+    for r in range(W):
+        assert torch.equal(ys[r], ys2[r])
+        ref_y = torch.zeros(xs[r].shape[0], H, dtype=torch.float64)
+        for t in range(xs[r].shape[0]):
+            for j in range(k):
+                e = int(idx[r][t, j])
+                if e >= 0:
+                    ref_y[t] += ws[r][t, j].double() * eos[e // L][int(pair_rows[r][t, j])].double()
+        if ref_y.numel():
+            assert (ys[r].double() - ref_y).norm() <= 1e-2 * ref_y.norm() + 1e-6
+
+    # the combine's backward: bf16 w * dy at every pair's row (pad rows zero), fp32 dots
+    dys = [torch.randn(x.shape[0], H, generator=g).bfloat16() for x in xs]
+    grads = world.combine_tokens_backward(dys, eos, handles)
+    for r in range(W):
+        geo = grads[r][0]
+        ends = out[r].group_end_offsets.tolist()   # debug-only (test)
+        recv = out[r].tokens_per_expert.tolist()   # debug-only (test)
+        for e in range(L):
+            start = 0 if e == 0 else ends[e - 1]
+            assert torch.all(geo[start + recv[e]:ends[e]] == 0)    # pad rows
+    for s in range(W):
+        gw = grads[s][1]
+        for t in range(xs[s].shape[0]):
+            for j in range(k):
+                e = int(idx[s][t, j])
+                if e < 0:
+                    assert gw[t, j] == 0
+                    continue
+                row = int(pair_rows[s][t, j])
+                assert torch.equal(grads[e // L][0][row], (ws[s][t, j] * dys[s][t].float()).bfloat16())
+                dot = float((dys[s][t].double() * eos[e // L][row].double()).sum())
+                assert abs(float(gw[t, j]) - dot) <= 1e-4 * (1 + abs(dot))
+
+    # the dispatch's backward: x.grad[t] = the sum of the gradient at its pairs' rows
+    gts = [torch.randn(world.capacity, H, generator=g).bfloat16() for _ in range(W)]
+    gx = world.dispatch_tokens_backward(gts, handles)
+    for s in range(W):
+        ref_g = torch.zeros(xs[s].shape[0], H, dtype=torch.float64)
+        for t in range(xs[s].shape[0]):
+            for j in range(k):
+                e = int(idx[s][t, j])
+                if e >= 0:
+                    ref_g[t] += gts[e // L][int(pair_rows[s][t, j])].double()
+        if ref_g.numel():
+            assert (gx[s].double() - ref_g).norm() <= 1e-2 * ref_g.norm() + 1e-6
+
+
+def _buffer_body(rank, world, cases):
+    import mxep
+
+    results = []
+    for (E, H, T, k, kind, empty, seed) in cases:
+        xs, idx, ws = _inputs(seed, world, E, H, T, k, kind, empty)
+        buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, top_k=k, config=POISON)
+        g = torch.Generator().manual_seed(seed + 1)
+        eos = [torch.randn(buf.capacity, H, generator=g).bfloat16() for _ in range(world)]
+        dys = [torch.randn(x.shape[0], H, generator=g).bfloat16() for x in xs]
+        gts = [torch.randn(buf.capacity, H, generator=g).bfloat16() for _ in range(world)]
+        x = xs[rank].clone().requires_grad_(True)
+        w = ws[rank].clone().requires_grad_(True)
+        res = buf.dispatch_tokens(x, idx[rank], w)
+        eo = eos[rank].clone().requires_grad_(True)
+        y = buf.combine_tokens(eo, res.handle, w)
+        (y.float() * dys[rank].float()).sum().backward()
+        x2 = xs[rank].clone().requires_grad_(True)
+        res2 = buf.dispatch_tokens(x2, idx[rank], ws[rank])
+        (res2.tokens.dequantize().float() * gts[rank].float()).sum().backward()
+
+        sw = SimulatedWorld(world, E, H, T, top_k=k)
+        out = sw.dispatch_tokens(xs, idx, ws)
+        ys = sw.combine_tokens(eos, [o.handle for o in out])
+        gr = sw.combine_tokens_backward(dys, eos, [o.handle for o in out])
+        gx = sw.dispatch_tokens_backward(gts, [o.handle for o in out])
+        end = int(res.group_end_offsets[-1])
+        o = out[rank]
+        ok = (torch.equal(res.group_end_offsets, o.group_end_offsets)
+              and torch.equal(res.tokens.qdata.view(torch.uint8)[:end], o.tokens.qdata.view(torch.uint8)[:end])
+              and torch.equal(res.tokens.scale.view(torch.uint8)[:end], o.tokens.scale.view(torch.uint8)[:end])
+              and torch.equal(y, ys[rank]) and torch.equal(eo.grad[:end], gr[rank][0][:end])
+              and torch.allclose(w.grad, gr[rank][1], rtol=1e-4, atol=1e-4)
+              and torch.equal(x2.grad, gx[rank]))
+        results.append(ok)
+    return results
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_collective_matches_symmetric_memory_kernels(world):
+    """The gloo ranks' Buffer (collective transport: source-side expansion) gives the same bits
+    as the symmetric-memory kernels of the simulated world, forward and backward."""
+    cases = [(8, 64, 9, 3, "holes", None, 11)]
+    if world == 2:   # a rank with no tokens, skewed routing
+        cases.append((8, 32, 6, 2, "skewed", 1, 12))
+    res = run_distributed(_buffer_body, world, cases, timeout=300)
+    assert all(all(r) for r in res), res
+
+
+def test_token_buffer_refuses_row_level_calls():
+    import torch.distributed as dist
+
+    from support.dist import free_port
+    import mxep
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        buf = mxep.Buffer(None, num_experts=4, hidden=32, max_tokens_per_rank=4, top_k=2)
+        with pytest.raises(RuntimeError, match="row-level"):
+            buf.dispatch(torch.randn(2, 32).bfloat16(), torch.tensor([1, 1, 0, 0]))
+        with pytest.raises(ValueError, match="topk_idx must be"):
+            buf.dispatch_tokens(torch.randn(2, 32).bfloat16(), torch.zeros(2, 3, dtype=torch.int64), torch.rand(2, 3))
+        rows = mxep.Buffer(None, num_experts=4, hidden=32, max_tokens_per_rank=4)
+        with pytest.raises(RuntimeError, match="token-level"):
+            rows.dispatch_tokens(torch.randn(2, 32).bfloat16(), torch.zeros(2, 2, dtype=torch.int64), torch.rand(2, 2))
+        with pytest.raises(ValueError, match="top_k"):
+            mxep.Buffer(None, num_experts=4, hidden=32, max_tokens_per_rank=4, top_k=5)
+    finally:
+        dist.destroy_process_group()
