@@ -1,0 +1,132 @@
+"""Token-level against row-level dispatch and combine on the simulated world (every rank's
+buffers on one GPU), with the bytes each API puts on the wire and the local copy ceiling of the
+same bytes, in one run.
+
+The world's ranks run one after another on the one GPU, so a time is the sum of every rank's
+kernels (W ranks' work): the ratio between the APIs is the number to read, and against the copy
+ceiling of the same bytes. Wire bytes per rank are computed from the routing: a row-level
+dispatch sends every off-rank (token, expert) pair, a token-level one every off-rank (token,
+rank) pair once (MXFP8 data + scales + its k slot rows and weights, 8 bytes each); the combines
+send bf16 rows back the same way.
+
+    python benchmarks/bench_tokens_simulated.py [--worlds 4 8] [--tokens 512] [--out results.json]
+
+Config (a)-like: H 7168, 256 experts, top-8, uniform routing, ``--tokens`` per rank (scaled to
+fit one GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+
+def _time(fn, reps=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    from mxep.ep.tokens import route_tokens
+    from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worlds", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    H, E, k, T = a.hidden, a.experts, a.top_k, a.tokens
+    results = []
+    for W in a.worlds:
+        g = torch.Generator().manual_seed(W)
+        idx = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda() for _ in range(W)]
+        ws = [torch.rand(T, k, generator=g).cuda() for _ in range(W)]
+        xs = [torch.randn(T, H, generator=g).to("cuda", torch.bfloat16) for _ in range(W)]
+        # row-level: the sorted expansion (what the MoE layer built before the token API)
+        rows, counts, orders = [], [], []
+        for i, x in zip(idx, xs):
+            order = torch.argsort(i.flatten(), stable=True)
+            rows.append(x[order // k].contiguous())
+            counts.append(torch.bincount(i.flatten(), minlength=E))
+            orders.append(order)
+        rw = SimulatedWorld(W, E, H, T * k, device="cuda")
+        tw = SimulatedWorld(W, E, H, T, device="cuda", top_k=k)
+        eo_r = [torch.randn(rw.capacity, H, device="cuda").bfloat16() for _ in range(W)]
+        eo_t = [torch.randn(tw.capacity, H, device="cuda").bfloat16() for _ in range(W)]
+
+        def row_dispatch():
+            return rw.dispatch(rows, counts)
+
+        def tok_dispatch():
+            return tw.dispatch_tokens(xs, idx, ws)
+
+        r_out = row_dispatch()
+        t_out = tok_dispatch()
+
+        def row_combine():
+            back = rw.combine(eo_r, [o.handle for o in r_out])
+            ys = []
+            for r in range(W):   # the layer's weighted sum of the k rows of a token (fp32 index_add)
+                wsorted = ws[r].flatten()[orders[r]]
+                ys.append(torch.zeros(T, H, device="cuda").index_add_(0, orders[r] // k, back[r].float() * wsorted[:, None])
+                          .bfloat16())
+            return ys
+
+        def tok_combine():
+            return tw.combine_tokens(eo_t, [o.handle for o in t_out])
+
+        L = E // W
+        wire_row = wire_tok = 0
+        for r in range(W):
+            own = idx[r] // L
+            wire_row += int((own != r).sum())                          # off-rank pairs
+            route = route_tokens(idx[r], E, W)
+            sent = route.tokens_per_rank.clone()
+            sent[r] = 0
+            wire_tok += int(sent.sum())                                # off-rank (token, rank) pairs
+        per_rank = lambda n: n / W   # noqa: E731
+        row_bytes = (H + H // 32)
+        tok_bytes = (H + H // 32 + 8 * k)
+        res = dict(world=W, tokens=T, hidden=H, experts=E, top_k=k,
+                   dispatch_wire_bytes_per_rank=dict(row=per_rank(wire_row) * row_bytes, token=per_rank(wire_tok) * tok_bytes),
+                   combine_wire_bytes_per_rank=dict(row=per_rank(wire_row) * 2 * H, token=per_rank(wire_tok) * 2 * H))
+        res["dispatch_us"] = dict(row=_time(row_dispatch), token=_time(tok_dispatch))
+        res["combine_us"] = dict(row=_time(row_combine), token=_time(tok_combine))
+        # local copy ceiling of the token-level bytes of the whole world (read + write, one pass)
+        nbytes = int(per_rank(wire_tok) * W * tok_bytes)
+        src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        res["copy_ceiling_us_token_dispatch_bytes"] = _time(lambda: dst.copy_(src))
+        results.append(res)
+        print(json.dumps(res))
+        del rw, tw, r_out, t_out, eo_r, eo_t
+        torch.cuda.empty_cache()
+    print("| W | dispatch row / token (us) | combine row / token (us) | dispatch wire MB/rank row / token | copy ceiling (us) |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['world']} | {r['dispatch_us']['row']:.1f} / {r['dispatch_us']['token']:.1f} | "
+              f"{r['combine_us']['row']:.1f} / {r['combine_us']['token']:.1f} | "
+              f"{r['dispatch_wire_bytes_per_rank']['row'] / 1e6:.2f} / {r['dispatch_wire_bytes_per_rank']['token'] / 1e6:.2f} | "
+              f"{r['copy_ceiling_us_token_dispatch_bytes']:.1f} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
