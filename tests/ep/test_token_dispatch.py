@@ -295,7 +295,8 @@ def test_gpu_token_path_no_host_sync_and_graph_capture():
         ys = world.combine_tokens(eos, hs)
         gr = world.combine_tokens_backward(dys, eos, hs)
         gx = world.dispatch_tokens_backward(eos, hs)
-        return [o.tokens.qdata for o in out] + ys + [g[0] for g in gr] + [g[1] for g in gr] + gx
+        # (the layouts' rows past their ends are unspecified: compare what is defined everywhere)
+        return ys + [g[1] for g in gr] + gx
 
     xs, idx, ws = inputs(1)
     step(xs, idx, ws)          # compile
@@ -316,6 +317,4 @@ def test_gpu_token_path_no_host_sync_and_graph_capture():
     torch.cuda.synchronize()
     eager = step(*new)
     for c, e in zip(captured, eager):
-        if c.dtype == torch.float8_e4m3fn:
-            continue   # rows past the layout's end are unspecified; the combine checks them below
         assert torch.equal(c, e) if c.dtype != torch.float32 else torch.allclose(c, e, rtol=1e-4, atol=1e-4)
