@@ -1,6 +1,9 @@
 # mxep: two set-up-complete commands (`make demo`, `make test`) plus GPU entry points.
-# Every target installs what is missing and reuses an importable torch/triton (GPU machines
-# are offline and bring their own builds).
+# Every target first installs what it needs and is missing (scripts/ensure_deps.py: torch,
+# Triton and numpy always, since Triton's CPU interpreter imports numpy; then the target's
+# extras), and reuses an importable torch/triton (GPU machines are offline and bring their own
+# builds). `make demo` and `make test` work from a fresh virtualenv. Kernel settings are not
+# environment variables: they are an mxep.EPConfig passed to the Buffer (README).
 PYTHON ?= python3
 export PYTHONPATH := $(CURDIR)/src:$(PYTHONPATH)
 # Multi-GPU safety on the shared NVLink machines: never use NVLink multicast.
@@ -14,18 +17,23 @@ NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 deps:
 	@$(PYTHON) scripts/ensure_deps.py
 
-demo: deps
+# The EP dispatch layout on every rank (GPUs over NCCL, else 4 CPU ranks on gloo under the Triton
+# interpreter), plus its plot (matplotlib).
+demo:
+	@$(PYTHON) scripts/ensure_deps.py --demo
 	@$(PYTHON) -m mxep.demo
 
-# CPU suite: Triton kernels run under the interpreter, distributed logic on gloo processes.
+# CPU suite (what CI runs, .ci/run): Triton kernels run under the interpreter, distributed logic on
+# gloo processes, plus the offline sm_90 compile of every kernel (scripts/compile_sm90.py).
 test:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu and not multigpu" tests
 
-# GPU suite: single-GPU tests plus multi-GPU tests on every visible GPU (2 and 4 ranks where
-# possible), in every sync mode. Most of a first run is Triton compiling every kernel variant the
-# tests launch, so the groups run as concurrent pytest processes (scripts/run_gpu_tests.py):
-# a cold 4 x H200 machine took 412 s (2026-11-27, commit 1abf67d, 141 tests). Logs: $(OUT)/tests/*.log.
+# GPU suite on whatever GPUs are visible (scripts/run_gpu_tests.py): the single-GPU tests (-m gpu)
+# on one GPU and, with two or more, the multi-GPU tests (-m multigpu, 2 and 4 ranks where
+# possible) on all of them, as two concurrent pytest processes: most of a first run is Triton
+# compiling every kernel variant the tests launch. Logs: $(OUT)/tests/*.log. (The suite before
+# the one-protocol tree, five processes, took 412 s on a cold 4 x H200 machine; docs/history.md.)
 test-gpu:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	$(PYTHON) scripts/run_gpu_tests.py --out $(OUT)/tests

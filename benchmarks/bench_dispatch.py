@@ -7,20 +7,16 @@ transfer ceilings, on every rank of one torchrun launch (one process group).
 (``benchmarks/run_all.py`` launches this with the right environment; see docs/benchmarks.md.)
 
 Systems (names used in the JSON):
-  mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync);
-                 op dispatch_zero_copy (+ _graph): .dispatch(zero_copy=True), tokens left in
-                 the receive region, no copy-out;
-                 ops dispatch_<sync>_sync / dispatch_graph_<sync>_sync (combine_... likewise):
-                 the dispatch and push combine with each non-default TUNING["sync"] (eager /
-                 CUDA graph), outputs checked;
-                 op combine_zero_copy: .combine of .combine_input() (expert outputs already in
-                 the Buffer's region, pulled by the sources); op combine_<mode>_mode: .combine
-                 of a regular expert_out with the non-default TUNING["combine_mode"]; op
-                 combine_after_dispatch: the combine timed right after an (untimed) dispatch,
-                 as in a training step; ops dispatch_graph / combine_graph: CUDA-graph replays
-                 back to back (GPU only); op step_graph: dispatch + combine in one graph (its
+  mxep           mxep.Buffer.dispatch / .combine (fused MXFP8, symmetric memory, no host sync),
+                 with the EPConfig of ``--ep-config`` (default: mxep.default_config; the header's
+                 "ep_config" records it); op dispatch_zero_copy (+ _graph): .dispatch(zero_copy=True),
+                 tokens left in the receive region, no copy-out; op combine_zero_copy: .combine of
+                 .combine_input() (expert outputs already in the Buffer's region, pulled by the
+                 sources); op combine_after_dispatch: the combine timed right after an (untimed)
+                 dispatch, as in a training step; ops dispatch_graph / combine_graph: CUDA-graph
+                 replays back to back (GPU only); op step_graph: dispatch + combine in one graph (its
                  GB/s column counts the dispatch's bytes only)
-  unfused_mxfp8  mxep.reference.ep_pipeline.unfused_dispatch_mxfp8 / unfused_combine
+  unfused_mxfp8  mxep.ep.naive_pipeline.unfused_dispatch_mxfp8 / unfused_combine
   nccl_bf16      unfused_dispatch_bf16 / unfused_combine (bf16 all_to_all_single + permute)
   ceilings       ceil_ce, ceil_triton, ceil_nccl, ceil_nccl_pairs (see _ceilings.py), for three traffic patterns
 Every system runs under try/except: a failure is recorded as its error string and the rest run.
@@ -38,14 +34,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import _ceilings  # noqa: E402
-from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
-                     attach_measurement, result_line, count_matrix, result_header, init_distributed, make_case, parse_list, pattern_pair_bytes,
-                     traffic)
+from _common import (CONFIGS, EP_CONFIG_HELP, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
+                     attach_measurement, count_matrix, ep_config, ep_config_dict, init_distributed, make_case,
+                     parse_ep_config, parse_list, pattern_pair_bytes, result_header, result_line, traffic)
 from _timing import capture_graph, gather, guarded, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.kernels.rows import SYNC_MODES, TUNING  # noqa: E402
-from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
+from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
 
 SYSTEMS = ("mxep", "unfused_mxfp8", "nccl_bf16", "ceilings")
 PATTERNS = ("dispatch_mxfp8", "dispatch_bf16", "combine_bf16")
@@ -56,7 +51,9 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
     p.add_argument("--patterns", default=",".join(PATTERNS), help="ceiling traffic patterns")
+    p.add_argument("--ep-config", default="{}", help=EP_CONFIG_HELP)
     args = p.parse_args()
+    overrides = parse_ep_config(args.ep_config)
     cpu = args.cpu_smoke
     table = SMOKE_CONFIGS if cpu else CONFIGS
     configs = [table[c] for c in parse_list(args.configs, table)]
@@ -74,7 +71,10 @@ def main() -> None:
     def log_all(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    header = result_header("bench_dispatch", rank, world, cpu, args, configs, tuning=dict(TUNING),
+    # the EPConfig of the first config's Buffer (default_config gives one config for every shape
+    # measured so far; each Buffer below is built with ep_config(overrides, device, H))
+    header = result_header("bench_dispatch", rank, world, cpu, args, configs,
+                           ep_config=ep_config_dict(ep_config(overrides, device, configs[0].hidden)),
                            timing=("median over iters of CUDA-event time around one call, each call preceded by a device "
                                   "sleep and a one-element NCCL all_reduce (device-side rank alignment); reported "
                                   "median_us = max over ranks of the per-rank medians"))
@@ -112,24 +112,6 @@ def main() -> None:
                        for c in configs for r in routings for pt in patterns)
         ceil, ceil_err = run("ceilings init", lambda: _ceilings.PeerCeilings(group, device, need()))
 
-    def bench_other_sync(sync, dispatch, combine, record, extra, keep):
-        """The dispatch and the push combine with TUNING["sync"] = sync (set by the caller):
-        eager and CUDA-graph times, and one output of each for the check."""
-        for op, pat, fn in (("dispatch", "dispatch_mxfp8", dispatch), ("combine", "combine_bf16", combine)):
-            m, err = timed(fn, pipelined=True)
-            record("mxep", f"{op}_{sync}_sync", pat, m, err, **extra)
-            if device.type == "cuda" and args.pipelined_iters > 0:
-                graph, err = run(f"{op} sync={sync} graph capture", lambda: capture_graph(fn))
-                m = None
-                if graph is not None:
-                    m, err = run(f"{op} sync={sync} graph", lambda: time_pipelined(graph.replay, device=device,
-                                                                                   group=group, iters=args.pipelined_iters))
-                record("mxep", f"{op}_graph_{sync}_sync", pat, m, err, **extra)
-                graph = None
-            out, err = run(f"mxep {op}, sync={sync}", fn)
-            if out is not None:
-                keep[f"mxep_{op}_{sync}_sync"] = out
-
     with torch.no_grad():
         for cfg in configs:
             H, E, n = cfg.hidden, cfg.experts, cfg.rows
@@ -137,7 +119,8 @@ def main() -> None:
             buf, buf_err = None, None
             if "mxep" in systems:
                 buf, buf_err = run("mxep.Buffer", lambda: mxep.Buffer(None, num_experts=E, hidden=H,
-                                                                     max_tokens_per_rank=n, align=32))
+                                                                     max_tokens_per_rank=n, align=32,
+                                                                     config=ep_config(overrides, device, H)))
                 if buf is not None:
                     log(f"   {buf!r}")
             for routing in routings:
@@ -202,28 +185,6 @@ def main() -> None:
                             zin.copy_(eo)
                             m, err = timed(lambda: buf.combine(zin, res.handle), pipelined=True)
                         record("mxep", "combine_zero_copy", "combine_bf16", m, err, **extra)
-                        # The other combine mode for a regular expert_out (the default is "push").
-                        other = "pull" if TUNING["combine_mode"] == "push" else "push"
-                        m = None
-                        if res is not None:
-                            saved, TUNING["combine_mode"] = TUNING["combine_mode"], other
-                            try:
-                                m, err = timed(lambda: buf.combine(eo, res.handle))
-                            finally:
-                                TUNING["combine_mode"] = saved
-                        record("mxep", f"combine_{other}_mode", "combine_bf16", m, err, **extra)
-                        # The other sync mode of the forward dispatch (TUNING["sync"]: barriers, or
-                        # the signal flags of kernels/signals.py), same run, same inputs; its output
-                        # is checked against the unfused pipeline's below. Symmetric memory only:
-                        # the collective path has no sync modes.
-                        if buf.transport_name == "symm_mem" and res is not None:
-                            for other_sync in (m for m in SYNC_MODES if m != TUNING["sync"]):
-                                saved_sync, TUNING["sync"] = TUNING["sync"], other_sync
-                                try:
-                                    bench_other_sync(other_sync, lambda: buf.dispatch(x, counts),
-                                                     lambda: buf.combine(eo, res.handle), record, extra, keep)
-                                finally:
-                                    TUNING["sync"] = saved_sync
                         # CUDA-graph replay, back to back: the per-call time of a captured step,
                         # where no host work is left (eager calls above pay ~0.4-1 ms of host
                         # time each; see "pipelined").
@@ -288,14 +249,10 @@ def main() -> None:
                             bad.append("combine")
                         if not torch.equal(y0, y2):
                             bad.append("combine_zero_copy")
-                        for sync in SYNC_MODES:
-                            if f"mxep_dispatch_{sync}_sync" in keep:
-                                o = keep[f"mxep_dispatch_{sync}_sync"].tokens
-                                if not (torch.equal(o.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8))
-                                        and torch.equal(o.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8))):
-                                    bad.append(f"dispatch_{sync}_sync")
-                            if f"mxep_combine_{sync}_sync" in keep and not torch.equal(keep[f"mxep_combine_{sync}_sync"], y2):
-                                bad.append(f"combine_{sync}_sync")
+                        try:   # the device-side status word: no timed-out wait, no clamped counts
+                            buf.check("the benchmark's calls")
+                        except RuntimeError as exc:
+                            bad.append(f"status ({exc})")
                         return "ok" if not bad else "mismatch: " + ",".join(bad)
                     out, err = run("check", check)
                     verdicts = gather(out)

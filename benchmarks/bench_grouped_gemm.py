@@ -39,9 +39,10 @@ except ImportError:  # run from a checkout without PYTHONPATH=src
 from bench_quantize import time_calls  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8  # noqa: E402
-from mxep.reference.layout import simulate_dispatch_layout  # noqa: E402
-from mxep.reference.routing import make_routing  # noqa: E402
+from mxep.ep.naive import simulate_dispatch_layout  # noqa: E402
+from mxep.ep.routing import make_routing  # noqa: E402
+from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
+from mxep.format.spec import dequantize_mxfp8  # noqa: E402
 
 # (rows received on this rank, local experts, K, N): config (a) at world 4 (up-projection and
 # down-projection of a 2048-wide expert), config (b) at world 4, config (c) at world 4.
@@ -70,7 +71,7 @@ def time_us(fn, iters: int, warmup: int) -> float:
 def sweep(args) -> dict:
     """Every ``GPU_TILE_CANDIDATES`` entry on every shape, bf16 and MXFP8 weights, in one run;
     each result checked against the unfused path (relative error) before it is timed."""
-    from mxep.kernels.grouped_gemm import GPU_TILE_CANDIDATES, grouped_mm_mxfp8_forward
+    from mxep.gemm.grouped_gemm import GPU_TILE_CANDIDATES, grouped_mm_mxfp8_forward
 
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for rows, L, K, N in DEFAULT_SHAPES:
@@ -121,8 +122,8 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
         return
-    from mxep.kernels.dequantize import dequantize_mxfp8_rows
-    from mxep.kernels.grouped_gemm import GPU_TILES
+    from mxep.format.dequantize import dequantize_mxfp8_rows
+    from mxep.gemm.grouped_gemm import GPU_TILES
 
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "fused_tiles": list(GPU_TILES),
                "rows": []}

@@ -35,7 +35,7 @@ from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_ar
 from _timing import gather, guarded, short_error, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_mxfp8  # noqa: E402
+from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_mxfp8  # noqa: E402
 
 SYSTEM = "nvshmem_a2a_2d"
 ALIGN = 32

@@ -2,11 +2,11 @@
 """GPU benchmark of the standalone MXFP8 quantize kernel (bf16 [M, K] -> e4m3 + e8m0 scales).
 
 For every shape it reports, measured in the same run on the same card:
-  * the Triton kernel (``mxep.kernels.quantize.mxfp8_quantize``): median time and effective
+  * the Triton kernel (``mxep.format.quantize.mxfp8_quantize``): median time and effective
     bandwidth = (bytes read: input) + (bytes written: fp8 data + e8m0 scales) / time;
   * the device-to-device copy ceiling: ``dst.copy_(src)`` of a buffer of the input's size,
     bandwidth = 2 * bytes / time (read + write), and the kernel's fraction of it;
-  * the pure-torch reference (``mxep.reference.mxfp8.to_mxfp8_reference``) for comparison;
+  * the pure-torch reference (``mxep.format.naive.to_mxfp8_reference``) for comparison;
   * whether kernel and reference agree bit for bit on that input.
 
 Timing: CUDA events around every call, warm-up first, median over ``--iters`` (>= 50) calls.
@@ -34,9 +34,9 @@ except ImportError:  # run from a checkout without PYTHONPATH=src
 
 import triton  # noqa: E402
 
-from mxep.kernels import quantize as qk  # noqa: E402
-from mxep.kernels.quantize import mxfp8_quantize  # noqa: E402
-from mxep.reference.mxfp8 import to_mxfp8_reference  # noqa: E402
+from mxep.format import quantize as qk  # noqa: E402
+from mxep.format.naive import to_mxfp8_reference  # noqa: E402
+from mxep.format.quantize import mxfp8_quantize  # noqa: E402
 
 DEFAULT_SHAPES = [(32768, 7168), (32768, 5120), (16384, 7168), (8192, 7168), (8192, 2048), (1024, 7168)]
 

@@ -134,7 +134,10 @@ def main() -> int:
     p.add_argument("--launch-timeout", type=float, default=300.0, help="seconds per bench_dispatch launch at most")
     p.add_argument("--nvshmem-timeout", type=float, default=150.0, help="seconds per bench_nvshmem launch at most")
     p.add_argument("--cpu-smoke", action="store_true", help="2 gloo ranks on CPU, tiny shapes, TRITON_INTERPRET=1")
+    p.add_argument("--ep-config", default="{}", help="EPConfig field overrides (JSON) for mxep's Buffers, "
+                   "passed to bench_dispatch.py (see its --help); '{}': the defaults")
     args = p.parse_args()
+    json.loads(args.ep_config)   # a typo fails here, not in every launch (bench_dispatch.py checks the fields)
 
     iters = args.iters if args.iters is not None else (20 if args.quick else 50)
     warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
@@ -176,7 +179,8 @@ def main() -> int:
             ok_worlds.append(w)
     dsys = [s for s in systems if s in DISPATCH_SYSTEMS]
     if dsys:
-        plan += [("bench_dispatch.py", w, ["--systems", ",".join(dsys), "--patterns", args.patterns]) for w in ok_worlds]
+        plan += [("bench_dispatch.py", w, ["--systems", ",".join(dsys), "--patterns", args.patterns,
+                                           "--ep-config", args.ep_config]) for w in ok_worlds]
     if "nvshmem" in systems:
         plan += [("bench_nvshmem.py", w, ["--pg-timeout", str(min(args.nvshmem_timeout, 300.0))]) for w in ok_worlds]
 
@@ -216,7 +220,8 @@ def main() -> int:
     # ---- merge
     merged = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu_smoke": args.cpu_smoke,
               "args": {"iters": iters, "warmup": warmup, "pipelined_iters": piters, "configs": configs,
-                       "routings": args.routings, "systems": systems, "worlds": worlds, "seed": args.seed},
+                       "routings": args.routings, "systems": systems, "worlds": worlds, "seed": args.seed,
+                       "ep_config_overrides": json.loads(args.ep_config)},
               "env": None, "configs": {}, "timing": None, "nvlink_gbps": 450.0, "records": [], "launches": launches,
               "total_seconds": time.time() - t_start}
     for info, path in raw_files:
@@ -232,7 +237,7 @@ def main() -> int:
         merged["env"] = merged["env"] or data.get("env")
         merged["configs"].update(data.get("configs") or {})
         merged["timing"] = merged["timing"] or data.get("timing")
-        merged["tuning"] = merged.get("tuning") or data.get("tuning")
+        merged["ep_config"] = merged.get("ep_config") or data.get("ep_config")
         merged["nvlink_gbps"] = data.get("nvlink_gbps", merged["nvlink_gbps"])
         if data.get("nvshmem"):
             merged.setdefault("nvshmem", {})[f"w{info['world']}"] = data["nvshmem"]

@@ -1,12 +1,26 @@
-"""Install what is missing, reuse what is importable.
+"""Install what is missing, reuse what is importable (the set-up step of every Makefile target).
 
-GPU machines (no network) already have torch and triton: we must not try to
-install our own. A clean CPU machine gets torch 2.13.0 (CPU wheel, available
-offline) and Triton 3.6 from the registry; `--test` / `--bench` add the extras.
+    python scripts/ensure_deps.py [--demo] [--test] [--bench]
+
+Always: torch, Triton and numpy (Triton's CPU interpreter, which the demo and the CPU tests run
+on, imports numpy). ``--demo`` adds matplotlib (the demo writes a PNG), ``--test`` pytest,
+``--bench`` matplotlib (the benchmark plot).
+
+GPU machines (no network) already have torch and triton: we must not try to install our own.
+A clean CPU machine gets torch 2.13.0 (CPU wheel, available offline) and Triton 3.6 from the
+registry. Only modules that cannot be imported are installed; nothing is upgraded.
 """
+import argparse
 import importlib.util
 import subprocess
 import sys
+
+# module -> pip requirement, for the optional groups (pyproject.toml's extras say the same)
+EXTRAS = {
+    "--demo": {"matplotlib": "matplotlib"},
+    "--test": {"pytest": "pytest>=8"},
+    "--bench": {"matplotlib": "matplotlib"},
+}
 
 
 def _missing(mod: str) -> bool:
@@ -20,19 +34,22 @@ def _pip(*args: str) -> None:
 
 
 def main() -> None:
-    want = set(sys.argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in EXTRAS:
+        p.add_argument(flag, action="store_true")
+    args = p.parse_args()
     if _missing("torch"):
         _pip("torch==2.13.0")
     if _missing("triton"):
         # 3.6 is what the GPU machines run; the interpreter semantics we test on CPU match it.
         _pip("triton==3.6.0")
-    extra = []
-    if "--test" in want:
-        extra += [m for m in ("pytest", "numpy") if _missing(m)]
-    if "--bench" in want:
-        extra += [m for m in ("matplotlib", "numpy") if _missing(m)]
-    if extra:
-        _pip(*sorted(set(extra)))
+    want = {"numpy": "numpy"}
+    for flag, mods in EXTRAS.items():
+        if getattr(args, flag.lstrip("-")):
+            want.update(mods)
+    missing = sorted({req for mod, req in want.items() if _missing(mod)})
+    if missing:
+        _pip(*missing)
 
 
 if __name__ == "__main__":

@@ -1,40 +1,55 @@
 """Compile mxep's peer kernels for sm_90 on a machine without a GPU, as the launchers launch them
-at config (a)'s shapes (H=7168, E=256, W=4), and print their global memory access widths (PTX
-``st.global`` / ``ld.global`` variants) and ordering operations (atomics, acquire loads).
+(default: config (a)'s shapes, H=7168, E=256, W=4), and print their global memory access widths
+(PTX ``st.global`` / ``ld.global`` variants), their e4m3 conversions and their ordering
+operations (atomics, acquire loads, CTA barriers).
 
 No device time needed: the launches go through ``scripts/compile_sm90.py``'s compile-only
-driver (Triton's bundled ptxas), so the specializations and hints are the ones a GPU launch
-gets. Usage::
+driver (Triton's bundled ptxas) with an H200's grid sizes, so the specializations and hints are
+the ones a GPU launch gets. Kernel settings come from ``--ep-config`` (EPConfig field overrides,
+as benchmarks/bench_dispatch.py takes them). Usage::
 
     PYTHONPATH=src python scripts/inspect_ptx.py                  # TRITON_INTERPRET must be unset
-    MXEP_TUNING='{"dispatch_block_k": 2048}' PYTHONPATH=src python scripts/inspect_ptx.py
+    PYTHONPATH=src python scripts/inspect_ptx.py --ep-config '{"dispatch": {"block_n": 2048}}'
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compile_sm90  # noqa: E402  (exits if TRITON_INTERPRET is set)
-
-import torch  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
 PATTERNS = {
     "stores": r"st\.global(?:\.\w+)*",
     "loads": r"ld\.global(?:\.\w+)*",
+    "e4m3 cvt": r"cvt\.rn\.satfinite\.e4m3x2\.f32|cvt\.rn\.bf16x2\.e4m3x2|cvt\.\w+\.f16x2\.e4m3x2",
     "ordering": r"(?<![\w.])(?:atom\.[\w.]+|ld\.[\w.]*acquire[\w.]*|bar\.sync)",
 }
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=int, default=4)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--rows", type=int, default=64, help="rows per rank (the shapes, not the sizes, set the code)")
+    p.add_argument("--ep-config", default="{}", help="EPConfig field overrides (JSON)")
+    args = p.parse_args()
+
+    import compile_sm90   # exits if TRITON_INTERPRET is set
+
     compile_sm90.install()
+    from triton.runtime.jit import JITFunction
+
     seen: dict[str, dict[str, set[str]]] = {}
     compiled_run = JITFunction.run
 
-    def run(self, *args, **kwargs):
-        kernel = compiled_run(self, *args, **kwargs)
+    def run(self, *a, **kw):
+        kernel = compiled_run(self, *a, **kw)
         ptx = kernel.asm["ptx"]
         per = seen.setdefault(self.fn.__name__, {k: set() for k in PATTERNS})
         for k, pat in PATTERNS.items():
@@ -43,30 +58,17 @@ def main() -> None:
 
     JITFunction.run = run
 
-    import mxep.kernels.dispatch as kd
-    import mxep.kernels.quantize as kq
-    from mxep.comm.simulated import SimulatedWorld
-    from mxep.kernels.rows import TUNING
-    from mxep.reference.routing import make_inputs, make_routing
+    from _common import ep_config, parse_ep_config
 
-    kq.use_hw_cast = kd.use_hw_cast = lambda x: True   # the GPU's e4m3 conversion path
-    W, E, H, N = 4, 256, 7168, 64
-    g = torch.Generator().manual_seed(0)
-    counts = [make_routing(N, E, "uniform", g) for _ in range(W)]
-    xs = [make_inputs(c, H, generator=g) for c in counts]
-    for sync in ("barrier", "flags"):
-        TUNING["sync"] = sync
-        sim = SimulatedWorld(W, E, H, N)
-        res = sim.dispatch(xs, counts)
-    handles = [r.handle for r in res]
-    outs = [torch.zeros(sim.capacity, H, dtype=torch.bfloat16) for _ in range(W)]
-    sim.combine(outs, handles, mode="push")
-    sim.combine(sim.combine_inputs(), handles, mode="pull")
-    print(f"sm_90 PTX at H={H}, E={E}, W={W}; tuning {dict(TUNING)}")
+    base = ep_config(parse_ep_config(args.ep_config), "cuda", args.hidden)
+    config = compile_sm90.sm90_config(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    W, E, H, N = args.world, args.experts, args.hidden, args.rows
+    compile_sm90.drive_transport([(W, E, H, N, 32)], config, scale_modes=("rceil",))
+    print(f"sm_90 PTX at H={H}, E={E}, W={W}; {config}")
     for name in sorted(seen):
         print(f"{name}:")
         for k in PATTERNS:
-            print(f"  {k:9s} {' '.join(sorted(seen[name][k]))}")
+            print(f"  {k:9s} {' '.join(sorted(seen[name][k])) or '-'}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Per-kernel device time of one fused dispatch and one combine (torchrun, all visible GPUs).
 
     torchrun --nproc_per_node=4 scripts/profile_stages.py [--config a,c] [--iters 10] [--zero-copy]
+        [--ep-config '{"dispatch": {"warps": 4}}']
 
 For each config, every rank runs ``iters`` dispatch + combine calls under ``torch.profiler``
 (CUDA activity only) and rank 0 prints, per kernel, the number of launches per call and the mean
-device time: which stage (counts exchange, barriers, plan, push, copy-out) the time goes to. The
-sum of kernel times is not the call's time (barrier kernels wait for the slowest peer, and
-launch gaps are not kernels); the call's time is in the benchmarks (docs/benchmarks.md).
+device time: which stage the time goes to (dispatch: the plan kernel, which exchanges the counts
+and plans in one launch, the push, the barrier, the copy-out; combine: push, barrier, copy-out,
+or barrier + pull for the zero-copy input). The sum of kernel times is not the call's time
+(barrier kernels and the plan's counts wait take as long as the slowest peer, and launch gaps
+are not kernels); the call's time is in the benchmarks (docs/benchmarks.md). ``--ep-config``:
+EPConfig field overrides for the Buffers (as benchmarks/bench_dispatch.py takes them).
 """
 from __future__ import annotations
 
@@ -18,18 +22,20 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from _common import CONFIGS  # noqa: E402
+from _common import CONFIGS, ep_config, parse_ep_config  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.reference.routing import make_inputs, make_routing  # noqa: E402
+from mxep.ep.routing import make_inputs, make_routing  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="a,c")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="a,c", help="comma list of benchmark configs a, b, c")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--zero-copy", action="store_true", help="also one zero-copy (pull) combine per call")
+    ap.add_argument("--ep-config", default="{}", help="EPConfig field overrides (JSON)")
     args = ap.parse_args()
+    overrides = parse_ep_config(args.ep_config)
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
@@ -40,7 +46,8 @@ def main() -> None:
         counts = make_routing(n, E, "uniform", g)
         x = make_inputs(counts, H, generator=g).cuda()
         counts = counts.cuda()
-        buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=n)
+        buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=n,
+                          config=ep_config(overrides, torch.device("cuda"), H))
         expert_out = torch.randn(buf.capacity, H, device="cuda").bfloat16()
         with torch.no_grad():
             for _ in range(3):
@@ -69,7 +76,7 @@ def main() -> None:
         dist.all_gather_object(gathered, table)
         if rank == 0:
             print(f"\n## config ({name}): H={H}, n={n}, E={E}, world {world}, "
-                  f"{torch.cuda.get_device_name()}; dispatch + combine, {args.iters} calls")
+                  f"{torch.cuda.get_device_name()}; dispatch + combine, {args.iters} calls; {buf.config}")
             print(f"{'kernel':70s} {'per call':>8s} {'mean us':>9s} {'us/call':>9s}   (rank 0; us/call on ranks 1..)")
             others = [dict((k, t) for k, _, _, t in tbl[0]) for tbl in gathered[1:]]
             for k, c, mean, per_call in rows:

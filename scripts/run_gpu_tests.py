@@ -1,19 +1,18 @@
-"""The GPU test suite in five concurrent pytest processes, so a cold device machine (every
-Triton kernel variant compiled from scratch) finishes within one 10-minute call: 412 s on a
-cold 4 x H200 machine (2026-11-27, commit 1abf67d, 141 tests) instead of more than 10 minutes
-one after another.
+"""The GPU test suite on whatever GPUs are visible (``make test-gpu`` runs this).
 
-  1. single-GPU tests (``-m gpu``): the quantize / dequantize kernels' on the next-to-last
-     visible GPU, the others on the last;
-  2. multi-GPU tests of the default sync (``-m multigpu -k "not flags"``) on all GPUs;
-  3. multi-GPU tests of the "flags" sync, started 20 s later;
-  4. multi-GPU tests of the "counts_flags" sync, started 40 s later.
+Two concurrent pytest processes, so that a cold device machine (every Triton kernel variant
+compiled from scratch) spends its compile time on both at once:
 
-Tests assert results, never timings, so sharing the GPUs changes nothing but speed. Each
-process writes ``OUT/<name>.log``; the summary lines are printed at the end and the exit status
-is non-zero if any process failed. ``make test-gpu`` runs this.
+  1. ``single-gpu``: the single-GPU tests (``-m "gpu and not multigpu"``) on the last visible GPU;
+  2. ``multi-gpu``: the multi-GPU tests (``-m multigpu``: 2 and 4 ranks where possible) on every
+     visible GPU, started only when two or more are visible (with one GPU, only 1. runs).
 
-    python scripts/run_gpu_tests.py [--out gpu-test-logs] [--timeout 570]
+"Visible" means ``CUDA_VISIBLE_DEVICES`` where it is set, else every GPU ``nvidia-smi -L`` lists.
+Tests assert results, never timings, so sharing a GPU changes nothing but speed. Each process
+writes ``OUT/<name>.log``; the summary lines are printed at the end and the exit status is
+non-zero if any process failed (or if no GPU is visible).
+
+    python scripts/run_gpu_tests.py [--out gpu-test-logs] [--timeout 570] [-- PYTEST_ARGS...]
 """
 from __future__ import annotations
 
@@ -26,34 +25,41 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def gpu_count() -> int:
+def visible_gpus() -> list[str]:
+    """The ids to put in ``CUDA_VISIBLE_DEVICES`` for each visible GPU."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [d.strip() for d in cvd.split(",") if d.strip() and d.strip() != "-1"]
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU"))
+        return []
+    return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU"))]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu-test-logs")
+    p.add_argument("--out", default="gpu-test-logs", help="folder for the per-process logs")
     p.add_argument("--timeout", type=float, default=570.0, help="seconds for the whole suite")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments for both processes (after --)")
     args = p.parse_args()
+    gpus = visible_gpus()
+    if not gpus:
+        print("run_gpu_tests: no GPU visible (CUDA_VISIBLE_DEVICES / nvidia-smi -L); the CPU suite is `make test`")
+        return 1
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    env.pop("TRITON_INTERPRET", None)   # the GPU suite compiles the kernels
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    n = gpu_count()
     pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rf", os.path.join(ROOT, "tests")]
-    quant = [os.path.join(ROOT, "tests", f) for f in ("test_mxfp8.py", "test_dequantize.py")]
-    on = lambda i: {"CUDA_VISIBLE_DEVICES": str(max(n - i, 0))} if n else {}  # noqa: E731
-    jobs = [("single-gpu-quantize", pytest[:-1] + quant + ["-m", "gpu"], on(2), 0),
-            ("single-gpu", pytest + ["-m", "gpu"] + [f"--ignore={q}" for q in quant], on(1), 0),
-            ("multi-gpu", pytest + ["-m", "multigpu", "-k", "not flags"], {}, 0),
-            ("multi-gpu-flags", pytest + ["-m", "multigpu", "-k", "flags and not counts_flags"], {}, 20),
-            ("multi-gpu-counts-flags", pytest + ["-m", "multigpu", "-k", "counts_flags"], {}, 40)]
+    pytest += args.pytest_args
+    jobs = [("single-gpu", pytest + ["-m", "gpu and not multigpu"], {"CUDA_VISIBLE_DEVICES": gpus[-1]})]
+    if len(gpus) >= 2:
+        jobs.insert(0, ("multi-gpu", pytest + ["-m", "multigpu"], {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}))
+    print(f"GPU tests on {len(gpus)} visible GPU(s) ({','.join(gpus)}): {', '.join(name for name, _, _ in jobs)}",
+          flush=True)
     start, procs = time.monotonic(), []
-    for name, cmd, extra, delay in jobs:
-        time.sleep(delay)
+    for name, cmd, extra in jobs:
         log = open(os.path.join(args.out, f"{name}.log"), "w")
         procs.append((name, subprocess.Popen(cmd, env=dict(env, **extra), stdout=log, stderr=subprocess.STDOUT), log))
     failed = []
@@ -62,16 +68,19 @@ def main() -> int:
             rc = proc.wait(timeout=max(1.0, args.timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
             rc = "killed (time limit)"
         log.close()
-        lines = open(log.name).read().splitlines()
+        with open(log.name) as f:
+            lines = f.read().splitlines()
         summary = [ln for ln in lines if ln.startswith("FAILED") or ln.startswith("ERROR") or (
             ln.startswith("=") and any(w in ln for w in ("passed", "failed", "skipped", "error", "deselected")))]
         print(f"== {name}: rc {rc}")
         print("\n".join(summary[-15:]) or "\n".join(lines[-5:]))
         if rc != 0:
             failed.append(name)
-    print(f"GPU tests: {'FAILED: ' + ', '.join(failed) if failed else 'all passed'} ({time.monotonic() - start:.0f} s, {n} GPUs)")
+    print(f"GPU tests: {'FAILED: ' + ', '.join(failed) if failed else 'all passed'} "
+          f"({time.monotonic() - start:.0f} s, {len(gpus)} GPUs)")
     return 1 if failed else 0
 
 

@@ -24,17 +24,19 @@ def test_buffer_docstring_examples():
 
 
 def test_module_docstring_examples():
-    """Every other runnable docstring example (format, layout, routing, grouped GEMM, MoE)."""
-    import mxep.comm.layout
+    """Every other runnable docstring example (format, layout and its oracle, routing, grouped GEMM,
+SwiGLU, MoE)."""
+    import mxep.ep.layout
+    import mxep.ep.naive
+    import mxep.ep.routing
     import mxep.format.mxfp8
+    import mxep.gemm.grouped_gemm
     import mxep.moe.layer
-    import mxep.ops.grouped_gemm
-    import mxep.ops.swiglu
-    import mxep.reference.routing
+    import mxep.swiglu.swiglu
 
     failed = 0
-    for mod in (mxep.format.mxfp8, mxep.comm.layout, mxep.reference.routing, mxep.ops.grouped_gemm,
-                mxep.ops.swiglu, mxep.moe.layer):
+    for mod in (mxep.format.mxfp8, mxep.ep.layout, mxep.ep.naive, mxep.ep.routing, mxep.gemm.grouped_gemm,
+                mxep.swiglu.swiglu, mxep.moe.layer):
         res = doctest.testmod(mod, extraglobs={"torch": __import__("torch"), "mxep": mxep},
                               optionflags=doctest.NORMALIZE_WHITESPACE)
         assert res.attempted > 0, mod.__name__

@@ -1,7 +1,7 @@
 """The unfused EP pipeline (gloo, 1-4 ranks) against the single-process layout oracle, bit for bit.
 
 One spawn per world size runs every case (process startup dominates on 2 cores); the ranks
-return their outputs and the comparison happens here, against mxep.reference.layout computed
+return their outputs and the comparison happens here, against mxep.ep.naive computed
 locally without collectives.
 """
 from __future__ import annotations
@@ -11,16 +11,17 @@ import zlib
 import pytest
 import torch
 
-from _dist import ChildFailed, run_distributed
-from mxep.format.mxfp8 import dequantize_mxfp8
-from mxep.reference.layout import (
+from support.dist import ChildFailed, run_distributed
+
+from mxep.ep.naive import (
     destination_of_rows,
     simulate_combine,
     simulate_dispatch_layout,
     simulate_dispatch_mxfp8,
     simulate_dispatch_rows,
 )
-from mxep.reference.routing import ROUTING_KINDS, make_inputs, make_routing
+from mxep.ep.routing import ROUTING_KINDS, make_inputs, make_routing
+from mxep.format.spec import dequantize_mxfp8
 
 # ------------------------------------------------------------------------------------------
 # cases: (name, experts per rank, hidden, align, scale_mode, per-rank routing spec)
@@ -67,7 +68,7 @@ def _expert_out(case: dict, world: int, rank: int, pad_mask: torch.Tensor) -> to
 
 
 def _rank_body(rank: int, world: int, cases: list[dict]) -> list[dict]:
-    from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8
+    from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8
 
     results = []
     for case in cases:
@@ -118,7 +119,7 @@ def test_unfused_pipeline_matches_oracle(world):
 
 
 def _ref_quant(x, mode):
-    from mxep.reference.mxfp8 import to_mxfp8_reference
+    from mxep.format.naive import to_mxfp8_reference
 
     return to_mxfp8_reference(x, mode)
 
@@ -193,7 +194,7 @@ def test_routing_kinds_deterministic():
 
 
 def test_input_validation_errors():
-    from mxep.reference.ep_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8
+    from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8
 
     x = torch.randn(6, 64, dtype=torch.bfloat16)
     c = torch.tensor([2, 4])
@@ -220,7 +221,7 @@ def test_input_validation_errors():
 
 
 def _experts_not_multiple(rank, world):
-    from mxep.reference.ep_pipeline import unfused_dispatch_mxfp8
+    from mxep.ep.naive_pipeline import unfused_dispatch_mxfp8
 
     unfused_dispatch_mxfp8(torch.zeros(3, 32, dtype=torch.bfloat16), torch.tensor([1, 1, 1]))
 

@@ -1,34 +1,30 @@
 """GPU tests of the fused dispatch / combine (`make test-gpu`; skipped without CUDA).
 
-* one GPU: the peer-store kernels in a simulated world (several ranks' buffers on one GPU);
+* one GPU: the peer-store kernels in a simulated world (several ranks' buffers on one GPU), with
+  the hardware e4m3 conversion and with the integer rounding (``EPConfig.hw_cast``);
 * every visible GPU (2 and 4 ranks where possible): real symmetric memory over NVLink through the
   public Buffer API: bit-exact layout, exact backward, reuse safety, 200 calls with changing
-  routing, sync-debug mode "error", and a captured CUDA graph replayed with new inputs; each
-  with the forward dispatch ordered by barriers and by signal flags (``TUNING["sync"]``).
+  routing, sync-debug mode "error", and a captured CUDA graph replayed with new inputs.
+
+Every Buffer here poisons its outputs, and its device-side waits give up after 2**25 polls (some
+30 s: a lost flag fails the test instead of hanging it).
 """
-import json
 import os
 
 import pytest
 import torch
 
-from _dist import run_distributed
-from _fused_cases import Case, check_dispatch, expected_combine, expected_grad_x, run_buffer_case
+from support.dist import run_distributed
+from support.fused_cases import Case, check_dispatch, expected_combine, expected_grad_x, run_buffer_case
 
 import mxep
-from mxep.kernels.rows import TUNING
-from mxep.comm.simulated import SimulatedWorld
+from mxep.ep.config import EPConfig
+from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 HIDDENS = (256, 2048, 5120, 7168)
 MULTI = [w for w in (2, 4) if w <= NGPU]
-SYNCS = ("barrier", "flags", "counts_flags")   # TUNING["sync"]: how the forward dispatch orders its phases
-
-
-def sync_env(sync: str) -> dict:
-    """Environment for the spawned ranks: the dispatch sync mode under test, and waits that give
-    up after some 30 s (2**25 polls) so that a lost flag fails the test instead of hanging it."""
-    return {"MXEP_TUNING": json.dumps({"sync": sync}), "MXEP_MAX_SPIN": str(1 << 25)}
+CONFIG = EPConfig(poison_outputs=True, wait_polls=1 << 25)
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -52,29 +48,34 @@ def gpu_cases(world: int, max_tokens: int = 300) -> list[Case]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("sync", SYNCS)
+@pytest.mark.parametrize("hw_cast", [True, False])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_simulated_world_on_gpu(world, sync, monkeypatch):
-    monkeypatch.setitem(TUNING, "sync", sync)
+def test_simulated_world_on_gpu(world, hw_cast):
     for case in gpu_cases(world, max_tokens=200):
         counts, xs = case.inputs("cuda")
         sim = SimulatedWorld(world, case.num_experts, case.hidden, case.max_tokens, case.align, case.scale_mode,
-                             device="cuda")
+                             device="cuda", config=CONFIG.replace(hw_cast=hw_cast))
         res = sim.dispatch(xs, counts)
         for r in range(world):
             check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
         _, outs, _ = case.upstream(sim.capacity, "cuda")
         exp = expected_combine(case, outs, counts)
-        for mode in ("push", "pull"):
-            ys = sim.combine(outs, [x.handle for x in res], mode=mode)
-            for r in range(world):
-                assert torch.equal(ys[r].cpu(), exp[r]), mode
+        handles = [x.handle for x in res]
+        ys = sim.combine(outs, handles)                       # push
+        for r in range(world):
+            assert torch.equal(ys[r].cpu(), exp[r]), "push"
+        zin = sim.combine_inputs()                            # the zero-copy pull
+        for z, o in zip(zin, outs):
+            z.copy_(o)
+        ys = sim.combine(zin, handles)
+        for r in range(world):
+            assert torch.equal(ys[r].cpu(), exp[r]), "pull"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU")
 def test_quantize_kernel_matches_reference_on_gpu():
-    from mxep.reference.mxfp8 import to_mxfp8_reference
+    from mxep.format.naive import to_mxfp8_reference
 
     g = torch.Generator().manual_seed(0)
     for shape in [(1, 32), (333, 7168), (4096, 5120)]:
@@ -92,7 +93,8 @@ def _symm_body(rank, world, cases):
     dev = torch.device("cuda", torch.cuda.current_device())
     for case in cases:
         buf = mxep.Buffer(None, num_experts=case.num_experts, hidden=case.hidden,
-                          max_tokens_per_rank=case.max_tokens, align=case.align, scale_mode=case.scale_mode)
+                          max_tokens_per_rank=case.max_tokens, align=case.align, scale_mode=case.scale_mode,
+                          config=CONFIG)
         assert buf.transport_name == "symm_mem", repr(buf)
         # poison the receive regions so stale or unwritten rows show (the signal words keep
         # their values: they count the calls)
@@ -104,16 +106,15 @@ def _symm_body(rank, world, cases):
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_buffer(world, sync):
-    assert all(run_distributed(_symm_body, world, gpu_cases(world), backend="nccl", timeout=600, env=sync_env(sync)))
+def test_symm_mem_buffer(world):
+    assert all(run_distributed(_symm_body, world, gpu_cases(world), backend="nccl", timeout=600))
 
 
 def _many_calls_body(rank, world, calls):
     dev = torch.device("cuda", torch.cuda.current_device())
     E, H, N = 4 * world, 256, 96
-    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=N, align=32)
+    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=N, align=32, config=CONFIG)
     kinds = ("uniform", "skewed", "one_expert", "empty_experts", "none")
     pending = []
     for it in range(calls):
@@ -127,24 +128,19 @@ def _many_calls_body(rank, world, calls):
             for c, r_, cnt, x_ in pending:
                 check_dispatch(c, rank, r_.tokens, r_.group_end_offsets, r_.tokens_per_expert, cnt, x_)
             pending.clear()
-    # the signal words of the "flags" syncs count the calls; the barrier path never touches them
+    # the signal words count the calls: every rank's counts flag and seq name the last one
     peer = buf.transport.peer
     sig = peer.signals.tolist()
-    if TUNING["sync"] in ("flags", "counts_flags"):
-        pushes = TUNING["sync"] == "flags"   # "counts_flags" raises counts flags only
-        assert [peer.signal_word(w) for w in ("seq", "cseq", "ticket", "status")] == [calls, 0, 0, 0], sig
-        assert sig[:world] == [calls] * world
-        assert sig[world:2 * world] == [calls if s != rank and pushes else 0 for s in range(world)], sig
-    else:
-        assert sig == [0] * len(sig), sig
+    assert [peer.signal_word(w) for w in ("seq", "status")] == [calls, 0], sig
+    assert sig == [calls] * world + [calls, 0], sig
+    buf.check()
     return True
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_200_calls(world, sync):
-    assert all(run_distributed(_many_calls_body, world, 200, backend="nccl", timeout=600, env=sync_env(sync)))
+def test_symm_mem_200_calls(world):
+    assert all(run_distributed(_many_calls_body, world, 200, backend="nccl", timeout=600))
 
 
 def _sync_free_body(rank, world):
@@ -152,7 +148,7 @@ def _sync_free_body(rank, world):
     case = Case(world, 8 * world, 2048, 256, 32, ("skewed",) * world, (250,) * world, seed=3)
     counts, xs = case.inputs(dev)
     grads, outs, gys = case.upstream(0, dev)
-    buf = mxep.Buffer(None, case.num_experts, case.hidden, case.max_tokens)
+    buf = mxep.Buffer(None, case.num_experts, case.hidden, case.max_tokens, config=CONFIG)
     x = xs[rank].clone().requires_grad_(True)
     for mode in ("warn", "error"):   # warm-up (allocator, Triton compile) outside "error"
         torch.cuda.set_sync_debug_mode(mode)
@@ -160,16 +156,11 @@ def _sync_free_body(rank, world):
             res = buf.dispatch(x, counts[rank])
             y = buf.combine(res.tokens.dequantize(), res.handle)
             torch.autograd.backward([y], [gys[rank]])
-            with torch.no_grad():   # zero-copy pull combine, and the staged pull mode
+            with torch.no_grad():   # zero-copy pull combine
                 res2 = buf.dispatch(x, counts[rank])
                 zin = buf.combine_input()
                 torch.mul(res2.tokens.dequantize(), 3, out=zin)
                 y_zero_copy = buf.combine(zin, res2.handle)
-                TUNING["combine_mode"] = "pull"
-                try:
-                    y_pull = buf.combine(res2.tokens.dequantize() * 3, res2.handle)
-                finally:
-                    TUNING["combine_mode"] = "push"
                 resz = buf.dispatch(x, counts[rank], zero_copy=True)   # tokens stay in the region
                 y_zero_copy_dispatch = buf.combine(resz.tokens.dequantize() * 5, resz.handle)
         finally:
@@ -178,22 +169,20 @@ def _sync_free_body(rank, world):
     # combine(dispatch(x)) is the MXFP8 round trip of x; its grad is the bf16 gys (straight-through)
     assert torch.equal(y.detach(), mxep.to_mxfp8(xs[rank]).dequantize())
     assert torch.equal(y_zero_copy, mxep.to_mxfp8(xs[rank]).dequantize() * 3)
-    assert torch.equal(y_pull, y_zero_copy)
     assert torch.equal(y_zero_copy_dispatch, mxep.to_mxfp8(xs[rank]).dequantize() * 5)
     return True
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_no_host_sync(world, sync):
-    assert all(run_distributed(_sync_free_body, world, backend="nccl", timeout=300, env=sync_env(sync)))
+def test_symm_mem_no_host_sync(world):
+    assert all(run_distributed(_sync_free_body, world, backend="nccl", timeout=300))
 
 
 def _graph_body(rank, world):
     dev = torch.device("cuda", torch.cuda.current_device())
     E, H, N = 4 * world, 512, 128
-    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=N)
+    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=N, config=CONFIG)
     static_x = torch.zeros(N, H, dtype=torch.bfloat16, device=dev, requires_grad=True)
     static_counts = torch.zeros(E, dtype=torch.int64, device=dev)
     static_g = torch.zeros(buf.capacity, H, dtype=torch.bfloat16, device=dev)
@@ -240,7 +229,6 @@ def _graph_body(rank, world):
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("world", MULTI)
-def test_symm_mem_cuda_graph(world, sync):
-    assert all(run_distributed(_graph_body, world, backend="nccl", timeout=300, env=sync_env(sync)))
+def test_symm_mem_cuda_graph(world):
+    assert all(run_distributed(_graph_body, world, backend="nccl", timeout=300))

@@ -1,12 +1,12 @@
-"""The one-pass MXFP8 -> bf16 kernel (mxep.kernels.dequantize) against the torch reference
-(mxep.format.mxfp8.dequantize_mxfp8), bit for bit: every e4m3 byte (NaN codes included) under
+"""The one-pass MXFP8 -> bf16 kernel (mxep.format.dequantize) against the torch expression
+(mxep.format.spec.dequantize_mxfp8), bit for bit: every e4m3 byte (NaN codes included) under
 every e8m0 scale (0 = 2^-127, 255 = NaN), odd row counts, K not a multiple of the tile, and a
 device-side row end past which the (poisoned) output must stay untouched."""
 import pytest
 import torch
 
-from mxep.format.mxfp8 import dequantize_mxfp8
-from mxep.kernels.dequantize import dequantize_mxfp8_rows
+from mxep.format.dequantize import dequantize_mxfp8_rows
+from mxep.format.spec import dequantize_mxfp8
 
 POISON_BITS = 0x5A5A   # a normal bf16 (about 1.5e16) that no input here decodes to
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -75,7 +75,7 @@ def test_registered_op():
     """``torch.ops.mxep.dequantize_mxfp8`` passes torch.library's op checks (fake
     implementation, autograd registration) and gives the reference's bits, with and without a
     row end."""
-    import mxep.ops.dequantize  # noqa: F401  (registers the op)
+    import mxep.format.dequantize  # noqa: F401  (registers the op)
 
     q, s = all_codes(13, 96, seed=5)
     # ("test_schema" cannot run here: its checker multiplies the fp8 inputs, which CPU torch lacks)

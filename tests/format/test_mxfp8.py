@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import mxep
-from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8
-from mxep.kernels.quantize import mxfp8_quantize, triton_available_for
-from mxep.reference.mxfp8 import to_mxfp8_reference
+from mxep._utils import triton_available_for
+from mxep.format.mxfp8 import MXFP8Tensor
+from mxep.format.naive import to_mxfp8_reference
+from mxep.format.quantize import mxfp8_quantize
+from mxep.format.spec import dequantize_mxfp8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -56,9 +58,9 @@ def assert_bitexact(got, want, what: str) -> None:
                              f"got 0x{int(g[idx]):02X} want 0x{int(w[idx]):02X}")
 
 
-def run_kernel(x, mode, tiles=None):
+def run_kernel(x, mode, tiles=None, hw_cast=True):
     bm, bk = tiles if tiles else (None, None)
-    return mxfp8_quantize(x, mode, block_m=bm, block_k=bk)
+    return mxfp8_quantize(x, mode, block_m=bm, block_k=bk, hw_cast=hw_cast)
 
 
 def check_against_reference(x, mode, tiles=None):
@@ -68,6 +70,10 @@ def check_against_reference(x, mode, tiles=None):
     assert s.shape == (x.shape[0], x.shape[1] // 32)
     assert_bitexact(s, sr, f"scale ({mode}, {x.dtype}, {tuple(x.shape)}, tiles={tiles})")
     assert_bitexact(q, qr, f"qdata ({mode}, {x.dtype}, {tuple(x.shape)}, tiles={tiles})")
+    if x.is_cuda:   # the integer rounding (hw_cast=False) gives the hardware conversion's bytes
+        q2, s2 = run_kernel(x, mode, tiles, hw_cast=False)
+        assert_bitexact(s2, sr, f"scale, hw_cast=False ({mode}, {x.dtype}, {tuple(x.shape)})")
+        assert_bitexact(q2, qr, f"qdata, hw_cast=False ({mode}, {x.dtype}, {tuple(x.shape)})")
     return q, s
 
 
@@ -276,12 +282,11 @@ def test_to_mxfp8_front_door(device, mode, monkeypatch):
     qr, sr = to_mxfp8_reference(x, mode)
     assert_bitexact(t.qdata, qr, "to_mxfp8 qdata")
     assert_bitexact(t.scale, sr, "to_mxfp8 scale")
-    if device == "cpu":  # the pure-torch fallback path of the front door gives the same bytes
+    if device == "cpu":  # no fallback on a plain CPU: a clear error says how to run the kernel
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert not triton_available_for(x)
-        t2 = mxep.to_mxfp8(x, mode)
-        assert_bitexact(t2.qdata, qr, "fallback qdata")
-        assert_bitexact(t2.scale, sr, "fallback scale")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            mxep.to_mxfp8(x, mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +469,7 @@ def test_mxfp8tensor_straight_through_grad(out_dtype):
 def test_quantize_is_a_registered_op():
     """torch.ops.mxep.quantize_mxfp8 passes torch.library's op checks (schema, fake/meta
     implementation, tracing) and matches the reference bit for bit."""
-    import mxep.ops.quantize  # noqa: F401  (registers the op)
-    from mxep.reference.mxfp8 import to_mxfp8_reference
+    import mxep.format.quantize  # noqa: F401  (registers the op)
 
     x = torch.randn(5, 96, dtype=torch.bfloat16)
     q, s = torch.ops.mxep.quantize_mxfp8(x, "rceil")

@@ -1,5 +1,5 @@
 """The grouped GEMM on the dispatch layout (mxep.grouped_mm_mxfp8) against the pure-torch
-reference (mxep.reference.grouped_gemm), on layouts made by the dispatch oracle: skewed routing,
+reference (mxep.gemm.naive), on layouts made by the dispatch oracle: skewed routing,
 empty experts, a rank that receives nothing, pad rows, odd K and N, aligns 16 / 32 / 48. Forward
 and both gradients by relative error (the math is exact up to fp32 summation order and the
 final bf16 rounding); pad rows exactly zero; rows past the layout untouched. Then the whole
@@ -7,14 +7,15 @@ expert path through the public Buffer on gloo: dispatch -> grouped GEMM -> combi
 import pytest
 import torch
 
-from _dist import run_distributed
-from _fused_cases import Case
+from support.dist import run_distributed
+from support.fused_cases import Case
 
 import mxep
-from mxep.format.mxfp8 import MXFP8Tensor, dequantize_mxfp8
-from mxep.kernels.grouped_gemm import GPU_TILE_CANDIDATES, INTERPRETER_TILES, GemmTiles, grouped_mm_mxfp8_forward
-from mxep.reference.grouped_gemm import grouped_mm_reference
-from mxep.reference.layout import simulate_dispatch_layout, simulate_dispatch_mxfp8
+from mxep.ep.naive import simulate_dispatch_layout, simulate_dispatch_mxfp8
+from mxep.format.mxfp8 import MXFP8Tensor
+from mxep.format.spec import dequantize_mxfp8
+from mxep.gemm.grouped_gemm import GPU_TILE_CANDIDATES, INTERPRETER_TILES, GemmTiles, grouped_mm_mxfp8_forward
+from mxep.gemm.naive import grouped_mm_reference
 
 POISON = -12345.0
 

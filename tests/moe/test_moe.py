@@ -1,4 +1,4 @@
-"""mxep.MoE on gloo ranks against the dense reference (mxep.reference.moe): output and the
+"""mxep.MoE on gloo ranks against the dense reference (mxep.moe.naive): output and the
 gradients of the tokens, the local experts' weights and the router, by relative error (the
 fused path rounds to bf16 at the same points; a value near an MXFP8 rounding boundary can land
 one e4m3 step away, so these are tolerances, not bit equality). Also: skewed routing through
@@ -6,10 +6,10 @@ the router, a rank with fewer tokens, and bad input."""
 import pytest
 import torch
 
-from _dist import run_distributed
+from support.dist import run_distributed
 
 import mxep
-from mxep.reference.moe import moe_reference
+from mxep.moe.naive import moe_reference
 
 H, FF, E, K = 64, 32, 6, 2
 

@@ -1,6 +1,6 @@
 """Multi-process test harness: run ``fn(rank, world_size, *args)`` on N spawned ranks.
 
-    from _dist import run_distributed
+    from support.dist import run_distributed
 
     def _body(rank, world, cases):          # module-level (it is pickled by name)
         return [do_case(c) for c in cases]  # run many cases per spawn: startup is the cost
@@ -21,6 +21,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -35,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-__all__ = ["run_distributed", "ChildFailed", "free_port"]
+__all__ = ["run_distributed", "ChildFailed", "free_port", "single_rank_group"]
 
 _INHERITED = ("TRITON_INTERPRET", "PYTHONPATH", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
               "NVSHMEM_DISABLE_NVLS")
@@ -49,6 +50,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_rank_group(backend: str = "gloo"):
+    """A one-rank process group in this process (no spawn: a world of one costs no start-up),
+    destroyed on exit so that no test sees another's group."""
+    if dist.is_initialized():
+        raise RuntimeError("single_rank_group: a process group is already initialized in this process")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
 
 def _child(rank: int, world_size: int, fn: Callable, args: tuple, backend: str, port: int, out_dir: str,

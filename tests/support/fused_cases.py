@@ -1,8 +1,8 @@
 """Shared cases and checks for the fused dispatch/combine (simulated world, gloo, GPUs).
 
 Every rank can rebuild every rank's inputs from the case's seed, so each process computes the
-expected layout with the single-process oracle (``mxep.reference.layout``) and checks its own
-rank's output bit for bit.
+expected layout with the single-process oracle (``mxep.ep.naive``) and checks its own rank's
+output bit for bit.
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-import mxep.comm.peer_memory as _peer_memory
-from mxep.reference.layout import simulate_dispatch_layout, simulate_dispatch_mxfp8
+from mxep.ep.config import EPConfig
+from mxep.ep.naive import simulate_dispatch_layout, simulate_dispatch_mxfp8
+from mxep.ep.routing import make_inputs, make_routing
 
-# Every output of the fused kernels starts as poison: a row they forget cannot pass for data
-# that an earlier call left in recycled memory (this module is imported by every test process).
-_peer_memory.POISON_OUTPUTS = True
-from mxep.reference.routing import make_inputs, make_routing
+# The config of every fused test: every output of the fused kernels starts as poison, so that a
+# row they forget cannot pass for data that an earlier call left in recycled memory.
+POISON = EPConfig(poison_outputs=True)
 
 
 @dataclass(frozen=True)
@@ -145,9 +145,7 @@ def run_buffer_case(buf, case: Case, rank: int, device) -> None:
     assert torch.equal(eo.grad[:R].cpu(), exp)
 
     # Pull combine: the zero-copy input (owners write their expert outputs into the Buffer's
-    # region after a dispatch) and a regular input staged by the pull mode; both bit-exact.
-    from mxep.kernels.rows import TUNING
-
+    # region after a dispatch), bit-exact; then a regular input again (the push).
     exp_y = expected_combine(case, outs, counts)[rank]
     with torch.no_grad():
         res3 = buf.dispatch(xs[rank], counts[rank])
@@ -155,12 +153,7 @@ def run_buffer_case(buf, case: Case, rank: int, device) -> None:
         assert zin.shape == (buf.capacity, case.hidden) and zin.dtype == torch.bfloat16
         zin.copy_(outs[rank])
         assert torch.equal(buf.combine(zin, res3.handle).cpu(), exp_y)
-        saved = TUNING["combine_mode"]
-        TUNING["combine_mode"] = "pull"
-        try:
-            assert torch.equal(buf.combine(outs[rank], res3.handle).cpu(), exp_y)
-        finally:
-            TUNING["combine_mode"] = saved
+        assert torch.equal(buf.combine(outs[rank], res3.handle).cpu(), exp_y)
 
     # Zero-copy dispatch: the tokens stay in the receive region (symmetric memory) until the
     # next dispatch; checked before that, then combined from a regular expert_out, and its

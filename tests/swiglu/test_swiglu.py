@@ -1,14 +1,14 @@
-"""SwiGLU + MXFP8 quantization on the layout (mxep.ops.swiglu) against the torch reference
-(mxep.reference.swiglu): the layout's rows only (rows past its end never written: poison
+"""SwiGLU + MXFP8 quantization on the layout (mxep.swiglu) against the torch reference
+(mxep.swiglu.naive): the layout's rows only (rows past its end never written: poison
 stays), quantized bytes compared after dequantization (silu's exp may differ in the last fp32
 bit between Triton and torch, which can move a value across a bf16 rounding boundary), pad
 rows exactly zero, and the bf16 backward by relative error."""
 import pytest
 import torch
 
-from mxep.format.mxfp8 import dequantize_mxfp8
-from mxep.ops.swiglu import swiglu_mxfp8
-from mxep.reference.swiglu import swiglu_mxfp8_reference
+from mxep.format.spec import dequantize_mxfp8
+from mxep.swiglu import swiglu_mxfp8
+from mxep.swiglu.naive import swiglu_mxfp8_reference
 
 
 def rel_err(a, b):
@@ -42,7 +42,7 @@ def test_forward_and_backward_match_reference(cap, F, ends, scale_mode):
 
 
 def test_rows_past_the_end_are_never_written():
-    from mxep.kernels.swiglu import swiglu_backward, swiglu_quantize_forward
+    from mxep.swiglu.swiglu import swiglu_backward, swiglu_quantize_forward
 
     h = torch.randn(64, 64).bfloat16()
     offs = torch.tensor([16, 32], dtype=torch.int32)
@@ -54,7 +54,7 @@ def test_rows_past_the_end_are_never_written():
     q2, _ = swiglu_quantize_forward(h, offs, "rceil")
     assert torch.equal(q2.view(torch.uint8)[:32], q.view(torch.uint8)[:32])
     out = torch.full((64, 64), 7.0, dtype=torch.bfloat16)
-    from mxep.kernels import swiglu as k
+    from mxep.swiglu import swiglu as k
 
     k._swiglu_backward_kernel[(4, 1)](h.view(torch.int16), torch.ones(64, 32).bfloat16().view(torch.int16),
                                       out.view(torch.int16), offs, 2, 32, L_P=2, BLOCK_M=16, BLOCK_F=64)

@@ -33,7 +33,7 @@ from mxep.format.dequantize import dequantize_mxfp8_op
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.tile import fp32_to_bf16_bits, mxfp8_tile_to_bf16
 
-__all__ = ["grouped_mm_mxfp8", "GroupedMXFP8MatmulFunction", "grouped_mm_mxfp8_forward", "GemmTiles", "GPU_TILES",
+__all__ = ["grouped_mm_mxfp8", "resolve_impl", "GroupedMXFP8MatmulFunction", "grouped_mm_mxfp8_forward", "GemmTiles", "GPU_TILES",
            "GPU_TILE_CANDIDATES", "INTERPRETER_TILES", "DECODES", "IMPLS"]
 
 
@@ -122,6 +122,11 @@ def _k_step(acc, k0, q_rows, s_rows, w_cols, ws_cols, sw_rows, kk, ks, K, n_scal
 
 
 @triton.jit
+def _running_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def _grouped_mm_mxfp8_kernel(
     q_ptr, s_ptr, w_ptr, ws_ptr, out_ptr, group_end_ptr,
     cap, N, K, L,
@@ -139,8 +144,14 @@ def _grouped_mm_mxfp8_kernel(
     pid = tl.program_id(0)
     ex = tl.arange(0, L_P)
     valid = ex < L
-    ends = tl.load(group_end_ptr + ex, mask=valid, other=0)
-    starts = tl.load(group_end_ptr + ex - 1, mask=valid & (ex > 0), other=0)
+    # Group ends that do not describe the tokens (past their capacity, negative, decreasing:
+    # never checked on the host, that needs a sync) are clamped here, as the dequantize kernel
+    # clamps its row end: into [0, cap], then made monotone (a running max), so that no tile
+    # reads or writes a row outside the tensors. Valid ends are left as they are.
+    ends = tl.minimum(tl.maximum(tl.load(group_end_ptr + ex, mask=valid, other=0), 0), cap)
+    starts = tl.minimum(tl.maximum(tl.load(group_end_ptr + ex - 1, mask=valid & (ex > 0), other=0), 0), cap)
+    ends = tl.associative_scan(ends, 0, _running_max)
+    starts = tl.associative_scan(starts, 0, _running_max)   # = the clamped end of the group before
     tiles_e = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
     tiles_cum = tl.cumsum(tiles_e, axis=0)                  # inclusive
     num_m = tl.max(tiles_cum, axis=0)
@@ -227,18 +238,25 @@ def grouped_mm_mxfp8_forward(qdata: torch.Tensor, scale: torch.Tensor, weight: t
 IMPLS = ("auto", "dequant", "fused")
 
 
-def _resolve_impl(impl: str, tokens: MXFP8Tensor, N: int) -> str:
+def resolve_impl(impl: str, K: int, N: int, device: torch.device) -> str:
+    """The implementation ``grouped_mm_mxfp8(..., impl)`` runs for a ``[L, N, K]`` weight on
+    ``device``: ``"dequant"`` or ``"fused"`` (host-side only; :class:`mxep.gemm.MXWeightCache`
+    uses it to keep the weight in the form that implementation consumes)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "fused":
-        require_triton(tokens.qdata, "grouped_mm_mxfp8(impl='fused') (impl='dequant' runs anywhere)")
     if impl != "auto":
         return impl
     # torch._grouped_mm wants 16-byte strides (K, N multiples of 8) and, on CUDA, sm_90+.
-    ok = tokens.shape[1] % 8 == 0 and N % 8 == 0
-    if tokens.is_cuda:
-        ok = ok and torch.cuda.get_device_capability(tokens.device) >= (9, 0)
+    ok = K % 8 == 0 and N % 8 == 0
+    if torch.device(device).type == "cuda":
+        ok = ok and torch.cuda.get_device_capability(device) >= (9, 0)
     return "dequant" if ok else "fused"
+
+
+def _resolve_impl(impl: str, tokens: MXFP8Tensor, N: int) -> str:
+    if impl == "fused":
+        require_triton(tokens.qdata, "grouped_mm_mxfp8(impl='fused') (impl='dequant' runs anywhere)")
+    return resolve_impl(impl, tokens.shape[1], N, tokens.device)
 
 
 def _dequantize(qdata: torch.Tensor, scale: torch.Tensor, row_end: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,6 +312,12 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
         weight: bf16 ``[L, N, K]``, one ``[N, K]`` matrix per local expert (``L = E // world``), or an
             :class:`~mxep.MXFP8Tensor` of it (blocks of 32 along K, e.g. ``mxep.to_mxfp8(w)``): the
             MX GEMM's numerics for both operands; its gradient is returned in bf16 (straight-through).
+            An MXFP8Tensor weight is dequantized at every call (with ``"dequant"``: in the forward
+            and again in the backward). A weight used by many calls can be dequantized once
+            instead and passed in bf16: a bf16 weight that holds MXFP8 values (``to_mxfp8(w).dequantize()``)
+            is the same MX GEMM, bit for bit with ``"dequant"`` (the same ``torch._grouped_mm`` on
+            the same bf16 values); :class:`mxep.gemm.MXWeightCache` keeps such a copy per weight
+            version (``mxep.MoE(mx_weight_cache=True)``).
         group_end_offsets: int32 ``[L]`` on the tokens' device (``DispatchResult.group_end_offsets``);
             group ``e`` is rows ``[end[e-1], end[e])``.
         impl: ``"dequant"``: one Triton pass dequantizes the rows up to the last group end into

@@ -16,6 +16,12 @@ Per call on every rank (``n`` tokens, hidden ``H``, ``E`` experts, ``L = E / wor
 Quantization points (MXFP8, straight-through in backward): the dispatched rows, the expert
 activation ``a`` and (``mx_weights``) the expert weights. The backward is bf16 throughout
 (dispatch, GEMMs, combine).
+
+MX weights are quantized once per weight version (``mx_weight_cache``, on by default): the layer
+keeps ``w13`` / ``w2`` in the form the expert GEMM consumes (on the default ``"dequant"`` GEMM
+path, the bf16 values of the MXFP8 weight, so nothing is dequantized in the forward or the
+backward either) and reuses it until the parameter changes (:class:`mxep.gemm.MXWeightCache`).
+Gradient accumulation over several micro-batches then quantizes once per optimizer step.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from torch import nn
 
 from mxep.ep.buffer import Buffer, check_size
 from mxep.format.mxfp8 import quantize_straight_through
-from mxep.gemm import IMPLS, grouped_mm_mxfp8
+from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_mxfp8
 from mxep.swiglu import swiglu_mxfp8
 
 __all__ = ["MoE"]
@@ -43,9 +49,24 @@ class MoE(nn.Module):
             ``max_tokens_per_rank * top_k`` rows).
         group: the EP process group (None: the default group).
         align, scale_mode: as :class:`mxep.Buffer`.
-        mx_weights: quantize ``w13`` / ``w2`` to MXFP8 (blocks of 32 along their K) at every
-            forward, straight-through to the bf16 parameters, so that both operands of each
-            expert GEMM are MXFP8 (an MX GEMM's numerics); False: bf16 weights.
+        mx_weights: quantize ``w13`` / ``w2`` to MXFP8 (blocks of 32 along their K),
+            straight-through to the bf16 parameters, so that both operands of each expert GEMM
+            are MXFP8 (an MX GEMM's numerics); False: bf16 weights.
+        mx_weight_cache: (with ``mx_weights``) quantize each expert weight once per weight
+            version instead of at every forward, and keep it as the GEMM consumes it: with
+            ``gemm_impl`` resolving to ``"dequant"`` a bf16 copy of the MXFP8 weight's values
+            (bit-identical outputs and gradients: the GEMM would dequantize to the same bits,
+            in the forward and again in the backward), with ``"fused"`` the MXFP8 bytes. The
+            entry is rebuilt at the first forward after the parameter changed: an in-place
+            write bumps its version counter ``param._version`` (an optimizer step,
+            ``with torch.no_grad(): moe.w13.add_(...)``, ``load_state_dict``), a new tensor
+            (``param.data = t``, ``.to(device)``, a new Parameter) changes its address. Writes
+            that bypass the counter (through ``param.data``, or straight into the storage)
+            are not seen: call :meth:`clear_mx_weight_cache` after those. Memory, held
+            between steps: the bf16 copy equals the parameter's size (``6 L F H`` bytes for
+            ``w13`` and ``w2`` together; ``"fused"``: about half of that). No host sync (the
+            version counter is host-side metadata). False: quantize at every forward (and,
+            on the ``"dequant"`` path, dequantize in every forward and backward).
         device: where the parameters live (the Buffer follows the group's backend).
         gemm_impl: the expert GEMMs' ``impl`` (:func:`mxep.grouped_mm_mxfp8`): ``"auto"``
             (dequantize + ``torch._grouped_mm``, the fast one), or ``"fused"`` (no transient bf16
@@ -70,10 +91,18 @@ class MoE(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, max_tokens_per_rank: int,
                  group=None, align: int = 32, scale_mode: str = "rceil", mx_weights: bool = True,
+                 mx_weight_cache: bool = True,
                  device: torch.device | str | None = None, gemm_impl: str = "auto"):
         super().__init__()
+        # Sizes are checked here, under the caller's names and values (the Buffer is built for
+        # max_tokens_per_rank * top_k rows: its own check would report the product).
+        hidden = check_size("hidden", hidden, 1)
+        ffn_hidden = check_size("ffn_hidden", ffn_hidden, 1)
+        num_experts = check_size("num_experts", num_experts, 1)
+        top_k = check_size("top_k", top_k)
+        max_tokens_per_rank = check_size("max_tokens_per_rank", max_tokens_per_rank)
         if ffn_hidden % 32:
-            raise ValueError(f"ffn_hidden must be a multiple of 32 (MXFP8 blocks), got {ffn_hidden}")
+            raise ValueError(f"ffn_hidden must be a positive multiple of 32 (MXFP8 blocks), got {ffn_hidden}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -83,6 +112,8 @@ class MoE(nn.Module):
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
         self.mx_weights = mx_weights
+        self.mx_weight_cache = mx_weight_cache
+        self._w13_cache, self._w2_cache = MXWeightCache(), MXWeightCache()
         if gemm_impl not in IMPLS:
             raise ValueError(f"gemm_impl must be one of {IMPLS}, got {gemm_impl!r}")
         self.gemm_impl = gemm_impl
@@ -96,6 +127,23 @@ class MoE(nn.Module):
         probs = (x.float() @ self.router.t()).softmax(dim=-1)
         gates, experts = probs.topk(self.top_k, dim=-1)
         return gates / gates.sum(dim=-1, keepdim=True), experts
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w13, w2)`` as the expert GEMMs take them: the bf16 parameters, or (``mx_weights``)
+        their MXFP8 form, straight-through to the parameters (cached per weight version with
+        ``mx_weight_cache``)."""
+        if not self.mx_weights:
+            return self.w13, self.w2
+        if self.mx_weight_cache:
+            return (self._w13_cache(self.w13, self.gemm_impl, self.scale_mode),
+                    self._w2_cache(self.w2, self.gemm_impl, self.scale_mode))
+        return quantize_straight_through(self.w13, self.scale_mode), quantize_straight_through(self.w2, self.scale_mode)
+
+    def clear_mx_weight_cache(self) -> None:
+        """Drop the cached MX weights (rebuilt at the next forward): needed only after writes to
+        ``w13`` / ``w2`` that their version counters do not see (``param.data``)."""
+        self._w13_cache.clear()
+        self._w2_cache.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` bf16 ``[n, H]``, ``n <= max_tokens_per_rank`` -> bf16 ``[n, H]``."""
@@ -111,9 +159,7 @@ class MoE(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         res = self.buffer.dispatch(x[token_of].contiguous(), counts)
-        w13, w2 = self.w13, self.w2
-        if self.mx_weights:
-            w13, w2 = quantize_straight_through(w13, self.scale_mode), quantize_straight_through(w2, self.scale_mode)
+        w13, w2 = self.expert_weights()
         h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.gemm_impl)      # [cap, 2F]
         a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)                           # MXFP8 [cap, F]
         out = grouped_mm_mxfp8(a, w2, res.group_end_offsets, self.gemm_impl)              # [cap, H]

@@ -57,10 +57,11 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
         # cut at n (rows past the clamped counts are not dispatched) and the status word
         # records it (Buffer.check()).
         raw = tl.load(my_counts_ptr + g, mask=g < E, other=0)
-        pos = tl.maximum(raw, 0)
-        cum = tl.minimum(tl.cumsum(pos, axis=0), n_rows)
-        mine = cum - tl.minimum(cum - pos, n_rows)
-        mine = tl.maximum(mine, 0)
+        # (each count first cut at n, the running sum in int64: no int32 overflow on 2**31 - 1
+        # counts; the cut of the exclusive sum uses the uncut sum, so the rows add up to n)
+        pos = tl.minimum(tl.maximum(raw, 0), n_rows).to(tl.int64)
+        cum = tl.cumsum(pos, axis=0)
+        mine = (tl.minimum(cum, n_rows) - tl.minimum(cum - pos, n_rows)).to(tl.int32)
         bad = tl.sum((mine != raw).to(tl.int32), axis=0) > 0
         if EXACT:   # row-level: the counts must describe every one of the n rows
             bad = bad | (tl.sum(mine, axis=0) != n_rows)

@@ -1,0 +1,533 @@
+"""MoE layer benchmark: forward + backward of one expert-parallel MoE layer, every system run from
+the same weights, routing and inputs, in one launch.
+
+    python benchmarks/bench_moe.py                                     # one GPU: world 1 (NCCL)
+    torchrun --standalone --nproc_per_node=N benchmarks/bench_moe.py   # N GPUs: world N (NCCL)
+    python benchmarks/bench_moe.py --smoke --out-dir /tmp/x            # CPU, gloo world 1, tiny shapes,
+                                                                       # TRITON_INTERPRET=1 (plumbing only)
+
+Systems (names in the JSON):
+  mxep           mxep.MoE (fused MXFP8 dispatch, MXFP8 expert GEMMs, mx_weights=True), the MX
+                 weight cache rebuilt before every step: the cost of one optimizer step per step
+  mxep_accum     the same layer with the cache warm: a micro-batch of gradient accumulation after
+                 the first one (weights unchanged since the last step)
+  mxep_nocache   mxep.MoE(mx_weight_cache=False): the MX weights quantized at every forward and
+                 dequantized in every GEMM pass (forward and backward), as before the cache; its
+                 output and input gradient must equal mxep's bit for bit (checked)
+  mxep_bf16w     mxep.MoE(mx_weights=False): MXFP8 tokens and activations, bf16 weights
+  bf16           mxep.moe.naive.BF16EPMoE: torchtitan's bf16 path (host-synced splits,
+                 all_to_all_single of bf16 rows, permute, torch._grouped_mm, unpermute, all_to_all)
+  unfused_mxfp8  mxep.moe.naive.UnfusedMXFP8EPMoE: torchao-style (quantize, host-synced splits,
+                 all_to_all of data and scales, permute + pad, MX grouped GEMMs emulated as
+                 dequantize + bf16 torch._grouped_mm, weights quantized at every forward)
+
+Configs (``--configs``), per rank: ``dsv3`` (H 7168, F 2048, 256 experts, top-8, 4096 tokens) and
+``llama4`` (H 5120, F 8192, 16 experts, top-1, 8192 tokens). ``--world1`` (the default on a
+single rank) scales them to fit one GPU while keeping the experts per rank of an EP group of
+``--ref-ep`` (8) ranks: ``experts = E / ref_ep * world`` (DSv3-like at world 1: 32 experts, top-8,
+4096 tokens; Llama4-like: 2 experts, top-1, 8192 tokens). ``--no-world1``: the full expert counts
+split over the launch's ranks. The scaled configs are printed and recorded.
+
+METHOD. Timing with torch.cuda.Event, baseline in the same run: per system, ``--warmup`` steps,
+then ``--iters`` timed steps, each one: gradients set to None, device sync + barrier (all ranks
+start together, the GPU idle), start event, ``y = layer(x); y.backward(dy)``, end event; the
+step time is the median over the steps (max over ranks of the per-rank medians). Host launch
+time the GPU cannot hide and host syncs inside a step (the baselines' split sizes) are in the
+number, as in an eager training step. Peak memory: ``torch.cuda.max_memory_allocated`` over one
+more step (stats reset before it; ``peak_step_bytes`` = the peak above what was allocated
+before the step: activations, gradients, workspaces; mxep's symmetric-memory Buffer is not
+allocated by the caching allocator and counts in neither). Saved activations: the bytes of the
+unique storages packed by ``torch.autograd.graph.saved_tensors_hooks`` during one forward,
+parameters and the MX weight cache left out (``saved_total_bytes`` keeps them). Tokens/s per
+GPU: tokens per rank / step time. Correctness: every system's output ``y`` and input gradient
+``dx`` against the bf16 layer's, as SQNR (dB, min over ranks); systems with MXFP8 weights must
+reach ``--min-sqnr-db-mx-weights`` (default 20: four MXFP8 quantization points, tokens, weights,
+activation, second weights, measure about 23.5 dB against bf16 on Gaussian data), the others
+``--min-sqnr-db`` (25: tokens and activation); mxep must match the unfused MXFP8 layer (the
+same numerics) to ``--min-sqnr-db-same`` (40). A failed check is printed and recorded; the
+run goes on.
+
+Output (rank 0) in ``--out-dir`` (default benchmarks/results/moe): ``bench_moe_w<W>[_smoke].json``
+(every number), ``.md`` (the table) and ``.png`` (if matplotlib imports).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+import traceback
+
+if "--smoke" in sys.argv:   # before anything imports triton: the CPU smoke run uses its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_k, _v)   # never NVLink multicast (docs/benchmarks.md)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (HERE, os.path.join(ROOT, "src")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import mxep  # noqa: E402
+from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
+from mxep.gemm import MXWeightCache  # noqa: E402
+from mxep.moe.naive import BF16EPMoE, UnfusedMXFP8EPMoE  # noqa: E402
+
+SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w")
+MX_WEIGHT_SYSTEMS = ("unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache")
+MXEP_SYSTEMS = ("mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    name: str
+    label: str
+    hidden: int
+    ffn: int
+    experts: int      # global
+    top_k: int
+    tokens: int       # per rank
+
+
+CONFIGS = {
+    "dsv3": MoEConfig("dsv3", "DSv3-like", 7168, 2048, 256, 8, 4096),
+    "llama4": MoEConfig("llama4", "Llama4-like", 5120, 8192, 16, 1, 8192),
+}
+# --smoke: the same code paths on tiny shapes (CPU, Triton interpreter); same expert scaling.
+SMOKE_CONFIGS = {
+    "dsv3": MoEConfig("dsv3", "DSv3-like (smoke)", 32, 32, 16, 2, 4),
+    "llama4": MoEConfig("llama4", "Llama4-like (smoke)", 32, 32, 16, 1, 8),
+}
+
+
+def scale_config(cfg: MoEConfig, world: int, world1: bool, ref_ep: int) -> MoEConfig:
+    """``world1``: keep the experts per rank of an EP group of ``ref_ep`` ranks (``E / ref_ep``
+    per rank, ``E / ref_ep * world`` in all); else the full ``E`` over ``world`` ranks."""
+    if world1:
+        if cfg.experts % ref_ep:
+            raise SystemExit(f"{cfg.name}: {cfg.experts} experts do not split over --ref-ep {ref_ep}")
+        experts = cfg.experts // ref_ep * world
+        label = f"{cfg.label}, scaled: {cfg.experts // ref_ep} experts/rank as at EP {ref_ep}"
+    else:
+        if cfg.experts % world:
+            raise SystemExit(f"{cfg.name}: {cfg.experts} experts do not split over {world} ranks")
+        experts, label = cfg.experts, cfg.label
+    return dataclasses.replace(cfg, experts=experts, top_k=min(cfg.top_k, experts), label=label)
+
+
+# --------------------------------------------------------------------------------- set-up
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(cpu: bool, timeout_s: float) -> tuple[int, int, torch.device]:
+    """torchrun's environment if there is one, else a one-process world."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        kw = {"init_method": "env://"}
+    else:
+        rank, world, local = 0, 1, 0
+        kw = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
+    if cpu:
+        dist.init_process_group("gloo", timeout=timeout, **kw)
+        return rank, world, torch.device("cpu")
+    device = torch.device("cuda", local)
+    torch.cuda.set_device(device)
+    torch.empty(1, device=device)
+    dist.init_process_group("nccl", device_id=device, timeout=timeout, **kw)
+    return rank, world, device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reduce(value: float, op, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def environment() -> dict:
+    try:
+        from _timing import environment as env
+        return env()
+    except Exception as exc:  # noqa: BLE001 - the header is informative only
+        return {"torch": torch.__version__, "error": f"{type(exc).__name__}: {exc}"}
+
+
+# --------------------------------------------------------------------------------- weights and inputs
+def make_state(cfg: MoEConfig, world: int, rank: int, device: torch.device, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The weights every system loads (router replicated: one seed for all ranks; this rank's
+    experts: a seed per rank), the tokens ``x`` and the output gradient ``dy`` of this rank."""
+    H, Fh, L = cfg.hidden, cfg.ffn, cfg.experts // world
+
+    def gen(s):
+        return torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
+
+    bf = torch.bfloat16
+    state = {
+        "router": torch.randn(cfg.experts, H, generator=gen(1), device=device) / H ** 0.5,
+        "w13": torch.randn(L, 2 * Fh, H, generator=gen(100 + rank), device=device, dtype=bf) * (1 / H ** 0.5),
+        "w2": torch.randn(L, H, Fh, generator=gen(200 + rank), device=device, dtype=bf) * (1 / Fh ** 0.5),
+    }
+    x = torch.randn(cfg.tokens, H, generator=gen(300 + rank), device=device, dtype=bf)
+    dy = torch.randn(cfg.tokens, H, generator=gen(400 + rank), device=device, dtype=bf)
+    return state, x, dy
+
+
+def build(system: str, cfg: MoEConfig, device: torch.device, state: dict, mxep_layer=None):
+    """The layer of ``system`` with ``state``'s weights; the mxep systems share one mxep.MoE
+    (one Buffer), switched by its attributes."""
+    H, Fh, E, k = cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k
+    if system in MXEP_SYSTEMS:
+        m = mxep_layer or mxep.MoE(H, Fh, E, k, max_tokens_per_rank=cfg.tokens, device=device)
+        m.mx_weights = system != "mxep_bf16w"
+        m.mx_weight_cache = system != "mxep_nocache"
+        m.clear_mx_weight_cache()
+    elif system == "bf16":
+        m = BF16EPMoE(H, Fh, E, k, device=device)
+    elif system == "unfused_mxfp8":
+        m = UnfusedMXFP8EPMoE(H, Fh, E, k, device=device)
+    else:
+        raise ValueError(system)
+    m.load_state_dict(state)
+    return m
+
+
+# --------------------------------------------------------------------------------- measurements
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(t, MXFP8Tensor):
+        return [t.qdata, t.scale]
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [u for n in names for u in _plain_tensors(getattr(t, n))]
+    return [t]
+
+
+def _storage_key(t: torch.Tensor):
+    st = t.untyped_storage()
+    return (str(t.device), st.data_ptr()), st.nbytes()
+
+
+def state_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and MX weight cache entries: state that outlives a step, not activations."""
+    out = list(m.parameters()) + list(m.buffers())
+    for v in vars(m).values():
+        if isinstance(v, MXWeightCache):
+            out += v.tensors()
+    return out
+
+
+def measured_forward(m, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """One forward under saved_tensors_hooks: (y, {saved_total_bytes, saved_activation_bytes})."""
+    seen: dict = {}
+
+    def pack(t):
+        for u in _plain_tensors(t):
+            key, nbytes = _storage_key(u)
+            seen[key] = nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    persistent = {_storage_key(t)[0] for t in state_tensors(m)}
+    total = sum(seen.values())
+    act = sum(b for k, b in seen.items() if k not in persistent)
+    return y, {"saved_total_bytes": total, "saved_activation_bytes": act}
+
+
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref64, err = ref.double(), (out.double() - ref.double())
+    noise = float((err * err).sum())
+    sig = float((ref64 * ref64).sum())
+    return float("inf") if noise == 0 else 10 * math.log10(max(sig, 1e-300) / noise)
+
+
+def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
+    """Warm-up (the first step also measures saved activations and keeps y, dx), memory,
+    timing. Returns (record, {"y": y, "dx": dx})."""
+    params = list(m.parameters())
+    xin = x.detach().clone().requires_grad_(True)
+
+    def setup():
+        for p in params:
+            p.grad = None
+        xin.grad = None
+        if system == "mxep":      # an optimizer step before every step: the cache rebuilds
+            m.clear_mx_weight_cache()
+
+    def step():
+        y = m(xin)
+        y.backward(dy)
+        return y
+
+    rec: dict = {}
+    setup()
+    y, saved = measured_forward(m, xin)
+    y.backward(dy)
+    outputs = {"y": y.detach(), "dx": xin.grad.detach().clone()}
+    rec.update(saved)
+    for _ in range(max(args.warmup - 1, 0)):
+        setup()
+        step()
+    if device.type == "cuda":
+        setup()
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        rec["peak_bytes"] = peak
+        rec["peak_step_bytes"] = peak - before
+        rec["allocated_before_bytes"] = before
+    times = []
+    for _ in range(args.iters):
+        setup()
+        _sync(device)
+        dist.barrier()
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    rec["times_ms"] = [round(t, 4) for t in times]
+    rec["rank_median_ms"] = statistics.median(times)
+    rec["weight_cache_bytes"] = sum(v.nbytes for v in vars(m).values() if isinstance(v, MXWeightCache))
+    return rec, outputs
+
+
+# --------------------------------------------------------------------------------- report
+def _finite(obj):
+    """Strict JSON: non-finite floats (an SQNR of identical outputs is +inf) become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fmt(v, scale=1.0, digits=2):
+    return "-" if v is None else f"{v / scale:.{digits}f}"
+
+
+def markdown(data: dict) -> str:
+    lines = [f"# MoE layer forward + backward, world {data['world']}{' (smoke: CPU, meaningless times)' if data['smoke'] else ''}",
+             "", data["method"], ""]
+    for name, cfg in data["configs"].items():
+        lines += [f"## {name}: {cfg['label']}",
+                  f"H {cfg['hidden']}, F {cfg['ffn']}, {cfg['experts']} experts ({cfg['experts'] // data['world']}/rank), "
+                  f"top-{cfg['top_k']}, {cfg['tokens']} tokens/rank", "",
+                  "| system | step ms | tokens/s/GPU | peak GiB | step peak GiB | saved act. MiB | weight cache MiB | "
+                  "SQNR y dB | SQNR dx dB | check | vs bf16 | vs unfused |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in data["results"] if r["config"] == name):
+            if r.get("error"):
+                lines.append(f"| {r['system']} | ERROR: {r['error'][:120]} |" + " |" * 10)
+                continue
+            sp = data["speedups"].get(name, {}).get(r["system"], {})
+            lines.append("| " + " | ".join([
+                r["system"], _fmt(r["step_ms"], 1, 3), _fmt(r["tokens_per_s_per_gpu"], 1, 0),
+                _fmt(r.get("peak_bytes"), 2**30), _fmt(r.get("peak_step_bytes"), 2**30),
+                _fmt(r["saved_activation_bytes"], 2**20, 1), _fmt(r["weight_cache_bytes"], 2**20, 1),
+                _fmt(r.get("sqnr_y_db"), 1, 1), _fmt(r.get("sqnr_dx_db"), 1, 1), r.get("check", "-"),
+                _fmt(sp.get("vs_bf16"), 1, 2) + ("x" if sp.get("vs_bf16") else ""),
+                _fmt(sp.get("vs_unfused_mxfp8"), 1, 2) + ("x" if sp.get("vs_unfused_mxfp8") else "")]) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 - the PNG is optional
+        return False
+    names = list(data["configs"])
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in data["results"])]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(systems), 1)
+    for j, s in enumerate(systems):
+        ms = [next((r.get("step_ms") for r in data["results"] if r["config"] == c and r["system"] == s), None) or 0
+              for c in names]
+        act = [(next((r.get("saved_activation_bytes") for r in data["results"] if r["config"] == c and r["system"] == s),
+                     None) or 0) / 2**20 for c in names]
+        xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(names))]
+        axes[0].bar(xs, ms, width, label=s)
+        axes[1].bar(xs, act, width, label=s)
+    for ax, title in zip(axes, ("step time (fwd + bwd), ms", "saved activations per layer, MiB")):
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([data["configs"][c]["label"].split(",")[0] for c in names])
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"MoE layer, world {data['world']}" + (" (CPU smoke)" if data["smoke"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {','.join(CONFIGS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per system (default 3; smoke 1)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps per system (default 20; smoke 1)")
+    p.add_argument("--world1", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale the configs to the experts per rank of an EP group of --ref-ep ranks "
+                        "(default: on when the launch has one rank)")
+    p.add_argument("--ref-ep", type=int, default=8, help="EP group size the --world1 scaling keeps the experts/rank of")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-sqnr-db", type=float, default=25.0, help="check for systems with bf16 weights")
+    p.add_argument("--min-sqnr-db-mx-weights", type=float, default=20.0, help="check for systems with MXFP8 weights")
+    p.add_argument("--min-sqnr-db-same", type=float, default=40.0, help="mxep against the unfused MXFP8 layer")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "moe"))
+    p.add_argument("--smoke", action="store_true", help="CPU, gloo world 1, tiny shapes, TRITON_INTERPRET=1")
+    p.add_argument("--pg-timeout", type=float, default=600.0)
+    args = p.parse_args()
+    args.warmup = (1 if args.smoke else 3) if args.warmup is None else args.warmup
+    args.iters = (1 if args.smoke else 20) if args.iters is None else args.iters
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [s for s in systems if s not in SYSTEMS] + [c for c in names if c not in CONFIGS]
+    if bad:
+        raise SystemExit(f"unknown system(s)/config(s) {bad}; systems: {SYSTEMS}, configs: {tuple(CONFIGS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke for the CPU plumbing check")
+
+    if args.smoke:
+        torch.set_num_threads(1)   # tiny tensors: extra threads only contend (CI has 2 cores)
+    rank, world, device = init(args.smoke, args.pg_timeout)
+    world1 = (world == 1) if args.world1 is None else args.world1
+    table = SMOKE_CONFIGS if args.smoke else CONFIGS
+    configs = [scale_config(table[n], world, world1, args.ref_ep) for n in names]
+    torch.manual_seed(args.seed)
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    method = ("timing with torch.cuda.Event (host clock on CPU), baseline in the same run: "
+              f"{args.warmup} warm-up steps, then the median of {args.iters} steps (fwd + bwd of one layer), "
+              "each after a device sync and a barrier; max over ranks of the per-rank medians")
+    data = {"script": "bench_moe.py", "world": world, "smoke": args.smoke, "world1_scaling": world1,
+            "ref_ep": args.ref_ep, "device": str(device), "env": environment() if rank == 0 else None,
+            "args": vars(args), "method": method,
+            "configs": {c.name: dataclasses.asdict(c) for c in configs}, "results": [], "speedups": {},
+            "checks": {}, "finished": False}
+    log(f"bench_moe: world {world}, {device.type}, {'world-1 scaling' if world1 else 'full configs'}; {method}")
+
+    for cfg in configs:
+        log(f"== {cfg.name}: {cfg.label}: H {cfg.hidden}, F {cfg.ffn}, {cfg.experts} experts "
+            f"({cfg.experts // world}/rank), top-{cfg.top_k}, {cfg.tokens} tokens/rank")
+        state, x, dy = make_state(cfg, world, rank, device, args.seed)
+        outs: dict = {}
+        mxep_layer = None
+        for system in [s for s in SYSTEMS if s in systems]:   # bf16 first: the reference
+            rec = {"config": cfg.name, "system": system, "error": None}
+            try:
+                m = build(system, cfg, device, state, mxep_layer)
+                if system in MXEP_SYSTEMS:
+                    mxep_layer = m
+                r, o = run_system(system, m, x, dy, device, args)
+                rec.update(r)
+                outs[system] = o
+                del m
+            except Exception as exc:  # noqa: BLE001 - recorded; the other systems still run
+                traceback.print_exc()
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:600]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if rec["error"] is None:
+                rec["step_ms"] = _reduce(rec.pop("rank_median_ms"), dist.ReduceOp.MAX, device)
+                rec["tokens_per_s_per_gpu"] = cfg.tokens / (rec["step_ms"] / 1e3)
+                for key in ("peak_bytes", "peak_step_bytes", "saved_activation_bytes", "saved_total_bytes"):
+                    if key in rec:
+                        rec[key] = int(_reduce(rec[key], dist.ReduceOp.MAX, device))
+                if "bf16" in outs:
+                    ref = outs["bf16"]
+                    rec["sqnr_y_db"] = _reduce(sqnr_db(outs[system]["y"], ref["y"]), dist.ReduceOp.MIN, device)
+                    rec["sqnr_dx_db"] = _reduce(sqnr_db(outs[system]["dx"], ref["dx"]), dist.ReduceOp.MIN, device)
+                    need = args.min_sqnr_db_mx_weights if system in MX_WEIGHT_SYSTEMS else args.min_sqnr_db
+                    rec["sqnr_min_db"] = need
+                    ok = system == "bf16" or (rec["sqnr_y_db"] >= need and rec["sqnr_dx_db"] >= need)
+                    rec["check"] = "ok" if ok else "FAIL"
+                if system in ("mxep", "mxep_accum") and "unfused_mxfp8" in outs:
+                    rec["sqnr_y_vs_unfused_db"] = _reduce(sqnr_db(outs[system]["y"], outs["unfused_mxfp8"]["y"]),
+                                                          dist.ReduceOp.MIN, device)
+                    if rec["sqnr_y_vs_unfused_db"] < args.min_sqnr_db_same:
+                        rec["check"] = "FAIL"
+                if system == "mxep_nocache" and "mxep" in outs:   # the cache changes no bit
+                    same = all(torch.equal(outs[system][k], outs["mxep"][k]) for k in ("y", "dx"))
+                    rec["bit_identical_to_mxep"] = _reduce(float(same), dist.ReduceOp.MIN, device) == 1.0
+                    if not rec["bit_identical_to_mxep"]:
+                        rec["check"] = "FAIL"
+            data["results"].append(rec)
+            if rec["error"]:
+                log(f"   {system:14s} ERROR {rec['error']}")
+            else:
+                extra = "" if "sqnr_y_db" not in rec else (
+                    f"  SQNR vs bf16 y {rec['sqnr_y_db']:6.1f} dB dx {rec['sqnr_dx_db']:6.1f} dB"
+                    + (f" (vs unfused {rec['sqnr_y_vs_unfused_db']:.1f} dB)" if "sqnr_y_vs_unfused_db" in rec else "")
+                    + (f" (bit-identical to mxep: {rec['bit_identical_to_mxep']})" if "bit_identical_to_mxep" in rec else "")
+                    + f"  [{rec['check']}]")
+                mem = "" if "peak_bytes" not in rec else (
+                    f"  peak {rec['peak_bytes'] / 2**30:6.2f} GiB (step {rec['peak_step_bytes'] / 2**30:5.2f})")
+                log(f"   {system:14s} {rec['step_ms']:9.3f} ms  {rec['tokens_per_s_per_gpu']:12.0f} tok/s/GPU{mem}"
+                    f"  saved act {rec['saved_activation_bytes'] / 2**20:8.1f} MiB{extra}")
+        del mxep_layer, outs, state, x, dy
+        gc.collect()
+        ms = {r["system"]: r["step_ms"] for r in data["results"] if r["config"] == cfg.name and not r["error"]}
+        sp = {}
+        for s in MXEP_SYSTEMS:
+            if s in ms:
+                sp[s] = {f"vs_{b}": ms[b] / ms[s] for b in ("bf16", "unfused_mxfp8", "mxep_nocache")
+                         if b in ms and b != s}
+        data["speedups"][cfg.name] = sp
+        for s, v in sp.items():
+            log(f"   speedup {s}: " + ", ".join(f"{k} {x:.2f}x" for k, x in v.items()))
+    data["checks"] = {f"{r['config']}/{r['system']}": r.get("check") for r in data["results"]}
+    data["finished"] = True
+
+    if rank == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, f"bench_moe_w{world}{'_smoke' if args.smoke else ''}")
+        with open(stem + ".json", "w") as f:
+            json.dump(_finite(data), f, indent=1, default=str)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(data))
+        png = plot(data, stem + ".png")
+        print(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if png else " (no matplotlib: no PNG)"), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
