@@ -343,11 +343,11 @@ def markdown(data: dict) -> str:
                   f"H {cfg['hidden']}, F {cfg['ffn']}, {cfg['experts']} experts ({cfg['experts'] // data['world']}/rank), "
                   f"top-{cfg['top_k']}, {cfg['tokens']} tokens/rank", "",
                   "| system | step ms | tokens/s/GPU | peak GiB | step peak GiB | saved act. MiB | weight cache MiB | "
-                  "SQNR y dB | SQNR dx dB | check | vs bf16 | vs unfused |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "SQNR y dB | SQNR dx dB | check | vs bf16 | vs unfused | vs mxep_nocache |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in data["results"] if r["config"] == name):
             if r.get("error"):
-                lines.append(f"| {r['system']} | ERROR: {r['error'][:120]} |" + " |" * 10)
+                lines.append(f"| {r['system']} | ERROR: {r['error'][:120]} |" + " |" * 11)
                 continue
             sp = data["speedups"].get(name, {}).get(r["system"], {})
             lines.append("| " + " | ".join([
@@ -356,7 +356,8 @@ def markdown(data: dict) -> str:
                 _fmt(r["saved_activation_bytes"], 2**20, 1), _fmt(r["weight_cache_bytes"], 2**20, 1),
                 _fmt(r.get("sqnr_y_db"), 1, 1), _fmt(r.get("sqnr_dx_db"), 1, 1), r.get("check", "-"),
                 _fmt(sp.get("vs_bf16"), 1, 2) + ("x" if sp.get("vs_bf16") else ""),
-                _fmt(sp.get("vs_unfused_mxfp8"), 1, 2) + ("x" if sp.get("vs_unfused_mxfp8") else "")]) + " |")
+                _fmt(sp.get("vs_unfused_mxfp8"), 1, 2) + ("x" if sp.get("vs_unfused_mxfp8") else ""),
+                _fmt(sp.get("vs_mxep_nocache"), 1, 2) + ("x" if sp.get("vs_mxep_nocache") else "")]) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

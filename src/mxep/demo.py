@@ -1,18 +1,44 @@
-"""`python -m mxep.demo` (`make demo`): the EP dispatch layout on every rank, in ten seconds.
+"""`python -m mxep.demo` (`make demo`): train a small MoE transformer on mxep, beside a bf16 twin.
 
-One process per visible CUDA GPU (NCCL), else 4 CPU processes (gloo, Triton interpreter).
-Routing is skewed, one expert receives nothing anywhere and the last rank sends nothing.
-Each rank runs the unfused MXFP8 pipeline (mxep.ep.naive_pipeline) and mxep's fused
-dispatch (mxep.Buffer) on the same rows; rank 0 prints, per rank, both layouts side by side
-(rows received per local expert, padded group sizes, pad rows, group_end_offsets), then per path
-a check line (bytes and layout equal, round trip) and a timing line.
+One process per visible CUDA GPU (NCCL), else 4 CPU processes (gloo, Triton interpreter; about
+2 1/2 minutes on 2 cores). Every rank builds the same model: token + position embeddings, a few
+blocks of [RMSNorm, causal self-attention (plain torch, fp32), RMSNorm, MoE], RMSNorm and an LM
+head, trained as a causal LM on a synthetic English-like grammar generated here (deterministic,
+no download; its entropy per token, the lowest loss reachable, is printed).
+
+Two copies of it train side by side, in lock step, from the same initial weights on the same
+tokens (each rank draws its own batch: data parallel over the EP group):
+
+* ``mxep``: the MoE of every block is :class:`mxep.MoE`, expert parallel over all ranks (rank
+  r holds experts ``[r L, (r + 1) L)`` of the ``E``; MXFP8 dispatch, MXFP8 expert GEMMs, bf16
+  combine and backward). The router, attention, norms and embeddings are replicated: their
+  gradients are all-reduced (summed; every rank backpropagates its mean loss / world). The
+  experts' gradients need no reduction: the combine's backward already brings every rank's
+  contribution to the expert's owner.
+* ``dense``: the same router and SwiGLU expert math in plain bf16 torch, every expert on every
+  rank and no quantization, no dispatch; every gradient all-reduced.
+
+Rank 0 builds all the weights and broadcasts them; each rank keeps its slice of the experts for
+mxep and all of them for the dense twin. Rank 0 prints a progress line (loss and tokens/s of
+both), then a summary paragraph and its checks: the first-step losses agree within MXFP8
+tolerance, both losses fell, they end close to each other, and the replicated weights are still
+identical on every rank. It writes both loss curves to ``demo-loss.png`` (``--out``). The exit
+status is 1 when a check fails.
+
+``python -m mxep.demo --layout``: the previous demo, the EP dispatch layout on every rank
+(unfused MXFP8 pipeline vs fused ``mxep.Buffer``, side by side). ``--help`` for the knobs.
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
+import random
 import socket
 import statistics
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +50,440 @@ if not torch.cuda.is_available():
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# The corpus: a small synthetic grammar (subject-verb agreement across optional adjectives,
+# optional prepositional tails), as an endless stream of sentences.
+# ----------------------------------------------------------------------------------------------
+
+_NOUNS = {"cat": "cats", "dog": "dogs", "bird": "birds", "fox": "foxes", "frog": "frogs", "robot": "robots"}
+_ADJECTIVES = ("red", "big", "small", "old", "happy", "blue")
+_VERBS = {"sees": "see", "likes": "like", "chases": "chase", "finds": "find", "helps": "help"}
+_PREPOSITIONS = ("near", "under", "behind")
+_DETERMINERS = {False: ("the", "a"), True: ("the", "some")}   # plural -> determiners
+VOCAB = sorted({".", "and", *_NOUNS, *_NOUNS.values(), *_ADJECTIVES, *_VERBS, *_VERBS.values(),
+                *_PREPOSITIONS, *_DETERMINERS[False], *_DETERMINERS[True]})
+
+
+def _sentence(rng: random.Random) -> tuple[list[str], float]:
+    """One sentence and its log-probability under the generator (every choice is uniform and
+    the words determine the choices, so the product of the choices' probabilities is exact)."""
+    logp = 0.0
+
+    def pick(options):
+        nonlocal logp
+        logp -= math.log(len(options))
+        return options[rng.randrange(len(options))]
+
+    def coin(p: float) -> bool:
+        nonlocal logp
+        hit = rng.random() < p
+        logp += math.log(p if hit else 1 - p)
+        return hit
+
+    def noun_phrase() -> tuple[list[str], bool]:
+        plural = pick((False, True))
+        words = [pick(_DETERMINERS[plural])]
+        if coin(0.5):
+            words.append(pick(_ADJECTIVES))
+        noun = pick(tuple(_NOUNS))
+        return words + [_NOUNS[noun] if plural else noun], plural
+
+    subject, plural = noun_phrase()
+    if coin(0.2):                                  # "the cat and a dog": a plural subject
+        other, _ = noun_phrase()
+        subject, plural = subject + ["and"] + other, True
+    verb = pick(tuple(_VERBS))
+    words = subject + [_VERBS[verb] if plural else verb] + noun_phrase()[0]
+    if coin(1 / 3):
+        words += [pick(_PREPOSITIONS)] + noun_phrase()[0]
+    return words + ["."], logp
+
+
+def make_corpus(num_tokens: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """``num_tokens`` or a few more token ids (int64), and the grammar's entropy in nats per
+    token measured on them (the loss of a model that knows the grammar)."""
+    rng = random.Random(seed)
+    index = {w: i for i, w in enumerate(VOCAB)}
+    ids: list[int] = []
+    nats = 0.0
+    while len(ids) < num_tokens:
+        words, logp = _sentence(rng)
+        ids += [index[w] for w in words]
+        nats -= logp
+    return torch.tensor(ids, dtype=torch.int64), nats / len(ids)
+
+
+def get_batch(corpus: torch.Tensor, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random windows of ``seq + 1`` tokens: inputs and next-token targets ``[B, T]``."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, corpus.numel() - seq - 1, (batch,), generator=g)
+    win = torch.stack([corpus[s:s + seq + 1] for s in starts.tolist()])
+    return win[:, :-1], win[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model.
+# ----------------------------------------------------------------------------------------------
+
+class DenseMoE(nn.Module):
+    """bf16 reference of :class:`mxep.MoE`'s math on one rank, all ``E`` experts local: the same
+    router (fp32 logits, softmax, top-k, gates renormalized over the chosen experts) and SwiGLU
+    experts (bf16 GEMMs), no quantization and no dispatch: every expert runs on every token and
+    the gates (zero outside the top-k) mask the sum. Parameters as mxep.MoE's, with ``L = E``."""
+
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, device=None):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Parameter(torch.empty(num_experts, hidden, device=device))
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden, hidden, dtype=torch.bfloat16, device=device))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn_hidden, dtype=torch.bfloat16, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # bf16 [n, H] -> bf16 [n, H]
+        probs = (x.float() @ self.router.t()).softmax(dim=-1)
+        gates, experts = probs.topk(self.top_k, dim=-1)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        mask = torch.zeros_like(probs).scatter(1, experts, gates)                     # [n, E] fp32
+        h = torch.einsum("nh,efh->enf", x, self.w13)                                  # [E, n, 2F] bf16
+        f = self.w2.shape[2]
+        a = F.silu(h[..., :f]) * h[..., f:]
+        out = torch.bmm(a, self.w2.transpose(1, 2))                                   # [E, n, H] bf16
+        return torch.einsum("ne,enh->nh", mask, out.float()).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, heads: int, moe: nn.Module, device=None):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.RMSNorm(hidden, device=device)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False, device=device)
+        self.proj = nn.Linear(hidden, hidden, bias=False, device=device)
+        self.norm2 = nn.RMSNorm(hidden, device=device)
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # fp32 [B, T, H]
+        B, T, H = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)                 # [B, heads, T, H/heads]
+        x = x + self.proj(att.transpose(1, 2).reshape(B, T, H))
+        return x + self.moe(self.norm2(x).reshape(B * T, H).bfloat16()).float().view(B, T, H)
+
+
+class MoETransformer(nn.Module):
+    """Causal LM: embeddings, ``len(moes)`` blocks (attention + the given MoE layers), head."""
+
+    def __init__(self, vocab: int, seq: int, hidden: int, heads: int, moes: list[nn.Module], device=None):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, hidden, device=device)
+        self.pos = nn.Embedding(seq, hidden, device=device)
+        self.blocks = nn.ModuleList(Block(hidden, heads, m, device) for m in moes)
+        self.norm = nn.RMSNorm(hidden, device=device)
+        self.head = nn.Linear(hidden, vocab, bias=False, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:   # int64 [B, T] -> fp32 logits [B, T, V]
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+@torch.no_grad()
+def init_weights(model: MoETransformer, seed: int) -> None:
+    """Deterministic initial weights (rank 0's are broadcast anyway); experts and router as
+    mxep.MoE initializes its own."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("moe.router"):
+            v = torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5
+        elif name.endswith("moe.w13") or name.endswith("moe.w2"):
+            v = torch.randn(p.shape, generator=g) / p.shape[2] ** 0.5
+        elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+            v = torch.ones(p.shape)
+        elif name.endswith("proj.weight"):   # residual branch: small
+            v = torch.randn(p.shape, generator=g) * (0.02 / (2 * len(model.blocks)) ** 0.5)
+        else:
+            v = torch.randn(p.shape, generator=g) * 0.02
+        p.copy_(v.to(p.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (one process per rank).
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    steps: int
+    layers: int
+    hidden: int
+    heads: int
+    ffn_hidden: int
+    experts_per_rank: int
+    top_k: int
+    seq: int
+    batch: int            # sequences per rank per step
+    lr: float
+    seed: int
+    out: str
+    deadline: float       # time.time() after which training stops early (inf: none)
+    corpus_tokens: int = 200_000
+
+
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Sum the gradients of replicated parameters over the ranks, in one fp32 all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off:off + n].view(g.shape).to(g.dtype)
+        off += n
+
+
+def _same_on_every_rank(params: list[nn.Parameter]) -> bool:
+    """Rank 0's values of these parameters equal every rank's, bit for bit."""
+    mine = torch.cat([p.detach().reshape(-1).float() for p in params])
+    ref = mine.clone()
+    dist.broadcast(ref, 0)
+    ok = torch.tensor([1.0 if torch.equal(mine, ref) else 0.0], device=mine.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+class _Progress:
+    """Rank 0's progress line: rewritten in place on a terminal, else a line every few steps."""
+
+    def __init__(self, total: int):
+        self.total, self.tty = total, sys.stdout.isatty()
+        self.every = max(1, total // 10)
+
+    def update(self, step: int, text: str, last: bool = False) -> None:
+        width = 24
+        done = round(width * step / self.total)
+        line = f"step {step:>{len(str(self.total))}}/{self.total} [{'#' * done}{'.' * (width - done)}] {text}"
+        if self.tty:
+            print("\r" + line.ljust(getattr(self, "_len", 0)), end="\n" if last else "", flush=True)
+            self._len = len(line)
+        elif last or step == 1 or step % self.every == 0:
+            print(line, flush=True)
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    r = tokens / seconds
+    return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.1f}k" if r >= 1e4 else f"{r:.0f}"
+
+
+def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backend: str) -> bool:
+    import mxep
+
+    E = cfg.experts_per_rank * world
+    L = cfg.experts_per_rank
+    n_local = cfg.batch * cfg.seq
+    corpus, entropy = make_corpus(cfg.corpus_tokens, cfg.seed)
+    V = len(VOCAB)
+
+    # The dense twin holds every weight; rank 0's are broadcast ("scatter": mxep's experts below
+    # take their slice of them).
+    torch.manual_seed(cfg.seed)
+    dense = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads,
+                           [DenseMoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, device) for _ in range(cfg.layers)],
+                           device)
+    init_weights(dense, cfg.seed)
+    with torch.no_grad():
+        for p in dense.parameters():
+            dist.broadcast(p.data, 0)
+    moes = [mxep.MoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, max_tokens_per_rank=n_local, device=device)
+            for _ in range(cfg.layers)]
+    mx = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads, moes, device)
+    with torch.no_grad():
+        src = dict(dense.named_parameters())
+        for name, p in mx.named_parameters():
+            w = src[name]
+            if name.endswith("moe.w13") or name.endswith("moe.w2"):
+                w = w[rank * L:(rank + 1) * L]
+            p.copy_(w)
+    expert_ids = {id(m.w13) for m in moes} | {id(m.w2) for m in moes}
+    mx_replicated = [p for p in mx.parameters() if id(p) not in expert_ids]
+    models = {"mxep": (mx, mx_replicated), "dense": (dense, list(dense.parameters()))}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+            for k, (m, _) in models.items()}
+    warmup = max(1, min(10, cfg.steps // 10))
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warmup)) for k, o in opts.items()}
+
+    # The first step's layer-0 MoE input and output of the mxep model, against mxep's own dense
+    # reference of the same MXFP8 math (mxep.moe.naive) on the same (initial) weights.
+    ref_weights = [t.detach().clone() for t in (dense.blocks[0].moe.router, dense.blocks[0].moe.w13,
+                                                dense.blocks[0].moe.w2)]
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, inputs, output):
+        if not captured:
+            captured["x"], captured["y"] = inputs[0].detach().clone(), output.detach().clone()
+
+    hook = moes[0].register_forward_hook(capture)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    n_params = {k: sum(p.numel() for p in m.parameters()) for k, (m, _) in models.items()}
+    tokens_per_step = world * n_local
+    losses: dict[str, list[float]] = {"mxep": [], "dense": []}
+    times: dict[str, list[float]] = {"mxep": [], "dense": []}
+    first: dict[str, Any] = {}
+    progress = _Progress(cfg.steps) if rank == 0 else None
+    stopped_early = False
+    t_start = time.perf_counter()
+    for step in range(cfg.steps):
+        ids, targets = (t.to(device) for t in get_batch(corpus, cfg.batch, cfg.seq, cfg.seed * 1_000_003 + step * world + rank))
+        local = {}
+        for name, (model, replicated) in models.items():
+            sync()
+            t0 = time.perf_counter()
+            logits = model(ids)
+            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+            (loss / world).backward()
+            _all_reduce_grads(replicated)
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            scheds[name].step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            local[name] = loss.detach()
+            if step == 0:
+                first[name] = logits.detach()
+                if name == "mxep":
+                    hook.remove()
+        stop = 1.0 if time.time() > cfg.deadline else 0.0
+        stats = torch.stack([local["mxep"], local["dense"], torch.tensor(stop, device=device)]).float()
+        dist.all_reduce(stats)
+        losses["mxep"].append(float(stats[0]) / world)
+        losses["dense"].append(float(stats[1]) / world)
+        done = step + 1
+        if stats[2] > 0 and done < cfg.steps:
+            stopped_early = True
+        if rank == 0:
+            mt = statistics.median(times["mxep"][1:] or times["mxep"])
+            dt = statistics.median(times["dense"][1:] or times["dense"])
+            progress.update(done, f"loss mxep {losses['mxep'][-1]:.3f} dense {losses['dense'][-1]:.3f} | "
+                                  f"tok/s mxep {_rate(tokens_per_step, mt)} dense {_rate(tokens_per_step, dt)}",
+                            last=done == cfg.steps or stopped_early)
+        if stopped_early:
+            break
+    wall = time.perf_counter() - t_start
+
+    from mxep.moe.naive import moe_reference
+
+    ref_y = moe_reference(captured["x"], *ref_weights, cfg.top_k)
+    errs = torch.tensor([rel_err(captured["y"], ref_y), rel_err(first["mxep"], first["dense"])], device=device)
+    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+    layer_err, logits_err = (float(e) for e in errs)
+    same = {k: _same_on_every_rank(rep) for k, (_, rep) in models.items()}
+    if rank != 0:
+        return True
+
+    steps_done = len(losses["mxep"])
+    step_s = {k: statistics.median(v[1:] or v) for k, v in times.items()}
+    tail = max(1, min(5, steps_done // 5))              # average the last few steps: batches are noisy
+    final = {k: statistics.fmean(v[-tail:]) for k, v in losses.items()}
+    start = {k: v[0] for k, v in losses.items()}
+    fell = {k: 1 - final[k] / start[k] for k in losses}
+    want_fall = 0.25
+    checks: list[tuple[str, bool | None]] = []
+    d0 = abs(start["mxep"] - start["dense"]) / start["dense"]
+    checks.append((f"first-step losses agree within MXFP8 tolerance ({start['mxep']:.4f} vs {start['dense']:.4f}: "
+                   f"{d0:.2%} <= 1%; their logits differ by {logits_err:.1%}, relative)", d0 <= 0.01))
+    checks.append((f"mxep.MoE's first-step output (layer 0, every rank) matches its MXFP8 reference "
+                   f"mxep.moe.naive.moe_reference: rel err {layer_err:.1e} <= 1e-2", layer_err <= 1e-2))
+    if steps_done >= 10:
+        checks.append((f"both losses fell by >= {want_fall:.0%} (mxep {fell['mxep']:.0%}, dense {fell['dense']:.0%})",
+                       min(fell.values()) >= want_fall))
+        gap = abs(final["mxep"] - final["dense"]) / final["dense"]
+        checks.append((f"final losses within 10% of each other ({gap:.1%})", gap <= 0.10))
+    else:
+        checks.append((f"loss fell / final losses agree: skipped ({steps_done} steps, needs >= 10)", None))
+    checks.append(("replicated weights identical on every rank after training (all-reduced gradients)",
+                   all(same.values())))
+    ok = all(v is not False for _, v in checks)
+
+    plot_note = _plot(losses, entropy, cfg, world, backend, device)
+    where = f"{world} {'GPU' if device.type == 'cuda' else 'CPU'} ranks ({backend})"
+    print()
+    print(
+        f"Summary: trained a {cfg.layers}-layer MoE transformer (hidden {cfg.hidden}, {cfg.heads} heads, "
+        f"{E} experts top-{cfg.top_k} with ffn {cfg.ffn_hidden}, {n_params['dense'] / 1e3:.0f}k parameters) as a causal "
+        f"LM on a synthetic grammar (vocab {V}, entropy {entropy:.2f} nats/token: the lowest reachable loss) on "
+        f"{where}, {steps_done} steps"
+        + (f" (stopped early: time budget; {cfg.steps} asked)" if stopped_early else "")
+        + f" of {tokens_per_step} tokens ({cfg.batch} x {cfg.seq} per rank), AdamW lr {cfg.lr:g}, "
+        f"in {wall:.0f} s. mxep ({L} experts per rank, MXFP8 dispatch and expert GEMMs, expert parallel): "
+        f"loss {start['mxep']:.3f} -> {final['mxep']:.3f} ({fell['mxep']:.0%} lower; mean of the last {tail}), "
+        f"{step_s['mxep'] * 1e3:.1f} ms/step, {_rate(tokens_per_step, step_s['mxep'])} tokens/s. "
+        f"dense bf16 twin (all {E} experts on every rank, no quantization): loss {start['dense']:.3f} -> "
+        f"{final['dense']:.3f} ({fell['dense']:.0%} lower), {step_s['dense'] * 1e3:.1f} ms/step, "
+        f"{_rate(tokens_per_step, step_s['dense'])} tokens/s (median step, first excluded). "
+        + (f"Timings on CPU run the Triton interpreter and gloo: not performance numbers. " if device.type == "cpu" else "")
+        + plot_note)
+    for text, passed in checks:
+        print(f"  [{'OK' if passed else 'skip' if passed is None else 'FAIL'}] {text}")
+    print(f"all checks: {'OK' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def _plot(losses: dict[str, list[float]], entropy: float, cfg: TrainConfig, world: int, backend: str,
+          device: torch.device) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"(matplotlib is not installed: no plot; pip install matplotlib for {cfg.out}.)"
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    steps = range(1, len(losses["mxep"]) + 1)
+    ax.plot(steps, losses["dense"], label="dense bf16 MoE (all experts, no quantization)", color="tab:gray", lw=2.2)
+    ax.plot(steps, losses["mxep"], label="mxep.MoE (MXFP8 dispatch + GEMMs, expert parallel)", color="tab:blue", lw=1.4)
+    ax.axhline(entropy, ls="--", color="tab:green", lw=1, label=f"grammar entropy {entropy:.2f}")
+    ax.set_xlabel(f"step ({world * cfg.batch * cfg.seq} tokens each)")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(f"{cfg.layers}-layer MoE LM, {world} ranks ({backend}, {device.type}), "
+                 f"{cfg.experts_per_rank * world} experts top-{cfg.top_k}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    fig.savefig(cfg.out)
+    plt.close(fig)
+    return f"Loss curves: {cfg.out}."
+
+
+def _train_rank(rank: int, world: int, backend: str, port: int, cfg: TrainConfig, result) -> None:
+    warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ok = _train(rank, world, device, cfg, backend)
+        if rank == 0:
+            result.put(ok)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# --layout: the EP dispatch layout on every rank (the previous demo).
+# ----------------------------------------------------------------------------------------------
 
 ALIGN = 32
 LOCAL_EXPERTS = 4
@@ -147,7 +607,8 @@ def format_layouts(rank: int, world: int, layouts: dict[str, LayoutSummary]) -> 
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _rank_main(rank: int, world: int, backend: str, port: int, rows: int, hidden: int, iters: int) -> None:
+def _layout_rank(rank: int, world: int, backend: str, port: int, rows: int, hidden: int, iters: int) -> None:
+    warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -182,23 +643,83 @@ def _rank_main(rank: int, world: int, backend: str, port: int, rows: int, hidden
         dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------
+# Launcher.
+# ----------------------------------------------------------------------------------------------
+
+# Per machine kind: (steps, layers, hidden, heads, ffn_hidden, experts per rank (CPU) or in all
+# (GPU), top_k, seq, batch per rank, lr). CPU: a step of the mxep model is ~4 s of the 2 cores
+# (4 ranks, Triton interpreter), the dense twin ~0.1 s; 30 steps bring the loss from ln(V) to
+# about half of it.
+CPU_DEFAULTS = dict(steps=30, layers=2, hidden=64, heads=4, ffn_hidden=64, experts=8, top_k=2, seq=32, batch=2,
+                    lr=1e-2)
+GPU_DEFAULTS = dict(steps=300, layers=4, hidden=256, heads=8, ffn_hidden=512, experts=8, top_k=2, seq=256,
+                    batch=16, lr=3e-3)
+CPU_RANKS = 4
+CPU_TIME_BUDGET_S = 160.0   # from launch: stop training early past it (make demo must end in < 3 min)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def main() -> None:
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m mxep.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layout", action="store_true", help="print the EP dispatch layout demo instead of training")
+    p.add_argument("--steps", type=int, help="training steps (CPU %(default)s: 30; GPU: 300)")
+    p.add_argument("--out", default="demo-loss.png", help="PNG of the loss curves (default %(default)s)")
+    p.add_argument("--ranks", type=int, default=CPU_RANKS, help="CPU only: gloo processes (default %(default)s)")
+    p.add_argument("--max-seconds", type=float,
+                   help=f"stop training once this many seconds have passed since launch "
+                        f"(CPU default {CPU_TIME_BUDGET_S:.0f}, GPU none; 0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    for k in ("layers", "hidden", "heads", "ffn_hidden", "experts", "top_k", "seq", "batch"):
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, dest=k,
+                       help=f"(CPU {CPU_DEFAULTS[k]}, GPU {GPU_DEFAULTS[k]})"
+                            + (": experts in all, rounded up to a multiple of the ranks" if k == "experts" else ""))
+    p.add_argument("--lr", type=float, help=f"(CPU {CPU_DEFAULTS['lr']:g}, GPU {GPU_DEFAULTS['lr']:g})")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    t_launch = time.time()
+    args = _parse(argv)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
         # Never NVLink multicast on the shared machines (set before any child starts).
         os.environ["NCCL_NVLS_ENABLE"] = "0"
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
         os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
-        world, backend, rows, hidden, iters = torch.cuda.device_count(), "nccl", 8192, 4096, 10
+        world, backend = gpus, "nccl"
     else:
         os.environ["TRITON_INTERPRET"] = "1"
-        world, backend, rows, hidden, iters = 4, "gloo", 200, 256, 1
-    mp.spawn(_rank_main, args=(world, backend, _free_port(), rows, hidden, iters), nprocs=world)
+        world, backend = args.ranks, "gloo"
+    if args.layout:
+        rows, hidden, iters = (8192, 4096, 10) if gpus else (200, 256, 1)
+        mp.spawn(_layout_rank, args=(world, backend, _free_port(), rows, hidden, iters), nprocs=world)
+        return
+    d = dict(GPU_DEFAULTS if gpus else CPU_DEFAULTS)
+    d.update({k: v for k, v in vars(args).items() if k in d and v is not None})
+    budget = args.max_seconds if args.max_seconds is not None else (0.0 if gpus else CPU_TIME_BUDGET_S)
+    cfg = TrainConfig(steps=d["steps"], layers=d["layers"], hidden=d["hidden"], heads=d["heads"],
+                      ffn_hidden=d["ffn_hidden"], experts_per_rank=-(-d["experts"] // world), top_k=d["top_k"],
+                      seq=d["seq"], batch=d["batch"], lr=d["lr"], seed=args.seed, out=args.out,
+                      deadline=t_launch + budget if budget > 0 else math.inf)
+    if cfg.hidden % cfg.heads:
+        raise SystemExit(f"--hidden {cfg.hidden} must be a multiple of --heads {cfg.heads}")
+    print(f"mxep demo: training a {cfg.layers}-layer MoE transformer on {world} "
+          f"{'GPU' if gpus else 'CPU'} ranks ({backend}{'' if gpus else ', Triton interpreter'}): "
+          f"mxep.MoE (MXFP8, expert parallel) beside a dense bf16 MoE, same initial weights, same tokens",
+          flush=True)
+    ctx = mp.get_context("spawn")
+    result = ctx.SimpleQueue()
+    mp.spawn(_train_rank, args=(world, backend, _free_port(), cfg, result), nprocs=world)
+    ok = result.get() if not result.empty() else False
+    print(f"({time.time() - t_launch:.0f} s in all)")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -274,7 +274,7 @@ def test_simulated_world_bad_counts_gpu(name, align, monkeypatch):
 def drive_out_of_step(device) -> SimulatedWorld:
     """Rank 0 runs one dispatch plan while rank 1 runs two, phase by phase:
     put(0, #1), put(1, #1), plan(1, #1), put(1, #2), plan(0, #1), plan(1, #2)."""
-    sim = SimulatedWorld(W, E, H, N, 32, device=device)
+    sim = SimulatedWorld(W, E, H, N, 32, device=device, config=EPConfig(wait_polls=1 << 12))   # (GPU: ms, not s)
     c = torch.tensor([2, 1, 0, 3], dtype=torch.int32, device=device)
     p0, p1 = sim.peers
     p0.exchange_and_plan(c, 6, 32, "put")

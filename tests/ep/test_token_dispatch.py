@@ -318,3 +318,53 @@ def test_gpu_token_path_no_host_sync_and_graph_capture():
     eager = step(*new)
     for c, e in zip(captured, eager):
         assert torch.equal(c, e) if c.dtype != torch.float32 else torch.allclose(c, e, rtol=1e-4, atol=1e-4)
+
+
+def _token_forward(buf, x, idx, w, eo, dy):
+    res = buf.dispatch_tokens(x, idx, w)
+    y = buf.combine_tokens(eo, res.handle, w)
+    loss = (y.float() * dy.float()).sum() + (res.tokens.dequantize().float() * eo.detach().float()).sum()
+    return loss, y, res.tokens.qdata.view(torch.uint8), res.group_end_offsets
+
+
+def _one_rank_token_step(buf, x, idx, w, eo, dy, forward=_token_forward):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    eo = eo.clone().requires_grad_(True)
+    loss, y, q, ends = forward(buf, x, idx, w, eo, dy)
+    loss.backward()
+    end = int(ends[-1])   # debug-only (test)
+    return q[:end], y, x.grad, w.grad, eo.grad[:end]
+
+
+def test_token_ops_symm_mem_path_and_compile():
+    """The Buffer's registered token-level ops on the symmetric-memory transport's code path
+    (a one-rank world over local memory, under the interpreter) give the collective transport's
+    bits; and torch.compile(fullgraph=True) of dispatch -> combine -> backward equals eager."""
+    import torch.distributed as dist
+
+    import mxep
+    from mxep.ep.transport.symm_mem import SymmMemTransport
+    from support.dist import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        E, H, T, k = 8, 64, 11, 3
+        xs, idx, ws = _inputs(3, 1, E, H, T, k, "holes")
+        coll = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, top_k=k)
+        symm = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, top_k=k)
+        symm.transport = SymmMemTransport.over_local_memory(symm.regions, symm.config)
+        g = torch.Generator().manual_seed(4)
+        eo = torch.randn(coll.capacity, H, generator=g).bfloat16()
+        dy = torch.randn(xs[0].shape[0], H, generator=g).bfloat16()
+        a = _one_rank_token_step(coll, xs[0], idx[0], ws[0], eo, dy)
+        b = _one_rank_token_step(symm, xs[0], idx[0], ws[0], eo, dy)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v) if u.dtype != torch.float32 else torch.allclose(u, v, rtol=1e-4, atol=1e-4)
+        compiled = torch.compile(_token_forward, fullgraph=True, backend="aot_eager")
+        for buf in (coll, symm):
+            c = _one_rank_token_step(buf, xs[0], idx[0], ws[0], eo, dy, forward=compiled)
+            for u, v in zip(a, c):
+                assert torch.equal(u, v) if u.dtype != torch.float32 else torch.allclose(u, v, rtol=1e-4, atol=1e-4)
+    finally:
+        dist.destroy_process_group()

@@ -9,7 +9,9 @@ autograd Functions and the functional alias.
 """
 from __future__ import annotations
 
+import itertools
 import operator
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -167,6 +169,10 @@ class Buffer:
         else:
             self.transport = CollectiveTransport(self.group, num_experts, hidden, max_tokens_per_rank, self.capacity,
                                                  self.device, self.top_k or 0, align)
+        # How the registered token-level ops name this Buffer: a string, which torch.compile
+        # always treats as a constant (an int would turn symbolic once a second Buffer shows up).
+        self._id = f"buffer{next(_NEXT_ID)}"
+        _LIVE_BUFFERS[self._id] = self
 
     def _check_ranks_agree(self, transport: str) -> None:
         """Compare the settings every rank passed, with one small all-gather; raise naming the
@@ -413,9 +419,10 @@ class Buffer:
         """
         self._token_level_only("dispatch_tokens")
         self._check_routing(x, topk_idx, topk_weights)
-        handle = self.transport.plan_tokens(topk_idx.contiguous(), topk_weights, self.align)
-        tokens = TokenDispatchFunction.apply(x.contiguous(), self, handle)
-        return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
+        q, geo, tpe, *state = TokenDispatchFunction.apply(x.contiguous(), topk_idx.contiguous(),
+                                                              topk_weights.contiguous(), self._id)
+        handle = DispatchHandle(self.transport, self.rank, x.shape[0], geo, tpe, state)
+        return DispatchResult(q, geo, tpe, handle)
 
     def combine_tokens(self, expert_out: torch.Tensor, handle: DispatchHandle,
                        topk_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -442,7 +449,7 @@ class Buffer:
         if expert_out.dtype != torch.bfloat16 or tuple(expert_out.shape) != (self.capacity, self.hidden):
             raise ValueError(f"expert_out must be bf16 [{self.capacity}, {self.hidden}] (the dispatch layout), got "
                              f"{expert_out.dtype} {tuple(expert_out.shape)}")
-        return TokenCombineFunction.apply(expert_out.contiguous(), topk_weights, self, handle)
+        return TokenCombineFunction.apply(expert_out.contiguous(), topk_weights, self._id, *handle.state)
 
 
 class MXFP8DispatchFunction(torch.autograd.Function):
@@ -487,38 +494,116 @@ def a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(x: torch.Tensor, num_tokens_per_expe
     return buffer.dispatch(x, num_tokens_per_expert)
 
 
+# ---------------------------------------------------------------------------------------------
+# The token-level path as registered ops: every op names its Buffer by an id (the registry of
+# live Buffers below) and receives the call's state as a list of tensors, so that torch.compile
+# keeps each op as one opaque node with static output shapes (the Buffer's settings fix them)
+# and traces the autograd Functions around them (fullgraph).
+_LIVE_BUFFERS: "weakref.WeakValueDictionary[str, Buffer]" = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count()
+
+
+def _buffer(buffer_id: str) -> "Buffer":
+    buf = _LIVE_BUFFERS.get(buffer_id)
+    if buf is None:
+        raise RuntimeError(f"mxep: Buffer {buffer_id} no longer exists")
+    return buf
+
+
+@torch.library.custom_op("mxep::dispatch_tokens", mutates_args=())
+def _dispatch_tokens_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        buffer_id: str) -> list[torch.Tensor]:
+    buf = _buffer(buffer_id)
+    q, s, geo, tpe, state = buf.transport.dispatch_tokens(x, topk_idx, topk_weights, buf.scale_mode, buf.align)
+    if buf.debug:
+        buf.check("dispatch_tokens")   # debug-only: host sync
+    return [q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), geo, tpe, *state]
+
+
+@_dispatch_tokens_op.register_fake
+def _(x, topk_idx, topk_weights, buffer_id):
+    buf = _buffer(buffer_id)
+    cap, H, L = buf.capacity, buf.hidden, buf.num_local_experts
+    return [x.new_empty((cap, H), dtype=torch.float8_e4m3fn), x.new_empty((cap, H // BLOCK_SIZE), dtype=torch.float8_e8m0fnu),
+            x.new_empty((L,), dtype=torch.int32), x.new_empty((L,), dtype=torch.int32),
+            *buf.transport.token_state_like(x.shape[0], topk_idx.shape[1], x.device)]
+
+
+@torch.library.custom_op("mxep::combine_tokens", mutates_args=())
+def _combine_tokens_op(expert_out: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
+    buf = _buffer(buffer_id)
+    y = buf.transport.combine_tokens(expert_out, state, buf.align)
+    if buf.debug:
+        buf.check("combine_tokens")   # debug-only: host sync
+    return y
+
+
+@_combine_tokens_op.register_fake
+def _(expert_out, buffer_id, state):
+    return expert_out.new_empty((state[-1].shape[0], expert_out.shape[1]))   # state[-1]: the weights [t, k]
+
+
+@torch.library.custom_op("mxep::dispatch_tokens_backward", mutates_args=())
+def _dispatch_tokens_backward_op(grad_tokens: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
+    buf = _buffer(buffer_id)
+    return buf.transport.dispatch_tokens_backward(grad_tokens, state, buf.align)
+
+
+@_dispatch_tokens_backward_op.register_fake
+def _(grad_tokens, buffer_id, state):
+    return grad_tokens.new_empty((state[-1].shape[0], grad_tokens.shape[1]))
+
+
+@torch.library.custom_op("mxep::combine_tokens_backward", mutates_args=())
+def _combine_tokens_backward_op(dy: torch.Tensor, expert_out: torch.Tensor, buffer_id: str,
+                                state: list[torch.Tensor]) -> list[torch.Tensor]:
+    buf = _buffer(buffer_id)
+    return list(buf.transport.combine_tokens_backward(dy, expert_out, state, buf.align))
+
+
+@_combine_tokens_backward_op.register_fake
+def _(dy, expert_out, buffer_id, state):
+    return [torch.empty_like(expert_out), torch.empty_like(state[-1])]
+
+
 class TokenDispatchFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, buffer, handle):
-        ctx.buffer, ctx.handle = buffer, handle
-        out = buffer.transport.dispatch_tokens_mxfp8(x, handle, buffer.scale_mode)
-        if buffer.debug:
-            buffer.check("dispatch_tokens")   # debug-only: host sync
-        return out
+    """``(x, topk_idx, topk_weights, buffer_id)`` -> ``(MXFP8Tensor tokens, group_end_offsets,
+    tokens_per_expert, *state)``; the backward sends the bf16 gradient of the tokens back
+    (``mxep::dispatch_tokens_backward``)."""
 
     @staticmethod
-    def backward(ctx, grad_tokens):
+    def forward(ctx, x, topk_idx, topk_weights, buffer_id):
+        q, s, geo, tpe, *state = _dispatch_tokens_op(x, topk_idx, topk_weights, buffer_id)
+        ctx.buffer_id = buffer_id
+        ctx.save_for_backward(*state)
+        ctx.mark_non_differentiable(geo, tpe, *state)
+        return (MXFP8Tensor(q, s, torch.bfloat16), geo, tpe, *state)
+
+    @staticmethod
+    def backward(ctx, grad_tokens, *unused):
         if grad_tokens is None:
-            return None, None, None
-        grad_x = ctx.buffer.transport.dispatch_tokens_backward(grad_tokens.to(torch.bfloat16).contiguous(), ctx.handle)
-        return grad_x, None, None
+            return None, None, None, None
+        grad_x = _dispatch_tokens_backward_op(grad_tokens.to(torch.bfloat16).contiguous(), ctx.buffer_id,
+                                              list(ctx.saved_tensors))
+        return grad_x, None, None, None
 
 
 class TokenCombineFunction(torch.autograd.Function):
+    """``(expert_out, topk_weights, buffer_id, *state)`` -> ``y``; the backward gives the
+    gradients of ``expert_out`` and ``topk_weights`` (``mxep::combine_tokens_backward``)."""
+
     @staticmethod
-    def forward(ctx, expert_out, topk_weights, buffer, handle):
-        ctx.buffer, ctx.handle = buffer, handle
-        ctx.save_for_backward(expert_out)
-        y = buffer.transport.combine_tokens(expert_out, handle)
-        if buffer.debug:
-            buffer.check("combine_tokens")   # debug-only: host sync
-        return y
+    def forward(ctx, expert_out, topk_weights, buffer_id, *state):
+        ctx.buffer_id = buffer_id
+        ctx.save_for_backward(expert_out, *state)
+        return _combine_tokens_op(expert_out, buffer_id, list(state))
 
     @staticmethod
     def backward(ctx, dy):
+        none = (None,) * (len(ctx.saved_tensors) - 1)
         if dy is None:
-            return None, None, None, None
-        (expert_out,) = ctx.saved_tensors
-        grad_eo, grad_w = ctx.buffer.transport.combine_tokens_backward(dy.to(torch.bfloat16).contiguous(), expert_out,
-                                                                        ctx.handle)
-        return grad_eo, (grad_w if ctx.needs_input_grad[1] else None), None, None
+            return (None, None, None) + none
+        expert_out, *state = ctx.saved_tensors
+        grad_eo, grad_w = _combine_tokens_backward_op(dy.to(torch.bfloat16).contiguous(), expert_out,
+                                                      ctx.buffer_id, state)
+        return (grad_eo, grad_w if ctx.needs_input_grad[1] else None, None) + none

@@ -37,7 +37,7 @@ class CollectiveTransport(Transport):
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.num_experts = num_experts
-        self.hidden, self.capacity, self.top_k = hidden, capacity, top_k
+        self.hidden, self.capacity, self.top_k, self.align = hidden, capacity, top_k, align
         # The token-level path expands on the source: it moves the rows of the sorted expansion,
         # at most T * min(k, L) ... of them per peer, so its row budget is T * k.
         self.max_tokens_per_rank = max_tokens_per_rank * top_k if top_k else max_tokens_per_rank
@@ -144,18 +144,32 @@ class CollectiveTransport(Transport):
     # reduces on the source with the same arithmetic as the symmetric-memory kernels (per owner,
     # fp32 in top-k slot order, rounded to bf16; then the owners' partials in rank order), so
     # both transports give the same bits.
-    def plan_tokens(self, topk_idx, topk_weights, align):
+    def token_state_like(self, t: int, k: int, device) -> list[torch.Tensor]:
+        W, N, L = self.world, self.max_tokens_per_rank, self.num_experts // self.world
+        i32, i64, f32 = torch.int32, torch.int64, torch.float32
+        shapes = [((W, N), i32), ((W, N), i32), ((W, W), i64), ((W, W), i64), ((W, L), i32), ((W, L), i32),
+                  ((W, L * self.align), i64), ((t * k,), i64), ((t, k), i64), ((t, k), i64), ((t, k), f32)]
+        return [torch.empty(sh, dtype=dt, device=device) for sh, dt in shapes]
+
+    def _state(self, ts: list[torch.Tensor], align: int) -> "_TokenState":
+        layout = DispatchLayout(*ts[:7], trash_row=self.capacity)
+        t, k = ts[-1].shape
+        rows = DispatchHandle(self, self.rank, t * k, layout.group_end_offsets[self.rank],
+                              layout.tokens_per_expert[self.rank], layout)
+        return _TokenState(rows, *ts[7:])
+
+    def dispatch_tokens(self, x, topk_idx, topk_weights, scale_mode, align):
         t, k = topk_idx.shape
         route = route_tokens(topk_idx, self.num_experts, self.world)
         order = torch.argsort(route.expert.flatten(), stable=True)
         rows = self.plan(route.counts, t * k, align, exact=False)
-        state = _TokenState(rows, order // k, route.pair_index.long().clamp(min=0), route.pair_owner.long(),
-                            topk_weights.detach().to(torch.float32), None)
-        return DispatchHandle(self, self.rank, t, rows.group_end_offsets, rows.tokens_per_expert, state)
-
-    def dispatch_tokens_mxfp8(self, x, handle, scale_mode):
-        st = handle.state
-        return self.dispatch_mxfp8(x.index_select(0, st.token_of), st.rows, scale_mode)
+        token_of = order // k
+        tokens = self.dispatch_mxfp8(x.index_select(0, token_of), rows, scale_mode)
+        lay = rows.state
+        state = [lay.dest_rank, lay.dest_row, lay.send_start, lay.send_count, lay.group_end_offsets,
+                 lay.tokens_per_expert, lay.pad_rows, token_of, route.pair_index.long().clamp(min=0),
+                 route.pair_owner.long(), topk_weights.detach().to(torch.float32, copy=True)]
+        return (tokens.qdata, tokens.scale, rows.group_end_offsets.clone(), rows.tokens_per_expert.clone(), state)
 
     def _two_level_sum(self, pair_rows: torch.Tensor, st: "_TokenState", weights: torch.Tensor | None) -> torch.Tensor:
         t, k, H = pair_rows.shape
@@ -175,25 +189,24 @@ class CollectiveTransport(Transport):
         rows = self.combine_bf16(src, st.rows)                          # sorted expansion order
         return rows.index_select(0, st.pair_index.flatten()).view(t, k, rows.shape[1])
 
-    def combine_tokens(self, expert_out, handle):
-        st = handle.state
-        st.expert_rows = self._rows_by_pair(expert_out, st)             # the weight gradient reads them
-        return self._two_level_sum(st.expert_rows, st, st.weights)
+    def combine_tokens(self, expert_out, state, align):
+        st = self._state(state, align)
+        return self._two_level_sum(self._rows_by_pair(expert_out, st), st, st.weights)
 
-    def dispatch_tokens_backward(self, grad_tokens, handle):
-        st = handle.state
+    def dispatch_tokens_backward(self, grad_tokens, state, align):
+        st = self._state(state, align)
         return self._two_level_sum(self._rows_by_pair(grad_tokens, st), st, None)
 
-    def combine_tokens_backward(self, dy, expert_out, handle):
-        st = handle.state
+    def combine_tokens_backward(self, dy, expert_out, state, align):
+        st = self._state(state, align)
         t, k = st.owner.shape
         valid = st.owner >= 0
         g = (st.weights[:, :, None] * dy[:, None, :].float()).to(torch.bfloat16)          # [t, k, H]
-        g = torch.where(valid[:, :, None], g, 0)
         sorted_rows = torch.zeros(t * k, dy.shape[1], dtype=torch.bfloat16, device=dy.device)
         sorted_rows.index_copy_(0, st.pair_index.flatten()[valid.flatten()], g.flatten(0, 1)[valid.flatten()])
         grad_expert_out = self.dispatch_bf16(sorted_rows, st.rows)
-        rows = st.expert_rows if st.expert_rows is not None else self._rows_by_pair(expert_out, st)
+        # the expert rows at the source again (the portable path keeps no copy from the forward)
+        rows = self._rows_by_pair(expert_out, st)
         grad_w = torch.where(valid, (dy[:, None, :].float() * rows.float()).sum(-1), 0.0)
         return grad_expert_out, grad_w
 
@@ -205,4 +218,3 @@ class _TokenState:
     pair_index: torch.Tensor      # int64 [t, k]: each pair's sorted row (0 for -1 slots)
     owner: torch.Tensor           # int64 [t, k]: each pair's owner rank (-1: no expert)
     weights: torch.Tensor         # fp32 [t, k]
-    expert_rows: torch.Tensor | None   # bf16 [t, k, H]: the combine's rows back at the source

@@ -16,6 +16,7 @@ from mxep.ep.config import EPConfig
 from mxep.ep.transport.base import DispatchHandle, Transport, as_mxfp8
 from mxep.ep.tokens import route_tokens
 from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout, TokenState
+from mxep.ep.transport.symm_mem.plan import DispatchPlan
 
 __all__ = ["SymmMemTransport", "plan_token_state"]
 
@@ -142,47 +143,59 @@ class SymmMemTransport(Transport):
         return self.peer.copy_out_combine(handle.state, out)
 
     # ------------------------------------------------------------------ token-level (tokens.py)
-    def plan_tokens(self, topk_idx, topk_weights, align):
+    # The per-call state travels as a list of tensors (the plan's, then TokenState's; the gate
+    # weights fp32 [t, k] last, as on every transport), so that the Buffer's registered ops can
+    # pass it through torch.compile graphs.
+    def token_state_like(self, t: int, k: int, device) -> list[torch.Tensor]:
+        r = self.peer.regions
+        W, E, S = r.world_size, r.num_experts, r.rows
+        i32, f32 = torch.int32, torch.float32
+        shapes = [((W, E), i32), ((W, E), i32), ((E,), i32), ((E,), i32), ((W, E), i32), ((W,), i32),
+                  ((t, W), i32), ((t, k), i32), ((t, k), i32), ((S, k), i32), ((S, k), f32), ((t, k), f32)]
+        return [torch.empty(sh, dtype=dt, device=device) for sh, dt in shapes]
+
+    def _state(self, ts: list[torch.Tensor], align: int) -> TokenState:
+        r = self.peer.regions
+        plan = DispatchPlan(*ts[:5], r.num_experts // r.world_size, align, ts[5])
+        slot, owner, pair_rows, rows, weights, pair_weights = ts[6:]
+        return TokenState(plan, slot, owner, pair_rows, pair_weights, rows, weights)
+
+    def dispatch_tokens(self, x, topk_idx, topk_weights, scale_mode, align):
+        """-> ``(qdata, scale, group_end_offsets, tokens_per_expert, state tensors)``."""
         if self._unpushed is not None:
             raise RuntimeError("mxep: the previous dispatch plan was never dispatched; every plan must be followed "
                                "by its dispatch before the next plan")
-        state = plan_token_state(self.peer, topk_idx, topk_weights, align, "all")
-        plan = state.plan
-        handle = DispatchHandle(self, self.rank, topk_idx.shape[0], plan.group_end_offsets(self.rank),
-                                plan.tokens_per_expert(self.rank), state)
-        self._unpushed = handle
-        return handle
-
-    def dispatch_tokens_mxfp8(self, x, handle, scale_mode):
-        if handle.dispatched or handle is not self._unpushed:
-            raise RuntimeError("mxep: only the latest plan of this Buffer can be dispatched, once")
-        handle.dispatched = True
-        self._unpushed = None
-        self.peer.push_tokens_mxfp8(x, handle.state, scale_mode)
+        st = plan_token_state(self.peer, topk_idx, topk_weights, align, "all")
+        self.peer.push_tokens_mxfp8(x, st, scale_mode)
         self._barrier()
-        return as_mxfp8(*self.peer.expand_tokens(handle.state))
+        q, s = self.peer.expand_tokens(st)
+        p = st.plan
+        state = [p.row_base, p.src_end, p.group_end, p.recv, p.recv_cum, p.tok_recv,
+                 st.slot, st.pair_owner, st.pair_rows, st.rows, st.weights, st.pair_weights]
+        return q, s, p.group_end_offsets(self.rank).clone(), p.tokens_per_expert(self.rank).clone(), state
 
-    def _reduce_back(self, src, handle, weighted):
+    def _reduce_back(self, src, st, weighted):
         if self._combine_region_read:
             self._barrier()   # entry: sources are done reading their combine region
-        self.peer.reduce_tokens(src, handle.state, weighted)
+        self.peer.reduce_tokens(src, st, weighted)
         self._barrier()
         self._combine_region_read = True
-        return self.peer.sum_partials(handle.state)
+        return self.peer.sum_partials(st)
 
-    def combine_tokens(self, expert_out, handle):
-        return self._reduce_back(expert_out, handle, True)
+    def combine_tokens(self, expert_out, state, align):
+        return self._reduce_back(expert_out, self._state(state, align), True)
 
-    def dispatch_tokens_backward(self, grad_tokens, handle):
-        return self._reduce_back(grad_tokens, handle, False)
+    def dispatch_tokens_backward(self, grad_tokens, state, align):
+        return self._reduce_back(grad_tokens, self._state(state, align), False)
 
-    def combine_tokens_backward(self, dy, expert_out, handle):
+    def combine_tokens_backward(self, dy, expert_out, state, align):
+        st = self._state(state, align)
         self._barrier()   # entry: owners are done with their token slots (the dispatch's expand)
-        self.peer.push_token_grads(dy, handle.state)
+        self.peer.push_token_grads(dy, st)
         self._barrier()
-        grad_expert_out = self.peer.expand_token_grads(expert_out, handle.state)
+        grad_expert_out = self.peer.expand_token_grads(expert_out, st)
         self._barrier()
-        return grad_expert_out, self.peer.gather_weight_grads(handle.state)
+        return grad_expert_out, self.peer.gather_weight_grads(st)
 
 
 def plan_token_state(peer: PeerMemory, topk_idx: torch.Tensor, topk_weights: torch.Tensor, align: int,
@@ -204,5 +217,6 @@ def plan_token_state(peer: PeerMemory, topk_idx: torch.Tensor, topk_weights: tor
     S = r.world_size * r.max_tokens_per_rank
     rows = torch.full((S, k), -1, dtype=torch.int32, device=topk_idx.device)
     weights = torch.zeros(S, k, dtype=torch.float32, device=topk_idx.device)
+    # (a copy of the weights: the state must not alias the caller's tensor)
     return TokenState(plan, route.slot, route.pair_owner, pair_rows,
-                      topk_weights.detach().to(torch.float32).contiguous(), rows, weights)
+                      topk_weights.detach().to(torch.float32, copy=True).contiguous(), rows, weights)
