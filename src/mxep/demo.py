@@ -362,7 +362,8 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
                 first[name] = logits.detach()
                 if name == "mxep":
                     hook.remove()
-        stop = 1.0 if time.time() > cfg.deadline else 0.0
+        # Stop early if the next step would end past the deadline (every rank votes: any stops all).
+        stop = 1.0 if time.time() + times["mxep"][-1] + times["dense"][-1] > cfg.deadline else 0.0
         stats = torch.stack([local["mxep"], local["dense"], torch.tensor(stop, device=device)]).float()
         dist.all_reduce(stats)
         losses["mxep"].append(float(stats[0]) / world)
@@ -374,7 +375,8 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
             mt = statistics.median(times["mxep"][1:] or times["mxep"])
             dt = statistics.median(times["dense"][1:] or times["dense"])
             progress.update(done, f"loss mxep {losses['mxep'][-1]:.3f} dense {losses['dense'][-1]:.3f} | "
-                                  f"tok/s mxep {_rate(tokens_per_step, mt)} dense {_rate(tokens_per_step, dt)}",
+                                  f"tok/s mxep {_rate(tokens_per_step, mt)} dense {_rate(tokens_per_step, dt)} | "
+                                  f"{time.perf_counter() - t_start:.0f} s",
                             last=done == cfg.steps or stopped_early)
         if stopped_early:
             break
@@ -400,7 +402,8 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
     checks: list[tuple[str, bool | None]] = []
     d0 = abs(start["mxep"] - start["dense"]) / start["dense"]
     checks.append((f"first-step losses agree within MXFP8 tolerance ({start['mxep']:.4f} vs {start['dense']:.4f}: "
-                   f"{d0:.2%} <= 1%; their logits differ by {logits_err:.1%}, relative)", d0 <= 0.01))
+                   f"{d0:.2%} <= 1%; the logits differ by {logits_err:.0%}, relative: MXFP8 rounding and the top-k flips "
+                   f"it causes)", d0 <= 0.01))
     checks.append((f"mxep.MoE's first-step output (layer 0, every rank) matches its MXFP8 reference "
                    f"mxep.moe.naive.moe_reference: rel err {layer_err:.1e} <= 1e-2", layer_err <= 1e-2))
     if steps_done >= 10:
@@ -649,9 +652,9 @@ def _layout_rank(rank: int, world: int, backend: str, port: int, rows: int, hidd
 
 # Per machine kind: (steps, layers, hidden, heads, ffn_hidden, experts per rank (CPU) or in all
 # (GPU), top_k, seq, batch per rank, lr). CPU: a step of the mxep model is ~4 s of the 2 cores
-# (4 ranks, Triton interpreter), the dense twin ~0.1 s; 30 steps bring the loss from ln(V) to
-# about half of it.
-CPU_DEFAULTS = dict(steps=30, layers=2, hidden=64, heads=4, ffn_hidden=64, experts=8, top_k=2, seq=32, batch=2,
+# (4 ranks, Triton interpreter), the dense twin ~0.1 s; 20 steps bring the loss from ln(V) = 3.58
+# to about 2.2 (the grammar's entropy is 1.71).
+CPU_DEFAULTS = dict(steps=20, layers=2, hidden=64, heads=4, ffn_hidden=64, experts=8, top_k=2, seq=32, batch=2,
                     lr=1e-2)
 GPU_DEFAULTS = dict(steps=300, layers=4, hidden=256, heads=8, ffn_hidden=512, experts=8, top_k=2, seq=256,
                     batch=16, lr=3e-3)
@@ -669,7 +672,7 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m mxep.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", action="store_true", help="print the EP dispatch layout demo instead of training")
-    p.add_argument("--steps", type=int, help="training steps (CPU %(default)s: 30; GPU: 300)")
+    p.add_argument("--steps", type=int, help=f"training steps (CPU {CPU_DEFAULTS['steps']}, GPU {GPU_DEFAULTS['steps']})")
     p.add_argument("--out", default="demo-loss.png", help="PNG of the loss curves (default %(default)s)")
     p.add_argument("--ranks", type=int, default=CPU_RANKS, help="CPU only: gloo processes (default %(default)s)")
     p.add_argument("--max-seconds", type=float,

@@ -22,7 +22,7 @@ zeros, so they add nothing. The pure-torch reference is :mod:`mxep.gemm.naive`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -274,6 +274,18 @@ def _forward_dequant(tokens: MXFP8Tensor, weight, group_end_offsets: torch.Tenso
     return torch._grouped_mm(x, weight.transpose(1, 2), offs=group_end_offsets)
 
 
+@torch.library.custom_op("mxep::grouped_mm_mxfp8_fused", mutates_args=())
+def _fused_op(qdata: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor,
+              weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused kernel as a registered op (torch.compile keeps it as one opaque node)."""
+    return grouped_mm_mxfp8_forward(qdata, scale, weight, group_end_offsets, weight_scale=weight_scale)
+
+
+@_fused_op.register_fake
+def _(qdata, scale, weight, group_end_offsets, weight_scale=None):
+    return qdata.new_empty((qdata.shape[0], weight.shape[1]), dtype=torch.bfloat16)
+
+
 class GroupedMXFP8MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor, impl: str):
@@ -284,9 +296,8 @@ class GroupedMXFP8MatmulFunction(torch.autograd.Function):
         if impl == "dequant":
             return _forward_dequant(tokens, weight, group_end_offsets)
         if isinstance(weight, MXFP8Tensor):
-            return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight.qdata, group_end_offsets,
-                                            weight_scale=weight.scale)
-        return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight, group_end_offsets)
+            return _fused_op(tokens.qdata, tokens.scale, weight.qdata, group_end_offsets, weight.scale)
+        return _fused_op(tokens.qdata, tokens.scale, weight, group_end_offsets)
 
     @staticmethod
     def backward(ctx, grad_out):

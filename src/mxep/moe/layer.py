@@ -2,16 +2,19 @@
 two grouped GEMMs on the dispatch layout, bf16 combine, gate-weighted sum. Autograd end to end;
 no host sync in forward or backward.
 
-Per call on every rank (``n`` tokens, hidden ``H``, ``E`` experts, ``L = E / world`` local)::
+Per call on every rank (``n`` tokens, hidden ``H``, ``E`` experts, ``L = E / world`` local),
+with the default token-level dispatch (``dispatch="tokens"``)::
 
     router   logits = x @ Wr^T (fp32)         -> top-k experts and gates per token   [n, k]
-    sort     rows = the n * k (token, expert) pairs sorted by expert; x gathered        [n*k, H] bf16
-    counts   per expert, on the device (scatter_add: bincount would sync for its size)  [E] int32
-    dispatch buf.dispatch(rows, counts)  -> MXFP8 tokens, expert-major, padded          [cap, H]
+    dispatch buf.dispatch_tokens(x, experts, gates) -> MXFP8 tokens, expert-major,
+             padded; each token crosses to each rank once and is expanded there      [cap, H]
     experts  h = tokens @ W13[e]^T; a = MXFP8(silu(h_gate) * h_up); a @ W2[e]^T          [cap, H] bf16
              (the SwiGLU + quantization kernel stops at the layout's end, like the GEMMs)
-    combine  buf.combine(out, handle)     -> the rows back in sorted order               [n*k, H] bf16
-    sum      y[t] = sum over its k rows of gate * row (fp32, then bf16)                  [n, H] bf16
+    combine  buf.combine_tokens(out, handle, gates): the gate-weighted sum of a token's
+             rows, reduced on each owner (fp32), one bf16 partial per (token, rank)    [n, H] bf16
+
+``dispatch="rows"`` is the row-level flow instead (sort the ``n * k`` pairs by expert, gather
+``x``, ``Buffer.dispatch``, ``Buffer.combine``, an fp32 ``index_add`` of the gated rows).
 
 Quantization points (MXFP8, straight-through in backward): the dispatched rows, the expert
 activation ``a`` and (``mx_weights``) the expert weights. The backward is bf16 throughout
@@ -33,7 +36,14 @@ from mxep.format.mxfp8 import quantize_straight_through
 from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_mxfp8
 from mxep.swiglu import swiglu_mxfp8
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "DISPATCH_PATHS"]
+
+# "tokens" (default): each token crosses to each rank once and is expanded there, the gate-
+# weighted sum happens on the owners (Buffer.dispatch_tokens / combine_tokens). "rows": the
+# (token, expert) pairs sorted and gathered on the source, the row-level dispatch, an fp32
+# index_add of the gated rows (the torchao / torchtitan flow; kept for same-run comparisons
+# until a multi-GPU measurement decides, docs/benchmarks.md).
+DISPATCH_PATHS = ("tokens", "rows")
 
 
 class MoE(nn.Module):
@@ -92,7 +102,7 @@ class MoE(nn.Module):
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, max_tokens_per_rank: int,
                  group=None, align: int = 32, scale_mode: str = "rceil", mx_weights: bool = True,
                  mx_weight_cache: bool = True,
-                 device: torch.device | str | None = None, gemm_impl: str = "auto"):
+                 device: torch.device | str | None = None, gemm_impl: str = "auto", dispatch: str = "tokens"):
         super().__init__()
         # Sizes are checked here, under the caller's names and values (the Buffer is built for
         # max_tokens_per_rank * top_k rows: its own check would report the product).
@@ -106,8 +116,15 @@ class MoE(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden,
-                             max_tokens_per_rank=max_tokens_per_rank * top_k, align=align, scale_mode=scale_mode)
+        if dispatch not in DISPATCH_PATHS:
+            raise ValueError(f"dispatch must be one of {DISPATCH_PATHS}, got {dispatch!r}")
+        self.dispatch = dispatch
+        if dispatch == "tokens":
+            self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden, max_tokens_per_rank=max_tokens_per_rank,
+                                 top_k=top_k, align=align, scale_mode=scale_mode)
+        else:
+            self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden,
+                                 max_tokens_per_rank=max_tokens_per_rank * top_k, align=align, scale_mode=scale_mode)
         L = num_experts // self.buffer.world_size
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
@@ -134,7 +151,9 @@ class MoE(nn.Module):
         ``mx_weight_cache``)."""
         if not self.mx_weights:
             return self.w13, self.w2
-        if self.mx_weight_cache:
+        # Under torch.compile the cache (host-side state keyed on version counters) is not
+        # traced: the graph quantizes the weights itself in every forward.
+        if self.mx_weight_cache and not torch.compiler.is_compiling():
             return (self._w13_cache(self.w13, self.gemm_impl, self.scale_mode),
                     self._w2_cache(self.w2, self.gemm_impl, self.scale_mode))
         return quantize_straight_through(self.w13, self.scale_mode), quantize_straight_through(self.w2, self.scale_mode)
@@ -145,24 +164,31 @@ class MoE(nn.Module):
         self._w13_cache.clear()
         self._w2_cache.clear()
 
+    def _experts(self, res) -> torch.Tensor:
+        """SwiGLU experts on the dispatch layout: two grouped GEMMs, the activation re-quantized
+        to MXFP8 between them -> bf16 ``[capacity, H]``."""
+        w13, w2 = self.expert_weights()
+        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.gemm_impl)      # [cap, 2F]
+        a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)                           # MXFP8 [cap, F]
+        return grouped_mm_mxfp8(a, w2, res.group_end_offsets, self.gemm_impl)             # [cap, H]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` bf16 ``[n, H]``, ``n <= max_tokens_per_rank`` -> bf16 ``[n, H]``."""
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"x must be [n, {self.hidden}], got {tuple(x.shape)}")
         if x.shape[0] > self.max_tokens_per_rank:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={self.max_tokens_per_rank}")
-        n, k = x.shape[0], self.top_k
         gates, experts = self.route(x)
+        if self.dispatch == "tokens":
+            res = self.buffer.dispatch_tokens(x, experts, gates)
+            return self.buffer.combine_tokens(self._experts(res), res.handle, gates)
+        n, k = x.shape[0], self.top_k
         flat = experts.flatten()
         order = flat.argsort(stable=True)                    # (token, expert) pairs, expert-major
         token_of = order // k
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         res = self.buffer.dispatch(x[token_of].contiguous(), counts)
-        w13, w2 = self.expert_weights()
-        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.gemm_impl)      # [cap, 2F]
-        a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)                           # MXFP8 [cap, F]
-        out = grouped_mm_mxfp8(a, w2, res.group_end_offsets, self.gemm_impl)              # [cap, H]
-        rows = self.buffer.combine(out, res.handle)                                           # [n*k, H]
+        rows = self.buffer.combine(self._experts(res), res.handle)                            # [n*k, H]
         weighted = rows.float() * gates.flatten()[order, None]
         return torch.zeros(n, self.hidden, device=x.device).index_add(0, token_of, weighted).to(x.dtype)

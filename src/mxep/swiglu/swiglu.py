@@ -126,17 +126,40 @@ def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: to
 
 
 
+# Registered ops (fake implementations give the shapes), so that torch.compile keeps each
+# kernel as one opaque node and traces the autograd Function around them.
+@torch.library.custom_op("mxep::swiglu_quantize", mutates_args=())
+def _swiglu_quantize_op(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str) -> list[torch.Tensor]:
+    return list(swiglu_quantize_forward(h, group_end_offsets, scale_mode, hw_cast=h.is_cuda))
+
+
+@_swiglu_quantize_op.register_fake
+def _(h, group_end_offsets, scale_mode):
+    cap, F = h.shape[0], h.shape[1] // 2
+    return [h.new_empty((cap, F), dtype=torch.float8_e4m3fn), h.new_empty((cap, F // 32), dtype=torch.float8_e8m0fnu)]
+
+
+@torch.library.custom_op("mxep::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
+    return swiglu_backward(h, grad_a, group_end_offsets)
+
+
+@_swiglu_backward_op.register_fake
+def _(h, grad_a, group_end_offsets):
+    return torch.empty_like(h)
+
+
 class SwiGLUQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str) -> MXFP8Tensor:
         ctx.save_for_backward(h, group_end_offsets)
-        q, s = swiglu_quantize_forward(h, group_end_offsets, scale_mode, hw_cast=h.is_cuda)
+        q, s = _swiglu_quantize_op(h, group_end_offsets, scale_mode)
         return MXFP8Tensor(q, s, torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad_a):
         h, offs = ctx.saved_tensors
-        return swiglu_backward(h, grad_a.to(torch.bfloat16), offs), None, None
+        return _swiglu_backward_op(h, grad_a.to(torch.bfloat16).contiguous(), offs), None, None
 
 
 def swiglu_mxfp8(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:
