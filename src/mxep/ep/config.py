@@ -50,10 +50,10 @@ class EPConfig:
         dispatch: the fused quantize + peer-store push. Whole rows (1 x 8192), 8 warps, 32
             programs per SM: 4 x H200, config (a) uniform, zero-copy dispatch 548.7 us at
             32/SM against 559.9 (16/SM) and 589.0 (8/SM); 8 warps against 4: 537.9 against
-            546.6 us (scripts/sweep_tuning.py, 2026-11-27, docs/sweeps/dispatch-knobs.md).
+            546.6 us (scripts/sweep_config.py, 2026-11-27, docs/sweeps/dispatch-knobs.md).
         combine: the owners' push of rows back into the sources' combine regions. 1 x 8192, 8
             warps, 16/SM: 736 us on 2 x H200, config (a); 2 x 2048 at 8/SM 729 us, 4 x 1024
-            762 us (within noise; scripts/tune_dispatch.py, 2026-11-27).
+            762 us (within noise; scripts/sweep_config.py, 2026-11-27).
         copy: the local copy-out kernels. 8 x 1024, 8 warps, 16/SM: 204 us on 2 x H200,
             config (a), against 256 us at 4 warps.
         pull: the sources' read of the zero-copy combine input over NVLink. 2 x 4096, 4 warps,

@@ -3,14 +3,18 @@
 One allocation per rank (symmetric memory on GPUs; a plain tensor per simulated rank in tests),
 allocated once for the true worst case and cut into regions (byte offsets, 256-byte aligned)::
 
-    counts     int32 [W, E]              row s = source s's num_tokens_per_expert
+    counts     int32 [W, E + W]          row s = source s's num_tokens_per_expert, then the tokens
+                                         it sends each rank (token-level dispatch; else zeros)
     signals    int32 [W + 2]             counts flags, call number, status (sync.py); zero at creation
     dispatch   uint8 [cap+1, H]          MXFP8 data    } the forward dispatch writes these
                uint8 [cap+1, H/32]       e8m0 scales   }
                bf16  [cap+1, H]          (aliases the above) combine-backward writes bf16 here
     combine    bf16  [N+1, H]            combine / dispatch-backward rows back to their source
 
-``cap = W * N + L * align`` rows (every token routed to one rank) plus one scratch row.
+Row-level: ``cap = W * N + L * align`` rows (every row routed to one rank) plus one scratch row.
+Token-level (``top_k``): the dispatch region holds ``W * T`` token slots instead, the combine
+region ``W * T`` returned partials, and three ``[W * T, k]`` slot tables follow
+(:class:`RegionLayout`).
 The MXFP8 and bf16 dispatch views alias: every phase copies its result out into a regular tensor
 before the next phase can write again (the barriers order that), so they never live together.
 """
