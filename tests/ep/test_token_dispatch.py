@@ -368,3 +368,56 @@ def test_token_ops_symm_mem_path_and_compile():
                 assert torch.equal(u, v) if u.dtype != torch.float32 else torch.allclose(u, v, rtol=1e-4, atol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+def _capacity_body(rank, world, cf):
+    import mxep
+
+    E, H, T, k = 8, 32, 12, 2
+    xs, idx, ws = _inputs(31, world, E, H, T, k, "skewed")
+    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, top_k=k, capacity_factor=cf)
+    res = buf.dispatch_tokens(xs[rank], idx[rank], ws[rank])
+    L = E // world
+    m = buf.expert_capacity
+    # the oracle: the dropless layout's pair positions; a pair is kept iff its position in its
+    # expert's group (source rank, then token, then slot order) is < m
+    full = SimulatedWorld(world, E, H, T, top_k=k)
+    out = full.dispatch_tokens(xs, idx, ws)
+    pr = _pair_rows_ref(idx, [o.group_end_offsets for o in out], E, world)
+    kept = []
+    for s in range(world):
+        kk = torch.zeros_like(idx[s], dtype=torch.bool)
+        for t in range(idx[s].shape[0]):
+            for j in range(k):
+                e = int(idx[s][t, j])
+                if e >= 0:
+                    d, le = divmod(e, L)
+                    start = 0 if le == 0 else int(out[d].group_end_offsets[le - 1])
+                    kk[t, j] = int(pr[s][t, j]) - start < m
+        kept.append(kk)
+    dropped = int(((idx[rank] >= 0) & ~kept[rank]).sum())
+    # the combine of a capped layout: only kept pairs contribute (expert_out = 1 on every row)
+    eo = torch.ones(buf.capacity, H).bfloat16()
+    w = ws[rank].clone().requires_grad_(True)
+    y = buf.combine_tokens(eo, res.handle, w)
+    expected = torch.where(kept[rank], ws[rank], 0.0).sum(1)
+    y.float().sum().backward()
+    # the symmetric-memory kernels with the same cap: the same bits
+    capped = SimulatedWorld(world, E, H, T, top_k=k, expert_capacity=m)
+    cout = capped.dispatch_tokens(xs, idx, ws)
+    st = cout[rank].handle.state
+    cy = capped.combine_tokens([eo] * world, [o.handle for o in cout])[rank]
+    end = int(res.group_end_offsets[-1])
+    same = (capped.capacity == buf.capacity and torch.equal(cout[rank].group_end_offsets, res.group_end_offsets)
+            and torch.equal(cout[rank].tokens.qdata.view(torch.uint8)[:end], res.tokens.qdata.view(torch.uint8)[:end])
+            and int(((st.pair_owner >= 0) & (st.pair_rows < 0)).sum()) == dropped and torch.equal(cy, y.detach()))
+    return (same and int(res.num_dropped) == dropped and buf.capacity < full.capacity
+            and torch.allclose(y[:, 0].float(), expected, rtol=1e-2, atol=1e-2)
+            and torch.equal(w.grad == 0, ~kept[rank] | (idx[rank] < 0)))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_capacity_factor_drops_deterministically(world):
+    """capacity_factor caps every expert's rows at ceil(f * W * T * k / E); the pairs past it in
+    the group's order are dropped: counted in num_dropped, zero in the combine, zero gradient."""
+    assert all(run_distributed(_capacity_body, world, 0.5, timeout=240))

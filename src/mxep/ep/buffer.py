@@ -10,6 +10,7 @@ autograd Functions and the functional alias.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 import weakref
 from typing import NamedTuple
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mxep.ep.config import EPConfig, default_config
+from mxep._utils import padded_group_rows
 from mxep.ep.layout import capacity_rows
 from mxep.ep.transport.base import DispatchHandle, Transport, describe_status
 from mxep.ep.transport.collective import CollectiveTransport
@@ -54,12 +56,15 @@ class DispatchResult(NamedTuple):
             ``offs``).
         tokens_per_expert: int32 ``[E // W]`` unpadded received rows per local expert.
         handle: :class:`DispatchHandle` for :meth:`Buffer.combine`.
+        num_dropped: int64 ``[]`` on the device (token-level dispatch): (token, expert) pairs of
+            this rank that ``capacity_factor`` dropped (0 without one); None for the row level.
     """
 
     tokens: MXFP8Tensor
     group_end_offsets: torch.Tensor
     tokens_per_expert: torch.Tensor
     handle: DispatchHandle
+    num_dropped: torch.Tensor | None = None
 
 
 class Buffer:
@@ -84,6 +89,19 @@ class Buffer:
             its tensors) and recorded in the error word, which :meth:`check` reads.
         device: the device of the inputs (default: the current CUDA device on an NCCL group,
             else the CPU).
+        top_k: None (default): a row-level Buffer (:meth:`dispatch` / :meth:`combine` of rows
+            already expanded and sorted by expert; ``max_tokens_per_rank`` counts rows). ``k``: a
+            token-level Buffer (:meth:`dispatch_tokens` / :meth:`combine_tokens`;
+            ``max_tokens_per_rank`` = ``T`` counts tokens; symmetric memory for ``W * T`` token
+            slots, the output for ``capacity = W * T * min(k, L) + L * align`` rows).
+        capacity_factor: token-level only. None (default): dropless, the output sized for the
+            worst case above. A factor ``f``: every expert keeps at most ``ceil(f * W * T * k /
+            E)`` rows (``expert_capacity``: ``f`` times the balanced expectation); the pairs past
+            it in its group's order (source rank, then token, then top-k slot) are dropped
+            deterministically: they add zero to the combine and get zero gradient;
+            ``DispatchResult.num_dropped`` counts this rank's on the device and ``debug=True``
+            raises on a drop. The output then holds ``capacity = L * padded(expert_capacity)``
+            rows, which is what a many-layer model saves for the expert GEMMs' backward.
         config: the :class:`~mxep.EPConfig` of the kernels (default: :func:`mxep.default_config`
             for the device and ``hidden``). Frozen; kept for the Buffer's lifetime.
 
@@ -118,7 +136,7 @@ class Buffer:
     def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, align: int = 32,
                  scale_mode: str = "rceil", transport: str = "auto", debug: bool = False,
                  device: torch.device | str | None = None, config: EPConfig | None = None,
-                 top_k: int | None = None):
+                 top_k: int | None = None, capacity_factor: float | None = None):
         if not dist.is_initialized():
             raise RuntimeError("mxep.Buffer needs torch.distributed to be initialized")
         self.group = group if group is not None else dist.group.WORLD
@@ -149,6 +167,17 @@ class Buffer:
         # or every token's pairs for one rank, at most min(k, L) per token (token-level).
         rows = max_tokens_per_rank if self.top_k is None else max_tokens_per_rank * min(self.top_k, self.num_local_experts)
         self.capacity = capacity_rows(self.world_size, self.num_local_experts, rows, align)
+        self.capacity_factor, self.expert_capacity = None, None
+        if capacity_factor is not None:
+            if self.top_k is None:
+                raise ValueError("capacity_factor bounds the token-level dispatch: build the Buffer with top_k")
+            if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+                raise ValueError(f"capacity_factor must be a positive number, got {capacity_factor!r}")
+            self.capacity_factor = float(capacity_factor)
+            # rows one expert keeps: the factor times the balanced expectation W * T * k / E
+            self.expert_capacity = max(1, math.ceil(self.capacity_factor * self.world_size * max_tokens_per_rank
+                                                    * self.top_k / num_experts))
+            self.capacity = min(self.capacity, self.num_local_experts * padded_group_rows(self.expert_capacity, align))
 
         backend = dist.get_backend(self.group)
         if device is None:
@@ -163,12 +192,12 @@ class Buffer:
             raise ValueError("transport='symm_mem' needs CUDA devices")
         self._check_ranks_agree(transport)
         self.regions = RegionLayout(self.world_size, num_experts, hidden, max_tokens_per_rank, self.capacity,
-                                    self.top_k or 0)
+                                    self.top_k or 0, self.expert_capacity or 2**31 - 1)
         if transport == "symm_mem":
             self.transport: Transport = SymmMemTransport(self.group, self.regions, self.device, self.config)
         else:
             self.transport = CollectiveTransport(self.group, num_experts, hidden, max_tokens_per_rank, self.capacity,
-                                                 self.device, self.top_k or 0, align)
+                                                 self.device, self.top_k or 0, align, self.expert_capacity)
         # How the registered token-level ops name this Buffer: a string, which torch.compile
         # always treats as a constant (an int would turn symbolic once a second Buffer shows up).
         self._id = f"buffer{next(_NEXT_ID)}"
@@ -180,7 +209,7 @@ class Buffer:
         settings = {"hidden": self.hidden, "num_experts": self.num_experts,
                     "max_tokens_per_rank": self.max_tokens_per_rank, "align": self.align,
                     "scale_mode": SCALE_MODES.index(self.scale_mode), "transport": TRANSPORTS.index(transport),
-                    "top_k": self.top_k or 0}
+                    "top_k": self.top_k or 0, "expert_capacity": self.expert_capacity or 0}
         mine = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.device)
         every = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=self.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
@@ -419,10 +448,13 @@ class Buffer:
         """
         self._token_level_only("dispatch_tokens")
         self._check_routing(x, topk_idx, topk_weights)
-        q, geo, tpe, *state = TokenDispatchFunction.apply(x.contiguous(), topk_idx.contiguous(),
-                                                              topk_weights.contiguous(), self._id)
+        q, geo, tpe, dropped, *state = TokenDispatchFunction.apply(x.contiguous(), topk_idx.contiguous(),
+                                                                    topk_weights.contiguous(), self._id)
         handle = DispatchHandle(self.transport, self.rank, x.shape[0], geo, tpe, state)
-        return DispatchResult(q, geo, tpe, handle)
+        if self.debug and self.expert_capacity is not None and int(dropped):   # debug-only: host sync
+            raise RuntimeError(f"mxep: rank {self.rank}, dispatch_tokens: capacity_factor={self.capacity_factor} "
+                               f"dropped {int(dropped)} (token, expert) pairs of this rank")   # debug-only
+        return DispatchResult(q, geo, tpe, handle, dropped)
 
     def combine_tokens(self, expert_out: torch.Tensor, handle: DispatchHandle,
                        topk_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -514,10 +546,11 @@ def _buffer(buffer_id: str) -> "Buffer":
 def _dispatch_tokens_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                         buffer_id: str) -> list[torch.Tensor]:
     buf = _buffer(buffer_id)
-    q, s, geo, tpe, state = buf.transport.dispatch_tokens(x, topk_idx, topk_weights, buf.scale_mode, buf.align)
+    q, s, geo, tpe, dropped, state = buf.transport.dispatch_tokens(x, topk_idx, topk_weights, buf.scale_mode,
+                                                                   buf.align)
     if buf.debug:
         buf.check("dispatch_tokens")   # debug-only: host sync
-    return [q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), geo, tpe, *state]
+    return [q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), geo, tpe, dropped, *state]
 
 
 @_dispatch_tokens_op.register_fake
@@ -526,7 +559,7 @@ def _(x, topk_idx, topk_weights, buffer_id):
     cap, H, L = buf.capacity, buf.hidden, buf.num_local_experts
     return [x.new_empty((cap, H), dtype=torch.float8_e4m3fn), x.new_empty((cap, H // BLOCK_SIZE), dtype=torch.float8_e8m0fnu),
             x.new_empty((L,), dtype=torch.int32), x.new_empty((L,), dtype=torch.int32),
-            *buf.transport.token_state_like(x.shape[0], topk_idx.shape[1], x.device)]
+            x.new_empty((), dtype=torch.int64), *buf.transport.token_state_like(x.shape[0], topk_idx.shape[1], x.device)]
 
 
 @torch.library.custom_op("mxep::combine_tokens", mutates_args=())
@@ -573,11 +606,11 @@ class TokenDispatchFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weights, buffer_id):
-        q, s, geo, tpe, *state = _dispatch_tokens_op(x, topk_idx, topk_weights, buffer_id)
+        q, s, geo, tpe, dropped, *state = _dispatch_tokens_op(x, topk_idx, topk_weights, buffer_id)
         ctx.buffer_id = buffer_id
         ctx.save_for_backward(*state)
-        ctx.mark_non_differentiable(geo, tpe, *state)
-        return (MXFP8Tensor(q, s, torch.bfloat16), geo, tpe, *state)
+        ctx.mark_non_differentiable(geo, tpe, dropped, *state)
+        return (MXFP8Tensor(q, s, torch.bfloat16), geo, tpe, dropped, *state)
 
     @staticmethod
     def backward(ctx, grad_tokens, *unused):

@@ -64,10 +64,11 @@ class DispatchLayout:
 
 
 def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, align: int,
-                            capacity: int | None = None) -> DispatchLayout:
+                            capacity: int | None = None, expert_cap: int | None = None) -> DispatchLayout:
     """``counts``: int32/int64 ``[W, E]`` count matrix -> :class:`DispatchLayout`. ``capacity``:
     rows of the receive buffer (default :func:`capacity_rows`; the token-level path's is smaller,
-    at most ``min(k, L)`` rows of a token on one rank).
+    at most ``min(k, L)`` rows of a token on one rank). ``expert_cap`` (``capacity_factor``): the
+    most rows one expert keeps, the first in layout order; later rows are dropped (dest -1).
 
     Sync-free: only fixed-size tensor ops; shapes depend on (W, E, N, align) alone.
 
@@ -92,6 +93,8 @@ def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, alig
 
     # Owner side: padded group sizes and their starts, per destination rank.
     recv = C.sum(0).view(W, L)                                            # [W(dest), L]
+    if expert_cap is not None:
+        recv = recv.clamp(max=expert_cap)
     padded = padded_group_rows(recv, align)                               # empty expert -> align rows
     group_end = padded.cumsum(1)
     group_start = group_end - padded
@@ -112,6 +115,8 @@ def compute_dispatch_layout(counts: torch.Tensor, max_tokens_per_rank: int, alig
     # Counts that do not describe the rows (not checked outside debug mode: that needs a host
     # sync) must not make anyone write outside the buffer: such rows are dropped.
     valid = (g < E) & (dest_row >= 0) & (dest_row < capacity)
+    if expert_cap is not None:   # the row's position in its expert's group, past the cap: dropped
+        valid &= prefix_src.gather(1, g_c) + rows - src_start.gather(1, g_c) < expert_cap
     dest_row = torch.where(valid, dest_row, -1).to(torch.int32)
     dest_rank = torch.where(valid, g_c // L, -1).to(torch.int32)
 

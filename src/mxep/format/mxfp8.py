@@ -100,10 +100,37 @@ class MXFP8Tensor(torch.Tensor):
         if func in (aten.detach.default, aten.alias.default, aten.clone.default):
             (t,) = args[:1]
             return MXFP8Tensor(func(t.qdata), func(t.scale), t.dtype)
+        if func is aten._grouped_mm.default:
+            return _grouped_mm_on_mxfp8(args, kwargs)
         # Anything else: compute on the dequantized value (exact for e4m3 * 2^k in fp32/bf16).
         def unwrap(a):
             return dequantize_mxfp8(a.qdata, a.scale, a.dtype) if isinstance(a, MXFP8Tensor) else a
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _grouped_mm_on_mxfp8(args, kwargs):
+    """``aten._grouped_mm`` with an MXFP8Tensor operand, e.g. torchtitan's ``GroupedExperts`` on
+    the dispatch layout (``mxep.integrations.torchtitan``): the same math as
+    :func:`mxep.grouped_mm_mxfp8`'s default path, one Triton dequantize pass of the MXFP8
+    operand, then the bf16 ``torch._grouped_mm`` (MX numerics on bf16 tensor cores). A 2-D
+    operand whose rows are the grouped dimension (``A [M, K]`` of ``2d x 3d``: the forward;
+    ``B [M, N]`` of ``2d x 2d``: autograd's weight gradient ``dy^T @ A``) is dequantized only up
+    to the last group end ``offs[-1]``, on the device (no host sync; rows past it are never
+    read). Autograd sits above this (torch's own ``_grouped_mm`` formula), so the MXFP8Tensor is
+    what it saves for the backward and the gradient of the tokens is bf16, straight-through."""
+    a, b = args[0], args[1]
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+
+    def to_bf16(t, rows_grouped: bool):
+        if not isinstance(t, MXFP8Tensor):
+            return t
+        if t.dtype != torch.bfloat16:
+            return dequantize_mxfp8(t.qdata, t.scale, t.dtype)
+        end = offs[-1:] if rows_grouped and offs is not None and t.dim() == 2 else None
+        return dequantize_mxfp8_op(t.qdata.contiguous(), t.scale.contiguous(), end)
+
+    a2, b2 = a.dim() == 2, b.dim() == 2
+    return aten._grouped_mm.default(to_bf16(a, a2 and not b2), to_bf16(b, a2 and b2), *args[2:], **kwargs)
 
 
 def to_mxfp8(x: torch.Tensor, scale_mode: ScaleMode = "rceil") -> MXFP8Tensor:

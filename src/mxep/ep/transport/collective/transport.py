@@ -32,12 +32,13 @@ class CollectiveTransport(Transport):
     name = "collective"
 
     def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, capacity: int,
-                 device: torch.device, top_k: int = 0, align: int = 32):
+                 device: torch.device, top_k: int = 0, align: int = 32, expert_cap: int | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.num_experts = num_experts
         self.hidden, self.capacity, self.top_k, self.align = hidden, capacity, top_k, align
+        self.expert_cap = expert_cap
         # The token-level path expands on the source: it moves the rows of the sorted expansion,
         # at most T * min(k, L) ... of them per peer, so its row budget is T * k.
         self.max_tokens_per_rank = max_tokens_per_rank * top_k if top_k else max_tokens_per_rank
@@ -51,7 +52,8 @@ class CollectiveTransport(Transport):
         counts, bad = clamp_counts(counts_i32, num_rows)
         if exact:
             self._status.bitwise_or_(bad.to(torch.int32) * BAD_COUNTS)
-        layout = compute_dispatch_layout(self._exchange_counts(counts), self.max_tokens_per_rank, align, self.capacity)
+        layout = compute_dispatch_layout(self._exchange_counts(counts), self.max_tokens_per_rank, align, self.capacity,
+                                         self.expert_cap)
         return DispatchHandle(self, self.rank, num_rows, layout.group_end_offsets[self.rank],
                               layout.tokens_per_expert[self.rank], layout)
 
@@ -166,10 +168,16 @@ class CollectiveTransport(Transport):
         token_of = order // k
         tokens = self.dispatch_mxfp8(x.index_select(0, token_of), rows, scale_mode)
         lay = rows.state
+        pair_index = route.pair_index.long().clamp(min=0)
+        # capacity_factor drops: a pair whose sorted row has no destination row
+        dropped = (route.pair_owner >= 0) & (lay.dest_row[self.rank].long().gather(0, pair_index.flatten())
+                                             .view(t, k) < 0)
+        owner = torch.where(dropped, -1, route.pair_owner.long())
         state = [lay.dest_rank, lay.dest_row, lay.send_start, lay.send_count, lay.group_end_offsets,
-                 lay.tokens_per_expert, lay.pad_rows, token_of, route.pair_index.long().clamp(min=0),
-                 route.pair_owner.long(), topk_weights.detach().to(torch.float32, copy=True)]
-        return (tokens.qdata, tokens.scale, rows.group_end_offsets.clone(), rows.tokens_per_expert.clone(), state)
+                 lay.tokens_per_expert, lay.pad_rows, token_of, pair_index,
+                 owner, topk_weights.detach().to(torch.float32, copy=True)]
+        return (tokens.qdata, tokens.scale, rows.group_end_offsets.clone(), rows.tokens_per_expert.clone(),
+                dropped.sum(), state)
 
     def _two_level_sum(self, pair_rows: torch.Tensor, st: "_TokenState", weights: torch.Tensor | None) -> torch.Tensor:
         t, k, H = pair_rows.shape

@@ -61,6 +61,7 @@ class RegionLayout:
     max_tokens_per_rank: int
     capacity: int
     top_k: int = 0
+    expert_cap: int = 2**31 - 1   # rows one expert keeps (capacity_factor); the rest drop
 
     @property
     def rows(self) -> int:
@@ -203,7 +204,7 @@ class PeerMemory:
         ``[W]``, the token-level dispatch): the tokens this rank sends each rank travel with the
         counts; ``num_rows`` is then the most pairs (the expert counts may sum to fewer)."""
         ex = CountsExchange(self.counts, counts_i32, tokens_per_rank, num_rows, self.regions.max_tokens_per_rank,
-                            self.delta_i32, self.signals, self.rank)
+                            self.regions.expert_cap, self.delta_i32, self.signals, self.rank)
         return compute_plan(ex, align, self.config.polls(self.mem.device), phase)
 
     def clear_signals(self) -> None:
@@ -341,7 +342,7 @@ class PeerMemory:
         (0 for ``-1`` slots)."""
         T, K = self.regions.max_tokens_per_rank, self.regions.top_k
         owner = state.pair_owner.long()
-        valid = owner >= 0
+        valid = (owner >= 0) & (state.pair_rows >= 0)   # dropped pairs (capacity_factor): zero
         own = owner.clamp(min=0)
         slot = state.slot.long().gather(1, own).clamp(0, T - 1)
         j = torch.arange(K, device=owner.device).expand_as(owner)

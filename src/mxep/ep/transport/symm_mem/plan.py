@@ -34,7 +34,7 @@ __all__ = ["DispatchPlan", "CountsExchange", "compute_plan", "route_rows", "work
 
 @triton.jit
 def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
-                 my_counts_ptr, my_tok_ptr, n_rows, max_tokens, delta_ptr, sig_ptr, rank,
+                 my_counts_ptr, my_tok_ptr, n_rows, max_tokens, expert_cap, delta_ptr, sig_ptr, rank,
                  W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
                  W_P: tl.constexpr, E_P: tl.constexpr, EXACT: tl.constexpr, HAS_TOK: tl.constexpr,
                  PUT: tl.constexpr, PLAN: tl.constexpr, MAX_POLLS: tl.constexpr):
@@ -82,7 +82,9 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     tl.store(tok_recv_ptr + s, tl.load(counts_ptr + s * CS + E + rank, mask=s < W, other=0, volatile=True), mask=s < W)
     src_end = tl.cumsum(C, axis=1)
     prefix_src = tl.cumsum(C, axis=0) - C                 # rows of lower sources, per expert
-    recv = tl.sum(C, axis=0)                              # [E_P]
+    # rows each expert keeps: all of them, or (capacity_factor) at most expert_cap, the first
+    # ones in layout order (source rank, then the source's own order); the pairs past it drop
+    recv = tl.minimum(tl.sum(C, axis=0), expert_cap)      # [E_P]
     padded = tl.where(g < E, padded_group_rows_jit(recv, ALIGN), 0)
     # Segmented inclusive cumsum of padded sizes within each owner: the global cumsum minus the
     # padded rows of all lower owners' experts (two W x E masked sums; the earlier E x E masked
@@ -149,7 +151,7 @@ def compute_plan(ex: "CountsExchange", align: int, max_polls: int, phase: str = 
     tok_recv = torch.empty(W, dtype=torch.int32, device=dev)
     _plan_kernel[(1,)](ex.counts, row_base, src_end, group_end, recv, recv_cum, tok_recv,
                        ex.my_counts, ex.my_tokens if ex.my_tokens is not None else ex.my_counts,
-                       ex.num_rows, ex.max_tokens, ex.delta_i32, ex.signals, ex.rank,
+                       ex.num_rows, ex.max_tokens, ex.expert_cap, ex.delta_i32, ex.signals, ex.rank,
                        W=W, E=E, L=E // W, ALIGN=align,
                        W_P=max(next_power_of_2(W), 2), E_P=max(next_power_of_2(E), 2),
                        EXACT=ex.my_tokens is None, HAS_TOK=ex.my_tokens is not None,
@@ -171,6 +173,7 @@ class CountsExchange(NamedTuple):
             else only not past it).
         num_rows: ``n``, this rank's rows (row-level) or most (token, expert) pairs (token-level).
         max_tokens: the most tokens a rank sends one rank (token counts are clamped to it).
+        expert_cap: the most rows one expert keeps (2**31 - 1: all; ``capacity_factor``).
         delta_i32: int64 ``[W]`` every rank's allocation minus this one's, in int32 elements.
         signals: int32 ``[W + 2]`` this rank's signal words (sync.py).
         rank: this rank.
@@ -181,6 +184,7 @@ class CountsExchange(NamedTuple):
     my_tokens: torch.Tensor | None
     num_rows: int
     max_tokens: int
+    expert_cap: int
     delta_i32: torch.Tensor
     signals: torch.Tensor
     rank: int

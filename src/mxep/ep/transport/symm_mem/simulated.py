@@ -18,6 +18,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from mxep._utils import padded_group_rows
 from mxep.ep.config import EPConfig
 from mxep.ep.layout import capacity_rows
 from mxep.ep.transport.base import DispatchHandle, as_mxfp8
@@ -42,7 +43,7 @@ class SimulatedWorld:
 
     def __init__(self, world_size: int, num_experts: int, hidden: int, max_tokens_per_rank: int,
                  align: int = 32, scale_mode: str = "rceil", device: torch.device | str = "cpu",
-                 config: EPConfig | None = None, top_k: int = 0):
+                 config: EPConfig | None = None, top_k: int = 0, expert_capacity: int | None = None):
         if num_experts % world_size or hidden % 32:
             raise ValueError("num_experts must be a multiple of world_size and hidden of 32")
         self.world_size, self.num_experts, self.hidden = world_size, num_experts, hidden
@@ -52,7 +53,10 @@ class SimulatedWorld:
         rows_per_rank = max_tokens_per_rank * min(top_k, L) if top_k else max_tokens_per_rank
         self.top_k = top_k
         self.capacity = capacity_rows(world_size, L, rows_per_rank, align)
-        regions = RegionLayout(world_size, num_experts, hidden, max_tokens_per_rank, self.capacity, top_k)
+        if expert_capacity is not None:   # as Buffer(capacity_factor=...): the rows one expert keeps
+            self.capacity = min(self.capacity, L * padded_group_rows(expert_capacity, align))
+        regions = RegionLayout(world_size, num_experts, hidden, max_tokens_per_rank, self.capacity, top_k,
+                               expert_capacity or 2**31 - 1)
         mems = [torch.full((regions.total_bytes,), POISON, dtype=torch.uint8, device=device) for _ in range(world_size)]
         addrs = [m.data_ptr() for m in mems]
         self.peers = [PeerMemory(m, addrs, r, regions, self.config) for r, m in enumerate(mems)]
