@@ -4,7 +4,8 @@
 
 Always: torch, Triton and numpy (Triton's CPU interpreter, which the demo and the CPU tests run
 on, imports numpy). ``--demo`` adds matplotlib (the demo writes a PNG), ``--test`` pytest,
-``--bench`` matplotlib (the benchmark plot).
+``--bench`` matplotlib (the benchmark plot). ``--test`` also installs torchtitan==0.3.0 (Python
+>= 3.11; the torchtitan integration tests), keeping the installed torch.
 
 GPU machines (no network) already have torch and triton: we must not try to install our own.
 A clean CPU machine gets torch 2.13.0 (CPU wheel, available offline) and Triton 3.6 from the
@@ -50,6 +51,15 @@ def main() -> None:
     missing = sorted({req for mod, req in want.items() if _missing(mod)})
     if missing:
         _pip(*missing)
+    if args.test and sys.version_info >= (3, 11) and _missing("torchtitan"):
+        # tests/integrations/test_torchtitan.py (pyproject's [test] extra); it keeps the torch
+        # installed above. Offline machines (the GPU ones) give up quickly and go on without it:
+        # that file skips there.
+        try:
+            _pip("--retries", "1", "--timeout", "30", "torchtitan==0.3.0")
+        except subprocess.CalledProcessError:
+            print("ensure_deps: torchtitan==0.3.0 could not be installed; its integration tests will skip",
+                  flush=True)
 
 
 if __name__ == "__main__":

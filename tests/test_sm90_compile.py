@@ -1,20 +1,16 @@
 """Every Triton kernel compiles for Hopper (sm_90) as the library launches it, with the GPU
 tuning and the hardware e4m3 path: catches GPU-compiler failures that the CPU interpreter
-cannot see (scripts/compile_sm90.py; Triton's bundled ptxas, no GPU needed)."""
-import os
-import subprocess
-import sys
+cannot see (scripts/compile_sm90.py; Triton's bundled ptxas, no GPU needed). The script starts
+in the background when the session does (tests/support/background.py)."""
+from support import background
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 KERNELS = ("_combine_gather_kernel", "_combine_push_kernel", "_copy_out_kernel", "_dispatch_push_kernel",
            "_mxfp8_quantize_kernel", "_plan_kernel", "_grouped_mm_mxfp8_kernel",
            "_swiglu_quantize_kernel", "_swiglu_backward_kernel", "_dequantize_kernel")
 
 
-def test_every_kernel_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compile_sm90.py")], env=env,
-                          capture_output=True, text=True, timeout=900)
+def test_every_kernel_compiles_for_sm90(request):
+    proc = background.result(request.node.nodeid, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for name in KERNELS:
         assert name in proc.stdout, f"{name} was not compiled:\n{proc.stdout}"

@@ -1,7 +1,7 @@
 """`python -m mxep.demo` (`make demo`): train a small MoE transformer on mxep, beside a bf16 twin.
 
 One process per visible CUDA GPU (NCCL), else 4 CPU processes (gloo, Triton interpreter; about
-2 1/2 minutes on 2 cores). Every rank builds the same model: token + position embeddings, a few
+2 minutes on 2 idle cores). Every rank builds the same model: token + position embeddings, a few
 blocks of [RMSNorm, causal self-attention (plain torch, fp32), RMSNorm, MoE], RMSNorm and an LM
 head, trained as a causal LM on a synthetic English-like grammar generated here (deterministic,
 no download; its entropy per token, the lowest loss reachable, is printed).
@@ -418,7 +418,7 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
     ok = all(v is not False for _, v in checks)
 
     plot_note = _plot(losses, entropy, cfg, world, backend, device)
-    where = f"{world} {'GPU' if device.type == 'cuda' else 'CPU'} ranks ({backend})"
+    where = f"{world} {'GPU' if device.type == 'cuda' else 'CPU'} rank{'s' if world > 1 else ''} ({backend})"
     print()
     print(
         f"Summary: trained a {cfg.layers}-layer MoE transformer (hidden {cfg.hidden}, {cfg.heads} heads, "
@@ -447,6 +447,7 @@ def _plot(losses: dict[str, list[float]], entropy: float, cfg: TrainConfig, worl
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return f"(matplotlib is not installed: no plot; pip install matplotlib for {cfg.out}.)"
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -456,10 +457,11 @@ def _plot(losses: dict[str, list[float]], entropy: float, cfg: TrainConfig, worl
     ax.axhline(entropy, ls="--", color="tab:green", lw=1, label=f"grammar entropy {entropy:.2f}")
     ax.set_xlabel(f"step ({world * cfg.batch * cfg.seq} tokens each)")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"{cfg.layers}-layer MoE LM, {world} ranks ({backend}, {device.type}), "
+    ax.set_title(f"{cfg.layers}-layer MoE LM, {world} rank{'s' if world > 1 else ''} ({backend}, {device.type}), "
                  f"{cfg.experts_per_rank * world} experts top-{cfg.top_k}", fontsize=10)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     fig.savefig(cfg.out)
@@ -659,7 +661,7 @@ CPU_DEFAULTS = dict(steps=20, layers=2, hidden=64, heads=4, ffn_hidden=64, exper
 GPU_DEFAULTS = dict(steps=300, layers=4, hidden=256, heads=8, ffn_hidden=512, experts=8, top_k=2, seq=256,
                     batch=16, lr=3e-3)
 CPU_RANKS = 4
-CPU_TIME_BUDGET_S = 160.0   # from launch: stop training early past it (make demo must end in < 3 min)
+CPU_TIME_BUDGET_S = 150.0   # from launch: stop training early past it (make demo must end in < 3 min)
 
 
 def _free_port() -> int:
@@ -714,7 +716,7 @@ def main(argv=None) -> None:
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be a multiple of --heads {cfg.heads}")
     print(f"mxep demo: training a {cfg.layers}-layer MoE transformer on {world} "
-          f"{'GPU' if gpus else 'CPU'} ranks ({backend}{'' if gpus else ', Triton interpreter'}): "
+          f"{'GPU' if gpus else 'CPU'} rank{'s' if world > 1 else ''} ({backend}{'' if gpus else ', Triton interpreter'}): "
           f"mxep.MoE (MXFP8, expert parallel) beside a dense bf16 MoE, same initial weights, same tokens",
           flush=True)
     ctx = mp.get_context("spawn")

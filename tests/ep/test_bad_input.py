@@ -40,6 +40,9 @@ from support.dist import run_distributed
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU Triton kernels need TRITON_INTERPRET=1")
+# (the interpreter cannot run the peer kernels on CUDA memory: the GPU variants need it off)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                               reason="needs a CUDA GPU and TRITON_INTERPRET unset")
 
 GUARD = 0x5A          # guard margins (outputs and rank memory start as POISON = 0xA5)
 MARGIN = 1024         # bytes each side (keeps the 256-byte alignment the kernels assume)
@@ -265,7 +268,7 @@ def test_simulated_world_bad_counts(name, monkeypatch):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("align", [16, 32])
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_simulated_world_bad_counts_gpu(name, align, monkeypatch):
     run_simulated_case(name, align, "cuda", monkeypatch)
     torch.cuda.synchronize()
@@ -303,7 +306,7 @@ def test_rank_one_call_ahead_is_detected():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_rank_one_call_ahead_is_detected_gpu():
     sim = drive_out_of_step("cuda")
     torch.cuda.synchronize()
@@ -366,7 +369,7 @@ def test_fused_grouped_gemm_clamps_bad_group_ends():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_fused_grouped_gemm_clamps_bad_group_ends_gpu():
     run_gemm_bad_offsets("cuda")
     torch.cuda.synchronize()

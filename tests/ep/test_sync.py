@@ -35,13 +35,13 @@ def test_counts_flags_sync_simulated_world(world):
     experts, odd sizes, a zero-copy dispatch): bit-exact; after every call every rank's counts
     flags and seq name it; the combines (two push combines per dispatch, the region reused, and
     the zero-copy pull) leave the words alone."""
-    E, H, N = 3 * world, 64, 29
-    sim = SimulatedWorld(world, E, H, N, 16, config=POISON_CONFIG)
+    E, H, N = 3 * world, 64, 19
+    sim = SimulatedWorld(world, E, H, N, 8, config=POISON_CONFIG)
     assert num_signal_words(world) == world + 2 and sim.peers[0].signals.numel() == world + 2
     for it in range(3):
         routing = tuple(KINDS[(2 * it + r) % 5] for r in range(world))
         rows = tuple(0 if k == "none" else 3 + (11 * it + 7 * r) % (N - 2) for r, k in enumerate(routing))
-        case = Case(world, E, H, N, 16, routing, rows, seed=300 + it)
+        case = Case(world, E, H, N, 8, routing, rows, seed=300 + it)
         counts, xs = case.inputs()
         res = sim.dispatch(xs, counts, zero_copy=it == 1)
         for r in range(world):
@@ -89,25 +89,25 @@ def test_sequence_mismatch_when_a_rank_is_one_call_ahead():
     there) and then puts the counts of the call after: when rank 1 plans its second call it
     finds rank 0's flag past its own call number and records a sequence mismatch (instead of
     silently pairing rank 0's call 3 with its call 2)."""
-    case = Case(2, 4, 64, 12, 32, ("uniform", "skewed"), (9, 12), seed=8)
+    case = Case(2, 4, 64, 12, 8, ("uniform", "skewed"), (9, 12), seed=8)
     counts, xs = case.inputs()
     counts = [c.to(torch.int32) for c in counts]
-    sim = SimulatedWorld(2, 4, 64, 12, 32, config=POISON_CONFIG)
+    sim = SimulatedWorld(2, 4, 64, 12, 8, config=POISON_CONFIG)
     res = sim.dispatch(xs, counts)                       # call 1 on both ranks: clean
     for r in range(2):
         check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
     p0, p1 = sim.peers
     assert p0.status() == 0 and p1.status() == 0
-    p0.exchange_and_plan(counts[0], 9, 32)                # call 2 on rank 0 alone
+    p0.exchange_and_plan(counts[0], 9, 8)                # call 2 on rank 0 alone
     assert p0.status() == TIMEOUT_COUNTS and p0.signal_word("seq") == 2
-    p0.exchange_and_plan(counts[0], 9, 32, "put")         # rank 0's call 3 puts its counts
-    p1.exchange_and_plan(counts[1], 12, 32)               # rank 1's call 2
+    p0.exchange_and_plan(counts[0], 9, 8, "put")         # rank 0's call 3 puts its counts
+    p1.exchange_and_plan(counts[1], 12, 8)               # rank 1's call 2
     assert p1.status() == SEQUENCE_MISMATCH
     with pytest.raises(RuntimeError, match="another dispatch call"):
         p1.check_status()
 
 
-def _one_rank_transport(E=6, H=64, N=20, align=32):
+def _one_rank_transport(E=6, H=64, N=20, align=8):
     cap = capacity_rows(1, E, N, align)
     return SymmMemTransport.over_local_memory(RegionLayout(1, E, H, N, cap), POISON_CONFIG)
 
@@ -118,27 +118,27 @@ def test_one_rank_transport_and_pairing_rules():
     before the first was dispatched, a handle dispatched twice, a stale handle."""
     t = _one_rank_transport()
     for it in range(3):
-        case = Case(1, 6, 64, 20, 32, (KINDS[it],), (7 + 5 * it,), seed=40 + it)
+        case = Case(1, 6, 64, 20, 8, (KINDS[it],), (7 + 5 * it,), seed=40 + it)
         counts, xs = case.inputs()
-        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 32)
+        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 8)
         tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
         check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
         assert t.peer.signals.tolist() == expected_signals(1, 2 * it + 1)
         with pytest.raises(RuntimeError, match="already ran"):
             t.dispatch_mxfp8(xs[0], h, "rceil")
         # the zero-copy dispatch: push and a barrier; no copy-out
-        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 32)
+        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 8)
         tokens = t.dispatch_mxfp8(xs[0], h, "rceil", zero_copy=True)
         check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
         assert tokens.qdata.data_ptr() == t.peer.region_tokens()[0].data_ptr()
         assert t.peer.signal_word("seq") == 2 * (it + 1) and t.peer.status() == 0
     c = counts[0].to(torch.int32)
-    first = t.plan(c, xs[0].shape[0], 32)
+    first = t.plan(c, xs[0].shape[0], 8)
     with pytest.raises(RuntimeError, match="never dispatched"):
-        t.plan(c, xs[0].shape[0], 32)
+        t.plan(c, xs[0].shape[0], 8)
     t.dispatch_mxfp8(xs[0], first, "rceil")
     stale = first
-    t.plan(c, xs[0].shape[0], 32)
+    t.plan(c, xs[0].shape[0], 8)
     with pytest.raises(RuntimeError, match="already ran"):
         t.dispatch_mxfp8(xs[0], stale, "rceil")
 
@@ -152,10 +152,10 @@ def test_barriers_per_call():
     t = _one_rank_transport()
     seen, expect = [], []
     for it in range(2):
-        case = Case(1, 6, 64, 20, 32, (KINDS[it + 1],), (19 - 4 * it,), seed=60 + it)
+        case = Case(1, 6, 64, 20, 8, (KINDS[it + 1],), (19 - 4 * it,), seed=60 + it)
         counts, xs = case.inputs()
         before = t.handle.barriers
-        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 32)
+        h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 8)
         tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
         seen.append(t.handle.barriers - before)
         check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
@@ -187,7 +187,7 @@ def test_debug_buffer_raises_on_a_timed_out_wait():
     with single_rank_group() as group:
         msgs = []
         for debug in (True, False):
-            buf = mxep.Buffer(group, num_experts=4, hidden=64, max_tokens_per_rank=8, debug=debug)
+            buf = mxep.Buffer(group, num_experts=4, hidden=64, max_tokens_per_rank=8, align=8, debug=debug)
             buf.transport = SymmMemTransport.over_local_memory(buf.regions, buf.config, group=buf.group)   # symm-mem path
             x = torch.randn(5, 64, dtype=torch.bfloat16)
             counts = torch.tensor([2, 0, 3, 0])

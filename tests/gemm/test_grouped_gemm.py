@@ -45,9 +45,17 @@ CASES = [
 CPU_TILES = [INTERPRETER_TILES, GemmTiles(32, 16, 64, 1, 1, 1, "int"), GemmTiles(64, 32, 32, 2, 1, 3, "int")]
 
 
-@pytest.mark.parametrize("tiles", CPU_TILES, ids=lambda t: f"{t.block_m}x{t.block_n}x{t.block_k}g{t.group_m}")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c.world}-K{c.hidden}-align{c.align}")
-@pytest.mark.parametrize("N,mx_weight", [(40, False), (72, False), (40, True)])
+WEIGHTS = [(40, False), (72, False), (40, True)]   # (N, MXFP8 weights)
+# The default (interpreter) tiles with every case and weight; each other tile with every case, the
+# weights rotating, so that every pair of (tiles, case, weights) values occurs (the interpreter
+# pays per tile: the full product costs twice as much for no other code path).
+FORWARD_GRID = ([(CPU_TILES[0], c, *w) for c in CASES for w in WEIGHTS]
+                + [(t, c, *WEIGHTS[(i + j) % 3]) for i, t in enumerate(CPU_TILES) if i for j, c in enumerate(CASES)])
+
+
+@pytest.mark.parametrize("tiles,case,N,mx_weight", FORWARD_GRID,
+                         ids=[f"{t.block_m}x{t.block_n}x{t.block_k}g{t.group_m}-W{c.world}-K{c.hidden}-align{c.align}"
+                              f"-N{n}{'-mx' if mx else ''}" for t, c, n, mx in FORWARD_GRID])
 def test_forward_matches_reference(case, N, mx_weight, tiles):
     """bf16 weights, or MXFP8 weights (blocks along K) dequantized in registers like the tokens."""
     for rank in range(case.world):

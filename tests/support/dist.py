@@ -6,6 +6,10 @@
         return [do_case(c) for c in cases]  # run many cases per spawn: startup is the cost
 
     results = run_distributed(_body, 4, cases)   # list of per-rank return values
+    results = run_many([(_body, (cases,)), (_other, ())], 2)   # several bodies, one spawn
+
+    with single_rank_group():                    # a world of one, in this process (no spawn)
+        _body(0, 1, cases)
 
 * Processes are started with ``torch.multiprocessing`` "spawn"; each calls
   ``init_process_group(backend, tcp://127.0.0.1:<free port>)`` and ``destroy_process_group``.
@@ -36,7 +40,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-__all__ = ["run_distributed", "ChildFailed", "free_port", "single_rank_group"]
+__all__ = ["run_distributed", "run_many", "ChildFailed", "free_port", "single_rank_group"]
 
 _INHERITED = ("TRITON_INTERPRET", "PYTHONPATH", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
               "NVSHMEM_DISABLE_NVLS")
@@ -145,3 +149,20 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, backend: str = "g
             for p in ctx.processes:
                 p.join(5)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def _run_bodies(rank: int, world_size: int, bodies: list) -> list:
+    out = []
+    for fn, args in bodies:
+        out.append(fn(rank, world_size, *args))
+        dist.barrier()   # the next body starts on every rank together
+    return out
+
+
+def run_many(bodies: list, world_size: int, **kwargs) -> list:
+    """Run several ``(fn, args)`` bodies one after another on the same spawned ranks (the
+    start-up, some seconds per rank on 2 cores, is paid once); returns ``results[body][rank]``.
+    A body that raises fails the whole group with that rank's traceback, like
+    :func:`run_distributed` (which takes the same keyword arguments)."""
+    per_rank = run_distributed(_run_bodies, world_size, list(bodies), **kwargs)
+    return [[per_rank[r][i] for r in range(world_size)] for i in range(len(bodies))]

@@ -1,0 +1,288 @@
+"""mxep as torchtitan's EP token dispatcher (``mxep.integrations.torchtitan``): torchtitan 0.3.0's
+own ``MoE`` module (router, ``RoutedExperts``, ``GroupedExperts``), built twice from one config
+and seed, once with its standard dispatcher (``AllToAllTokenDispatcher``: local reorder at EP =
+1, all-to-all + permute at EP > 1) and once with ``MXEPTokenDispatcher``; expert parallelism
+through torchtitan's own ``Module.parallelize`` (ParallelDims, ``partial_dtensor`` backend:
+the one whose all-to-all runs on gloo), on 1, 2 and 4 CPU ranks, eager and under
+``torch.compile(fullgraph=True)`` as torchtitan compiles its blocks (``aot_eager``: CPU).
+
+The mxep path quantizes the dispatched tokens to MXFP8, so it is compared with the bf16 standard
+path within MXFP8 tolerance (SQNR over all ranks): >= 25 dB for the output and the input
+gradient, >= 21 dB for the weight gradients (experts' w1 / w2 / w3, router gate). One spawn per
+world size runs every case (start-up is the cost on a 2-core machine).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if os.environ.get("CI") != "true":   # CI installs torchtitan (pyproject [test], scripts/ensure_deps.py --test)
+    pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install torchtitan==0.3.0)")
+
+from support.dist import run_distributed  # noqa: E402
+
+D, F, E, K = 64, 32, 8, 2        # hidden, expert FFN hidden, experts, top-k
+B, S = 1, 32                     # tokens per rank: T = B * S
+T = B * S
+SQNR_ACT, SQNR_WEIGHT = 25.0, 21.0
+
+
+def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    ref, x = ref.double(), x.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp_min(1e-300)))
+
+
+def _moe_config(mxep: bool, world: int):
+    import spmd_types as spmd
+    from torchtitan.models.common.config_utils import (make_moe_config, make_routed_experts_config,
+                                                       make_router_config)
+    from torchtitan.models.common.moe_sharding import set_moe_sharding_config
+
+    def init(std):
+        return functools.partial(torch.nn.init.normal_, std=std)
+
+    cfg = make_moe_config(
+        num_experts=E,
+        router=make_router_config(dim=D, num_experts=E, gate_param_init={"weight": init(0.2)}, top_k=K,
+                                  score_func="softmax", route_norm=True),
+        routed_experts=make_routed_experts_config(dim=D, hidden_dim=F, num_experts=E, top_k=K,
+                                                  param_init={n: init(0.1) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
+                                                  comm_backend="standard"),
+    )
+    if mxep:
+        from mxep.integrations.torchtitan import use_mxep_dispatcher
+        assert use_mxep_dispatcher(cfg, num_max_tokens_per_rank=T) == ["routed_experts"]
+    if world > 1:
+        set_moe_sharding_config(cfg, enable_ep=True, enable_sp=False,
+                                expert_param_layout={"w1_EFD": spmd.S(1), "w2_EDF": spmd.S(2), "w3_EFD": spmd.S(1)})
+    return cfg
+
+
+def _global_grad(p: torch.Tensor, world: int) -> torch.Tensor:
+    """The full gradient of a parameter: expert weights (sharded on EP) gathered, the replicated
+    router summed over the ranks (what data parallelism's all-reduce would do)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    g = p.grad
+    if isinstance(g, DTensor):
+        if any(isinstance(pl, Shard) for pl in g.placements):
+            return g.full_tensor().float()
+        g = g.to_local()
+    g = g.float().clone()
+    if world > 1:
+        dist.all_reduce(g)
+    return g
+
+
+def _collecting_aot_eager(graphs: list, frames: list):
+    """``aot_eager`` that keeps the forward and backward graphs it runs and counts the frames."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    aot = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return aot(gm, example_inputs)
+
+    return backend
+
+
+def _fp8_consumers(graphs: list) -> dict:
+    """In compiled forward + backward graphs: the dequantize passes (``mxep.dequantize_mxfp8``
+    nodes) and every other node that reads an fp8 tensor (a fallback dequantization would)."""
+    import operator
+
+    fp8 = (torch.float8_e4m3fn, torch.float8_e8m0fnu)
+    found = {"op": 0, "fallback": 0}
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target is operator.getitem:
+                continue
+            if node.target is torch.ops.mxep.dequantize_mxfp8.default:
+                found["op"] += 1
+            elif any(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype in fp8
+                     for a in node.all_input_nodes):
+                found["fallback"] += 1
+    return found
+
+
+def _body(rank: int, world: int, modes: tuple) -> dict:
+    import torch._dynamo
+    import torchtitan.distributed.parallel_dims as tt_parallel_dims
+    from torchtitan.config import ParallelismConfig
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed.utils import set_spmd_backend
+
+    import mxep.format.mxfp8 as mxfp8_mod
+    from mxep.integrations.torchtitan import MXEPTokenDispatcher
+
+    # what torchtitan's apply_compile sets before compiling its blocks
+    torch._dynamo.config.capture_scalar_outputs = True
+    par = ParallelismConfig(data_parallel_shard_degree=world, expert_parallel_degree=world,
+                            spmd_backend="partial_dtensor")
+    set_spmd_backend(par.spmd_backend)
+    pd = None
+    if world > 1:
+        tt_parallel_dims.device_type = "cpu"   # torchtitan falls back to "cuda" without a GPU
+        pd = ParallelDims.from_config(par, world)
+        pd.build_mesh()
+
+    # count the dequantize passes: the grouped GEMMs' (dequantize_mxfp8_op) and any fallback of
+    # an op that MXFP8Tensor does not handle (the torch expression, a full extra pass)
+    calls = {"op": 0, "fallback": 0}
+    op, fallback = mxfp8_mod.dequantize_mxfp8_op, mxfp8_mod.dequantize_mxfp8
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    torch.manual_seed(100 + rank)
+    x = torch.randn(B, S, D).bfloat16()
+    dy = torch.randn(B, S, D).bfloat16()
+    out = {}
+    for mode in modes:
+        for path in ("std", "mxep"):
+            torch.manual_seed(0)   # same weights in both paths and on every rank
+            moe = _moe_config(path == "mxep", world).build()
+            moe.init_states()
+            moe = moe.bfloat16()
+            if pd is not None:
+                moe.parallelize(pd)
+            disp = moe.routed_experts.token_dispatcher
+            assert isinstance(disp, MXEPTokenDispatcher) == (path == "mxep")
+            fn, graphs, frames = moe, [], []
+            if mode == "compile":
+                torch._dynamo.reset()
+                fn = torch.compile(moe, fullgraph=True, backend=_collecting_aot_eager(graphs, frames))
+            xi = x.clone().requires_grad_(True)
+            calls.update(op=0, fallback=0)
+            mxfp8_mod.dequantize_mxfp8_op = counting("op", op)
+            mxfp8_mod.dequantize_mxfp8 = counting("fallback", fallback)
+            try:
+                y = fn(xi)
+                y.backward(dy)
+            finally:
+                mxfp8_mod.dequantize_mxfp8_op, mxfp8_mod.dequantize_mxfp8 = op, fallback
+            ge = moe.routed_experts.inner_experts
+            res = {"y": y.detach().float(), "gx": xi.grad.float(),
+                   "g_router": _global_grad(moe.router.gate.weight, world),
+                   **{n: _global_grad(getattr(ge, n), world) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
+                   "frames": len(frames), "calls": dict(calls) if mode == "eager" else _fp8_consumers(graphs)}
+            if path == "mxep" and mode == "eager":
+                # the dispatcher's contract, checked on a fresh call: MXFP8 tokens, padded counts
+                with torch.no_grad():
+                    scores, ids, _ = moe.router(x.detach(), moe.expert_bias_E)
+                    tokens, padded, meta = disp.dispatch(x.detach().view(T, D), scores.view(T, K), ids.view(T, K),
+                                                         torch.zeros(E, dtype=torch.int64))
+                res["layout"] = {"type": type(tokens).__name__, "shape": tuple(tokens.shape),
+                                 "padded": padded.tolist(), "ends": meta.handle.group_end_offsets.tolist(),
+                                 "received": meta.handle.tokens_per_expert.tolist(), "capacity": disp.buffer.capacity}
+            out[(mode, path)] = res
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _results(world: int) -> tuple:
+    return tuple(run_distributed(_body, world, ("eager", "compile"), timeout=300))
+
+
+def _cat(results, key, name):
+    return torch.cat([r[key][name].flatten() for r in results])
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_mxep_dispatcher_matches_standard(world, mode):
+    """Output, input gradient and weight gradients of torchtitan's MoE with mxep's dispatcher
+    against its standard dispatcher (bf16), within MXFP8 tolerance, on every rank."""
+    results = _results(world)
+    std, mx = (mode, "std"), (mode, "mxep")
+    for name, floor in (("y", SQNR_ACT), ("gx", SQNR_ACT)):
+        got = _sqnr(_cat(results, std, name), _cat(results, mx, name))
+        assert got >= floor, f"{name}: SQNR {got:.1f} dB < {floor} dB (world {world}, {mode})"
+    for name in ("g_router", "w1_EFD", "w2_EDF", "w3_EFD"):
+        got = _sqnr(results[0][std][name], results[0][mx][name])   # global gradients: every rank has them
+        assert got >= SQNR_WEIGHT, f"{name}: SQNR {got:.1f} dB < {SQNR_WEIGHT} dB (world {world}, {mode})"
+    for r in results:
+        assert torch.isfinite(r[mx]["y"]).all() and torch.isfinite(r[mx]["gx"]).all()
+        # GroupedExperts' three torch._grouped_mm calls: w1 and w3 read the MXFP8 tokens (one
+        # dequantize pass each, forward) and their weight gradients again (backward); nothing
+        # else ever dequantizes them (no fallback pass of an unhandled op). Eager: the calls;
+        # compiled: the nodes of the forward and backward graphs.
+        assert r[mx]["calls"] == {"op": 4, "fallback": 0}, r[mx]["calls"]
+        if mode == "compile":
+            assert r[mx]["frames"] == 1 and r[std]["frames"] == 1   # fullgraph: one graph each
+        else:   # eager mxep is deterministic and equals the compiled run
+            for name in ("y", "gx"):
+                assert torch.allclose(r[mx][name], r[("compile", "mxep")][name], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_dispatch_returns_padded_mxfp8_layout(world):
+    """``dispatch`` hands GroupedExperts the MXFP8Tensor ``[capacity, D]`` and the PADDED rows per
+    local expert (multiples of 32, empty experts 32), whose cumsum is the layout's group ends."""
+    for r in _results(world):
+        lay = r[("eager", "mxep")]["layout"]
+        L = E // world
+        assert lay["type"] == "MXFP8Tensor" and lay["shape"] == (lay["capacity"], D)
+        assert len(lay["padded"]) == L and all(p % 32 == 0 and p >= 32 for p in lay["padded"])
+        assert torch.tensor(lay["padded"]).cumsum(0).tolist() == lay["ends"]
+        assert all(p >= n for p, n in zip(lay["padded"], lay["received"]))
+    # every (token, expert) pair of every rank is received exactly once
+    assert sum(sum(r[("eager", "mxep")]["layout"]["received"]) for r in _results(world)) == world * T * K
+
+
+def test_override_and_config_selection():
+    """The torchtitan override (``--override.imports mxep.integrations.torchtitan.mxep_dispatcher``)
+    swaps the standard dispatcher of every MoE layer of a model config, with ``hidden_dim`` from
+    the experts; other dispatchers are refused."""
+    from torchtitan.config.override import OverrideConfig, apply_overrides
+    from torchtitan.models.common.token_dispatcher import TorchAOTokenDispatcher
+    from torchtitan.models.deepseek_v3 import model_registry
+
+    from mxep.integrations.torchtitan import MXEPTokenDispatcher, use_mxep_dispatcher
+
+    model_cfg = model_registry("debugmodel").model
+    lines = apply_overrides(OverrideConfig(imports=[("mxep.integrations.torchtitan.mxep_dispatcher",
+                                                     {"num_max_tokens_per_rank": 4096})]), model_cfg)
+    moe_layers = [layer.moe for layer in model_cfg.layers if layer.moe is not None]
+    assert len(lines) == len(moe_layers) == 5
+    for moe in moe_layers:
+        d = moe.routed_experts.token_dispatcher
+        assert isinstance(d, MXEPTokenDispatcher.Config)
+        assert (d.num_experts, d.top_k, d.hidden_dim, d.num_max_tokens_per_rank, d.align) == (8, 3, 256, 4096, 32)
+    # applying it again changes nothing; a non-standard (padded TorchAO) dispatcher is refused
+    assert use_mxep_dispatcher(model_cfg) == [f"layers.{i}.moe.routed_experts" for i in range(1, 6)]
+    moe_layers[0].routed_experts.token_dispatcher = TorchAOTokenDispatcher.Config(num_experts=8, top_k=3,
+                                                                                   pad_multiple=32)
+    with pytest.raises(ValueError, match="standard token dispatcher"):
+        use_mxep_dispatcher(model_cfg)
+
+
+def test_torchtitan_imported_lazily():
+    """``import mxep`` / ``mxep.integrations`` never import torchtitan; without it the integration
+    module says how to install it."""
+    code = ("import sys, mxep, mxep.integrations\n"
+            "assert 'torchtitan' not in sys.modules, 'imported eagerly'\n"
+            "sys.modules['torchtitan'] = None\n"
+            "try:\n"
+            "    from mxep.integrations import use_mxep_dispatcher\n"
+            "except ImportError as e:\n"
+            "    assert 'pip install torchtitan==0.3.0' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('no ImportError')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
