@@ -281,6 +281,10 @@ def _rate(tokens: int, seconds: float) -> str:
     return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.1f}k" if r >= 1e4 else f"{r:.0f}"
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
 def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backend: str) -> bool:
     import mxep
 
@@ -429,9 +433,9 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
         + f" of {tokens_per_step} tokens ({cfg.batch} x {cfg.seq} per rank), AdamW lr {cfg.lr:g}, "
         f"in {wall:.0f} s. mxep ({L} experts per rank, MXFP8 dispatch and expert GEMMs, expert parallel): "
         f"loss {start['mxep']:.3f} -> {final['mxep']:.3f} ({fell['mxep']:.0%} lower; mean of the last {tail}), "
-        f"{step_s['mxep'] * 1e3:.1f} ms/step, {_rate(tokens_per_step, step_s['mxep'])} tokens/s. "
+        f"{_duration(step_s['mxep'])}/step, {_rate(tokens_per_step, step_s['mxep'])} tokens/s. "
         f"dense bf16 twin (all {E} experts on every rank, no quantization): loss {start['dense']:.3f} -> "
-        f"{final['dense']:.3f} ({fell['dense']:.0%} lower), {step_s['dense'] * 1e3:.1f} ms/step, "
+        f"{final['dense']:.3f} ({fell['dense']:.0%} lower), {_duration(step_s['dense'])}/step, "
         f"{_rate(tokens_per_step, step_s['dense'])} tokens/s (median step, first excluded). "
         + (f"Timings on CPU run the Triton interpreter and gloo: not performance numbers. " if device.type == "cpu" else "")
         + plot_note)

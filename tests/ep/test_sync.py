@@ -35,7 +35,7 @@ def test_counts_flags_sync_simulated_world(world):
     experts, odd sizes, a zero-copy dispatch): bit-exact; after every call every rank's counts
     flags and seq name it; the combines (two push combines per dispatch, the region reused, and
     the zero-copy pull) leave the words alone."""
-    E, H, N = 3 * world, 64, 19
+    E, H, N = 3 * world, 64, 15
     sim = SimulatedWorld(world, E, H, N, 8, config=POISON_CONFIG)
     assert num_signal_words(world) == world + 2 and sim.peers[0].signals.numel() == world + 2
     for it in range(3):

@@ -66,6 +66,20 @@ def _num_received(cnt_ptr, T, W: tl.constexpr, W_P: tl.constexpr):
 
 
 @triton.jit
+def _zero_pads(out_data_ptr, out_scale_ptr, group_end_ptr, recv_ptr, rank, H, capacity, QUANTIZE: tl.constexpr,
+               L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
+    """This program's share of the zeros of this rank's pad rows (data, and scales when
+    ``QUANTIZE``); returns this program's first step of the work after them."""
+    pad_end, num_pads, pad_cum = _own_pads(group_end_ptr, recv_ptr, rank, L, L_P, ALIGN)
+    v = tl.program_id(0)
+    while v < num_pads:
+        _zero_pad_row(out_data_ptr, out_scale_ptr, v, pad_end, pad_cum, group_end_ptr, rank, H, H // 32,
+                      capacity, QUANTIZE, L, L_P, BLOCK_K)
+        v += NPROG
+    return v - num_pads
+
+
+@triton.jit
 def _push_tokens_kernel(x_ptr, n_tok, H, rank, T, slot_ptr, rows_ptr, owner_ptr, w_ptr,
                         data_base_ptr, scale_base_ptr, delta_ptr, rows_base_ptr, w_base_ptr, delta_i32_ptr,
                         QUANTIZE: tl.constexpr, TABLES: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
@@ -147,13 +161,8 @@ def _expand_tokens_kernel(data_ptr, scale_ptr, rows_tab_ptr, w_tab_ptr, out_data
                           QUANTIZE: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr,
                           W_P: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
                           BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
-    pid = tl.program_id(0)
-    pad_end, num_pads, pad_cum = _own_pads(group_end_ptr, recv_ptr, rank, L, L_P, ALIGN)
-    v = pid
-    while v < num_pads:
-        _zero_pad_row(out_data_ptr, out_scale_ptr, v, pad_end, pad_cum, group_end_ptr, rank, H, H // 32,
-                      capacity, QUANTIZE, L, L_P, BLOCK_K)
-        v += NPROG
+    u = _zero_pads(out_data_ptr, out_scale_ptr, group_end_ptr, recv_ptr, rank, H, capacity, QUANTIZE, L, L_P, ALIGN,
+                   BLOCK_K, NPROG)
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
     scols = tl.arange(0, BLOCK_K // 32)
@@ -161,7 +170,6 @@ def _expand_tokens_kernel(data_ptr, scale_ptr, rows_tab_ptr, w_tab_ptr, out_data
     jj = tl.arange(0, K_P)
     jm = jj < K
     total = _num_received(cnt_ptr, T, W, W_P)
-    u = v - num_pads
     while u < total:
         src, i, live = _received_slot(u, cnt_ptr, T, W, W_P)
         slot = (src * T + i).to(tl.int64)
@@ -287,19 +295,12 @@ def _expand_grads_kernel(dy_ptr, eo_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, rank, c
                          K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr,
                          L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
                          BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
-    pid = tl.program_id(0)
-    pad_end, num_pads, pad_cum = _own_pads(group_end_ptr, recv_ptr, rank, L, L_P, ALIGN)
-    v = pid
-    while v < num_pads:
-        _zero_pad_row(geo_ptr, geo_ptr, v, pad_end, pad_cum, group_end_ptr, rank, H, H // 32, capacity, False,
-                      L, L_P, BLOCK_K)
-        v += NPROG
+    u = _zero_pads(geo_ptr, geo_ptr, group_end_ptr, recv_ptr, rank, H, capacity, False, L, L_P, ALIGN, BLOCK_K, NPROG)
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
     jj = tl.arange(0, K_P)
     jm = jj < K
     total = _num_received(cnt_ptr, T, W, W_P)
-    u = v - num_pads
     while u < total:
         src, i, live = _received_slot(u, cnt_ptr, T, W, W_P)
         slot = (src * T + i).to(tl.int64)
