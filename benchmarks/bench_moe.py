@@ -15,6 +15,9 @@ Systems (names in the JSON):
                  dequantized in every GEMM pass (forward and backward), as before the cache; its
                  output and input gradient must equal mxep's bit for bit (checked)
   mxep_bf16w     mxep.MoE(mx_weights=False): MXFP8 tokens and activations, bf16 weights
+  mxep_rows      mxep.MoE(dispatch="rows"): the row-level dispatch (sorted expansion) in the layer
+  mxep_cf        mxep.MoE(capacity_factor=1.25): every expert keeps at most 1.25x its balanced
+                 share of rows (drops counted; the layer's saved activations bounded)
   bf16           mxep.moe.naive.BF16EPMoE: torchtitan's bf16 path (host-synced splits,
                  all_to_all_single of bf16 rows, permute, torch._grouped_mm, unpermute, all_to_all)
   unfused_mxfp8  mxep.moe.naive.UnfusedMXFP8EPMoE: torchao-style (quantize, host-synced splits,
@@ -84,9 +87,11 @@ from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
 from mxep.gemm import MXWeightCache  # noqa: E402
 from mxep.moe.naive import BF16EPMoE, UnfusedMXFP8EPMoE  # noqa: E402
 
-SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w")
-MX_WEIGHT_SYSTEMS = ("unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache")
-MXEP_SYSTEMS = ("mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w")
+SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
+MX_WEIGHT_SYSTEMS = ("unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_rows", "mxep_cf")
+MXEP_SYSTEMS = ("mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
+# systems with a layer (a Buffer) of their own; the others share one mxep.MoE
+OWN_LAYER = {"mxep_rows": dict(dispatch="rows"), "mxep_cf": dict(capacity_factor=1.25)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +200,9 @@ def build(system: str, cfg: MoEConfig, device: torch.device, state: dict, mxep_l
     """The layer of ``system`` with ``state``'s weights; the mxep systems share one mxep.MoE
     (one Buffer), switched by its attributes."""
     H, Fh, E, k = cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k
-    if system in MXEP_SYSTEMS:
+    if system in OWN_LAYER:
+        m = mxep.MoE(H, Fh, E, k, max_tokens_per_rank=cfg.tokens, device=device, **OWN_LAYER[system])
+    elif system in MXEP_SYSTEMS:
         m = mxep_layer or mxep.MoE(H, Fh, E, k, max_tokens_per_rank=cfg.tokens, device=device)
         m.mx_weights = system != "mxep_bf16w"
         m.mx_weight_cache = system != "mxep_nocache"
@@ -269,7 +276,7 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
         for p in params:
             p.grad = None
         xin.grad = None
-        if system == "mxep":      # an optimizer step before every step: the cache rebuilds
+        if system in ("mxep", "mxep_rows", "mxep_cf"):   # an optimizer step before every step: the cache rebuilds
             m.clear_mx_weight_cache()
 
     def step():
@@ -454,7 +461,7 @@ def main() -> None:
             rec = {"config": cfg.name, "system": system, "error": None}
             try:
                 m = build(system, cfg, device, state, mxep_layer)
-                if system in MXEP_SYSTEMS:
+                if system in MXEP_SYSTEMS and system not in OWN_LAYER:
                     mxep_layer = m
                 r, o = run_system(system, m, x, dy, device, args)
                 rec.update(r)

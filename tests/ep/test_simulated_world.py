@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from support.fused_cases import POISON as POISON_CONFIG
+from support.fused_cases import POISON_ONE_PART
 from support.fused_cases import Case, cases_for_world, check_dispatch, expected_combine
 
 from mxep.ep.config import EPConfig, KernelTiles
@@ -39,7 +40,7 @@ SIMULATED_CASES = {1: (2, 5), 2: (0, 4, 6), 3: (1, 6), 4: (3,)}
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_simulated_world_dispatch_combine(world):
-    cases = cases_for_world(world, hidden=(96, 256), aligns=(16, 32, 128), max_tokens=20, rows=(5, 4))
+    cases = cases_for_world(world, hidden=(96, 256), aligns=(16, 32, 128), max_tokens=16, rows=(5, 4))
     for case in (cases[i] for i in SIMULATED_CASES[world]):
         counts, xs = case.inputs()
         sim = world_for(case)
@@ -152,7 +153,7 @@ def test_simulated_world_poison_outside_rows_untouched():
 
 
 def test_simulated_world_many_calls_changing_routing():
-    sim = SimulatedWorld(3, 6, 64, 20, 8, config=POISON_CONFIG)
+    sim = SimulatedWorld(3, 6, 64, 20, 8, config=POISON_ONE_PART)
     for it in range(6):
         kinds = [("uniform", "skewed", "one_expert", "empty_experts", "none")[(it + r) % 5] for r in range(3)]
         rows = tuple(0 if k == "none" else 1 + 5 * ((it + r) % 3) for r, k in enumerate(kinds))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.dist import single_rank_group
-from support.fused_cases import POISON as POISON_CONFIG
+from support.fused_cases import POISON_ONE_PART as POISON_CONFIG   # the walk order is not the subject here
 from support.fused_cases import Case, check_dispatch, expected_combine
 
 from mxep.ep.layout import capacity_rows
@@ -187,7 +187,8 @@ def test_debug_buffer_raises_on_a_timed_out_wait():
     with single_rank_group() as group:
         msgs = []
         for debug in (True, False):
-            buf = mxep.Buffer(group, num_experts=4, hidden=64, max_tokens_per_rank=8, align=8, debug=debug)
+            buf = mxep.Buffer(group, num_experts=4, hidden=64, max_tokens_per_rank=8, align=8, debug=debug,
+                              config=POISON_CONFIG)
             buf.transport = SymmMemTransport.over_local_memory(buf.regions, buf.config, group=buf.group)   # symm-mem path
             x = torch.randn(5, 64, dtype=torch.bfloat16)
             counts = torch.tensor([2, 0, 3, 0])

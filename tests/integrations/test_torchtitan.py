@@ -286,3 +286,31 @@ def test_torchtitan_imported_lazily():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_grouped_mm_on_mxfp8_tensor_is_grouped_mm_mxfp8():
+    """``torch._grouped_mm`` on an MXFP8Tensor (what torchtitan's GroupedExperts calls) is
+    ``mxep.grouped_mm_mxfp8``: the same forward rows and the same bf16 gradients of the tokens
+    (straight-through) and of the weights, with rows past the last group end ignored."""
+    import mxep
+    from mxep.format.mxfp8 import quantize_straight_through
+
+    torch.manual_seed(0)
+    cap, K, N = 96, 64, 48
+    ends = torch.tensor([32, 32, 64], dtype=torch.int32)        # an empty group; rows 64.. unused
+    x = torch.randn(cap, K).bfloat16()
+    w = torch.randn(3, N, K).bfloat16()
+    dy = torch.randn(cap, N).bfloat16()
+    got = []
+    for via_aten in (True, False):
+        xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        tokens = quantize_straight_through(xi)
+        if via_aten:
+            y = torch._grouped_mm(tokens, wi.transpose(-2, -1), offs=ends)
+        else:
+            y = mxep.grouped_mm_mxfp8(tokens, wi, ends)
+        y.backward(dy)
+        got.append((y[:64], xi.grad[:64], wi.grad))
+    for a, b in zip(*got):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2), (a.float() - b.float()).abs().max()
+    assert torch.equal(got[0][0], got[1][0])   # the forward rows: the same dequantize + GEMM

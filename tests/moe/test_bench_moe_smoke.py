@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w")
+SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
 CONFIGS = ("dsv3", "llama4")
 
 
@@ -36,5 +36,7 @@ def test_bench_moe_smoke(tmp_path):
         assert float(got[(c, "mxep")]["sqnr_y_vs_unfused_db"]) >= 40
         assert set(data["speedups"][c]["mxep"]) == {"vs_bf16", "vs_unfused_mxfp8", "vs_mxep_nocache"}
         assert got[(c, "mxep_nocache")]["bit_identical_to_mxep"] is True     # the weight cache changes no bit
+        # a capacity factor bounds what the layer saves for the backward
+        assert got[(c, "mxep_cf")]["saved_activation_bytes"] <= got[(c, "mxep")]["saved_activation_bytes"]
     md = (tmp_path / "bench_moe_w1_smoke.md").read_text()
     assert all(s in md for s in SYSTEMS)

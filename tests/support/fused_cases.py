@@ -17,6 +17,11 @@ from mxep.ep.routing import make_inputs, make_routing
 # The config of every fused test: every output of the fused kernels starts as poison, so that a
 # row they forget cannot pass for data that an earlier call left in recycled memory.
 POISON = EPConfig(poison_outputs=True)
+# The peer kernels walk their rows in EPConfig.spread_parts interleaved parts (16 by default),
+# the walk padded to a multiple of it: under the interpreter a dispatch of one row costs 16 row
+# steps. Tests whose subject is not the walk (the sync protocol, call sequences) take one part;
+# the default walk runs in the other fused tests (and tests/ep/test_work_order.py).
+POISON_ONE_PART = POISON.replace(spread_parts=1)
 
 
 @dataclass(frozen=True)

@@ -159,9 +159,14 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
                self.transport, self.debug)
         buf = _BUFFERS.get(key)
         if buf is None:
-            buf = Buffer(group, num_experts=self.num_experts, hidden=hidden, max_tokens_per_rank=max_tokens,
-                         top_k=self.top_k, align=self.align, scale_mode=self.scale_mode,
-                         transport=self.transport, debug=self.debug)
+            # the Buffer's own device (its default), also where torchtitan builds the model under
+            # torch.device("meta"): its memory must be real
+            nccl = dist.get_backend(group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            with torch.device(device):
+                buf = Buffer(group, num_experts=self.num_experts, hidden=hidden, max_tokens_per_rank=max_tokens,
+                             top_k=self.top_k, align=self.align, scale_mode=self.scale_mode,
+                             transport=self.transport, debug=self.debug, device=device)
             _BUFFERS[key] = buf
         return buf
 

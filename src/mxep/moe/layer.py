@@ -102,7 +102,8 @@ class MoE(nn.Module):
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int, max_tokens_per_rank: int,
                  group=None, align: int = 32, scale_mode: str = "rceil", mx_weights: bool = True,
                  mx_weight_cache: bool = True,
-                 device: torch.device | str | None = None, gemm_impl: str = "auto", dispatch: str = "tokens"):
+                 device: torch.device | str | None = None, gemm_impl: str = "auto", dispatch: str = "tokens",
+                 capacity_factor: float | None = None):
         super().__init__()
         # Sizes are checked here, under the caller's names and values (the Buffer is built for
         # max_tokens_per_rank * top_k rows: its own check would report the product).
@@ -121,8 +122,10 @@ class MoE(nn.Module):
         self.dispatch = dispatch
         if dispatch == "tokens":
             self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden, max_tokens_per_rank=max_tokens_per_rank,
-                                 top_k=top_k, align=align, scale_mode=scale_mode)
+                                 top_k=top_k, align=align, scale_mode=scale_mode, capacity_factor=capacity_factor)
         else:
+            if capacity_factor is not None:
+                raise ValueError("capacity_factor needs the token-level dispatch (dispatch='tokens')")
             self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden,
                                  max_tokens_per_rank=max_tokens_per_rank * top_k, align=align, scale_mode=scale_mode)
         L = num_experts // self.buffer.world_size
