@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dispatchers", default="standard,mxep", help="comma-separated: standard, mxep")
     p.add_argument("--out", default="torchtitan_moe", help="output prefix: <out>.png and <out>.json")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a finished run from its JSON")
     args = p.parse_args(argv)
     gpu = HAS_CUDA
     args.steps = args.steps or (300 if gpu else 20)
@@ -179,12 +180,16 @@ def plot(results: dict, args, world: int, device: str, path: str) -> None:
         return
     fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     colors = {"standard": "tab:blue", "mxep": "tab:orange"}
+    style = {"standard": dict(lw=3.0, alpha=0.5), "mxep": dict(lw=1.2, ls="--")}
     for name, r in results.items():
-        ax_loss.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name, color=colors.get(name), lw=1.2,
-                     alpha=0.85)
+        ax_loss.plot(range(1, len(r["loss"]) + 1), r["loss"], label=name, color=colors.get(name),
+                     **style.get(name, {}))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (mean over ranks)")
     ax_loss.set_title(f"torchtitan deepseek_v3 debugmodel ({args.layers} layers), EP={world} on {device}")
+    if {"standard", "mxep"} <= set(results):
+        diff = max(abs(a - b) for a, b in zip(results["standard"]["loss"], results["mxep"]["loss"]))
+        ax_loss.text(0.02, 0.03, f"max |loss(mxep) - loss(standard)| = {diff:.4f}", transform=ax_loss.transAxes)
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     names = list(results)
@@ -219,6 +224,14 @@ def run(rank: int, world: int, args, device: torch.device) -> None:
         plot(results, args, world, device.type, args.out + ".png")
 
 
+def replot(json_path: str) -> None:
+    """Redraw the PNG of a finished run from its JSON (``--replot run.json``)."""
+    with open(json_path) as f:
+        summary = json.load(f)
+    args = argparse.Namespace(**summary["args"])
+    plot(summary["results"], args, summary["world"], summary["device"], json_path.rsplit(".", 1)[0] + ".png")
+
+
 def _cpu_rank(rank: int, world: int, port: int, args) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -232,6 +245,9 @@ def _cpu_rank(rank: int, world: int, port: int, args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return
     if "RANK" in os.environ:                          # torchrun: one process per GPU
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)

@@ -5,7 +5,8 @@ counts. All against the single-process oracle in mxep.ep.naive, bit for bit."""
 import pytest
 import torch
 
-from support.dist import run_distributed, run_many, single_rank_group
+from support import worlds
+from support.dist import single_rank_group
 from support.fused_cases import POISON, Case, cases_for_world, check_dispatch, run_buffer_case
 
 import mxep
@@ -29,24 +30,13 @@ def _gloo_cases(world: int) -> list[Case]:
     return cases_for_world(world, hidden=(96,), aligns=(16, 128))
 
 
-@pytest.fixture(scope="module")
-def two_ranks():
-    """Every two-rank scenario of this module on one spawned pair of gloo ranks (start-up is
-    most of a small test's time on 2 cores): name -> per-rank results."""
-    bodies = {"buffer": (_buffer_body, (_gloo_cases(2),)), "alias": (_functional_alias_body, ()),
-              "bad_input": (_bad_input_body, ()), "inconsistent": (_inconsistent_counts_body, ())}
-    return dict(zip(bodies, run_many(list(bodies.values()), 2, timeout=300)))
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_buffer_gloo(world, request):
+def test_buffer_gloo(world):
     if world == 1:      # a world of one needs no spawn
         with single_rank_group():
             assert _buffer_body(0, 1, _gloo_cases(1))
-    elif world == 2:
-        assert all(request.getfixturevalue("two_ranks")["buffer"])
-    else:
-        assert all(run_distributed(_buffer_body, world, _gloo_cases(world), timeout=240))
+    else:               # the session's shared gloo world of this size (support/worlds.py)
+        assert all(worlds.results(world, "ep/buffer"))
 
 
 def test_buffer_symm_mem_one_rank():
@@ -71,8 +61,8 @@ def _functional_alias_body(rank, world):
     return True
 
 
-def test_functional_alias_gloo(two_ranks):
-    assert all(two_ranks["alias"])
+def test_functional_alias_gloo():
+    assert all(worlds.results(2, "ep/buffer/alias"))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -106,8 +96,8 @@ def _bad_input_body(rank, world):
     return True
 
 
-def test_bad_input_gloo(two_ranks):
-    assert all(two_ranks["bad_input"])
+def test_bad_input_gloo():
+    assert all(worlds.results(2, "ep/buffer/bad_input"))
 
 
 def _inconsistent_counts_body(rank, world):
@@ -124,5 +114,12 @@ def _inconsistent_counts_body(rank, world):
     return True
 
 
-def test_inconsistent_counts_gloo(two_ranks):
-    assert all(two_ranks["inconsistent"])
+def test_inconsistent_counts_gloo():
+    assert all(worlds.results(2, "ep/buffer/inconsistent"))
+
+
+for _w in (2, 3, 4):
+    worlds.register(_w, "ep/buffer", _buffer_body, _gloo_cases(_w))
+worlds.register(2, "ep/buffer/alias", _functional_alias_body)
+worlds.register(2, "ep/buffer/bad_input", _bad_input_body)
+worlds.register(2, "ep/buffer/inconsistent", _inconsistent_counts_body)

@@ -1,7 +1,7 @@
 """The unfused EP pipeline (gloo, 1-4 ranks) against the single-process layout oracle, bit for bit.
 
-One spawn per world size runs every case (process startup dominates on 2 cores; a world of one
-runs here, without a process group); the ranks return their outputs and the comparison happens here, against mxep.ep.naive computed
+The ranks of the session's shared gloo worlds run every case (tests/support/worlds.py: process
+startup dominates on 2 cores; a world of one runs here, without a process group); the ranks return their outputs and the comparison happens here, against mxep.ep.naive computed
 locally without collectives.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import zlib
 import pytest
 import torch
 
+from support import worlds
 from support.dist import ChildFailed, run_distributed
 
 from mxep.ep.naive import (
@@ -94,8 +95,8 @@ def test_unfused_pipeline_matches_oracle(world):
     cases = _cases(world)
     if world == 1:   # no process group: a single rank, the collectives are local copies (no spawn)
         per_rank = [_rank_body(0, 1, cases)]
-    else:
-        per_rank = run_distributed(_rank_body, world, cases, timeout=150)
+    else:            # the session's shared gloo world of this size (support/worlds.py)
+        per_rank = worlds.results(world, "ep/naive_pipeline")
     for ci, case in enumerate(cases):
         where = f"[W={world} case={case['name']}]"
         inputs = [_inputs(case, world, r) for r in range(world)]
@@ -119,6 +120,10 @@ def test_unfused_pipeline_matches_oracle(world):
             expect_rt = dequantize_mxfp8(*_ref_quant(xs[r], case["mode"]), torch.bfloat16)
             assert torch.equal(g["round_trip"], expect_rt), f"{where} rank {r} round trip"
             assert torch.equal(g["combined"], sim_comb[r]), f"{where} rank {r} combine"
+
+
+for _w in (2, 3, 4):
+    worlds.register(_w, "ep/naive_pipeline", _rank_body, _cases(_w))
 
 
 def _ref_quant(x, mode):

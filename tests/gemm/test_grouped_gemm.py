@@ -7,7 +7,7 @@ expert path through the public Buffer on gloo: dispatch -> grouped GEMM -> combi
 import pytest
 import torch
 
-from support.dist import run_distributed
+from support import worlds
 from support.fused_cases import Case
 
 import mxep
@@ -162,13 +162,17 @@ def _expert_path_body(rank, world, case):
     return y.detach(), x.grad, w.grad
 
 
+EXPERT_PATH_CASE = Case(2, 6, 96, 30, 32, ("skewed", "uniform"), (27, 19), seed=21)
+worlds.register(EXPERT_PATH_CASE.world, "gemm/expert_path", _expert_path_body, EXPERT_PATH_CASE)
+
+
 def test_expert_path_through_buffer_on_gloo():
     """dispatch -> grouped GEMM -> combine -> backward through the public API, 2 gloo ranks, a
     rank-local expert and a remote one per row: y[i] = q(x_i) @ W_d[e]^T for row i routed to
     expert e of rank d; x.grad[i] = dy_i @ W_d[e] (bf16, straight-through); W_d.grad[e] = sum
     of dy_i^T q(x_i) over the rows routed to it, from every source."""
-    case = Case(2, 6, 96, 30, 32, ("skewed", "uniform"), (27, 19), seed=21)
-    got = run_distributed(_expert_path_body, case.world, case)
+    case = EXPERT_PATH_CASE
+    got = worlds.results(case.world, "gemm/expert_path")   # the session's shared gloo world
     counts, xs = case.inputs()
     L = case.num_experts // case.world
     ws = [w.float() for w in _weights(case)]

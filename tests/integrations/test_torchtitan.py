@@ -4,7 +4,9 @@ and seed, once with its standard dispatcher (``AllToAllTokenDispatcher``: local 
 1, all-to-all + permute at EP > 1) and once with ``MXEPTokenDispatcher``; expert parallelism
 through torchtitan's own ``Module.parallelize`` (ParallelDims, ``partial_dtensor`` backend:
 the one whose all-to-all runs on gloo), on 1, 2 and 4 CPU ranks, eager and under
-``torch.compile(fullgraph=True)`` as torchtitan compiles its blocks (``aot_eager``: CPU).
+``torch.compile(fullgraph=True)`` as torchtitan compiles its blocks (``aot_eager``: CPU). The
+eager cases select mxep on the config (``use_mxep_dispatcher(config)``, what the override does),
+the compiled ones swap it into the built, parallelized model (``use_mxep_dispatcher(model)``).
 
 The mxep path quantizes the dispatched tokens to MXFP8, so it is compared with the bf16 standard
 path within MXFP8 tolerance (SQNR over all ranks): >= 25 dB for the output and the input
@@ -124,7 +126,7 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
     from torchtitan.distributed.utils import set_spmd_backend
 
     import mxep.format.mxfp8 as mxfp8_mod
-    from mxep.integrations.torchtitan import MXEPTokenDispatcher
+    from mxep.integrations.torchtitan import MXEPTokenDispatcher, use_mxep_dispatcher
 
     # what torchtitan's apply_compile sets before compiling its blocks
     torch._dynamo.config.capture_scalar_outputs = True
@@ -153,13 +155,18 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
     dy = torch.randn(B, S, D).bfloat16()
     out = {}
     for mode in modes:
+        if mode == "spmd_types":
+            continue
         for path in ("std", "mxep"):
             torch.manual_seed(0)   # same weights in both paths and on every rank
-            moe = _moe_config(path == "mxep", world).build()
+            # mxep selected on the config (eager) or swapped into the built, parallelized model
+            moe = _moe_config(path == "mxep" and mode == "eager", world).build()
             moe.init_states()
             moe = moe.bfloat16()
             if pd is not None:
                 moe.parallelize(pd)
+            if path == "mxep" and mode == "compile":
+                assert use_mxep_dispatcher(moe, num_max_tokens_per_rank=T) == ["routed_experts"]
             disp = moe.routed_experts.token_dispatcher
             assert isinstance(disp, MXEPTokenDispatcher) == (path == "mxep")
             fn, graphs, frames = moe, [], []
@@ -190,12 +197,43 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
                                  "padded": padded.tolist(), "ends": meta.handle.group_end_offsets.tolist(),
                                  "received": meta.handle.tokens_per_expert.tolist(), "capacity": disp.buffer.capacity}
             out[(mode, path)] = res
+    if "spmd_types" in modes and world > 1:
+        # torchtitan's default SPMD backend (its standard dispatcher's all-to-all does not run on
+        # gloo there: the reference stays the partial_dtensor run above)
+        from torchtitan.distributed.utils import get_spmd_context
+        par2 = ParallelismConfig(data_parallel_shard_degree=world, expert_parallel_degree=world,
+                                 spmd_backend="spmd_types")
+        set_spmd_backend(par2.spmd_backend)
+        pd2 = ParallelDims.from_config(par2, world)
+        pd2.build_mesh()
+        torch.manual_seed(0)
+        moe = _moe_config(True, world).build()
+        moe.init_states()
+        moe = moe.bfloat16()
+        moe.parallelize(pd2)
+        xi = x.clone().requires_grad_(True)
+        with get_spmd_context(parallel_dims=pd2)():
+            y = moe(xi)
+            y.backward(dy)
+        import torch.distributed as dist
+
+        def gathered(p):   # spmd_types keeps this rank's experts as a plain [E / W, ...] tensor
+            g = p.grad.float().contiguous()
+            assert g.shape[0] == E // world, g.shape
+            parts = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(parts, g)
+            return torch.cat(parts)
+
+        ge = moe.routed_experts.inner_experts
+        out[("spmd_types", "mxep")] = {"y": y.detach().float(), "gx": xi.grad.float(),
+                                       **{n: gathered(getattr(ge, n)) for n in ("w1_EFD", "w2_EDF", "w3_EFD")}}
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def _results(world: int) -> tuple:
-    return tuple(run_distributed(_body, world, ("eager", "compile"), timeout=300))
+    modes = ("eager", "compile") + (("spmd_types",) if world == 2 else ())
+    return tuple(run_distributed(_body, world, modes, timeout=300))
 
 
 def _cat(results, key, name):
@@ -227,6 +265,16 @@ def test_mxep_dispatcher_matches_standard(world, mode):
         else:   # eager mxep is deterministic and equals the compiled run
             for name in ("y", "gx"):
                 assert torch.allclose(r[mx][name], r[("compile", "mxep")][name], rtol=1e-2, atol=1e-2)
+
+
+def test_mxep_dispatcher_under_spmd_types_backend():
+    """torchtitan's default SPMD backend (``spmd_types``) at EP = 2: the same numbers as the
+    ``partial_dtensor`` run (mxep does not depend on the backend's collectives)."""
+    results = _results(2)
+    for name in ("y", "gx"):
+        assert torch.equal(_cat(results, ("eager", "mxep"), name), _cat(results, ("spmd_types", "mxep"), name))
+    for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
+        assert torch.equal(results[0][("eager", "mxep")][name], results[0][("spmd_types", "mxep")][name])
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

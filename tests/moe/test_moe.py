@@ -6,7 +6,8 @@ the router, a rank with fewer tokens, and bad input."""
 import pytest
 import torch
 
-from support.dist import run_distributed, run_many, single_rank_group
+from support import worlds
+from support.dist import run_distributed, single_rank_group
 
 import mxep
 from mxep.moe.naive import moe_reference
@@ -47,25 +48,20 @@ def _moe_body(rank, world, device="cpu", mx_weights=True, gemm_impl="auto"):
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-GLOO_TWO_RANKS = [(True, "auto"), (False, "fused")]   # (mx_weights, gemm_impl) of the 2-rank gloo runs
-
-
-@pytest.fixture(scope="module")
-def gloo_two_ranks():
-    """Both 2-rank gloo variants on one spawned pair of ranks (start-up paid once)."""
-    return dict(zip(GLOO_TWO_RANKS, run_many([(_moe_body, ("cpu", mx, impl)) for mx, impl in GLOO_TWO_RANKS], 2)))
+for _mx, _impl in [(True, "auto"), (False, "fused")]:   # the 2-rank gloo runs: the session's shared world
+    worlds.register(2, f"moe/{_mx}-{_impl}", _moe_body, "cpu", _mx, _impl)
 
 
 @pytest.mark.parametrize("world,backend,mx_weights,gemm_impl", [
     (1, "gloo", True, "auto"), (2, "gloo", True, "auto"), (2, "gloo", False, "fused"),
     pytest.param(2, "nccl", True, "auto", marks=[pytest.mark.multigpu, pytest.mark.skipif(NGPU < 2, reason="needs 2 GPUs")])])
-def test_moe_matches_dense_reference(world, backend, mx_weights, gemm_impl, request):
+def test_moe_matches_dense_reference(world, backend, mx_weights, gemm_impl):
     """(nccl: the symmetric-memory Buffer and the GPU grouped GEMM, in make test-gpu)"""
     if backend == "gloo" and world == 1:      # a world of one: in this process, no spawn
         with single_rank_group():
             got = [_moe_body(0, 1, "cpu", mx_weights, gemm_impl)]
     elif backend == "gloo":
-        got = request.getfixturevalue("gloo_two_ranks")[(mx_weights, gemm_impl)]
+        got = worlds.results(2, f"moe/{mx_weights}-{gemm_impl}")
     else:
         got = run_distributed(_moe_body, world, "cuda", mx_weights, gemm_impl, backend=backend)
     router, w13, w2, xs, dys = params(world)
