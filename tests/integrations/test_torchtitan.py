@@ -362,3 +362,52 @@ def test_grouped_mm_on_mxfp8_tensor_is_grouped_mm_mxfp8():
     for a, b in zip(*got):
         assert torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2), (a.float() - b.float()).abs().max()
     assert torch.equal(got[0][0], got[1][0])   # the forward rows: the same dequantize + GEMM
+
+
+def _sac_body(rank, world):
+    """A block (dispatch -> experts -> combine) under torchtitan's selective AC: with
+    MXEPSelectiveAC the dispatch runs once per step (its output is saved), with the plain
+    SelectiveAC it runs again in the backward's recompute; the gradients are the same."""
+    import torch.nn as nn
+    from torchtitan.distributed.activation_checkpoint import SelectiveAC
+
+    import mxep
+    from mxep.integrations.torchtitan import MXEPSelectiveAC
+
+    buf = mxep.Buffer(None, num_experts=E, hidden=D, max_tokens_per_rank=T, top_k=K)
+    calls = {"n": 0}
+    inner = buf.transport.dispatch_tokens
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return inner(*a, **k)
+
+    buf.transport.dispatch_tokens = counted
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            g = torch.Generator().manual_seed(3)
+            idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(x.shape[0])])
+            gates = torch.softmax(x.float()[:, :K], -1)
+            res = buf.dispatch_tokens(x, idx, gates)
+            out = (res.tokens.dequantize() * self.w).bfloat16()
+            return buf.combine_tokens(out, res.handle, gates)
+
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    out = {}
+    for name, cfg in (("mxep", MXEPSelectiveAC.Config()), ("plain", SelectiveAC.Config())):
+        block = cfg.build()._wrap_block(Block())
+        calls["n"] = 0
+        xi = x.clone().requires_grad_(True)
+        y = block(xi)
+        y.float().sum().backward()
+        out[name] = (calls["n"], xi.grad.clone())
+    return out["mxep"][0] == 1 and out["plain"][0] == 2 and torch.equal(out["mxep"][1], out["plain"][1])
+
+
+def test_selective_ac_saves_mxep_communication():
+    assert all(run_distributed(_sac_body, 1, timeout=120))

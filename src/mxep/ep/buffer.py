@@ -633,10 +633,10 @@ class TokenCombineFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        none = (None,) * (len(ctx.saved_tensors) - 1)
+        expert_out, *state = ctx.saved_tensors   # (read once: checkpointing unpacks each only once)
+        none = (None,) * len(state)
         if dy is None:
             return (None, None, None) + none
-        expert_out, *state = ctx.saved_tensors
         grad_eo, grad_w = _combine_tokens_backward_op(dy.to(torch.bfloat16).contiguous(), expert_out,
                                                       ctx.buffer_id, state)
         return (grad_eo, grad_w if ctx.needs_input_grad[1] else None, None) + none

@@ -63,9 +63,14 @@ transport (one NVLink node) of :class:`mxep.Buffer`; expert tensor parallelism i
 not combined with it (it expects bf16 tokens and its own padded dispatcher). Not tested yet:
 GPUs; torchtitan's CUDA-graph capture of the step (its config check admits only MinimalAsyncEP
 and non-blocking HybridEP at EP > 1, the standard dispatcher included: pass
-``--training.disable_cuda_graphs``); selective activation checkpointing, whose save list names
-DeepEP's and HybridEP's ops but not ``torch.ops.mxep.dispatch_tokens`` / ``combine_tokens``
-(they would be recomputed, i.e. communicate again, in the backward).
+``--training.disable_cuda_graphs``).
+
+Activation checkpointing: torchtitan's ``SelectiveAC`` saves the outputs of the ops in its save
+list; that list names DeepEP's and HybridEP's ops, not mxep's, so a plain ``SelectiveAC`` would
+recompute (communicate again) the dispatch and combine in the backward. :class:`MXEPSelectiveAC`
+is ``SelectiveAC`` with ``torch.ops.mxep.dispatch_tokens`` / ``combine_tokens`` added
+(``MXEPSelectiveAC.Config()`` where a job sets ``SelectiveAC.Config()``); full AC recomputes
+everything, as it does for the standard dispatcher.
 """
 from __future__ import annotations
 
@@ -88,10 +93,13 @@ except ImportError as e:   # pragma: no cover - exercised only where torchtitan 
         "`pip install -e .[test]` in an mxep checkout"
     ) from e
 
+from torchtitan.distributed.activation_checkpoint import SelectiveAC
+
 from mxep.ep.buffer import Buffer
 from mxep.ep.transport.base import DispatchHandle
 
-__all__ = ["MXEPTokenDispatcher", "MXEPDispatchMetadata", "mxep_dispatcher", "use_mxep_dispatcher"]
+__all__ = ["MXEPTokenDispatcher", "MXEPDispatchMetadata", "MXEPSelectiveAC", "mxep_dispatcher", "mxep_save_ops",
+           "use_mxep_dispatcher"]
 
 # The dispatcher configs that mxep replaces: torchtitan's standard ones (comm_backend="standard"
 # builds an AllToAllTokenDispatcher, which falls back to the local one at EP = 1). Padded
@@ -126,8 +134,9 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
     and ``num_max_tokens_per_rank`` (``T``, the most tokens one rank passes to one dispatch)
     size the Buffer; ``None`` takes them from the first dispatch's ``x_TD`` (eager only).
     ``align`` (group padding, 32 for MXFP8), ``scale_mode`` (``"rceil"`` / ``"floor"``),
-    ``transport`` (``"auto"`` / ``"symm_mem"`` / ``"collective"``) and ``debug`` are
-    :class:`mxep.Buffer`'s.
+    ``transport`` (``"auto"`` / ``"symm_mem"`` / ``"collective"``), ``capacity_factor`` (None:
+    dropless; ``f``: every expert keeps at most ``f`` times its balanced share of rows, the rest
+    dropped deterministically) and ``debug`` are :class:`mxep.Buffer`'s.
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -137,6 +146,7 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
         align: int = 32
         scale_mode: str = "rceil"
         transport: str = "auto"
+        capacity_factor: float | None = None
         debug: bool = False
 
     def __init__(self, config: Config):
@@ -146,6 +156,7 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
         self.align = config.align
         self.scale_mode = config.scale_mode
         self.transport = config.transport
+        self.capacity_factor = config.capacity_factor
         self.debug = config.debug
         self.buffer: Buffer | None = None
         if dist.is_initialized() and dist.get_world_size() == 1:
@@ -166,7 +177,7 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
     def _make_buffer(self, hidden: int, max_tokens: int) -> Buffer:
         group = self._group()
         key = (group, self.num_experts, hidden, max_tokens, self.top_k, self.align, self.scale_mode,
-               self.transport, self.debug)
+               self.transport, self.capacity_factor, self.debug)
         buf = _BUFFERS.get(key)
         if buf is None:
             # the Buffer's own device (its default), also where torchtitan builds the model under
@@ -176,7 +187,8 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
             with torch.device(device):
                 buf = Buffer(group, num_experts=self.num_experts, hidden=hidden, max_tokens_per_rank=max_tokens,
                              top_k=self.top_k, align=self.align, scale_mode=self.scale_mode,
-                             transport=self.transport, debug=self.debug, device=device)
+                             transport=self.transport, debug=self.debug, device=device,
+                             capacity_factor=self.capacity_factor)
             _BUFFERS[key] = buf
         return buf
 
@@ -315,3 +327,21 @@ def use_mxep_dispatcher(model: Any, *, num_max_tokens_per_rank: int | None = Non
     if not swapped:
         raise ValueError("use_mxep_dispatcher: no RoutedExperts (torchtitan MoE layer) found")
     return swapped
+
+
+def mxep_save_ops() -> set:
+    """The registered mxep ops whose outputs selective activation checkpointing must save
+    (communication: recomputing them would send the tokens again)."""
+    return {torch.ops.mxep.dispatch_tokens.default, torch.ops.mxep.combine_tokens.default}
+
+
+class MXEPSelectiveAC(SelectiveAC):
+    """torchtitan's per-op selective activation checkpointing, saving mxep's dispatch and
+    combine outputs like DeepEP's and HybridEP's (:func:`mxep_save_ops`)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(SelectiveAC.Config):
+        pass
+
+    def get_save_ops(self) -> set:
+        return set(super().get_save_ops()) | mxep_save_ops()
