@@ -7,7 +7,8 @@ for the whole session instead of one per test.
     worlds.register(2, "ep/buffer", _buffer_body, cases)     # module level, at import
     assert all(worlds.results(2, "ep/buffer"))               # in the test: per-rank results
 
-A body that raises fails its world: every test of that world size then reports the failing
+Only the bodies of modules with a selected test run (``tests/conftest.py`` passes the selection
+on; ``-k`` or one file does not pay for the others). A body that raises fails its world: every test of that world size then reports the failing
 rank's traceback (which names the body). Bodies must be module-level functions (pickled by
 name) taking ``(rank, world_size, *args)``.
 """
@@ -17,9 +18,10 @@ from typing import Any, Callable
 
 from support.dist import run_many
 
-__all__ = ["register", "results"]
+__all__ = ["register", "results", "select_modules"]
 
 _BODIES: dict[int, dict[str, tuple[Callable, tuple]]] = {}
+_SELECTED: set[str] | None = None     # module names with a selected test (None: run every body)
 _RESULTS: dict[int, dict[str, list] | Exception] = {}
 TIMEOUT_S = 900.0
 
@@ -35,12 +37,19 @@ def register(world_size: int, name: str, fn: Callable, *args: Any) -> str:
     return name
 
 
+def select_modules(modules) -> None:
+    """Run only the bodies registered by these modules (and any body a test asks for)."""
+    global _SELECTED
+    _SELECTED = set(modules)
+
+
 def results(world_size: int, name: str) -> list:
     """Per-rank return values of the body ``name`` (spawns the world on the first call)."""
     if world_size not in _RESULTS:
-        names = list(_BODIES.get(world_size, {}))
-        if name not in names:
+        bodies = _BODIES.get(world_size, {})
+        if name not in bodies:
             raise KeyError(f"worlds.results: no body {name!r} registered for world size {world_size}")
+        names = [n for n, (fn, _) in bodies.items() if n == name or _SELECTED is None or fn.__module__ in _SELECTED]
         try:
             out = run_many([_BODIES[world_size][n] for n in names], world_size, timeout=TIMEOUT_S)
             _RESULTS[world_size] = dict(zip(names, out))
