@@ -15,7 +15,7 @@ import torch
 from mxep.ep.config import EPConfig
 from mxep.ep.naive import simulate_dispatch_mxfp8
 from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
-from support.dist import run_distributed
+from support import worlds
 
 POISON = EPConfig(poison_outputs=True)
 
@@ -226,14 +226,22 @@ def _buffer_body(rank, world, cases):
     return results
 
 
+def _collective_cases(world):
+    cases = [(8, 64, 9, 3, "holes", None, 11)]
+    if world == 2:   # a rank with no tokens, skewed routing
+        cases.append((8, 32, 6, 2, "skewed", 1, 12))
+    return cases
+
+
+for _w in (1, 2, 4):   # one shared gloo world per size for the session (tests/support/worlds.py)
+    worlds.register(_w, "ep/tokens", _buffer_body, _collective_cases(_w))
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_collective_matches_symmetric_memory_kernels(world):
     """The gloo ranks' Buffer (collective transport: source-side expansion) gives the same bits
     as the symmetric-memory kernels of the simulated world, forward and backward."""
-    cases = [(8, 64, 9, 3, "holes", None, 11)]
-    if world == 2:   # a rank with no tokens, skewed routing
-        cases.append((8, 32, 6, 2, "skewed", 1, 12))
-    res = run_distributed(_buffer_body, world, cases, timeout=300)
+    res = worlds.results(world, "ep/tokens")
     assert all(all(r) for r in res), res
 
 
@@ -273,6 +281,8 @@ def test_gpu_token_path_no_host_sync_and_graph_capture():
     """dispatch_tokens -> combine_tokens -> both backward passes on the simulated world: no host
     sync (sync-debug "error"), and a CUDA graph of the whole step replays with new data and new
     routing (copied into the captured inputs) to the eager result."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     W, E, H, T, k = 4, 16, 128, 24, 4
     world = SimulatedWorld(W, E, H, T, top_k=k, device="cuda")
     def inputs(seed):
@@ -411,8 +421,12 @@ def _capacity_body(rank, world, cf):
             and torch.equal(w.grad == 0, ~kept[rank] | (idx[rank] < 0)))
 
 
+for _w in (1, 2):
+    worlds.register(_w, "ep/tokens-capacity", _capacity_body, 0.5)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_capacity_factor_drops_deterministically(world):
     """capacity_factor caps every expert's rows at ceil(f * W * T * k / E); the pairs past it in
     the group's order are dropped: counted in num_dropped, zero in the combine, zero gradient."""
-    assert all(run_distributed(_capacity_body, world, 0.5, timeout=240))
+    assert all(worlds.results(world, "ep/tokens-capacity"))
