@@ -2,7 +2,7 @@
 
 The tokens are the dispatch's output as it lands: MXFP8 rows ``[cap, K]`` (e4m3 bytes) with
 e8m0 scales ``[cap, K/32]``, expert-major, group ends in ``group_end_offsets`` (int32 ``[L]``,
-on the device). Hopper has no MX block-scaled MMA (shared/reference/mxfp8.md), so each tile is
+on the device). Hopper has no MX block-scaled MMA (the MXFP8 reference notes), so each tile is
 dequantized in registers (exact: an e4m3 value times a power of two) and fed to bf16 tensor
 cores with fp32 accumulation, which reproduces MX GEMM numerics. Every program rebuilds the
 per-expert tile list from the group ends on the device (tiles never straddle two experts; a
@@ -60,7 +60,7 @@ class GemmTiles(NamedTuple):
 
 DECODES = ("int", "cvt", "dot_scaled")
 # Candidates measured by ``benchmarks/bench_grouped_gemm.py --sweep`` (and all checked against
-# the reference by tests/test_grouped_gemm.py on a GPU), so the default is always a tested one.
+# the reference by tests/gemm/test_grouped_gemm.py on a GPU), so the default is always a tested one.
 # 1 x H200, 2026-11-27, 33856 x 7168 -> 2048 (config (a) up-projection, 64 experts), bf16 /
 # MXFP8 weights, us: 128x128x64 8 warps 7136 / 8116; 4 warps 4090 / 5910; 128x256x64 4794 /
 # 6314; 64x128x64 6582 / 9309; 128x128x128 18275 / 17049; 64x256x64 5467 / 8645; dot_scaled
