@@ -479,7 +479,8 @@ def _plot(losses: dict[str, list[float]], entropy: float, cfg: TrainConfig, worl
     return f"Loss curves: {cfg.out}."
 
 
-def _train_rank(rank: int, world: int, backend: str, port: int, cfg: TrainConfig, result) -> None:
+def _init_rank(rank: int, world: int, backend: str, port: int) -> torch.device:
+    """One spawned rank's set-up: its device, one thread on CPU, the process group."""
     warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -488,6 +489,11 @@ def _train_rank(rank: int, world: int, backend: str, port: int, cfg: TrainConfig
         torch.set_num_threads(1)
         device = torch.device("cpu")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return device
+
+
+def _train_rank(rank: int, world: int, backend: str, port: int, cfg: TrainConfig, result) -> None:
+    device = _init_rank(rank, world, backend, port)
     try:
         ok = _train(rank, world, device, cfg, backend)
         if rank == 0:
@@ -623,14 +629,7 @@ def format_layouts(rank: int, world: int, layouts: dict[str, LayoutSummary]) -> 
 
 
 def _layout_rank(rank: int, world: int, backend: str, port: int, rows: int, hidden: int, iters: int) -> None:
-    warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = _init_rank(rank, world, backend, port)
     try:
         x, counts = _rank_inputs(rank, world, rows, hidden, device)
         all_counts = [_rank_inputs(r, world, rows, 32, "cpu")[1] for r in range(world)]  # for the oracle
