@@ -19,13 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
 
-def _time(fn, reps=20, warmup=3):
+def _time(fn, device, reps=20, warmup=3):
+    """Median µs of ``fn`` (CUDA events on GPUs; the host clock on CPU: plumbing only)."""
     for _ in range(warmup):
         fn()
+    if device.type != "cuda":
+        ts = []
+        for _ in range(max(1, reps // 10)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e6)
+        return statistics.median(ts)
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
@@ -49,14 +58,16 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny shapes: plumbing only)")
     a = p.parse_args()
+    dev = torch.device(a.device)
     H, E, k, T = a.hidden, a.experts, a.top_k, a.tokens
     results = []
     for W in a.worlds:
         g = torch.Generator().manual_seed(W)
-        idx = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda() for _ in range(W)]
-        ws = [torch.rand(T, k, generator=g).cuda() for _ in range(W)]
-        xs = [torch.randn(T, H, generator=g).to("cuda", torch.bfloat16) for _ in range(W)]
+        idx = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(dev) for _ in range(W)]
+        ws = [torch.rand(T, k, generator=g).to(dev) for _ in range(W)]
+        xs = [torch.randn(T, H, generator=g).to(dev, torch.bfloat16) for _ in range(W)]
         # row-level: the sorted expansion (what the MoE layer built before the token API)
         rows, counts, orders = [], [], []
         for i, x in zip(idx, xs):
@@ -64,10 +75,10 @@ def main() -> None:
             rows.append(x[order // k].contiguous())
             counts.append(torch.bincount(i.flatten(), minlength=E))
             orders.append(order)
-        rw = SimulatedWorld(W, E, H, T * k, device="cuda")
-        tw = SimulatedWorld(W, E, H, T, device="cuda", top_k=k)
-        eo_r = [torch.randn(rw.capacity, H, device="cuda").bfloat16() for _ in range(W)]
-        eo_t = [torch.randn(tw.capacity, H, device="cuda").bfloat16() for _ in range(W)]
+        rw = SimulatedWorld(W, E, H, T * k, device=dev)
+        tw = SimulatedWorld(W, E, H, T, device=dev, top_k=k)
+        eo_r = [torch.randn(rw.capacity, H, device=dev).bfloat16() for _ in range(W)]
+        eo_t = [torch.randn(tw.capacity, H, device=dev).bfloat16() for _ in range(W)]
 
         def row_dispatch():
             return rw.dispatch(rows, counts)
@@ -83,7 +94,7 @@ def main() -> None:
             ys = []
             for r in range(W):   # the layer's weighted sum of the k rows of a token (fp32 index_add)
                 wsorted = ws[r].flatten()[orders[r]]
-                ys.append(torch.zeros(T, H, device="cuda").index_add_(0, orders[r] // k, back[r].float() * wsorted[:, None])
+                ys.append(torch.zeros(T, H, device=dev).index_add_(0, orders[r] // k, back[r].float() * wsorted[:, None])
                           .bfloat16())
             return ys
 
@@ -105,17 +116,18 @@ def main() -> None:
         res = dict(world=W, tokens=T, hidden=H, experts=E, top_k=k,
                    dispatch_wire_bytes_per_rank=dict(row=per_rank(wire_row) * row_bytes, token=per_rank(wire_tok) * tok_bytes),
                    combine_wire_bytes_per_rank=dict(row=per_rank(wire_row) * 2 * H, token=per_rank(wire_tok) * 2 * H))
-        res["dispatch_us"] = dict(row=_time(row_dispatch), token=_time(tok_dispatch))
-        res["combine_us"] = dict(row=_time(row_combine), token=_time(tok_combine))
+        res["dispatch_us"] = dict(row=_time(row_dispatch, dev), token=_time(tok_dispatch, dev))
+        res["combine_us"] = dict(row=_time(row_combine, dev), token=_time(tok_combine, dev))
         # local copy ceiling of the token-level bytes of the whole world (read + write, one pass)
         nbytes = int(per_rank(wire_tok) * W * tok_bytes)
-        src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda")
+        src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
-        res["copy_ceiling_us_token_dispatch_bytes"] = _time(lambda: dst.copy_(src))
+        res["copy_ceiling_us_token_dispatch_bytes"] = _time(lambda: dst.copy_(src), dev)
         results.append(res)
         print(json.dumps(res))
         del rw, tw, r_out, t_out, eo_r, eo_t
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     print("| W | dispatch row / token (us) | combine row / token (us) | dispatch wire MB/rank row / token | copy ceiling (us) |")
     print("|---|---|---|---|---|")
     for r in results:
