@@ -115,7 +115,7 @@ def make_routing(
         k = max(1, num_experts // 4) if num_empty is None else int(num_empty)
         if not 0 <= k <= num_experts or (k == num_experts and num_rows > 0):
             raise ValueError(f"num_empty={k} impossible with {num_experts} experts and {num_rows} rows")
-        empty = set(torch.randperm(num_experts, generator=generator)[:k].tolist())
+        empty = set(torch.randperm(num_experts, generator=generator)[:k].tolist())   # construction-only: a CPU routing generator (tests, benchmarks)
         counts = _spread(num_rows, [g for g in range(num_experts) if g not in empty], num_experts, generator)
     return counts.to(device)
 
