@@ -119,6 +119,68 @@ def bench_shape(m: int, k: int, dtype: torch.dtype, mode: str, iters: int, warmu
     }
 
 
+def _stats(ts: list[float]) -> dict:
+    return {"min_ms": min(ts), "median_ms": statistics.median(ts), "max_ms": max(ts)}
+
+
+def sweep(shapes, iters: int, warmup: int, l2_bytes: int, rounds: int = 2) -> list[dict]:
+    """Every candidate tile / grid order of the quantize and dequantize kernels against the copy
+    ceiling, ``rounds`` times interleaved (the copy first in each round), per-call min / median
+    / max; bit-exactness of every candidate against the default's output."""
+    from mxep.format.dequantize import dequantize_mxfp8_rows
+    q_cands = [(bm, bk, w, rm) for bm, bk, w in [(8, 512, 4), (16, 512, 4), (32, 512, 8), (4, 1024, 4),
+                                                  (8, 1024, 8), (16, 1024, 8), (32, 256, 4), (64, 256, 8),
+                                                  (16, 256, 4), (8, 256, 2), (2, 2048, 4), (1, 1024, 1)]
+               for rm in (False, True)]
+    d_cands = [(bm, bk, w, rm) for bm, bk, w in [(8, 1024, 4), (16, 1024, 8), (8, 512, 4), (16, 512, 4),
+                                                  (32, 512, 8), (4, 2048, 8), (32, 256, 4)]
+               for rm in (False, True)]
+    out = []
+    for (m, k) in shapes:
+        in_bytes = m * k * 2
+        nb = n_buffers(in_bytes, l2_bytes, cap_bytes=4 << 30)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        bufs = [(torch.randn(m, k, device="cuda", generator=g) *
+                 torch.exp2(torch.randint(-8, 8, (m, k // 32), device="cuda", generator=g).float()
+                            ).repeat_interleave(32, 1)).to(torch.bfloat16) for _ in range(nb)]
+        q_ref, s_ref = to_mxfp8_reference(bufs[0], "rceil")
+        qs = [mxfp8_quantize(b, "rceil") for b in bufs]
+        d_ref = dequantize_mxfp8_rows(qs[0][0], qs[0][1])
+        dst = torch.empty_like(bufs[0])
+        q_bytes = in_bytes + m * k + m * (k // 32)
+        d_bytes = m * k + m * (k // 32) + in_bytes
+        for rnd in range(rounds):
+            tc = time_calls(lambda x: dst.copy_(x), bufs, iters, warmup)
+            copy_gbs = 2 * in_bytes / (statistics.median(tc) * 1e-3) / 1e9
+            out.append(dict(kernel="copy", M=m, K=k, round=rnd, GBps=copy_gbs, **_stats(tc)))
+            for bm, bk, w, rm in q_cands:
+                f = lambda x, bm=bm, bk=bk, w=w, rm=rm: mxfp8_quantize(x, "rceil", block_m=bm, block_k=bk,
+                                                                         num_warps=w, row_major_grid=rm)
+                qq, ss = f(bufs[0])
+                ok = bool(torch.equal(qq.view(torch.uint8), q_ref.view(torch.uint8)) and
+                          torch.equal(ss.view(torch.uint8), s_ref.view(torch.uint8)))
+                ts = time_calls(f, bufs, iters, warmup)
+                gbs = q_bytes / (statistics.median(ts) * 1e-3) / 1e9
+                out.append(dict(kernel="quantize", M=m, K=k, round=rnd, tile=[bm, bk, w], row_major_grid=rm,
+                                bitexact=ok, GBps=gbs, fraction_of_copy=gbs / copy_gbs, **_stats(ts)))
+            for bm, bk, w, rm in d_cands:
+                f = lambda qs_, bm=bm, bk=bk, w=w, rm=rm: dequantize_mxfp8_rows(qs_[0], qs_[1], tile=(bm, bk, w),
+                                                                                 row_major_grid=rm)
+                ok = bool(torch.equal(f(qs[0]).view(torch.int16), d_ref.view(torch.int16)))
+                ts = time_calls(f, qs, iters, warmup)
+                gbs = d_bytes / (statistics.median(ts) * 1e-3) / 1e9
+                out.append(dict(kernel="dequantize", M=m, K=k, round=rnd, tile=[bm, bk, w], row_major_grid=rm,
+                                bitexact=ok, GBps=gbs, fraction_of_copy=gbs / copy_gbs, **_stats(ts)))
+        del bufs, qs, dst
+        torch.cuda.empty_cache()
+    for r in out:
+        tag = "" if r["kernel"] == "copy" else f" tile {r['tile']} rowmajor {int(r['row_major_grid'])} " \
+              f"frac {r['fraction_of_copy']:.3f} exact {int(r['bitexact'])}"
+        print(f"{r['kernel']:10s} {r['M']}x{r['K']} r{r['round']} {r['GBps']:.0f} GB/s min/med/max "
+              f"{r['min_ms'] * 1e3:.1f}/{r['median_ms'] * 1e3:.1f}/{r['max_ms'] * 1e3:.1f} us{tag}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "quantize.json"))
@@ -128,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=100, help="timed calls per measurement (>= 50)")
     p.add_argument("--ref-iters", type=int, default=50, help="timed calls of the torch reference (>= 50)")
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--sweep", action="store_true",
+                   help="time every candidate tile / grid order of quantize and dequantize (rceil, bf16)")
     args = p.parse_args(argv)
     if args.iters < 50 or args.ref_iters < 50:
         p.error("--iters and --ref-iters must be >= 50")
@@ -146,6 +210,15 @@ def main(argv=None) -> int:
           f"triton {triton.__version__}")
     print(f"# kernel tiles (untuned): BLOCK_M={qk.GPU_BLOCK_M} BLOCK_K={qk.GPU_BLOCK_K} num_warps={qk.GPU_NUM_WARPS}; "
           f"median of {args.iters} calls (reference: {args.ref_iters}), inputs rotated past L2\n")
+
+    if args.sweep:
+        res = sweep(args.shapes if args.shapes != DEFAULT_SHAPES else [(32768, 7168), (16384, 7168)],
+                    args.iters, args.warmup, l2)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"benchmark": "format_kernels_sweep", "card": card, "torch": torch.__version__,
+                       "triton": triton.__version__, "results": res}, f, indent=2)
+        return 0 if all(r.get("bitexact", True) for r in res) else 2
 
     results = []
     t0 = time.time()

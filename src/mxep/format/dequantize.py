@@ -33,14 +33,21 @@ INTERPRETER_TILE = (16, 256, 1)
 @triton.jit
 def _dequantize_kernel(q_ptr, s_ptr, out_ptr, row_end_ptr, R, K,
                        HAS_END: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                       DECODE: tl.constexpr):
-    row0 = tl.program_id(0) * BLOCK_M
+                       DECODE: tl.constexpr, ROW_MAJOR_GRID: tl.constexpr = False):
+    if ROW_MAJOR_GRID:  # 1-D grid, column tiles fastest
+        n_k = tl.cdiv(K, BLOCK_K)
+        pid_m = tl.program_id(0) // n_k
+        pid_k = tl.program_id(0) % n_k
+    else:
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+    row0 = pid_m * BLOCK_M
     end = R
     if HAS_END:
         end = tl.minimum(tl.load(row_end_ptr), R)
     if row0 < end:
         rows = row0 + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         m = (rows < end)[:, None] & (cols < K)[None, :]
         r64 = rows.to(tl.int64)[:, None]
         q = tl.load(q_ptr + r64 * K + cols[None, :], mask=m, other=0)
@@ -49,7 +56,8 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, row_end_ptr, R, K,
 
 
 def dequantize_mxfp8_rows(qdata: torch.Tensor, scale: torch.Tensor, row_end: torch.Tensor | None = None,
-                          out: torch.Tensor | None = None, decode: str | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, decode: str | None = None,
+                          tile: tuple[int, int, int] | None = None, row_major_grid: bool = False) -> torch.Tensor:
     """``qdata`` e4m3 (or uint8) ``[R, K]``, ``scale`` e8m0 (or uint8) ``[R, K/32]``, optional
     ``row_end`` int32 scalar tensor on the same device -> bf16 ``[R, K]`` (rows at or past
     ``row_end`` unwritten). Contiguous inputs; ``K % 32 == 0``. ``decode`` (default: ``"cvt"``,
@@ -60,11 +68,12 @@ def dequantize_mxfp8_rows(qdata: torch.Tensor, scale: torch.Tensor, row_end: tor
         out = torch.empty(R, K, dtype=torch.bfloat16, device=qdata.device)
     if R == 0 or K == 0:
         return out
-    bm, bk, warps = GPU_TILE if qdata.is_cuda or decode == "cvt" else INTERPRETER_TILE
-    _dequantize_kernel[(cdiv(R, bm), cdiv(K, bk))](
+    bm, bk, warps = tile or (GPU_TILE if qdata.is_cuda or decode == "cvt" else INTERPRETER_TILE)
+    grid = (cdiv(R, bm) * cdiv(K, bk),) if row_major_grid else (cdiv(R, bm), cdiv(K, bk))
+    _dequantize_kernel[grid](
         qdata.view(torch.uint8), scale.view(torch.uint8), out, row_end if row_end is not None else qdata,
         R, K, HAS_END=row_end is not None, BLOCK_M=bm, BLOCK_K=bk,
-        DECODE=decode or ("cvt" if qdata.is_cuda else "int"), num_warps=warps)
+        DECODE=decode or ("cvt" if qdata.is_cuda else "int"), ROW_MAJOR_GRID=row_major_grid, num_warps=warps)
     return out
 
 

@@ -35,10 +35,16 @@ def _mxfp8_quantize_kernel(
     x_ptr, q_ptr, s_ptr,  # x: fp32 or bf16-as-int16 [M, K]; q: uint8 [M, K]; s: uint8 [M, K // 32]
     M, K,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
+    ROW_MAJOR_GRID: tl.constexpr = False,
 ):
     NB: tl.constexpr = BLOCK_K // 32
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    if ROW_MAJOR_GRID:  # 1-D grid, column tiles fastest: consecutive programs cover whole rows
+        n_k = tl.cdiv(K, BLOCK_K)
+        pid_m = tl.program_id(0) // n_k
+        pid_k = tl.program_id(0) % n_k
+    else:
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M*K > 2^31
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -70,6 +76,7 @@ def mxfp8_quantize(
     block_k: int | None = None,
     num_warps: int | None = None,
     hw_cast: bool = True,
+    row_major_grid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a contiguous 2-D bf16/fp32 ``x2d [M, K]`` (``K % 32 == 0``) to MXFP8.
 
@@ -106,14 +113,14 @@ def mxfp8_quantize(
     if num_warps is None:
         num_warps = GPU_NUM_WARPS
 
-    grid = (cdiv(M, block_m), cdiv(K, block_k))
+    grid = (cdiv(M, block_m) * cdiv(K, block_k),) if row_major_grid else (cdiv(M, block_m), cdiv(K, block_k))
     # bf16 travels as its int16 bits: the kernel widens them exactly (the interpreter's own
     # bf16 -> fp32 conversion mishandles subnormals).
     x_arg = x2d.view(torch.int16) if x2d.dtype == torch.bfloat16 else x2d
     _mxfp8_quantize_kernel[grid](
         x_arg, q.view(torch.uint8), s.view(torch.uint8), M, K,
         BLOCK_M=block_m, BLOCK_K=block_k, FLOOR=(scale_mode == "floor"),
-        HW_CAST=hw_cast and on_gpu, num_warps=num_warps,
+        HW_CAST=hw_cast and on_gpu, ROW_MAJOR_GRID=row_major_grid, num_warps=num_warps,
     )
     return q, s
 
