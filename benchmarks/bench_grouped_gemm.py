@@ -12,6 +12,8 @@ the table again with a worst-case-sized layout, 4x the rows, garbage past the en
     Hopper user does without the fused kernel);
   * bf16 only: ``torch._grouped_mm`` on an already dequantized bf16 copy (the bf16 GEMM alone,
     a reference point, not a ceiling);
+  * ``mxep_over_bf16_only_rounds``: mxep's time over bf16 only's, three rounds, each timed
+    back to back;
   * agreement: relative error of mxep against the unfused result (the same math up to fp32
     summation order).
 TFLOP/s = 2 * rows * N * K / time (rows: the layout's, not the capacity). Timing: CUDA events around every call, warm-up first,
@@ -44,9 +46,12 @@ from mxep.ep.routing import make_routing  # noqa: E402
 from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
 from mxep.format.spec import dequantize_mxfp8  # noqa: E402
 
-# (rows received on this rank, local experts, K, N): config (a) at world 4 (up-projection and
-# down-projection of a 2048-wide expert), config (b) at world 4, config (c) at world 4.
-DEFAULT_SHAPES = [(32768, 64, 7168, 2048), (32768, 64, 2048, 7168), (8192, 4, 5120, 8192), (1024, 64, 7168, 2048)]
+# (rows received on this rank, local experts, K, N): the MoE layer's DSv3-like world-1 shape
+# (4096 tokens x top-8 over 32 experts: 32896 padded rows, the up-projection), config (a) at
+# world 4 (up-projection and down-projection of a 2048-wide expert), config (b) at world 4,
+# config (c) at world 4.
+DEFAULT_SHAPES = [(32768, 32, 7168, 2048), (32768, 64, 7168, 2048), (32768, 64, 2048, 7168), (8192, 4, 5120, 8192),
+                  (1024, 64, 7168, 2048)]
 
 
 def make_layout(rows: int, L: int, K: int, slack: int = 0, align: int = 32):
@@ -155,6 +160,9 @@ def main() -> None:
                 row[name] = {"median_us": us, "tflops": flops / us / 1e6}
             except Exception as exc:  # noqa: BLE001  (record and go on: one failing system must not lose the rest)
                 row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        # the op against the bf16 GEMM alone, three interleaved rounds (the ratio the issue tracks)
+        row["mxep_over_bf16_only_rounds"] = [time_us(fns["mxep"], args.iters, args.warmup) /
+                                             time_us(fns["bf16_only"], args.iters, args.warmup) for _ in range(3)]
         for name, ref in (("mxep", "unfused"), ("mxep_fused", "unfused"), ("mx_weights_mxep", "mx_weights_unfused"),
                           ("mx_weights_fused", "mx_weights_unfused")):
             try:

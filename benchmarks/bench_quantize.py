@@ -90,11 +90,17 @@ def bench_shape(m: int, k: int, dtype: torch.dtype, mode: str, iters: int, warmu
                     and torch.equal(s.view(torch.uint8), sr.view(torch.uint8)))
     del q, s, qr, sr
 
-    t_kernel = statistics.median(time_calls(lambda x: mxfp8_quantize(x, mode), bufs, iters, warmup))
-
+    # three rounds, kernel and copy interleaved: per-call min / median / max over all of them
     dst = torch.empty_like(bufs[0])
-    t_copy = statistics.median(time_calls(lambda x: dst.copy_(x), bufs, iters, warmup))
+    k_times, c_times, round_fracs = [], [], []
+    for _ in range(3):
+        kt = time_calls(lambda x: mxfp8_quantize(x, mode), bufs, iters, warmup)
+        ct = time_calls(lambda x: dst.copy_(x), bufs, iters, warmup)
+        k_times += kt
+        c_times += ct
+        round_fracs.append(((in_bytes + out_bytes) / statistics.median(kt)) / (2 * in_bytes / statistics.median(ct)))
     del dst
+    t_kernel, t_copy = statistics.median(k_times), statistics.median(c_times)
 
     t_ref = None
     try:
@@ -110,7 +116,8 @@ def bench_shape(m: int, k: int, dtype: torch.dtype, mode: str, iters: int, warmu
     return {
         "M": m, "K": k, "dtype": str(dtype).replace("torch.", ""), "scale_mode": mode,
         "bytes_read": in_bytes, "bytes_written": out_bytes, "n_input_buffers": nb,
-        "kernel_ms": t_kernel, "kernel_GBps": kernel_gbs,
+        "kernel_ms": t_kernel, "kernel_min_ms": min(k_times), "kernel_max_ms": max(k_times),
+        "kernel_GBps": kernel_gbs, "fraction_of_copy_per_round": round_fracs,
         "copy_ms": t_copy, "copy_GBps": copy_gbs, "fraction_of_copy": kernel_gbs / copy_gbs,
         "reference_ms": t_ref,
         "reference_GBps": gbs(in_bytes + out_bytes, t_ref) if t_ref else None,
@@ -128,13 +135,11 @@ def sweep(shapes, iters: int, warmup: int, l2_bytes: int, rounds: int = 2) -> li
     ceiling, ``rounds`` times interleaved (the copy first in each round), per-call min / median
     / max; bit-exactness of every candidate against the default's output."""
     from mxep.format.dequantize import dequantize_mxfp8_rows
-    q_cands = [(bm, bk, w, rm) for bm, bk, w in [(8, 512, 4), (16, 512, 4), (32, 512, 8), (4, 1024, 4),
-                                                  (8, 1024, 8), (16, 1024, 8), (32, 256, 4), (64, 256, 8),
-                                                  (16, 256, 4), (8, 256, 2), (2, 2048, 4), (1, 1024, 1)]
-               for rm in (False, True)]
-    d_cands = [(bm, bk, w, rm) for bm, bk, w in [(8, 1024, 4), (16, 1024, 8), (8, 512, 4), (16, 512, 4),
-                                                  (32, 512, 8), (4, 2048, 8), (32, 256, 4)]
-               for rm in (False, True)]
+    # the candidates of the 2026-12-01 sweep (quantize.py / dequantize.py quote its numbers)
+    q_cands = [(8, 512, 4), (16, 512, 4), (32, 512, 8), (4, 1024, 4), (8, 1024, 8), (16, 1024, 8),
+               (32, 256, 4), (64, 256, 8), (16, 256, 4), (8, 256, 2), (2, 2048, 4), (1, 1024, 1)]
+    d_cands = [(8, 1024, 4), (16, 1024, 8), (8, 512, 4), (16, 512, 4), (32, 512, 8), (4, 2048, 8),
+               (32, 256, 4), (64, 256, 8), (16, 256, 2), (64, 128, 4)]
     out = []
     for (m, k) in shapes:
         in_bytes = m * k * 2
@@ -153,28 +158,33 @@ def sweep(shapes, iters: int, warmup: int, l2_bytes: int, rounds: int = 2) -> li
             tc = time_calls(lambda x: dst.copy_(x), bufs, iters, warmup)
             copy_gbs = 2 * in_bytes / (statistics.median(tc) * 1e-3) / 1e9
             out.append(dict(kernel="copy", M=m, K=k, round=rnd, GBps=copy_gbs, **_stats(tc)))
-            for bm, bk, w, rm in q_cands:
-                f = lambda x, bm=bm, bk=bk, w=w, rm=rm: mxfp8_quantize(x, "rceil", block_m=bm, block_k=bk,
-                                                                         num_warps=w, row_major_grid=rm)
+            for bm, bk, w in q_cands:
+                f = lambda x, bm=bm, bk=bk, w=w: mxfp8_quantize(x, "rceil", block_m=bm, block_k=bk, num_warps=w)
                 qq, ss = f(bufs[0])
                 ok = bool(torch.equal(qq.view(torch.uint8), q_ref.view(torch.uint8)) and
                           torch.equal(ss.view(torch.uint8), s_ref.view(torch.uint8)))
                 ts = time_calls(f, bufs, iters, warmup)
                 gbs = q_bytes / (statistics.median(ts) * 1e-3) / 1e9
-                out.append(dict(kernel="quantize", M=m, K=k, round=rnd, tile=[bm, bk, w], row_major_grid=rm,
+                out.append(dict(kernel="quantize", M=m, K=k, round=rnd, tile=[bm, bk, w],
                                 bitexact=ok, GBps=gbs, fraction_of_copy=gbs / copy_gbs, **_stats(ts)))
-            for bm, bk, w, rm in d_cands:
-                f = lambda qs_, bm=bm, bk=bk, w=w, rm=rm: dequantize_mxfp8_rows(qs_[0], qs_[1], tile=(bm, bk, w),
-                                                                                 row_major_grid=rm)
+            for bm, bk, w in d_cands:
+                f = lambda qs_, bm=bm, bk=bk, w=w: dequantize_mxfp8_rows(qs_[0], qs_[1], tile=(bm, bk, w))
                 ok = bool(torch.equal(f(qs[0]).view(torch.int16), d_ref.view(torch.int16)))
                 ts = time_calls(f, qs, iters, warmup)
                 gbs = d_bytes / (statistics.median(ts) * 1e-3) / 1e9
-                out.append(dict(kernel="dequantize", M=m, K=k, round=rnd, tile=[bm, bk, w], row_major_grid=rm,
+                out.append(dict(kernel="dequantize", M=m, K=k, round=rnd, tile=[bm, bk, w],
                                 bitexact=ok, GBps=gbs, fraction_of_copy=gbs / copy_gbs, **_stats(ts)))
+            from mxep.format.quantize import mxfp8_round_trip
+            ok = bool(torch.equal(mxfp8_round_trip(bufs[0]).view(torch.int16), d_ref.view(torch.int16)))
+            ts = time_calls(lambda x: mxfp8_round_trip(x, "rceil"), bufs, iters, warmup)
+            gbs = 2 * in_bytes / (statistics.median(ts) * 1e-3) / 1e9
+            out.append(dict(kernel="round_trip", M=m, K=k, round=rnd,
+                            tile=[qk.GPU_BLOCK_M, qk.GPU_BLOCK_K, qk.GPU_NUM_WARPS],
+                            bitexact=ok, GBps=gbs, fraction_of_copy=gbs / copy_gbs, **_stats(ts)))
         del bufs, qs, dst
         torch.cuda.empty_cache()
     for r in out:
-        tag = "" if r["kernel"] == "copy" else f" tile {r['tile']} rowmajor {int(r['row_major_grid'])} " \
+        tag = "" if r["kernel"] == "copy" else f" tile {r['tile']} " \
               f"frac {r['fraction_of_copy']:.3f} exact {int(r['bitexact'])}"
         print(f"{r['kernel']:10s} {r['M']}x{r['K']} r{r['round']} {r['GBps']:.0f} GB/s min/med/max "
               f"{r['min_ms'] * 1e3:.1f}/{r['median_ms'] * 1e3:.1f}/{r['max_ms'] * 1e3:.1f} us{tag}")
@@ -208,7 +218,7 @@ def main(argv=None) -> int:
     l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
     print(f"# MXFP8 quantize benchmark on {card} (L2 {l2 >> 20} MiB), torch {torch.__version__}, "
           f"triton {triton.__version__}")
-    print(f"# kernel tiles (untuned): BLOCK_M={qk.GPU_BLOCK_M} BLOCK_K={qk.GPU_BLOCK_K} num_warps={qk.GPU_NUM_WARPS}; "
+    print(f"# kernel tiles: BLOCK_M={qk.GPU_BLOCK_M} BLOCK_K={qk.GPU_BLOCK_K} num_warps={qk.GPU_NUM_WARPS}; "
           f"median of {args.iters} calls (reference: {args.ref_iters}), inputs rotated past L2\n")
 
     if args.sweep:
@@ -226,15 +236,17 @@ def main(argv=None) -> int:
         for mode in args.modes:
             results.append(bench_shape(m, k, dtype, mode, args.iters, args.warmup, l2, args.ref_iters))
 
-    hdr = ("| M x K | dtype | mode | kernel ms | kernel GB/s | copy GB/s | kernel / copy | "
+    hdr = ("| M x K | dtype | mode | kernel ms (min / median / max) | kernel GB/s | copy GB/s | kernel / copy (3 rounds) | "
            "torch ref ms | speedup vs ref | bit-exact |")
     print(hdr)
     print("|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|")
     for r in results:
         ref_ms = f"{r['reference_ms']:.3f}" if r["reference_ms"] else "OOM"
         spd = f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-"
-        print(f"| {r['M']} x {r['K']} | {r['dtype']} | {r['scale_mode']} | {r['kernel_ms']:.4f} | "
-              f"{r['kernel_GBps']:.0f} | {r['copy_GBps']:.0f} | {r['fraction_of_copy']:.2f} | "
+        rounds = "/".join(f"{f:.2f}" for f in r["fraction_of_copy_per_round"])
+        print(f"| {r['M']} x {r['K']} | {r['dtype']} | {r['scale_mode']} | {r['kernel_min_ms']:.4f} / "
+              f"{r['kernel_ms']:.4f} / {r['kernel_max_ms']:.4f} | "
+              f"{r['kernel_GBps']:.0f} | {r['copy_GBps']:.0f} | {r['fraction_of_copy']:.2f} ({rounds}) | "
               f"{ref_ms} | {spd} | {'yes' if r['bitexact_vs_reference'] else 'NO'} |")
     print(f"\n(GB/s = 1e9 bytes/s; kernel bytes = bf16 read + fp8 + scales written; copy bytes = read + write; "
           f"total wall {time.time() - t0:.0f} s)")
@@ -243,6 +255,7 @@ def main(argv=None) -> int:
         "benchmark": "mxfp8_quantize", "card": card, "l2_bytes": l2,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "tiles": {"BLOCK_M": qk.GPU_BLOCK_M, "BLOCK_K": qk.GPU_BLOCK_K, "num_warps": qk.GPU_NUM_WARPS},
+        "grid": "1-D, column tiles fastest",
         "iters": args.iters, "ref_iters": args.ref_iters, "warmup": args.warmup,
         "results": results,
     }

@@ -13,7 +13,7 @@ paths over several shapes with what a GPU launch would get:
   dispatch and combine and their backwards), with an
   :class:`mxep.EPConfig` whose grid sizes are an H200's (132 SMs) and whose waits poll
   ``wait_polls`` times;
-* the standalone quantize, the one-pass dequantize, every grouped-GEMM tile candidate (bf16 and
+* the standalone quantize and its one-pass round trip (the MX weight cache's), the one-pass dequantize, every grouped-GEMM tile candidate (bf16 and
   MXFP8 weights, bf16 tensor-core dots, pipelined K loop) and the SwiGLU kernels with their GPU
   tiles.
 
@@ -255,6 +255,10 @@ def drive() -> None:
             kq.mxfp8_quantize(torch.randn(*shape).bfloat16(), mode, block_m=min(kq.GPU_BLOCK_M, 64),
                               block_k=min(kq.GPU_BLOCK_K, 1 << (shape[1] - 1).bit_length()),
                               num_warps=kq.GPU_NUM_WARPS)
+            # the MX weight cache's one-pass quantize + dequantize
+            kq.mxfp8_round_trip(torch.randn(*shape).bfloat16(), mode, block_m=min(kq.GPU_BLOCK_M, 64),
+                                block_k=min(kq.GPU_BLOCK_K, 1 << (shape[1] - 1).bit_length()),
+                                num_warps=kq.GPU_NUM_WARPS)
 
 
 def kernels_in_tree() -> set[str]:

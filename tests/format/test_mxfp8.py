@@ -481,3 +481,44 @@ def test_quantize_is_a_registered_op():
         fq, fs = torch.ops.mxep.quantize_mxfp8(torch.empty(7, 64, dtype=torch.bfloat16), "rceil")
         assert fq.shape == (7, 64) and fq.dtype == torch.float8_e4m3fn
         assert fs.shape == (7, 2) and fs.dtype == torch.float8_e8m0fnu
+
+
+# ---------------------------------------------------------------------------------------------
+# round trip (the MX weight cache's one-pass form): dequantize(quantize(x)) in one kernel
+# ---------------------------------------------------------------------------------------------
+def _folded_bits(t: torch.Tensor) -> torch.Tensor:
+    b = t.view(torch.int16).clone()
+    b[t.isnan()] = 0x7FC0
+    return b.cpu()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(1, 32), (17, 96), (5, 2080), (3, 7168)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_round_trip_equals_quantize_then_dequantize(device, mode, dtype, shape):
+    from mxep.format.quantize import mxfp8_round_trip
+    m, k = shape
+    x = with_specials(wide_range(m, k, dtype, "cpu", seed=m * 7 + k)).to(device)
+    qr, sr = to_mxfp8_reference(x.cpu(), mode)
+    want = dequantize_mxfp8(qr, sr, torch.bfloat16)
+    out = torch.full((m, k), 0x5A5A, dtype=torch.int16, device=device).view(torch.bfloat16)   # poison
+    got = mxfp8_round_trip(x, mode, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == torch.bfloat16
+    assert torch.equal(_folded_bits(got), _folded_bits(want))
+    if device == "cuda":   # and equal to the two kernels it replaces (the weight cache's old path)
+        from mxep.format.dequantize import dequantize_mxfp8_rows
+        q, s = mxfp8_quantize(x, mode)
+        assert torch.equal(_folded_bits(got), _folded_bits(dequantize_mxfp8_rows(q, s)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_round_trip_rejects_bad_input(device):
+    from mxep.format.quantize import mxfp8_round_trip
+    x = torch.randn(4, 64, device=device)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mxfp8_round_trip(torch.randn(4, 40, device=device))
+    with pytest.raises(ValueError, match="out must be"):
+        mxfp8_round_trip(x, out=torch.empty(4, 64, device=device))   # fp32 out
+    with pytest.raises(ValueError, match="scale_mode"):
+        mxfp8_round_trip(x, "nearest")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import mxep
 import mxep.format.dequantize as dequantize_mod
 import mxep.format.quantize as quantize_mod
+import mxep.gemm.weight_cache as weight_cache_mod
 from mxep.gemm import MXWeightCache
 from support.dist import free_port
 
@@ -37,13 +38,23 @@ def gloo_world():
 
 
 class _Calls:
-    """Wrap the quantize / dequantize launchers; record the weight-shaped calls."""
+    """Wrap the quantize / dequantize / round-trip launchers; record the weight-shaped calls (the
+    cache's one-pass round trip counts as one quantization and one dequantization)."""
 
     def __init__(self, monkeypatch, weights):
         self.weights = weights            # name -> parameter
         self.quantized: list[str] = []    # one name per weight quantization
         self.dequantized: list[str] = []  # one name per weight dequantization
+        self.round_trips: list[str] = []  # one name per one-pass round trip (the cache's build)
         quantize, dequantize = quantize_mod.mxfp8_quantize, dequantize_mod.dequantize_mxfp8_rows
+        round_trip = weight_cache_mod.mxfp8_round_trip
+
+        def rt(x2d, *a, **kw):
+            names = [n for n, w in self.weights().items() if x2d.data_ptr() == w.data_ptr()]
+            self.round_trips += names
+            self.quantized += names
+            self.dequantized += names
+            return round_trip(x2d, *a, **kw)
 
         def q(x2d, *a, **kw):
             self.quantized += [n for n, w in self.weights().items() if x2d.data_ptr() == w.data_ptr()]
@@ -56,6 +67,7 @@ class _Calls:
 
         monkeypatch.setattr(quantize_mod, "mxfp8_quantize", q)
         monkeypatch.setattr(dequantize_mod, "dequantize_mxfp8_rows", dq)
+        monkeypatch.setattr(weight_cache_mod, "mxfp8_round_trip", rt)
 
 
 def _weights():
@@ -104,6 +116,7 @@ def test_cache_hits_until_the_weight_changes(monkeypatch):
     a = cache(w, "dequant")
     b = cache(w, "dequant")
     assert cache.builds == 1 and calls.quantized == ["w"] and calls.dequantized == ["w"]
+    assert calls.round_trips == ["w"]                                 # built in one pass
     assert torch.equal(a, b) and a.dtype == torch.bfloat16 and not isinstance(a, mxep.MXFP8Tensor)
     assert torch.equal(a, ref)                                        # the MXFP8 weight's values
     assert cache.nbytes == w.numel() * 2                              # one bf16 copy: the parameter's size

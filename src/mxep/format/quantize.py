@@ -3,6 +3,10 @@
 Each program loads one ``[BLOCK_M, BLOCK_K]`` tile of the input exactly once, quantizes it in
 registers with :func:`mxep.format.tile.quantize_tile` and stores the e4m3 bytes and the
 row-major e8m0 scale bytes. No host synchronization anywhere.
+
+The same kernel's round-trip mode (:func:`mxfp8_round_trip`) stores ``dequant(quant(x))`` as
+bf16 instead, the form the MX weight cache keeps on Hopper (:mod:`mxep.gemm.weight_cache`): one
+pass of 4 bytes per element where quantize + dequantize take two passes of 6.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import triton.language as tl
 
 from mxep._utils import cdiv, next_power_of_2, require_triton
 from mxep.format.spec import BLOCK_SIZE
-from mxep.format.tile import bf16_bits_to_fp32, quantize_tile
+from mxep.format.tile import bf16_bits_to_fp32, mxfp8_tile_to_bf16, quantize_tile
 
-__all__ = ["mxfp8_quantize", "quantize_mxfp8"]
+__all__ = ["mxfp8_quantize", "mxfp8_round_trip", "quantize_mxfp8"]
 
-# Default tiles for GPU (UNTUNED until measured with benchmarks/bench_quantize.py): 512 columns
-# = 16 MX blocks, 1 KiB of bf16 per row, so each thread of 4 warps issues whole 16-byte vector
-# loads/stores; 8 rows -> 4096 elements (8 KiB bf16 in, 4 KiB fp8 out) per program.
-GPU_BLOCK_K = 512
-GPU_BLOCK_M = 8
+# GPU tiles, from ``benchmarks/bench_quantize.py --sweep`` (1 x H200, 2026-12-01, bf16 RCEIL,
+# 24 candidates, two interleaved rounds, inputs rotated past L2): 4 rows x 1024 columns with 4
+# warps (each thread two 16-byte loads) ran 184.9 us at 32768 x 7168 (0.92 of the same run's
+# device-to-device copy bandwidth) and 95.2 us at 16384 x 7168 (0.91); the previous 8 x 512
+# 189-199 us / 98.6 us (0.85-0.89); 8 warps or 2048 columns were slower (0.83-0.86).
+GPU_BLOCK_K = 1024
+GPU_BLOCK_M = 4
 GPU_NUM_WARPS = 4
 # The CPU interpreter pays per program and per op, not per element: bigger tiles are faster.
 INTERPRET_BLOCK_K = 2048
@@ -33,18 +39,16 @@ INTERPRET_BLOCK_M = 32
 @triton.jit
 def _mxfp8_quantize_kernel(
     x_ptr, q_ptr, s_ptr,  # x: fp32 or bf16-as-int16 [M, K]; q: uint8 [M, K]; s: uint8 [M, K // 32]
-    M, K,
+    M, K,                 # (ROUND_TRIP: q is bf16 [M, K], s unused)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
-    ROW_MAJOR_GRID: tl.constexpr = False,
+    ROUND_TRIP: tl.constexpr = False,
 ):
     NB: tl.constexpr = BLOCK_K // 32
-    if ROW_MAJOR_GRID:  # 1-D grid, column tiles fastest: consecutive programs cover whole rows
-        n_k = tl.cdiv(K, BLOCK_K)
-        pid_m = tl.program_id(0) // n_k
-        pid_k = tl.program_id(0) % n_k
-    else:
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    # 1-D grid, column tiles fastest: consecutive programs cover whole rows, i.e. one contiguous
+    # stretch of memory (0.5-4% faster than the row tiles fastest in the sweep above).
+    n_k = tl.cdiv(K, BLOCK_K)
+    pid_m = tl.program_id(0) // n_k
+    pid_k = tl.program_id(0) % n_k
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M*K > 2^31
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -59,13 +63,53 @@ def _mxfp8_quantize_kernel(
     else:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     q_bits, s_bits = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
-    tl.store(q_ptr + offs, q_bits, mask=mask)
+    if ROUND_TRIP:
+        # the dequantize kernel's decode (mxfp8_tile_to_bf16), so the bits equal its output
+        q3 = tl.reshape(q_bits, [BLOCK_M, NB, 32])
+        s3 = tl.broadcast_to(s_bits[:, :, None], [BLOCK_M, NB, 32])
+        y = mxfp8_tile_to_bf16(q3, s3, "cvt" if HW_CAST else "int")
+        tl.store(q_ptr + offs, tl.reshape(y, [BLOCK_M, BLOCK_K]), mask=mask)
+    else:
+        tl.store(q_ptr + offs, q_bits, mask=mask)
+        n_blocks = K // 32
+        bcols = pid_k * NB + tl.arange(0, NB)
+        s_offs = rows[:, None] * n_blocks + bcols[None, :]
+        s_mask = row_ok[:, None] & (bcols < n_blocks)[None, :]
+        tl.store(s_ptr + s_offs, s_bits, mask=s_mask)
 
-    n_blocks = K // 32
-    bcols = pid_k * NB + tl.arange(0, NB)
-    s_offs = rows[:, None] * n_blocks + bcols[None, :]
-    s_mask = row_ok[:, None] & (bcols < n_blocks)[None, :]
-    tl.store(s_ptr + s_offs, s_bits, mask=s_mask)
+
+def _check_input(x2d: torch.Tensor, scale_mode: str, what: str) -> None:
+    require_triton(x2d, what)
+    if x2d.dim() != 2:
+        raise ValueError(f"{what} expects a 2-D tensor, got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"{what} expects bfloat16 or float32, got {x2d.dtype}")
+    if not x2d.is_contiguous():
+        raise ValueError(f"{what} expects a contiguous tensor")
+    if scale_mode not in ("rceil", "floor"):
+        raise ValueError(f"scale_mode must be 'rceil' or 'floor', got {scale_mode!r}")
+    if x2d.shape[1] % 32 != 0:
+        raise ValueError(f"K must be a multiple of 32, got {x2d.shape[1]}")
+
+
+def _launch(x2d, out_q, out_s, scale_mode, block_m, block_k, num_warps, hw_cast, round_trip) -> None:
+    M, K = x2d.shape
+    on_gpu = x2d.is_cuda
+    if block_k is None:
+        block_k = min(GPU_BLOCK_K if on_gpu else INTERPRET_BLOCK_K, next_power_of_2(K))
+    if block_m is None:
+        block_m = min(GPU_BLOCK_M if on_gpu else INTERPRET_BLOCK_M, next_power_of_2(M))
+    if block_k < 32 or block_k & (block_k - 1) or block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_k must be a power of two >= 32 and block_m a power of two, got {block_k}, {block_m}")
+    grid = (cdiv(M, block_m) * cdiv(K, block_k),)
+    # bf16 travels as its int16 bits: the kernel widens them exactly (the interpreter's own
+    # bf16 -> fp32 conversion mishandles subnormals).
+    x_arg = x2d.view(torch.int16) if x2d.dtype == torch.bfloat16 else x2d
+    _mxfp8_quantize_kernel[grid](
+        x_arg, out_q, out_s, M, K,
+        BLOCK_M=block_m, BLOCK_K=block_k, FLOOR=(scale_mode == "floor"),
+        HW_CAST=hw_cast and on_gpu, ROUND_TRIP=round_trip, num_warps=num_warps or GPU_NUM_WARPS,
+    )
 
 
 def mxfp8_quantize(
@@ -76,7 +120,6 @@ def mxfp8_quantize(
     block_k: int | None = None,
     num_warps: int | None = None,
     hw_cast: bool = True,
-    row_major_grid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a contiguous 2-D bf16/fp32 ``x2d [M, K]`` (``K % 32 == 0``) to MXFP8.
 
@@ -85,44 +128,37 @@ def mxfp8_quantize(
     ``hw_cast``: on GPUs, round to e4m3 with the hardware conversion (bit-identical to the
     integer rounding, which the interpreter always uses; False times or tests that path there).
     """
-    require_triton(x2d, "the MXFP8 quantize kernel")
-    if x2d.dim() != 2:
-        raise ValueError(f"mxfp8_quantize expects a 2-D tensor, got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in (torch.bfloat16, torch.float32):
-        raise TypeError(f"mxfp8_quantize expects bfloat16 or float32, got {x2d.dtype}")
-    if not x2d.is_contiguous():
-        raise ValueError("mxfp8_quantize expects a contiguous tensor")
-    if scale_mode not in ("rceil", "floor"):
-        raise ValueError(f"scale_mode must be 'rceil' or 'floor', got {scale_mode!r}")
+    _check_input(x2d, scale_mode, "mxfp8_quantize")
     M, K = x2d.shape
-    if K % 32 != 0:
-        raise ValueError(f"K must be a multiple of 32, got {K}")
-
     q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x2d.device)
     s = torch.empty((M, K // 32), dtype=torch.float8_e8m0fnu, device=x2d.device)
-    if M == 0 or K == 0:
-        return q, s
-
-    on_gpu = x2d.is_cuda
-    if block_k is None:
-        block_k = min(GPU_BLOCK_K if on_gpu else INTERPRET_BLOCK_K, next_power_of_2(K))
-    if block_m is None:
-        block_m = min(GPU_BLOCK_M if on_gpu else INTERPRET_BLOCK_M, next_power_of_2(M))
-    if block_k < 32 or block_k & (block_k - 1) or block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"block_k must be a power of two >= 32 and block_m a power of two, got {block_k}, {block_m}")
-    if num_warps is None:
-        num_warps = GPU_NUM_WARPS
-
-    grid = (cdiv(M, block_m) * cdiv(K, block_k),) if row_major_grid else (cdiv(M, block_m), cdiv(K, block_k))
-    # bf16 travels as its int16 bits: the kernel widens them exactly (the interpreter's own
-    # bf16 -> fp32 conversion mishandles subnormals).
-    x_arg = x2d.view(torch.int16) if x2d.dtype == torch.bfloat16 else x2d
-    _mxfp8_quantize_kernel[grid](
-        x_arg, q.view(torch.uint8), s.view(torch.uint8), M, K,
-        BLOCK_M=block_m, BLOCK_K=block_k, FLOOR=(scale_mode == "floor"),
-        HW_CAST=hw_cast and on_gpu, ROW_MAJOR_GRID=row_major_grid, num_warps=num_warps,
-    )
+    if M and K:
+        _launch(x2d, q.view(torch.uint8), s.view(torch.uint8), scale_mode, block_m, block_k, num_warps,
+                hw_cast, round_trip=False)
     return q, s
+
+
+def mxfp8_round_trip(x2d: torch.Tensor, scale_mode: str = "rceil", *, out: torch.Tensor | None = None,
+                     block_m: int | None = None, block_k: int | None = None,
+                     num_warps: int | None = None) -> torch.Tensor:
+    """``x2d`` bf16/fp32 ``[M, K]`` (contiguous, ``K % 32 == 0``) -> bf16 ``[M, K]`` holding the
+    values of its MXFP8 form, ``dequantize(to_mxfp8(x2d))``, bit for bit, in one pass (the MXFP8
+    bytes are never stored). ``out``: a contiguous bf16 ``[M, K]`` to write into.
+
+    Example::
+
+        >>> w = torch.randn(64, 96)     # on CUDA, or on the CPU under TRITON_INTERPRET=1
+        >>> torch.equal(mxfp8_round_trip(w), mxep.to_mxfp8(w).dequantize())
+        True
+    """
+    _check_input(x2d, scale_mode, "mxfp8_round_trip")
+    if out is None:
+        out = torch.empty(x2d.shape, dtype=torch.bfloat16, device=x2d.device)
+    elif out.shape != x2d.shape or out.dtype != torch.bfloat16 or not out.is_contiguous() or out.device != x2d.device:
+        raise ValueError(f"mxfp8_round_trip: out must be a contiguous bf16 {tuple(x2d.shape)} tensor on {x2d.device}")
+    if out.numel():
+        _launch(x2d, out, out, scale_mode, block_m, block_k, num_warps, hw_cast=True, round_trip=True)
+    return out
 
 
 @torch.library.custom_op("mxep::quantize_mxfp8", mutates_args=())

@@ -10,8 +10,9 @@ consumes and hands it out again for as long as the parameter is unchanged:
   ``dequant(to_mxfp8(w))``. Its values are exactly the MXFP8 weight's (an e4m3 value times a
   power of two is exact in bf16), and the ``"dequant"`` GEMM runs the same ``torch._grouped_mm``
   on the same bf16 values either way, so a bf16 weight that holds them gives the MX GEMM's
-  numerics bit for bit, with no dequantization in the forward or the backward. Memory: one bf16
-  copy, the parameter's size (the MXFP8 bytes are dropped once dequantized).
+  numerics bit for bit, with no dequantization in the forward or the backward. Built in one pass
+  (:func:`mxep.format.quantize.mxfp8_round_trip`: the MXFP8 bytes are never stored). Memory: one
+  bf16 copy, the parameter's size.
 * ``impl`` ``"fused"`` (the Triton kernel reads the e4m3 bytes): the :class:`~mxep.MXFP8Tensor`
   (``1 + 1/32`` bytes per element, about half the parameter's size); the GEMM's backward still
   dequantizes it (once per backward: it holds no bf16 copy, which is what ``"fused"`` is for).
@@ -38,8 +39,10 @@ import weakref
 
 import torch
 
+from mxep._utils import triton_available_for
 from mxep.format.dequantize import dequantize_mxfp8_op
 from mxep.format.mxfp8 import MXFP8Tensor, to_mxfp8
+from mxep.format.quantize import mxfp8_round_trip
 from mxep.format.spec import check_scale_mode
 from mxep.gemm.grouped_gemm import resolve_impl
 
@@ -127,7 +130,13 @@ class MXWeightCache:
     @staticmethod
     def _build(weight: torch.Tensor, scale_mode: str, form: str) -> torch.Tensor:
         with torch.no_grad():
-            mx = to_mxfp8(weight.detach().contiguous(), scale_mode)
+            w = weight.detach().contiguous()
+            if form == "dequant" and triton_available_for(w):
+                # quantize and dequantize in one pass (4 bytes per element against 6, and no
+                # transient MXFP8 copy); the same bits as the two kernels (tests/format)
+                L, N, K = w.shape
+                return mxfp8_round_trip(w.view(L * N, K), scale_mode).view(L, N, K)
+            mx = to_mxfp8(w, scale_mode)
             if form == "fused":
                 return mx
             # the op the "dequant" GEMM would run on an MXFP8Tensor weight: the same bits
