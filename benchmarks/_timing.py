@@ -291,3 +291,59 @@ def environment() -> dict:
         "CUDA_VISIBLE_DEVICES", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
         "NVSHMEM_SYMMETRIC_SIZE", "TRITON_INTERPRET", "OMP_NUM_THREADS")}
     return env
+
+
+# --------------------------------------------------------------------------------- one process
+def time_queued_us(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmup: int = 3,
+                   queue_ms: float = 30.0) -> dict:
+    """One process, one GPU (the simulated world): per call, a ``queue_ms`` device sleep first, so
+    the host has queued the whole call before the GPU reaches it, then events around the call.
+    ``device_us`` (median): the GPU's time for the call's kernels with the host's launch gaps
+    hidden; ``host_inclusive_us`` (median, no sleep): what an eager caller sees when the host
+    issues the launches as the GPU runs them. CPU (plumbing only): the host clock for both."""
+    for _ in range(warmup):
+        fn()
+    if not _cuda(device):
+        ts = []
+        for _ in range(max(1, reps // 10)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e6)
+        return {"device_us": statistics.median(ts), "host_inclusive_us": statistics.median(ts)}
+    cycles = int(_cycles_per_us(device) * queue_ms * 1e3)
+    out = {}
+    for key, sleep in (("device_us", True), ("host_inclusive_us", False)):
+        torch.cuda.synchronize(device)
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if sleep:
+                torch.cuda._sleep(cycles)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) * 1e3)
+        out[key] = statistics.median(ts)
+    return out
+
+
+def kernel_profile(fn: Callable[[], Any], device: torch.device, steps: int = 3, top: int = 20) -> list[dict]:
+    """The GPU kernels of ``steps`` calls of ``fn`` under torch.profiler: per kernel name, device
+    µs per call and share of the call's kernel time, largest first; the rest as ``(other)``."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    totals: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.name] = totals.get(ev.name, 0.0) + ev.time_range.elapsed_us() / steps
+    whole = sum(totals.values()) or 1.0
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])
+    out = [{"kernel": k[:120], "us_per_call": round(v, 1), "share": round(v / whole, 4)} for k, v in rows[:top]]
+    rest = sum(v for _, v in rows[top:])
+    if rest:
+        out.append({"kernel": "(other)", "us_per_call": round(rest, 1), "share": round(rest / whole, 4)})
+    return out

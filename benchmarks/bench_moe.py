@@ -86,6 +86,7 @@ import mxep  # noqa: E402
 from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
 from mxep.gemm import MXWeightCache  # noqa: E402
 from mxep.moe.naive import BF16EPMoE, UnfusedMXFP8EPMoE  # noqa: E402
+from _timing import kernel_profile  # noqa: E402
 
 SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
 MX_WEIGHT_SYSTEMS = ("unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_rows", "mxep_cf")
@@ -321,34 +322,11 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     if device.type == "cuda" and system in args.profile.split(","):
-        rec["kernel_profile"] = profile_step(setup, step, device)
+        rec["kernel_profile"] = kernel_profile(lambda: (setup(), step()), device)
     rec["times_ms"] = [round(t, 4) for t in times]
     rec["rank_median_ms"] = statistics.median(times)
     rec["weight_cache_bytes"] = sum(v.nbytes for v in vars(m).values() if isinstance(v, MXWeightCache))
     return rec, outputs
-
-
-def profile_step(setup, step, device, steps: int = 3, top: int = 20) -> list[dict]:
-    """The GPU kernels of ``steps`` steps under torch.profiler: per kernel name (Triton kernels
-    by their function name), device µs per step and share of the step's kernel time, largest
-    first; the rest summed as ``(other)``."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            setup()
-            step()
-        _sync(device)
-    totals: dict = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            totals[ev.name] = totals.get(ev.name, 0.0) + ev.time_range.elapsed_us() / steps
-    whole = sum(totals.values()) or 1.0
-    rows = sorted(totals.items(), key=lambda kv: -kv[1])
-    out = [{"kernel": k[:120], "us_per_step": round(v, 1), "share": round(v / whole, 4)} for k, v in rows[:top]]
-    rest = sum(v for _, v in rows[top:])
-    if rest:
-        out.append({"kernel": "(other)", "us_per_step": round(rest, 1), "share": round(rest / whole, 4)})
-    return out
 
 
 # --------------------------------------------------------------------------------- report
@@ -537,7 +515,7 @@ def main() -> None:
                 log(f"   {system:14s} {rec['step_ms']:9.3f} ms  {rec['tokens_per_s_per_gpu']:12.0f} tok/s/GPU{mem}"
                     f"  saved act {rec['saved_activation_bytes'] / 2**20:8.1f} MiB{extra}")
                 for k in rec.get("kernel_profile", []):
-                    log(f"      {k['us_per_step']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")
+                    log(f"      {k['us_per_call']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")
         del mxep_layer, outs, state, x, dy
         gc.collect()
         ms = {r["system"]: r["step_ms"] for r in data["results"] if r["config"] == cfg.name and not r["error"]}

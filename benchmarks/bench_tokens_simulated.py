@@ -4,7 +4,11 @@ same bytes, in one run.
 
 The world's ranks run one after another on the one GPU, so a time is the sum of every rank's
 kernels (W ranks' work): the ratio between the APIs is the number to read, and against the copy
-ceiling of the same bytes. Wire bytes per rank are computed from the routing: a row-level
+ceiling of the same bytes. Each time comes twice (``_timing.time_queued_us``): ``device`` (the
+call queued behind a device sleep: its kernels' time, the host's launch gaps hidden, as in a
+CUDA graph or a host that runs ahead) and ``host_inclusive`` (issued as the GPU runs: the eager
+caller's view, where the host's launches of W ranks' phases one after another dominate).
+``--profile``: the kernels of one call of each, by share. Wire bytes per rank are computed from the routing: a row-level
 dispatch sends every off-rank (token, expert) pair, a token-level one every off-rank (token,
 rank) pair once (MXFP8 data + scales + its k slot rows and weights, 8 bytes each); the combines
 send bf16 rows back the same way.
@@ -18,33 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import os
+import sys
 
 import torch
 
-
-def _time(fn, device, reps=20, warmup=3):
-    """Median µs of ``fn`` (CUDA events on GPUs; the host clock on CPU: plumbing only)."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        ts = []
-        for _ in range(max(1, reps // 10)):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(ts)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import kernel_profile, time_queued_us  # noqa: E402
 
 
 def main() -> None:
@@ -59,6 +43,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--out", default=None)
     p.add_argument("--device", default="cuda", help="cuda, or cpu (TRITON_INTERPRET=1, tiny shapes: plumbing only)")
+    p.add_argument("--profile", action="store_true", help="print the kernels of each call (GPU)")
     a = p.parse_args()
     dev = torch.device(a.device)
     H, E, k, T = a.hidden, a.experts, a.top_k, a.tokens
@@ -116,23 +101,33 @@ def main() -> None:
         res = dict(world=W, tokens=T, hidden=H, experts=E, top_k=k,
                    dispatch_wire_bytes_per_rank=dict(row=per_rank(wire_row) * row_bytes, token=per_rank(wire_tok) * tok_bytes),
                    combine_wire_bytes_per_rank=dict(row=per_rank(wire_row) * 2 * H, token=per_rank(wire_tok) * 2 * H))
-        res["dispatch_us"] = dict(row=_time(row_dispatch, dev), token=_time(tok_dispatch, dev))
-        res["combine_us"] = dict(row=_time(row_combine, dev), token=_time(tok_combine, dev))
+        for op, fns in (("dispatch", (row_dispatch, tok_dispatch)), ("combine", (row_combine, tok_combine))):
+            t = [time_queued_us(f, dev) for f in fns]
+            res[f"{op}_us"] = dict(row=t[0]["device_us"], token=t[1]["device_us"])
+            res[f"{op}_host_inclusive_us"] = dict(row=t[0]["host_inclusive_us"], token=t[1]["host_inclusive_us"])
+            if a.profile and dev.type == "cuda":
+                for api, f in zip(("row", "token"), fns):
+                    res[f"{op}_{api}_kernels"] = kernel_profile(f, dev, steps=2, top=12)
+                    for k in res[f"{op}_{api}_kernels"]:
+                        print(f"  W{W} {op} {api}: {k['us_per_call']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")
         # local copy ceiling of the token-level bytes of the whole world (read + write, one pass)
         nbytes = int(per_rank(wire_tok) * W * tok_bytes)
         src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
-        res["copy_ceiling_us_token_dispatch_bytes"] = _time(lambda: dst.copy_(src), dev)
+        res["copy_ceiling_us_token_dispatch_bytes"] = time_queued_us(lambda: dst.copy_(src), dev)["device_us"]
         results.append(res)
         print(json.dumps(res))
         del rw, tw, r_out, t_out, eo_r, eo_t
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print("| W | dispatch row / token (us) | combine row / token (us) | dispatch wire MB/rank row / token | copy ceiling (us) |")
-    print("|---|---|---|---|---|")
+    print("| W | dispatch row / token (us, device) | combine row / token (us, device) | dispatch / combine row / token "
+          "(us, host-inclusive) | dispatch wire MB/rank row / token | copy ceiling (us) |")
+    print("|---|---|---|---|---|---|")
     for r in results:
+        hi_d, hi_c = r["dispatch_host_inclusive_us"], r["combine_host_inclusive_us"]
         print(f"| {r['world']} | {r['dispatch_us']['row']:.1f} / {r['dispatch_us']['token']:.1f} | "
               f"{r['combine_us']['row']:.1f} / {r['combine_us']['token']:.1f} | "
+              f"{hi_d['row']:.0f} / {hi_d['token']:.0f}, {hi_c['row']:.0f} / {hi_c['token']:.0f} | "
               f"{r['dispatch_wire_bytes_per_rank']['row'] / 1e6:.2f} / {r['dispatch_wire_bytes_per_rank']['token'] / 1e6:.2f} | "
               f"{r['copy_ceiling_us_token_dispatch_bytes']:.1f} |")
     if a.out:

@@ -1,6 +1,9 @@
 """Same-run A/B of the dispatch and combine kernels of two source trees on the simulated world
 (every rank's buffers on one GPU), so that a change of structure can be shown no slower on the
-one GPU the device machine lends.
+one GPU the device machine lends. Every case is timed twice (``benchmarks/_timing.py``
+``time_queued_us``): ``device``, the call queued behind a device sleep (its kernels' time, which
+is what a change of kernels changes), and ``host_inclusive``, issued as the GPU runs (dominated
+by the host's launches of the W ranks' phases one after another).
 
 Each tree is timed in its own subprocess (one mxep per interpreter), the trees alternate for
 ``--rounds`` rounds, and the table gives each case's median over rounds of the per-round median
@@ -29,6 +32,9 @@ SHAPES = {"a": dict(hidden=7168, experts=256, rows=1024 * 8), "c": dict(hidden=7
 def _child(reps: int) -> None:
     import torch
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    from _timing import time_queued_us
+
     try:
         from mxep.ep.transport.symm_mem.simulated import SimulatedWorld  # the new tree
     except ImportError:
@@ -42,28 +48,16 @@ def _child(reps: int) -> None:
                                  minlength=sh["experts"]).cuda() for _ in range(w)]
         xs = [torch.randn(sh["rows"], sh["hidden"], generator=g).to("cuda", torch.bfloat16) for _ in range(w)]
         eo = [torch.randn(world.capacity, sh["hidden"], generator=g).to("cuda", torch.bfloat16) for _ in range(w)]
-        times = {"dispatch": [], "combine": [], "combine_zero_copy": []}
-        for it in range(reps + 3):
-            s0, s1, s2, s3 = (torch.cuda.Event(enable_timing=True) for _ in range(4))
-            s0.record()
-            out = world.dispatch(xs, counts)
-            s1.record()
-            s2.record()
-            world.combine(eo, [o.handle for o in out])
-            s3.record()
-            out2 = world.dispatch(xs, counts)
-            z0, z1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            ins = world.combine_inputs()
-            z0.record()
-            world.combine(ins, [o.handle for o in out2])
-            z1.record()
-            torch.cuda.synchronize()
-            if it >= 3:
-                times["dispatch"].append(s0.elapsed_time(s1) * 1e3)
-                times["combine"].append(s2.elapsed_time(s3) * 1e3)
-                times["combine_zero_copy"].append(z0.elapsed_time(z1) * 1e3)
-        results[f"W{w}-{cfg}"] = {k: statistics.median(v) for k, v in times.items()}
-        del world, xs, out, out2, eo
+        dev = torch.device("cuda")
+        t = {"dispatch": time_queued_us(lambda: world.dispatch(xs, counts), dev, reps)}
+        handles = [o.handle for o in world.dispatch(xs, counts)]
+        t["combine"] = time_queued_us(lambda: world.combine(eo, handles), dev, reps)
+        handles = [o.handle for o in world.dispatch(xs, counts)]
+        ins = world.combine_inputs()
+        t["combine_zero_copy"] = time_queued_us(lambda: world.combine(ins, handles), dev, reps)
+        results[f"W{w}-{cfg}"] = {f"{op} {kind}": v[f"{kind}_us"] for op, v in t.items()
+                                  for kind in ("device", "host_inclusive")}
+        del world, xs, eo, handles, ins
         torch.cuda.empty_cache()
     print("RESULT " + json.dumps(results))
 
@@ -90,6 +84,7 @@ def main() -> None:
                 print(out.stdout[-3000:], out.stderr[-3000:])
                 raise SystemExit(f"tree {name} failed")
             runs[name].append(json.loads(line[0][7:]))
+            print(f"round {r} tree {name}: done", flush=True)
     names = [n for n, _ in trees]
     print("| case | op | " + " | ".join(f"{n} (us)" for n in names) + " | " + " / ".join(names[1:]) + f" vs {names[0]} |")
     print("|---|---|" + "---|" * len(names) + "---|")
