@@ -108,8 +108,9 @@ def main() -> None:
             if a.profile and dev.type == "cuda":
                 for api, f in zip(("row", "token"), fns):
                     res[f"{op}_{api}_kernels"] = kernel_profile(f, dev, steps=2, top=12)
-                    for k in res[f"{op}_{api}_kernels"]:
-                        print(f"  W{W} {op} {api}: {k['us_per_call']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")
+                    for kern in res[f"{op}_{api}_kernels"]:
+                        print(f"  W{W} {op} {api}: {kern['us_per_call']:9.1f} us {100 * kern['share']:5.1f}%  "
+                              f"{kern['kernel']}")
         # local copy ceiling of the token-level bytes of the whole world (read + write, one pass)
         nbytes = int(per_rank(wire_tok) * W * tok_bytes)
         src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=dev)

@@ -84,8 +84,12 @@ def main() -> None:
                 print(out.stdout[-3000:], out.stderr[-3000:])
                 raise SystemExit(f"tree {name} failed")
             runs[name].append(json.loads(line[0][7:]))
-            print(f"round {r} tree {name}: done", flush=True)
-    names = [n for n, _ in trees]
+        print(f"after round {r + 1} of {a.rounds}:", flush=True)
+        _table(runs, [n for n, _ in trees])
+
+
+def _table(runs: dict, names: list[str]) -> None:
+    """Each case's median over the rounds so far of the per-round medians, and the ratios."""
     print("| case | op | " + " | ".join(f"{n} (us)" for n in names) + " | " + " / ".join(names[1:]) + f" vs {names[0]} |")
     print("|---|---|" + "---|" * len(names) + "---|")
     for case in runs[names[0]][0]:

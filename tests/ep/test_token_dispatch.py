@@ -430,3 +430,37 @@ def test_capacity_factor_drops_deterministically(world):
     """capacity_factor caps every expert's rows at ceil(f * W * T * k / E); the pairs past it in
     the group's order are dropped: counted in num_dropped, zero in the combine, zero gradient."""
     assert all(worlds.results(world, "ep/tokens-capacity"))
+
+
+@pytest.mark.parametrize("t,k,E,W", [(1, 1, 2, 2), (13, 3, 12, 4), (64, 8, 256, 8), (37, 2, 6, 3), (0, 4, 8, 2)])
+def test_route_tokens_against_a_loop(t, k, E, W):
+    """``route_tokens`` against a plain Python walk over the tokens: counts, tokens per rank, the
+    slot of each (token, rank), pair owners and each pair's index in the stable expert sort;
+    ``-1`` and out-of-range ids are no expert."""
+    from mxep.ep.tokens import route_tokens
+    g = torch.Generator().manual_seed(t * 31 + k)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.int64)
+    if t:
+        idx[torch.rand(t, k, generator=g) < 0.2] = -1
+        idx[0, 0] = E + 3                                    # out of range: no expert
+    route = route_tokens(idx, E, W)
+    L = E // W
+    ids = idx.tolist()
+    counts, sent, slot = [0] * E, [0] * W, [[-1] * W for _ in range(t)]
+    owner = [[(e // L if 0 <= e < E else -1) for e in row] for row in ids]
+    for i, row in enumerate(ids):
+        for e in row:
+            if 0 <= e < E:
+                counts[e] += 1
+        for d in sorted({o for o in owner[i] if o >= 0}):
+            slot[i][d] = sent[d]
+            sent[d] += 1
+    pairs = sorted((e, i * k + j) for i, row in enumerate(ids) for j, e in enumerate(row) if 0 <= e < E)
+    pair_index = [[-1] * k for _ in range(t)]
+    for n, (_, f) in enumerate(pairs):
+        pair_index[f // k][f % k] = n
+    assert route.counts.tolist() == counts
+    assert route.tokens_per_rank.tolist() == sent
+    assert route.slot.tolist() == slot and route.slot.is_contiguous() and route.slot.dtype == torch.int32
+    assert route.pair_owner.tolist() == owner
+    assert route.pair_index.tolist() == pair_index

@@ -22,6 +22,7 @@ from mxep._utils import padded_group_rows
 from mxep.ep.config import EPConfig
 from mxep.ep.layout import capacity_rows
 from mxep.ep.transport.base import DispatchHandle, as_mxfp8
+from mxep.ep.tokens import route_tokens
 from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout
 from mxep.ep.transport.symm_mem.transport import plan_token_state
 from mxep.format.mxfp8 import MXFP8Tensor
@@ -116,9 +117,11 @@ class SimulatedWorld:
         int ``[t_r, k]`` (``-1``: no expert), ``topk_weights[r]`` fp32 ``[t_r, k]``."""
         if not self.top_k:
             raise ValueError("dispatch_tokens needs a world built with top_k")
+        # one routing per rank, as a real rank does (its two plan halves share it)
+        routes = [route_tokens(topk_idx[r], self.num_experts, self.world_size) for r in range(self.world_size)]
         for r, p in enumerate(self.peers):
-            plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "put")
-        states = [plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "plan")
+            plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "put", routes[r])
+        states = [plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "plan", routes[r])
                   for r, p in enumerate(self.peers)]
         for r, (p, st) in enumerate(zip(self.peers, states)):
             p.push_tokens_mxfp8(xs[r].contiguous(), st, self.scale_mode)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.base import DispatchHandle, Transport, as_mxfp8
 from mxep._utils import padded_group_rows
-from mxep.ep.tokens import route_tokens
+from mxep.ep.tokens import TokenRoute, route_tokens
 from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout, TokenState
 from mxep.ep.transport.symm_mem.plan import DispatchPlan
 
@@ -201,12 +201,14 @@ class SymmMemTransport(Transport):
 
 
 def plan_token_state(peer: PeerMemory, topk_idx: torch.Tensor, topk_weights: torch.Tensor, align: int,
-                     phase: str) -> TokenState | None:
-    """Route the tokens (sync-free torch ops, :mod:`mxep.ep.tokens`), exchange the counts and
-    plan (``phase`` as :meth:`PeerMemory.exchange_and_plan`), and derive every pair's layout row."""
+                     phase: str, route: TokenRoute | None = None) -> TokenState | None:
+    """Route the tokens (sync-free torch ops, :mod:`mxep.ep.tokens`; or ``route``, already
+    routed), exchange the counts and plan (``phase`` as :meth:`PeerMemory.exchange_and_plan`),
+    and derive every pair's layout row."""
     r = peer.regions
     t, k = topk_idx.shape
-    route = route_tokens(topk_idx, r.num_experts, r.world_size)
+    if route is None:
+        route = route_tokens(topk_idx, r.num_experts, r.world_size)
     plan = peer.exchange_and_plan(route.counts, t * k, align, phase, tokens_per_rank=route.tokens_per_rank)
     if plan is None:
         return None
