@@ -295,12 +295,13 @@ def environment() -> dict:
 
 # --------------------------------------------------------------------------------- one process
 def time_queued_us(fn: Callable[[], Any], device: torch.device, reps: int = 20, warmup: int = 3,
-                   queue_ms: float = 30.0) -> dict:
+                   queue_ms: float = 30.0, host_inclusive: bool = True) -> dict:
     """One process, one GPU (the simulated world): per call, a ``queue_ms`` device sleep first, so
     the host has queued the whole call before the GPU reaches it, then events around the call.
     ``device_us`` (median): the GPU's time for the call's kernels with the host's launch gaps
     hidden; ``host_inclusive_us`` (median, no sleep): what an eager caller sees when the host
-    issues the launches as the GPU runs them. CPU (plumbing only): the host clock for both."""
+    issues the launches as the GPU runs them; left out with ``host_inclusive=False``. CPU
+    (plumbing only): the host clock for both."""
     for _ in range(warmup):
         fn()
     if not _cuda(device):
@@ -312,7 +313,7 @@ def time_queued_us(fn: Callable[[], Any], device: torch.device, reps: int = 20, 
         return {"device_us": statistics.median(ts), "host_inclusive_us": statistics.median(ts)}
     cycles = int(_cycles_per_us(device) * queue_ms * 1e3)
     out = {}
-    for key, sleep in (("device_us", True), ("host_inclusive_us", False)):
+    for key, sleep in (("device_us", True), ("host_inclusive_us", False))[:2 if host_inclusive else 1]:
         torch.cuda.synchronize(device)
         ts = []
         for _ in range(reps):

@@ -29,7 +29,7 @@ CASES = [(w, cfg) for cfg in ("a", "c") for w in (2, 4, 8)]
 SHAPES = {"a": dict(hidden=7168, experts=256, rows=1024 * 8), "c": dict(hidden=7168, experts=256, rows=128 * 8)}
 
 
-def _child(reps: int) -> None:
+def _child(reps: int, host_inclusive: bool) -> None:
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
@@ -49,14 +49,14 @@ def _child(reps: int) -> None:
         xs = [torch.randn(sh["rows"], sh["hidden"], generator=g).to("cuda", torch.bfloat16) for _ in range(w)]
         eo = [torch.randn(world.capacity, sh["hidden"], generator=g).to("cuda", torch.bfloat16) for _ in range(w)]
         dev = torch.device("cuda")
-        t = {"dispatch": time_queued_us(lambda: world.dispatch(xs, counts), dev, reps)}
+        q = dict(reps=reps, host_inclusive=host_inclusive)
+        t = {"dispatch": time_queued_us(lambda: world.dispatch(xs, counts), dev, **q)}
         handles = [o.handle for o in world.dispatch(xs, counts)]
-        t["combine"] = time_queued_us(lambda: world.combine(eo, handles), dev, reps)
+        t["combine"] = time_queued_us(lambda: world.combine(eo, handles), dev, **q)
         handles = [o.handle for o in world.dispatch(xs, counts)]
         ins = world.combine_inputs()
-        t["combine_zero_copy"] = time_queued_us(lambda: world.combine(ins, handles), dev, reps)
-        results[f"W{w}-{cfg}"] = {f"{op} {kind}": v[f"{kind}_us"] for op, v in t.items()
-                                  for kind in ("device", "host_inclusive")}
+        t["combine_zero_copy"] = time_queued_us(lambda: world.combine(ins, handles), dev, **q)
+        results[f"W{w}-{cfg}"] = {f"{op} {kind[:-3]}": us for op, v in t.items() for kind, us in v.items()}
         del world, xs, eo, handles, ins
         torch.cuda.empty_cache()
     print("RESULT " + json.dumps(results))
@@ -68,9 +68,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--child", action="store_true")
+    p.add_argument("--host-inclusive", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each call issued as the GPU runs (off: the device-queued time only)")
     a = p.parse_args()
     if a.child:
-        _child(a.reps)
+        _child(a.reps, a.host_inclusive)
         return
     trees = [t.split("=", 1) for t in a.trees]
     runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
@@ -78,7 +80,8 @@ def main() -> None:
         for name, path in trees:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--trees", "x", "--child",
-                                  "--reps", str(a.reps)], env=env, capture_output=True, text=True)
+                                  "--reps", str(a.reps)] + ([] if a.host_inclusive else ["--no-host-inclusive"]),
+                                 env=env, capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
                 print(out.stdout[-3000:], out.stderr[-3000:])

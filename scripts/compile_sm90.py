@@ -137,6 +137,17 @@ def _allow_cpu_launches() -> None:
             if hasattr(mod, "require_triton"):
                 mod.require_triton = require
 
+    # The routing kernels' outputs feed torch ops (gathers by the pair rows): compile them, then
+    # hand on the torch path's values, since a compile-only launch leaves its outputs unwritten.
+    import mxep.ep.tokens as tokens
+    launch_route = tokens._route_triton
+
+    def compile_route_then_torch(topk_idx, num_experts, world_size):
+        launch_route(topk_idx, num_experts, world_size)
+        return tokens._route_torch(topk_idx, num_experts, world_size)
+
+    tokens._route_triton = compile_route_then_torch
+
 
 def sm90_config(**changes):
     """The default :class:`mxep.EPConfig` (with ``changes``) as it behaves on an H200: persistent

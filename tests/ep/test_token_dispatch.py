@@ -432,18 +432,25 @@ def test_capacity_factor_drops_deterministically(world):
     assert all(worlds.results(world, "ep/tokens-capacity"))
 
 
-@pytest.mark.parametrize("t,k,E,W", [(1, 1, 2, 2), (13, 3, 12, 4), (64, 8, 256, 8), (37, 2, 6, 3), (0, 4, 8, 2)])
-def test_route_tokens_against_a_loop(t, k, E, W):
-    """``route_tokens`` against a plain Python walk over the tokens: counts, tokens per rank, the
-    slot of each (token, rank), pair owners and each pair's index in the stable expert sort;
-    ``-1`` and out-of-range ids are no expert."""
-    from mxep.ep.tokens import route_tokens
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("impl", ["route_tokens", "torch"])
+@pytest.mark.parametrize("t,k,E,W", [(1, 1, 2, 2), (13, 3, 12, 4), (64, 8, 256, 8), (37, 2, 6, 3), (0, 4, 8, 2),
+                                     (300, 8, 64, 4), (301, 6, 24, 8), (1000, 3, 12, 3), (2500, 1, 16, 2)])
+def test_route_tokens_against_a_loop(t, k, E, W, impl, device):
+    """``route_tokens`` (the Triton kernels where Triton runs: several programs from 300 tokens
+    of top-8 on) and its torch fallback against a plain Python walk over the tokens: counts,
+    tokens per rank, the slot of each (token, rank), pair owners and each pair's index in the
+    stable expert sort; ``-1`` and out-of-range ids are no expert."""
+    from mxep.ep import tokens
+    route_tokens = tokens.route_tokens if impl == "route_tokens" else tokens._route_torch
     g = torch.Generator().manual_seed(t * 31 + k)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.int64)
     if t:
         idx[torch.rand(t, k, generator=g) < 0.2] = -1
         idx[0, 0] = E + 3                                    # out of range: no expert
-    route = route_tokens(idx, E, W)
+    route = route_tokens(idx.to(device), E, W)
+    assert route.slot.device.type == device
     L = E // W
     ids = idx.tolist()
     counts, sent, slot = [0] * E, [0] * W, [[-1] * W for _ in range(t)]
@@ -464,3 +471,4 @@ def test_route_tokens_against_a_loop(t, k, E, W):
     assert route.slot.tolist() == slot and route.slot.is_contiguous() and route.slot.dtype == torch.int32
     assert route.pair_owner.tolist() == owner
     assert route.pair_index.tolist() == pair_index
+    assert route.expert.tolist() == [[(e if 0 <= e < E else E) for e in row] for row in ids]

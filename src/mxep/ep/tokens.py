@@ -1,4 +1,5 @@
-"""Source-side routing of the token-level dispatch, in sync-free torch ops.
+"""Source-side routing of the token-level dispatch: two Triton launches (or sync-free torch ops
+where no Triton runs), no host sync.
 
 From ``topk_idx`` int ``[t, k]`` (global expert ids, ``-1``: no expert) every rank derives, on
 the device and without a host sync:
@@ -21,6 +22,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
+
+from mxep._utils import cdiv, next_power_of_2, triton_available_for
 
 __all__ = ["TokenRoute", "route_tokens"]
 
@@ -36,7 +41,142 @@ class TokenRoute(NamedTuple):
 
 def route_tokens(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
     """``topk_idx`` int32/int64 ``[t, k]`` -> :class:`TokenRoute` (all on its device). Ids outside
-    ``[0, E)`` are treated as ``-1`` (no expert): never out of bounds, never a host sync."""
+    ``[0, E)`` are treated as ``-1`` (no expert): never out of bounds, never a host sync.
+
+    On CUDA (and under the CPU interpreter) two Triton launches and a memset
+    (:func:`_route_triton`); elsewhere the same values from sync-free torch ops."""
+    if triton_available_for(topk_idx) and topk_idx.shape[0] > 0:
+        return _route_triton(topk_idx.contiguous(), num_experts, world_size)
+    return _route_torch(topk_idx, num_experts, world_size)
+
+
+# Pairs per program (a power of two) and the compare tile of the in-chunk rank: 1024 pairs are
+# 128 tokens of top-8; the rank of a pair among its chunk's pairs of the same expert is counted
+# against JB pairs at a time ([1024, 32] compares per step).
+ROUTE_PAIRS = 1024
+ROUTE_JB = 32
+
+
+@triton.jit
+def _route_owner(e, E, L):
+    valid = (e >= 0) & (e < E)
+    return valid, tl.where(valid, e // L, -1)
+
+
+@triton.jit
+def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, owner_ptr,
+                       E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
+                       BP: tl.constexpr, BT: tl.constexpr):
+    """Program ``p``: the expert histogram of pairs ``[p * BP, (p + 1) * BP)`` into ``hist[p]``
+    (atomics: integer sums, so the result does not depend on their order), the rank histogram of
+    tokens ``[p * BT, (p + 1) * BT)`` (a token counts once per rank it has an expert on) into
+    ``rhist[p]``; and each pair's expert (``E`` for none) and owner (``-1``)."""
+    pid = tl.program_id(0)
+    f = pid.to(tl.int64) * BP + tl.arange(0, BP)
+    fm = f < t * K
+    e = tl.load(idx_ptr + f, mask=fm, other=-1).to(tl.int64)
+    valid, owner = _route_owner(e, E, L)
+    tl.store(expert_ptr + f, tl.where(valid, e, E), mask=fm)
+    tl.store(owner_ptr + f, owner.to(tl.int32), mask=fm)
+    tl.atomic_add(hist_ptr + pid * E_P + tl.where(valid, e, 0), 1, mask=fm & valid, sem="relaxed")
+    # tokens of this program: [BT, K_P] pairs -> [BT, W_P] hits
+    tok = pid.to(tl.int64) * BT + tl.arange(0, BT)
+    jj = tl.arange(0, K_P)
+    pm = (tok < t)[:, None] & (jj < K)[None, :]
+    e2 = tl.load(idx_ptr + tok[:, None] * K + jj[None, :], mask=pm, other=-1).to(tl.int64)
+    _, own2 = _route_owner(e2, E, L)
+    dd = tl.arange(0, W_P)
+    hits = tl.max((own2[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)     # [BT, W_P]
+    tl.store(rhist_ptr + pid * W_P + dd, tl.sum(hits, axis=0), mask=dd < W)
+
+
+@triton.jit
+def _route_rank_kernel(idx_ptr, t, K, E, L, P, hist_ptr, rhist_ptr, base_ptr, counts_ptr, sent_ptr,
+                       slot_ptr, pair_index_ptr,
+                       E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
+                       BP: tl.constexpr, BT: tl.constexpr, JB: tl.constexpr):
+    """Program ``p``: the histograms of programs ``< p`` (prefix) and of all (totals) give its
+    pairs' first index in the stable expert sort (``start[e] + prefix[e]``) and its tokens' first
+    slot per rank; the in-chunk rank of a pair among the chunk's earlier pairs of its expert is
+    counted by comparison. Program 0 also writes ``counts`` and ``tokens_per_rank``."""
+    pid = tl.program_id(0)
+    ee = tl.arange(0, E_P)
+    dd = tl.arange(0, W_P)
+    total = tl.zeros([E_P], dtype=tl.int32)
+    before = tl.zeros([E_P], dtype=tl.int32)
+    rtotal = tl.zeros([W_P], dtype=tl.int32)
+    rbefore = tl.zeros([W_P], dtype=tl.int32)
+    p = 0
+    while p < P:
+        h = tl.load(hist_ptr + p * E_P + ee)
+        rh = tl.load(rhist_ptr + p * W_P + dd)
+        total += h
+        rtotal += rh
+        before += tl.where(p < pid, h, 0)
+        rbefore += tl.where(p < pid, rh, 0)
+        p += 1
+    if pid == 0:
+        tl.store(counts_ptr + ee, total, mask=ee < E)
+        tl.store(sent_ptr + dd, rtotal, mask=dd < W)
+    # the chunk's first sorted index per expert, through memory: a gather by data-dependent index
+    tl.store(base_ptr + pid * E_P + ee, tl.cumsum(total, axis=0) - total + before)
+    tl.debug_barrier()
+    f = pid.to(tl.int64) * BP + tl.arange(0, BP)
+    fm = f < t * K
+    e = tl.load(idx_ptr + f, mask=fm, other=-1).to(tl.int64)
+    valid = (e >= 0) & (e < E)
+    ei = tl.where(valid, e, -1).to(tl.int32)
+    li = tl.arange(0, BP)
+    rank = tl.zeros([BP], dtype=tl.int32)
+    for jb in tl.static_range(BP // JB):
+        fj = pid.to(tl.int64) * BP + jb * JB + tl.arange(0, JB)
+        ej = tl.load(idx_ptr + fj, mask=fj < t * K, other=-1).to(tl.int64)
+        ej = tl.where((ej >= 0) & (ej < E), ej, -2).to(tl.int32)     # never equal to a valid ei
+        lj = jb * JB + tl.arange(0, JB)
+        same = (ei[:, None] == ej[None, :]) & (lj[None, :] < li[:, None])
+        rank += tl.sum(same.to(tl.int32), axis=1)
+    first = tl.load(base_ptr + pid * E_P + tl.where(valid, e, 0), mask=fm & valid, other=0)
+    tl.store(pair_index_ptr + f, tl.where(valid, first + rank, -1), mask=fm)
+    # token slots: the rank's running count of this program's tokens, after the earlier programs'
+    tok = pid.to(tl.int64) * BT + tl.arange(0, BT)
+    jj = tl.arange(0, K_P)
+    tm = tok < t
+    pm = tm[:, None] & (jj < K)[None, :]
+    e2 = tl.load(idx_ptr + tok[:, None] * K + jj[None, :], mask=pm, other=-1).to(tl.int64)
+    _, own2 = _route_owner(e2, E, L)
+    hits = tl.max((own2[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)     # [BT, W_P]
+    pos = tl.cumsum(hits, axis=0) - hits + rbefore[None, :]
+    tl.store(slot_ptr + tok[:, None] * W + dd[None, :], tl.where(hits > 0, pos, -1),
+             mask=tm[:, None] & (dd < W)[None, :])
+
+
+def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
+    t, k = topk_idx.shape
+    E, W = num_experts, world_size
+    dev = topk_idx.device
+    E_P, W_P, K_P = next_power_of_2(E), max(next_power_of_2(W), 2), max(next_power_of_2(k), 2)
+    BP = ROUTE_PAIRS
+    BT = max(BP // K_P, 1)
+    P = max(cdiv(t * k, BP), cdiv(t, BT))
+    scratch = torch.zeros(P * (E_P + W_P), dtype=torch.int32, device=dev)
+    hist, rhist = scratch[:P * E_P], scratch[P * E_P:]
+    base = torch.empty(P * E_P, dtype=torch.int32, device=dev)
+    expert = torch.empty(t, k, dtype=torch.int64, device=dev)
+    owner = torch.empty(t, k, dtype=torch.int32, device=dev)
+    pair_index = torch.empty(t, k, dtype=torch.int32, device=dev)
+    slot = torch.empty(t, W, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    sent = torch.empty(W, dtype=torch.int32, device=dev)
+    L = E // W
+    _route_hist_kernel[(P,)](topk_idx, t, k, E, L, hist, rhist, expert, owner,
+                             E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, num_warps=4)
+    _route_rank_kernel[(P,)](topk_idx, t, k, E, L, P, hist, rhist, base, counts, sent, slot, pair_index,
+                             E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, JB=ROUTE_JB, num_warps=8)
+    return TokenRoute(counts, sent, slot, owner, pair_index, expert)
+
+
+def _route_torch(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
+    """The same routing in sync-free torch ops (devices without Triton)."""
     t, k = topk_idx.shape
     E, W = num_experts, world_size
     L = E // W
