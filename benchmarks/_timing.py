@@ -329,22 +329,45 @@ def time_queued_us(fn: Callable[[], Any], device: torch.device, reps: int = 20, 
     return out
 
 
-def kernel_profile(fn: Callable[[], Any], device: torch.device, steps: int = 3, top: int = 20) -> list[dict]:
+def kernel_profile(fn: Callable[[], Any], device: torch.device, steps: int = 3, top: int = 20,
+                   gaps: int = 0) -> list[dict]:
     """The GPU kernels of ``steps`` calls of ``fn`` under torch.profiler: per kernel name, device
-    µs per call and share of the call's kernel time, largest first; the rest as ``(other)``."""
+    µs per call and share of the call's kernel time, largest first; the rest as ``(other)``.
+    ``gaps``: also that many of the longest idle stretches between two kernels of the last call
+    (``{"kernel": "(idle before NAME)", "us_per_call": gap, "after": PREVIOUS}``), the first
+    one measured from the call's first kernel."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
-        _sync(device)
+            _sync(device)
     totals: dict = {}
+    kernels = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             totals[ev.name] = totals.get(ev.name, 0.0) + ev.time_range.elapsed_us() / steps
+            kernels.append((ev.time_range.start, ev.time_range.end, ev.name))
     whole = sum(totals.values()) or 1.0
     rows = sorted(totals.items(), key=lambda kv: -kv[1])
     out = [{"kernel": k[:120], "us_per_call": round(v, 1), "share": round(v / whole, 4)} for k, v in rows[:top]]
     rest = sum(v for _, v in rows[top:])
     if rest:
         out.append({"kernel": "(other)", "us_per_call": round(rest, 1), "share": round(rest / whole, 4)})
+    if gaps and kernels:
+        kernels.sort()
+        per_call = len(kernels) // steps
+        last = kernels[-per_call:]            # the last call's kernels (every call launches the same ones)
+        found, end, prev = [], last[0][1], last[0][2]
+        for start, stop, name in last[1:]:
+            if start > end:
+                found.append((start - end, name, prev))
+            if stop > end:
+                end, prev = stop, name
+        span = last[-1][1] - last[0][0]
+        busy = sum(b - a for a, b, _ in last)
+        for gap, name, before in sorted(found, reverse=True)[:gaps]:
+            out.append({"kernel": f"(idle before {name[:80]})", "us_per_call": round(gap, 1),
+                        "after": before[:80], "share": None})
+        out.append({"kernel": "(first kernel to last, one call)", "us_per_call": round(span, 1),
+                    "busy_us": round(busy, 1), "share": None})
     return out
