@@ -38,12 +38,15 @@ test-gpu:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	$(PYTHON) scripts/run_gpu_tests.py --out $(OUT)/tests
 
-# The dispatch / combine suite on every visible GPU (docs/benchmarks.md), then the grouped GEMM
-# on the layout on the first visible GPU; outputs in benchmarks/results/.
+# The dispatch / combine suite on every visible GPU (docs/benchmarks.md), then on the first
+# visible GPU the grouped GEMM on the layout, to_mxfp8 against the copy ceiling and the
+# token-level path on the simulated world, then the MoE layer on every visible GPU; outputs in
+# benchmarks/results/.
 bench:
 	@$(PYTHON) scripts/ensure_deps.py --bench
 	$(PYTHON) benchmarks/run_all.py
 	$(PYTHON) benchmarks/bench_grouped_gemm.py --out benchmarks/results/grouped_gemm.json
+	$(PYTHON) benchmarks/bench_quantize.py --out benchmarks/results/quantize.json
 	$(PYTHON) benchmarks/bench_tokens_simulated.py --out benchmarks/results/tokens_simulated.json
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) benchmarks/bench_moe.py --out-dir benchmarks/results/moe
 
