@@ -498,6 +498,10 @@ def _train_rank(rank: int, world: int, backend: str, port: int, cfg: TrainConfig
         ok = _train(rank, world, device, cfg, backend)
         if rank == 0:
             result.put(ok)
+        # nobody tears down its gloo connections while rank 0 still prints and plots: a rank that
+        # destroyed its group and exited early aborted once in a fresh venv ("terminate called
+        # without an active exception", torch 2.13 CPU, 2026-12-01)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -653,6 +657,7 @@ def _layout_rank(rank: int, world: int, backend: str, port: int, rows: int, hidd
             if device.type == "cpu":
                 print("\n(timings on CPU run the Triton interpreter and gloo: not performance numbers)")
             print(f"\nall checks: {'OK' if all(oks) else 'FAIL'}")
+        dist.barrier()   # torn down together (see _train_rank)
     finally:
         dist.destroy_process_group()
 
