@@ -3,7 +3,8 @@
 Two concurrent pytest processes, so that a cold device machine (every Triton kernel variant
 compiled from scratch) spends its compile time on both at once:
 
-  1. ``single-gpu``: the single-GPU tests (``-m "gpu and not multigpu"``) on the last visible GPU;
+  1. ``single-gpu``: the single-GPU tests (``-m "gpu and not multigpu"``) on the last visible GPU,
+     in up to 8 processes (pytest-xdist, where installed);
   2. ``multi-gpu``: the multi-GPU tests (``-m multigpu``: 2 and 4 ranks where possible) on every
      visible GPU, started only when two or more are visible (with one GPU, only 1. runs).
 
@@ -17,6 +18,7 @@ non-zero if any process failed (or if no GPU is visible).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -53,7 +55,13 @@ def main() -> int:
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
     pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rf", os.path.join(ROOT, "tests")]
     pytest += args.pytest_args
-    jobs = [("single-gpu", pytest + ["-m", "gpu and not multigpu"], {"CUDA_VISIBLE_DEVICES": gpus[-1]})]
+    # The single-GPU tests in several processes on the one GPU where pytest-xdist is installed:
+    # a cold run is mostly Triton compiling (CPU-bound). 8 processes on one H200: 165 tests in
+    # 206 s, 2026-12-01 (docs/benchmarks.md).
+    single = ["-m", "gpu and not multigpu"]
+    if importlib.util.find_spec("xdist") is not None and "-n" not in args.pytest_args:
+        single += ["-n", str(max(1, min(8, (os.cpu_count() or 2) // 2)))]
+    jobs = [("single-gpu", pytest + single, {"CUDA_VISIBLE_DEVICES": gpus[-1]})]
     if len(gpus) >= 2:
         jobs.insert(0, ("multi-gpu", pytest + ["-m", "multigpu"], {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}))
     print(f"GPU tests on {len(gpus)} visible GPU(s) ({','.join(gpus)}): {', '.join(name for name, _, _ in jobs)}",
