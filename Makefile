@@ -59,5 +59,6 @@ gpu-session:
 	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/profile_stages.py --config a,c --zero-copy > $(OUT)/profile.log 2>&1; grep -A12 "^## config" $(OUT)/profile.log
 	-$(PYTHON) benchmarks/run_all.py --quick --out-dir $(OUT)/bench > $(OUT)/bench.log 2>&1; sed -n '/## Summary/,/## All/p' $(OUT)/bench/results.md
 	-$(PYTHON) benchmarks/bench_grouped_gemm.py --out $(OUT)/grouped_gemm.json > $(OUT)/grouped_gemm.log 2>&1; cat $(OUT)/grouped_gemm.log
+	-$(PYTHON) benchmarks/bench_quantize.py --shapes 32768x7168 16384x7168 --out $(OUT)/quantize.json > $(OUT)/quantize.log 2>&1; tail -8 $(OUT)/quantize.log
 	-$(PYTHON) benchmarks/bench_tokens_simulated.py --out $(OUT)/tokens_simulated.json > $(OUT)/tokens_simulated.log 2>&1; tail -5 $(OUT)/tokens_simulated.log
-	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) benchmarks/bench_moe.py --out-dir $(OUT)/moe > $(OUT)/moe.log 2>&1; tail -30 $(OUT)/moe.log
+	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) benchmarks/bench_moe.py --profile mxep --out-dir $(OUT)/moe > $(OUT)/moe.log 2>&1; grep -E "^   |^==" $(OUT)/moe.log

@@ -24,12 +24,13 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 CASES = [(w, cfg) for cfg in ("a", "c") for w in (2, 4, 8)]
 SHAPES = {"a": dict(hidden=7168, experts=256, rows=1024 * 8), "c": dict(hidden=7168, experts=256, rows=128 * 8)}
 
 
-def _child(reps: int, host_inclusive: bool) -> None:
+def _child(reps: int, host_inclusive: bool, cases: list) -> None:
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
@@ -40,7 +41,8 @@ def _child(reps: int, host_inclusive: bool) -> None:
     except ImportError:
         from mxep.comm.simulated import SimulatedWorld  # trees before the restructure
     results = {}
-    for w, cfg in CASES:
+    t_start = time.perf_counter()
+    for w, cfg in cases:
         sh = SHAPES[cfg]
         g = torch.Generator().manual_seed(1234 + w)
         world = SimulatedWorld(w, sh["experts"], sh["hidden"], sh["rows"], device="cuda")
@@ -59,6 +61,7 @@ def _child(reps: int, host_inclusive: bool) -> None:
         results[f"W{w}-{cfg}"] = {f"{op} {kind[:-3]}": us for op, v in t.items() for kind, us in v.items()}
         del world, xs, eo, handles, ins
         torch.cuda.empty_cache()
+        print(f"TIMING W{w}-{cfg} done at {time.perf_counter() - t_start:.1f} s", flush=True)
     print("RESULT " + json.dumps(results))
 
 
@@ -68,11 +71,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--child", action="store_true")
+    p.add_argument("--cases", default=None, help="comma list of cases, e.g. W4-a,W8-c (default: all six)")
     p.add_argument("--host-inclusive", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each call issued as the GPU runs (off: the device-queued time only)")
     a = p.parse_args()
+    cases = [c for c in CASES if a.cases is None or f"W{c[0]}-{c[1]}" in a.cases.split(",")]
+    if not cases:
+        p.error(f"--cases: none of {a.cases!r} is one of " + ",".join(f"W{w}-{c}" for w, c in CASES))
     if a.child:
-        _child(a.reps, a.host_inclusive)
+        _child(a.reps, a.host_inclusive, cases)
         return
     trees = [t.split("=", 1) for t in a.trees]
     runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
@@ -80,13 +87,16 @@ def main() -> None:
         for name, path in trees:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--trees", "x", "--child",
-                                  "--reps", str(a.reps)] + ([] if a.host_inclusive else ["--no-host-inclusive"]),
+                                  "--reps", str(a.reps)] + ([] if a.host_inclusive else ["--no-host-inclusive"])
+                                 + ([] if a.cases is None else ["--cases", a.cases]),
                                  env=env, capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
                 print(out.stdout[-3000:], out.stderr[-3000:])
                 raise SystemExit(f"tree {name} failed")
             runs[name].append(json.loads(line[0][7:]))
+            print(f"round {r + 1} tree {name}: " + "; ".join(ln[7:] for ln in out.stdout.splitlines()
+                                                              if ln.startswith("TIMING ")), flush=True)
         print(f"after round {r + 1} of {a.rounds}:", flush=True)
         _table(runs, [n for n, _ in trees])
 
