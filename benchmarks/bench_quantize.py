@@ -9,11 +9,16 @@ For every shape it reports, measured in the same run on the same card:
   * the pure-torch reference (``mxep.format.naive.to_mxfp8_reference``) for comparison;
   * whether kernel and reference agree bit for bit on that input.
 
-Timing: CUDA events around every call, warm-up first, median over ``--iters`` (>= 50) calls.
-Inputs rotate among several buffers whose total size is >= 4x the L2 cache, so no call reads
-data left in L2 by the previous one.
+Timing: CUDA events around every call, warm-up first; three rounds of ``--iters`` (>= 50) calls
+of the kernel, each followed by a round of the copy; the per-call min / median / max over all
+rounds and the kernel / copy fraction of each round. Inputs rotate among several buffers whose
+total size is >= 4x the L2 cache, so no call reads data left in L2 by the previous one.
 
-Usage: ``python benchmarks/bench_quantize.py [--out benchmarks/results/quantize.json]``
+``--sweep``: the tile candidates of the quantize and dequantize kernels and the one-pass round
+trip, against the copy of the same run (two interleaved rounds), each checked bit for bit; the
+numbers behind the kernels' default tiles (mxep/format/quantize.py, dequantize.py).
+
+Usage: ``python benchmarks/bench_quantize.py [--sweep] [--out benchmarks/results/quantize.json]``
 """
 from __future__ import annotations
 
