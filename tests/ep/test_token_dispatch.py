@@ -436,7 +436,8 @@ def test_capacity_factor_drops_deterministically(world):
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 @pytest.mark.parametrize("impl", ["route_tokens", "torch"])
 @pytest.mark.parametrize("t,k,E,W", [(1, 1, 2, 2), (13, 3, 12, 4), (64, 8, 256, 8), (37, 2, 6, 3), (0, 4, 8, 2),
-                                     (300, 8, 64, 4), (301, 6, 24, 8), (1000, 3, 12, 3), (2500, 1, 16, 2)])
+                                     (300, 8, 64, 4), (301, 6, 24, 8), (1000, 3, 12, 3), (2500, 1, 16, 2),
+                                     (77, 4, 512, 1), (129, 8, 96, 16)])
 def test_route_tokens_against_a_loop(t, k, E, W, impl, device):
     """``route_tokens`` (the Triton kernels where Triton runs: several programs from 300 tokens
     of top-8 on) and its torch fallback against a plain Python walk over the tokens: counts,
@@ -449,6 +450,12 @@ def test_route_tokens_against_a_loop(t, k, E, W, impl, device):
     if t:
         idx[torch.rand(t, k, generator=g) < 0.2] = -1
         idx[0, 0] = E + 3                                    # out of range: no expert
+        if t > 1:
+            idx[1, -1] = -(2 ** 40)                          # far out of range (int64)
+    if t % 2:
+        idx = idx.to(torch.int32) if t < 2500 else idx       # both index dtypes
+        if t > 1:
+            idx[1, -1] = -7
     route = route_tokens(idx.to(device), E, W)
     assert route.slot.device.type == device
     L = E // W
