@@ -25,7 +25,7 @@ from mxep.ep.routing import make_inputs, make_routing  # noqa: E402
 
 __all__ = [
     "BenchConfig", "CONFIGS", "SMOKE_CONFIGS", "ROUTINGS", "NVLINK_GBPS", "SKEW_FRACTION",
-    "Case", "make_case", "pair_rows", "pattern_pair_bytes", "traffic", "row_bytes",
+    "Case", "make_case", "TokenCase", "make_token_case", "pair_rows", "pattern_pair_bytes", "traffic", "row_bytes",
     "add_common_args", "parse_list", "init_distributed", "ResultFile", "gbps", "attach_measurement",
     "result_line", "parse_ep_config", "ep_config", "ep_config_dict", "EP_CONFIG_HELP",
 ]
@@ -110,6 +110,46 @@ def make_case(cfg: BenchConfig, routing: str, world: int, rank: int, device: tor
     reps = -(-n // m)
     x = base.repeat(reps, 1)[:n].contiguous() if reps > 1 else base
     return Case(cfg, routing, world, rank, C, counts, x)
+
+
+@dataclass
+class TokenCase:
+    """One rank's input of the token-level dispatch (``Buffer(top_k=k).dispatch_tokens``)."""
+    x: torch.Tensor            # [T, H] bf16, tokens in token order (not expanded)
+    topk_idx: torch.Tensor     # [T, k] int32, distinct experts per token
+    topk_weights: torch.Tensor  # [T, k] fp32, rows summing to 1
+    wire_bytes_avg: float      # dispatch bytes a rank sends off-rank, averaged over ranks
+
+
+def _topk_ids(cfg: BenchConfig, routing: str, seed: int, rank: int) -> torch.Tensor:
+    s0 = _seed(seed, cfg, routing)
+    g = torch.Generator().manual_seed(s0 * 1000 + rank + 7)
+    idx = torch.rand(cfg.tokens, cfg.experts, generator=g).argsort(1)[:, :cfg.topk]   # uniform, distinct
+    if routing == "skewed":   # the hot expert (the same on every rank) in ~SKEW_FRACTION of the tokens
+        hot = int(torch.randint(cfg.experts, (1,), generator=torch.Generator().manual_seed(s0)))
+        pick = torch.rand(cfg.tokens, generator=g) < SKEW_FRACTION * cfg.topk
+        has = (idx == hot).any(1)
+        idx[pick & ~has, 0] = hot
+    return idx.to(torch.int32)
+
+
+def make_token_case(cfg: BenchConfig, routing: str, world: int, rank: int, device: torch.device,
+                    seed: int) -> TokenCase:
+    """Top-k routing of ``cfg.tokens`` tokens over ``cfg.experts`` (uniform, or ``skewed``: one hot
+    expert in about ``SKEW_FRACTION * k`` of the tokens), deterministic per rank, and the bytes
+    the token-level dispatch puts on the wire: every off-rank (token, rank) pair once, MXFP8 data
+    + scales + its k slot rows and weights (8 bytes each)."""
+    from mxep.ep.tokens import route_tokens
+    sent = 0
+    for r in range(world):
+        own = route_tokens(_topk_ids(cfg, routing, seed, r), cfg.experts, world).tokens_per_rank.clone()
+        own[r] = 0
+        sent += int(own.sum())
+    g = torch.Generator().manual_seed(_seed(seed, cfg, routing) * 37 + rank)
+    x = make_inputs(torch.tensor([cfg.tokens]), cfg.hidden, torch.bfloat16, g, device=device)
+    w = torch.rand(cfg.tokens, cfg.topk, generator=g) + 0.05
+    return TokenCase(x, _topk_ids(cfg, routing, seed, rank).to(device), (w / w.sum(1, keepdim=True)).to(device),
+                     sent / world * (row_bytes("mxfp8", cfg.hidden) + 8 * cfg.topk))
 
 
 def pair_rows(C: torch.Tensor, world: int) -> torch.Tensor:

@@ -16,6 +16,13 @@ Systems (names used in the JSON):
                  dispatch, as in a training step; ops dispatch_graph / combine_graph: CUDA-graph
                  replays back to back (GPU only); op step_graph: dispatch + combine in one graph (its
                  GB/s column counts the dispatch's bytes only)
+  mxep_tokens    mxep.Buffer(top_k=k).dispatch_tokens / .combine_tokens: the token-level path (each
+                 token once per destination rank, expanded on the owner; the gate-weighted
+                 combine reduced on the owner), on the config's tokens with a top-k routing of
+                 the same kind (uniform / skewed; _common.make_token_case); ops as mxep's
+                 (dispatch, combine, combine_after_dispatch, and on GPUs the graph replays);
+                 bytes: the token-level wire bytes; checked bit for bit against the row-level
+                 dispatch of the stably expert-sorted expansion (with "mxep")
   unfused_mxfp8  mxep.ep.naive_pipeline.unfused_dispatch_mxfp8 / unfused_combine
   nccl_bf16      unfused_dispatch_bf16 / unfused_combine (bf16 all_to_all_single + permute)
   ceilings       ceil_ce, ceil_triton, ceil_nccl, ceil_nccl_pairs (see _ceilings.py), for three traffic patterns
@@ -34,15 +41,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import _ceilings  # noqa: E402
+from _common import row_bytes  # noqa: E402
 from _common import (CONFIGS, EP_CONFIG_HELP, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
                      attach_measurement, count_matrix, ep_config, ep_config_dict, init_distributed, make_case,
+                     make_token_case,
                      parse_ep_config, parse_list, pattern_pair_bytes, result_header, result_line, traffic)
 from _timing import capture_graph, gather, guarded, time_aligned, time_pipelined  # noqa: E402
 
 import mxep  # noqa: E402
 from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
 
-SYSTEMS = ("mxep", "unfused_mxfp8", "nccl_bf16", "ceilings")
+SYSTEMS = ("mxep", "mxep_tokens", "unfused_mxfp8", "nccl_bf16", "ceilings")
 PATTERNS = ("dispatch_mxfp8", "dispatch_bf16", "combine_bf16")
 
 
@@ -111,6 +120,78 @@ def main() -> None:
                                                                        c.hidden, pt))
                        for c in configs for r in routings for pt in patterns)
         ceil, ceil_err = run("ceilings init", lambda: _ceilings.PeerCeilings(group, device, need()))
+
+    def token_level(cfg, routing, record, run, timed) -> None:
+        """The token-level system on this config and routing (see the module docstring)."""
+        H, E, T, k = cfg.hidden, cfg.experts, cfg.tokens, cfg.topk
+        tbuf, err = run("mxep.Buffer(top_k)", lambda: mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T,
+                                                                  top_k=k, align=32,
+                                                                  config=ep_config(overrides, device, H)))
+        tc, terr = run("token inputs", lambda: make_token_case(cfg, routing, world, rank, device, args.seed))
+        err = err or terr
+        extra = {"symm_bytes": tbuf.symm_bytes if tbuf else None,
+                 "transport": tbuf.transport_name if tbuf else None,
+                 "capacity_rows": tbuf.capacity if tbuf else None}
+        if tbuf is None or tc is None:
+            for op, pat in (("dispatch", "dispatch_mxfp8"), ("combine", "combine_bf16")):
+                record("mxep_tokens", op, pat, err=f"setup: {err}", **extra)
+            return
+        nb = tc.wire_bytes_avg
+        x, idx, w = tc.x, tc.topk_idx, tc.topk_weights
+        m, err = timed(lambda: tbuf.dispatch_tokens(x, idx, w), pipelined=True)
+        record("mxep_tokens", "dispatch", "dispatch_mxfp8", m, err, nbytes=nb, **extra)
+        res, err = run("mxep_tokens dispatch", lambda: tbuf.dispatch_tokens(x, idx, w))
+        m = None
+        if res is not None:
+            eo = torch.randn(tbuf.capacity, H, device=device, dtype=torch.bfloat16)
+            m, err = timed(lambda: tbuf.combine_tokens(eo, res.handle), pipelined=True)
+        cb = nb / (row_bytes("mxfp8", H) + 8 * k) * 2 * H   # one bf16 partial per off-rank (token, rank)
+        record("mxep_tokens", "combine", "combine_bf16", m, err, nbytes=cb, **extra)
+        m = None
+        if res is not None:
+            step = {}
+            m, err = timed(lambda: tbuf.combine_tokens(eo, step["res"].handle),
+                           setup=lambda: step.update(res=tbuf.dispatch_tokens(x, idx, w)))
+            step.clear()
+        record("mxep_tokens", "combine_after_dispatch", "combine_bf16", m, err, nbytes=cb, **extra)
+        if device.type == "cuda" and res is not None and args.pipelined_iters > 0:
+            for op, pat, fn, b in (("dispatch_graph", "dispatch_mxfp8", lambda: tbuf.dispatch_tokens(x, idx, w), nb),
+                                   ("combine_graph", "combine_bf16", lambda: tbuf.combine_tokens(eo, res.handle), cb),
+                                   ("step_graph", "dispatch_mxfp8",
+                                    lambda: tbuf.combine_tokens(eo, tbuf.dispatch_tokens(x, idx, w).handle), nb)):
+                graph, err = run(f"tokens {op} capture", lambda: capture_graph(fn))
+                m = None
+                if graph is not None:
+                    m, err = run(op, lambda: time_pipelined(graph.replay, device=device, group=group,
+                                                            iters=args.pipelined_iters))
+                record("mxep_tokens", op, pat, m, err, nbytes=b, **extra)
+                graph = None
+
+        def check():
+            """The token dispatch's layout against the row-level dispatch of the stably
+            expert-sorted expansion (bit for bit), on a row-level Buffer of the same shape."""
+            rbuf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T * k, align=32,
+                               config=ep_config(overrides, device, H))
+            got = tbuf.dispatch_tokens(x, idx, w)
+            order = torch.argsort(idx.flatten().long(), stable=True)
+            counts = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(
+                0, idx.flatten().long(), torch.ones(T * k, dtype=torch.int64, device=device))
+            want = rbuf.dispatch(x[order // k].contiguous(), counts)
+            R = int(want.group_end_offsets[-1])   # debug-only (the benchmark's check)
+            bad = [name for name, a, b in (
+                ("group_end_offsets", got.group_end_offsets, want.group_end_offsets),
+                ("tokens_per_expert", got.tokens_per_expert, want.tokens_per_expert),
+                ("qdata", got.tokens.qdata[:R].view(torch.uint8), want.tokens.qdata[:R].view(torch.uint8)),
+                ("scale", got.tokens.scale[:R].view(torch.uint8), want.tokens.scale[:R].view(torch.uint8)))
+                if not torch.equal(a, b)]
+            return "ok" if not bad else "mismatch: " + ",".join(bad)
+        out, err = run("tokens check", check)
+        verdicts = gather(out)
+        verdict = "ok" if all(v == "ok" for v in verdicts) else "; ".join(
+            f"rank {r}: {v}" for r, v in enumerate(verdicts) if v != "ok")
+        rf.add({"world": world, "config": cfg.name, "routing": routing, "system": "check",
+                "op": "mxep_tokens_vs_row_level_bitwise", "check": verdict, "error": err})
+        log(f"   check mxep_tokens vs the row-level dispatch of the sorted expansion: {verdict if err is None else err}")
 
     with torch.no_grad():
         for cfg in configs:
@@ -203,6 +284,10 @@ def main() -> None:
                                                                             iters=args.pipelined_iters))
                                 record("mxep", op, pat, m, err, **extra)
                                 graph = None
+
+                # ---- 1b. mxep token-level
+                if "mxep_tokens" in systems:
+                    token_level(cfg, routing, record, run, timed)
 
                 # ---- 2. unfused MXFP8 and 3. NCCL bf16
                 for name, disp in (("unfused_mxfp8", lambda: unfused_dispatch_mxfp8(x, counts, group, align=32)),

@@ -17,10 +17,11 @@ import re
 import sys
 from collections import defaultdict
 
-SYSTEM_ORDER = ["mxep", "unfused_mxfp8", "nccl_bf16", "nvshmem_a2a_2d", "ceil_ce", "ceil_triton", "ceil_nccl",
+SYSTEM_ORDER = ["mxep", "mxep_tokens", "unfused_mxfp8", "nccl_bf16", "nvshmem_a2a_2d", "ceil_ce", "ceil_triton", "ceil_nccl",
                 "ceil_nccl_pairs"]
 SYSTEM_LABEL = {
     "mxep": "mxep fused (MXFP8)",
+    "mxep_tokens": "mxep token-level (MXFP8, once per destination rank)",
     "unfused_mxfp8": "unfused MXFP8 (NCCL a2a + permute)",
     "nccl_bf16": "NCCL bf16 (a2a + permute)",
     "nvshmem_a2a_2d": "symm_mem all_to_all_vdev_2d (NVSHMEM)",
@@ -32,7 +33,7 @@ SYSTEM_LABEL = {
 CEILINGS = ("ceil_ce", "ceil_triton", "ceil_nccl", "ceil_nccl_pairs")
 ZERO_COPY = "mxep_zero_copy"   # plot-only label: system mxep, op dispatch_zero_copy / combine_zero_copy
 SYSTEM_LABEL[ZERO_COPY] = "mxep, zero-copy (tokens / expert outputs in the Buffer)"
-COLORS = {"mxep": "#1f77b4", ZERO_COPY: "#aec7e8", "unfused_mxfp8": "#ff7f0e", "nccl_bf16": "#2ca02c", "nvshmem_a2a_2d": "#9467bd",
+COLORS = {"mxep": "#1f77b4", "mxep_tokens": "#d62728", ZERO_COPY: "#aec7e8", "unfused_mxfp8": "#ff7f0e", "nccl_bf16": "#2ca02c", "nvshmem_a2a_2d": "#9467bd",
           "ceil_ce": "#7f7f7f", "ceil_triton": "#bcbd22", "ceil_nccl": "#17becf",
           "ceil_nccl_pairs": "#9edae5"}
 

@@ -33,7 +33,7 @@ sys.path.insert(0, HERE)
 import report  # noqa: E402  (no torch import: the report can be rebuilt anywhere)
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-DISPATCH_SYSTEMS = ("mxep", "unfused_mxfp8", "nccl_bf16", "ceilings")
+DISPATCH_SYSTEMS = ("mxep", "mxep_tokens", "unfused_mxfp8", "nccl_bf16", "ceilings")
 ALL_SYSTEMS = DISPATCH_SYSTEMS + ("nvshmem",)
 
 
