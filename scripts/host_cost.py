@@ -19,7 +19,11 @@ transport's (plan, push, copy-out, combine push / copy-out, pull), with no peer 
     python scripts/host_cost.py [--device cpu|cuda] [--config c] [--ep-config '{"spread_parts": 8}'] [--profile]
 
 Shapes: one of the benchmark configs (benchmarks/_common.py, default (c), the latency config:
-H=7168, 1024 rows, 256 experts). Kernel settings: ``--ep-config`` (EPConfig field overrides).
+H=7168, 1024 rows, 256 experts); the token-level rows use the config's tokens and top-k (a
+``Buffer(top_k=k)``). On the CPU those rows also count the torch ops' own work on CPU tensors
+(zero fills of the layout, the backward's row tables) and the torch routing, which the
+compile-only driver runs beside the routing kernels' compile (their outputs feed gathers): read
+them as upper bounds there. Kernel settings: ``--ep-config`` (EPConfig field overrides).
 """
 from __future__ import annotations
 
@@ -144,6 +148,7 @@ def main() -> None:
         # (the stage launches above run out of the protocol's order: one rank has no peer to wait for)
         measured = [(name, per_call_us(fn, iters, sync)) for name, fn in rows]
     measured.insert(0, ("dispatch (autograd)", per_call_us(lambda: buf.dispatch(xg, counts), iters, sync)))
+    measured += token_level_rows(cfg, dev, config if device == "cpu" else buf.config, iters, sync, device == "cpu")
     for name, us in measured:
         print(f"{name:45s} {us:8.1f} us host/call")
     if args.profile:
@@ -155,6 +160,43 @@ def main() -> None:
             prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     dist.destroy_process_group()
+
+
+def token_level_rows(cfg, dev, config, iters: int, sync, local: bool) -> list:
+    """The token-level calls of the same config (``cfg.tokens`` tokens, top-``cfg.topk``, uniform
+    routing) on a ``Buffer(top_k=k)``: routing, dispatch_tokens, combine_tokens, and a layer's
+    forward + backward of the two (autograd)."""
+    import torch
+
+    import mxep
+    from mxep.ep.tokens import route_tokens
+    from mxep.ep.transport.symm_mem import SymmMemTransport
+
+    E, H, T, k = cfg.experts, cfg.hidden, cfg.tokens, cfg.topk
+    buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, top_k=k, config=config)
+    if local:
+        buf.transport = SymmMemTransport.over_local_memory(buf.regions, config, device=dev, group=buf.group)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.rand(T, E, generator=g).argsort(1)[:, :k].to(torch.int32).to(dev)
+    w = torch.rand(T, k, generator=g).to(dev)
+    x = torch.randn(T, H, generator=g).to(dev, torch.bfloat16)
+    eo = torch.randn(buf.capacity, H, device=dev).bfloat16()
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    eog = eo.clone().requires_grad_(True)
+    dy = torch.randn(T, H, device=dev).bfloat16()
+
+    def layer():
+        res = buf.dispatch_tokens(xg, idx, wg)
+        buf.combine_tokens(eog, res.handle).backward(dy)
+
+    with torch.no_grad():
+        res = buf.dispatch_tokens(x, idx, w)
+        rows = [("route_tokens (token-level)", lambda: route_tokens(idx, E, 1)),
+                ("dispatch_tokens (no_grad)", lambda: buf.dispatch_tokens(x, idx, w)),
+                ("combine_tokens (no_grad)", lambda: buf.combine_tokens(eo, res.handle))]
+        out = [(name, per_call_us(fn, iters, sync)) for name, fn in rows]
+    out.append(("dispatch_tokens + combine_tokens, fwd + bwd", per_call_us(layer, max(iters // 4, 10), sync)))
+    return out
 
 
 if __name__ == "__main__":
