@@ -67,6 +67,8 @@ with socket.socket() as s:
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 moe = mxep.MoE(hidden=64, ffn_hidden=32, num_experts=4, top_k=2, max_tokens_per_rank=16)
 expect("MoE forward", lambda: moe(torch.randn(8, 64, dtype=torch.bfloat16)))
+del moe        # its Buffer holds the group: freed before the group is destroyed, not at exit
+import gc; gc.collect()
 dist.destroy_process_group()
 print("done", flush=True)
 """

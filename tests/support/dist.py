@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -67,6 +68,7 @@ def single_rank_group(backend: str = "gloo"):
     try:
         yield dist.group.WORLD
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -83,6 +85,7 @@ def _child(rank: int, world_size: int, fn: Callable, args: tuple, backend: str, 
             result = fn(rank, world_size, *args)
             dist.barrier()  # nobody tears down its connections while a peer still talks to it
         finally:
+            gc.collect()    # what still holds the group (Buffers in reference cycles) goes first
             dist.destroy_process_group()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
