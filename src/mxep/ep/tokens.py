@@ -69,6 +69,19 @@ def _route_owner(e, E, L):
 
 
 @triton.jit
+def _token_rank_hits(idx_ptr, pid, t, K, E, L, BT: tl.constexpr, K_P: tl.constexpr, W_P: tl.constexpr):
+    """Tokens ``[pid * BT, (pid + 1) * BT)``: ``(tok [BT], hits int32 [BT, W_P])``, hits[i, d] = 1
+    where token i has an expert on rank d."""
+    tok = pid.to(tl.int64) * BT + tl.arange(0, BT)
+    jj = tl.arange(0, K_P)
+    pm = (tok < t)[:, None] & (jj < K)[None, :]
+    e2 = tl.load(idx_ptr + tok[:, None] * K + jj[None, :], mask=pm, other=-1).to(tl.int64)
+    _, own2 = _route_owner(e2, E, L)
+    dd = tl.arange(0, W_P)
+    return tok, tl.max((own2[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)
+
+
+@triton.jit
 def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, owner_ptr,
                        E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
                        BP: tl.constexpr, BT: tl.constexpr):
@@ -84,14 +97,8 @@ def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, own
     tl.store(expert_ptr + f, tl.where(valid, e, E), mask=fm)
     tl.store(owner_ptr + f, owner.to(tl.int32), mask=fm)
     tl.atomic_add(hist_ptr + pid * E_P + tl.where(valid, e, 0), 1, mask=fm & valid, sem="relaxed")
-    # tokens of this program: [BT, K_P] pairs -> [BT, W_P] hits
-    tok = pid.to(tl.int64) * BT + tl.arange(0, BT)
-    jj = tl.arange(0, K_P)
-    pm = (tok < t)[:, None] & (jj < K)[None, :]
-    e2 = tl.load(idx_ptr + tok[:, None] * K + jj[None, :], mask=pm, other=-1).to(tl.int64)
-    _, own2 = _route_owner(e2, E, L)
+    _, hits = _token_rank_hits(idx_ptr, pid, t, K, E, L, BT, K_P, W_P)
     dd = tl.arange(0, W_P)
-    hits = tl.max((own2[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)     # [BT, W_P]
     tl.store(rhist_ptr + pid * W_P + dd, tl.sum(hits, axis=0), mask=dd < W)
 
 
@@ -129,7 +136,7 @@ def _route_rank_kernel(idx_ptr, t, K, E, L, P, hist_ptr, rhist_ptr, base_ptr, co
     f = pid.to(tl.int64) * BP + tl.arange(0, BP)
     fm = f < t * K
     e = tl.load(idx_ptr + f, mask=fm, other=-1).to(tl.int64)
-    valid = (e >= 0) & (e < E)
+    valid, _ = _route_owner(e, E, L)
     ei = tl.where(valid, e, -1).to(tl.int32)
     li = tl.arange(0, BP)
     rank = tl.zeros([BP], dtype=tl.int32)
@@ -143,13 +150,8 @@ def _route_rank_kernel(idx_ptr, t, K, E, L, P, hist_ptr, rhist_ptr, base_ptr, co
     first = tl.load(base_ptr + pid * E_P + tl.where(valid, e, 0), mask=fm & valid, other=0)
     tl.store(pair_index_ptr + f, tl.where(valid, first + rank, -1), mask=fm)
     # token slots: the rank's running count of this program's tokens, after the earlier programs'
-    tok = pid.to(tl.int64) * BT + tl.arange(0, BT)
-    jj = tl.arange(0, K_P)
+    tok, hits = _token_rank_hits(idx_ptr, pid, t, K, E, L, BT, K_P, W_P)
     tm = tok < t
-    pm = tm[:, None] & (jj < K)[None, :]
-    e2 = tl.load(idx_ptr + tok[:, None] * K + jj[None, :], mask=pm, other=-1).to(tl.int64)
-    _, own2 = _route_owner(e2, E, L)
-    hits = tl.max((own2[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)     # [BT, W_P]
     pos = tl.cumsum(hits, axis=0) - hits + rbefore[None, :]
     tl.store(slot_ptr + tok[:, None] * W + dd[None, :], tl.where(hits > 0, pos, -1),
              mask=tm[:, None] & (dd < W)[None, :])

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from mxep._utils import cdiv, next_power_of_2, require_triton
-from mxep.format.spec import BLOCK_SIZE
+from mxep.format.spec import BLOCK_SIZE, check_scale_mode
 from mxep.format.tile import bf16_bits_to_fp32, mxfp8_tile_to_bf16, quantize_tile
 
 __all__ = ["mxfp8_quantize", "mxfp8_round_trip", "quantize_mxfp8"]
@@ -86,8 +86,7 @@ def _check_input(x2d: torch.Tensor, scale_mode: str, what: str) -> None:
         raise TypeError(f"{what} expects bfloat16 or float32, got {x2d.dtype}")
     if not x2d.is_contiguous():
         raise ValueError(f"{what} expects a contiguous tensor")
-    if scale_mode not in ("rceil", "floor"):
-        raise ValueError(f"scale_mode must be 'rceil' or 'floor', got {scale_mode!r}")
+    check_scale_mode(scale_mode)
     if x2d.shape[1] % 32 != 0:
         raise ValueError(f"K must be a multiple of 32, got {x2d.shape[1]}")
 

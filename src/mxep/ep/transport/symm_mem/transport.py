@@ -202,7 +202,7 @@ class SymmMemTransport(Transport):
 
 def plan_token_state(peer: PeerMemory, topk_idx: torch.Tensor, topk_weights: torch.Tensor, align: int,
                      phase: str, route: TokenRoute | None = None) -> TokenState | None:
-    """Route the tokens (sync-free torch ops, :mod:`mxep.ep.tokens`; or ``route``, already
+    """Route the tokens (:func:`mxep.ep.tokens.route_tokens`, or ``route`` when already
     routed), exchange the counts and plan (``phase`` as :meth:`PeerMemory.exchange_and_plan`),
     and derive every pair's layout row."""
     r = peer.regions
