@@ -47,6 +47,7 @@ bench:
 	$(PYTHON) benchmarks/run_all.py
 	$(PYTHON) benchmarks/bench_grouped_gemm.py --out benchmarks/results/grouped_gemm.json
 	$(PYTHON) benchmarks/bench_quantize.py --out benchmarks/results/quantize.json
+	$(PYTHON) benchmarks/bench_route.py --out benchmarks/results/route.json
 	$(PYTHON) benchmarks/bench_tokens_simulated.py --out benchmarks/results/tokens_simulated.json
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) benchmarks/bench_moe.py --out-dir benchmarks/results/moe
 
