@@ -27,10 +27,13 @@ import sys
 import time
 
 CASES = [(w, cfg) for cfg in ("a", "c") for w in (2, 4, 8)]
+OPS = ("dispatch", "combine", "combine_zero_copy")
 SHAPES = {"a": dict(hidden=7168, experts=256, rows=1024 * 8), "c": dict(hidden=7168, experts=256, rows=128 * 8)}
 
 
-def _child(reps: int, host_inclusive: bool, cases: list) -> None:
+def _child(reps: int, host_inclusive: bool, cases: list, ops: list) -> None:
+    import inspect
+
     import torch
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
@@ -40,6 +43,10 @@ def _child(reps: int, host_inclusive: bool, cases: list) -> None:
         from mxep.ep.transport.symm_mem.simulated import SimulatedWorld  # the new tree
     except ImportError:
         from mxep.comm.simulated import SimulatedWorld  # trees before the restructure
+    # Trees before the restructure chose the zero-copy pull with ``mode="pull"`` (their default,
+    # the push, would time the staged copy instead); the new tree takes the pull whenever the
+    # inputs are the combine inputs.
+    pull = {"mode": "pull"} if "mode" in inspect.signature(SimulatedWorld.combine).parameters else {}
     results = {}
     t_start = time.perf_counter()
     for w, cfg in cases:
@@ -52,12 +59,16 @@ def _child(reps: int, host_inclusive: bool, cases: list) -> None:
         eo = [torch.randn(world.capacity, sh["hidden"], generator=g).to("cuda", torch.bfloat16) for _ in range(w)]
         dev = torch.device("cuda")
         q = dict(reps=reps, host_inclusive=host_inclusive)
-        t = {"dispatch": time_queued_us(lambda: world.dispatch(xs, counts), dev, **q)}
-        handles = [o.handle for o in world.dispatch(xs, counts)]
-        t["combine"] = time_queued_us(lambda: world.combine(eo, handles), dev, **q)
+        t = {}
+        if "dispatch" in ops:
+            t["dispatch"] = time_queued_us(lambda: world.dispatch(xs, counts), dev, **q)
+        if "combine" in ops:
+            handles = [o.handle for o in world.dispatch(xs, counts)]
+            t["combine"] = time_queued_us(lambda: world.combine(eo, handles), dev, **q)
         handles = [o.handle for o in world.dispatch(xs, counts)]
         ins = world.combine_inputs()
-        t["combine_zero_copy"] = time_queued_us(lambda: world.combine(ins, handles), dev, **q)
+        if "combine_zero_copy" in ops:
+            t["combine_zero_copy"] = time_queued_us(lambda: world.combine(ins, handles, **pull), dev, **q)
         results[f"W{w}-{cfg}"] = {f"{op} {kind[:-3]}": us for op, v in t.items() for kind, us in v.items()}
         del world, xs, eo, handles, ins
         torch.cuda.empty_cache()
@@ -72,14 +83,18 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--child", action="store_true")
     p.add_argument("--cases", default=None, help="comma list of cases, e.g. W4-a,W8-c (default: all six)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma list of ops (default: {','.join(OPS)})")
     p.add_argument("--host-inclusive", action=argparse.BooleanOptionalAction, default=True,
                    help="also time each call issued as the GPU runs (off: the device-queued time only)")
     a = p.parse_args()
     cases = [c for c in CASES if a.cases is None or f"W{c[0]}-{c[1]}" in a.cases.split(",")]
     if not cases:
         p.error(f"--cases: none of {a.cases!r} is one of " + ",".join(f"W{w}-{c}" for w, c in CASES))
+    ops = a.ops.split(",")
+    if not ops or any(o not in OPS for o in ops):
+        p.error(f"--ops: {a.ops!r} is not a comma list of " + ",".join(OPS))
     if a.child:
-        _child(a.reps, a.host_inclusive, cases)
+        _child(a.reps, a.host_inclusive, cases, ops)
         return
     trees = [t.split("=", 1) for t in a.trees]
     runs: dict[str, list[dict]] = {name: [] for name, _ in trees}
@@ -88,7 +103,7 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--trees", "x", "--child",
                                   "--reps", str(a.reps)] + ([] if a.host_inclusive else ["--no-host-inclusive"])
-                                 + ([] if a.cases is None else ["--cases", a.cases]),
+                                 + ([] if a.cases is None else ["--cases", a.cases]) + ["--ops", a.ops],
                                  env=env, capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
