@@ -479,3 +479,60 @@ def test_route_tokens_against_a_loop(t, k, E, W, impl, device):
     assert route.pair_owner.tolist() == owner
     assert route.pair_index.tolist() == pair_index
     assert route.expert.tolist() == [[(e if 0 <= e < E else E) for e in row] for row in ids]
+
+
+def _pair_tables_reference(route, w, row_base, group_end, recv, rank, align, cap, slots):
+    """The per-pair tables in torch ops: row = row_base[rank, expert] + index in the expansion;
+    -1 for no expert and for a pair past its expert's first ``cap`` rows."""
+    from mxep._utils import padded_group_rows
+    E = row_base.shape[1]
+    g = route.expert.clamp(0, E - 1)
+    rows = row_base[rank].long()[g] + route.pair_index.long()
+    keep = route.pair_index >= 0
+    if cap < 2**31 - 1:
+        start = group_end.long() - padded_group_rows(recv.long(), align)
+        keep = keep & (rows - start[g] < cap)
+    pair_rows = torch.where(keep, rows, -1).to(torch.int32)
+    k = route.expert.shape[1]
+    return (pair_rows, w.float(), torch.full((slots, k), -1, dtype=torch.int32),
+            torch.zeros(slots, k), ((route.pair_owner >= 0) & (pair_rows < 0)).sum())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("t,k,E,W,T,align,cap", [(13, 3, 12, 4, 20, 32, None), (0, 4, 8, 2, 5, 16, None),
+                                                 (301, 6, 24, 8, 301, 32, 40), (77, 2, 6, 3, 90, 48, 1),
+                                                 (1, 1, 2, 2, 1, 32, 0), (600, 8, 64, 4, 700, 32, 30)])
+def test_pair_tables_against_torch(t, k, E, W, T, align, cap, device):
+    """``pair_tables`` (one launch) equals the torch ops it replaced, bit for bit: rows from a
+    random plan, ``-1`` slots, capacity drops (none, tight, zero), odd sizes, bf16 weights."""
+    import types
+
+    from mxep.ep.tokens import route_tokens
+    from mxep.ep.transport.symm_mem.tokens import pair_tables
+    g = torch.Generator().manual_seed(t * 7 + k)
+    idx = _routing(g, t, E, k, W, "holes").to(torch.int32).to(device)
+    w = torch.rand(t, k, generator=g).bfloat16().to(device)
+    # a plan whose groups start near this rank's rows (row_base = group start + a few rows, as
+    # when earlier sources sent a few), so that the capacity test meets its boundary
+    from mxep._utils import padded_group_rows
+    rank = W - 1
+    recv = torch.randint(0, 400, (E,), generator=g, dtype=torch.int32)
+    group_end = padded_group_rows(recv, align).cumsum(0).to(torch.int32)
+    row_base = torch.randint(-50, 5000, (W, E), generator=g, dtype=torch.int32)
+    row_base[rank] = group_end - padded_group_rows(recv, align) + torch.randint(-2, 4, (E,), generator=g,
+                                                                                dtype=torch.int32)
+    plan = types.SimpleNamespace(row_base=row_base.to(device), group_end=group_end.to(device), recv=recv.to(device))
+    route = route_tokens(idx, E, W)
+    cap_rows = 2**31 - 1 if cap is None else cap
+    got = pair_tables(route.expert, route.pair_index, route.pair_owner, w, plan, rank, align, cap_rows, W * T)
+    want = _pair_tables_reference(types.SimpleNamespace(**{n: getattr(route, n).cpu() for n in
+                                                           ("expert", "pair_index", "pair_owner")}),
+                                  w.cpu(), plan.row_base.cpu(), plan.group_end.cpu(), plan.recv.cpu(), rank, align,
+                                  cap_rows, W * T)
+    names = ("pair_rows", "pair_weights", "rows", "weights", "num_dropped")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a.cpu(), b), name
+    if cap is not None and t > 100:   # the capacity both keeps and drops pairs here
+        assert 0 < int(want[4]) < int((route.pair_owner >= 0).sum()), int(want[4])

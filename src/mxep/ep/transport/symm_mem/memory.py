@@ -131,6 +131,8 @@ class TokenState:
         pair_weights: fp32 ``[t, k]`` the gate weights (as dispatched).
         rows: int32 ``[W * T, k]`` (owner side) each received slot's layout rows (``-1``: none).
         weights: fp32 ``[W * T, k]`` (owner side) their gate weights.
+        num_dropped: int64 ``[]`` pairs of this rank that the expert capacity dropped (set by the
+            dispatch's planning; None for a state rebuilt from the handle's tensors).
     """
 
     plan: DispatchPlan
@@ -140,6 +142,7 @@ class TokenState:
     pair_weights: torch.Tensor
     rows: torch.Tensor
     weights: torch.Tensor
+    num_dropped: torch.Tensor | None = None
 
 
 def _view(mem: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

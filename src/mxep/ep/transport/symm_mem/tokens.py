@@ -5,6 +5,8 @@ owner's local experts (fp32, gate-weighted) and sends one bf16 partial per (toke
 
 Phases of one call (a barrier between a phase that writes peers and the next):
 
+* :func:`pair_tables` (source, after the plan): every (token, expert) pair's layout row, the
+  capacity drop, the fp32 gate weights and the owner-side slot tables' reset, in one launch.
 * :func:`push_tokens` (source): token ``t`` goes to every rank ``d`` it has an expert on, into
   d's token slot ``rank * T + slot[t, d]``: the MXFP8 row (or bf16 for the backward's gradient)
   and, in the forward, the slot's table rows: the layout row of each of its k pairs whose expert
@@ -29,13 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mxep._utils import cdiv, next_power_of_2
+from mxep._utils import cdiv, next_power_of_2, padded_group_rows_jit
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.symm_mem.dispatch import _own_pads, _zero_pad_row
 from mxep.ep.transport.symm_mem.plan import DispatchPlan, work_item, work_steps
 from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, quantize_tile
 
-__all__ = ["push_tokens", "expand_tokens", "reduce_tokens", "sum_partials", "expand_token_grads"]
+__all__ = ["pair_tables", "push_tokens", "expand_tokens", "reduce_tokens", "sum_partials", "expand_token_grads"]
 
 
 @triton.jit
@@ -77,6 +79,81 @@ def _zero_pads(out_data_ptr, out_scale_ptr, group_end_ptr, recv_ptr, rank, H, ca
                       capacity, QUANTIZE, L, L_P, BLOCK_K)
         v += NPROG
     return v - num_pads
+
+
+# pair_tables: elements per program. One launch replaced eleven small torch ops (clamp, casts,
+# gather, add, where, the capacity test, the table fills, the weights' copy, the drop count):
+# about 70 us of device time per world-wide call at W 4 of the simulated world's token dispatch
+# (docs/benchmarks.md, 2026-12-02).
+PAIR_BLOCK = 1024
+
+
+@triton.jit
+def _pair_tables_kernel(expert_ptr, pair_index_ptr, owner_ptr, w_in_ptr, row_base_ptr, group_end_ptr, recv_ptr,
+                        n_pairs, n_table, E, expert_cap,
+                        pair_rows_ptr, w_out_ptr, rows_tab_ptr, w_tab_ptr, dropped_ptr,
+                        CAPPED: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # Pair p = (token, slot), flat: row = row_base[rank, g] + pair_index (the row the row-level
+    # dispatch gives the pair's row in the sorted expansion), -1 for no expert and, with a
+    # capacity, for a pair past its expert's first expert_cap rows. Elements past n_pairs only
+    # reset the owner-side slot tables (n_table = W * T * k entries: rows -1, weights 0).
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_pairs
+    g = tl.load(expert_ptr + offs, mask=m, other=0)
+    g = tl.minimum(tl.maximum(g, 0), E - 1)            # E (no expert) and anything else: in range
+    pidx = tl.load(pair_index_ptr + offs, mask=m, other=-1)
+    base = tl.load(row_base_ptr + g, mask=m, other=0)
+    row = base.to(tl.int64) + pidx
+    keep = m & (pidx >= 0)
+    if CAPPED:
+        recv = tl.load(recv_ptr + g, mask=m, other=0)
+        start = tl.load(group_end_ptr + g, mask=m, other=0) - padded_group_rows_jit(recv, ALIGN)
+        keep = keep & (row - start < expert_cap)
+    out = tl.where(keep, row, -1).to(tl.int32)
+    tl.store(pair_rows_ptr + offs, out, mask=m)
+    tl.store(w_out_ptr + offs, tl.load(w_in_ptr + offs, mask=m, other=0).to(tl.float32), mask=m)
+    owner = tl.load(owner_ptr + offs, mask=m, other=-1)
+    tl.atomic_add(dropped_ptr, tl.sum((m & (owner >= 0) & (out < 0)).to(tl.int64), axis=0))
+    tm = offs < n_table
+    tl.store(rows_tab_ptr + offs, tl.full([BLOCK], -1, tl.int32), mask=tm)
+    tl.store(w_tab_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=tm)
+
+
+def pair_tables(expert: torch.Tensor, pair_index: torch.Tensor, pair_owner: torch.Tensor,
+                topk_weights: torch.Tensor, plan: DispatchPlan, rank: int, align: int, expert_cap: int,
+                table_slots: int) -> tuple[torch.Tensor, ...]:
+    """The source side's per-pair tables of a token-level dispatch, after its plan.
+
+    Args:
+        expert: int64 ``[t, k]`` each pair's global expert (``E``: none), from the routing.
+        pair_index: int32 ``[t, k]`` the pair's index in its expert's sorted expansion (``-1``: none).
+        pair_owner: int32 ``[t, k]`` the pair's owner rank (``-1``: none).
+        topk_weights: float ``[t, k]`` the gate weights (any float dtype).
+        plan: the call's plan (``row_base [W, E]``, ``group_end [E]``, ``recv [E]``).
+        expert_cap: rows each expert keeps (``2**31 - 1``: no capacity).
+        table_slots: ``W * T``, the owner-side slot tables' rows.
+
+    Returns ``(pair_rows int32 [t, k], pair_weights fp32 [t, k] (a copy), rows int32
+    [table_slots, k] all -1, weights fp32 [table_slots, k] all 0, num_dropped int64 [])``:
+    ``pair_rows`` is the pair's row in its owner's layout, ``-1`` for no expert or a pair that the
+    capacity dropped; ``num_dropped`` counts the latter.
+    """
+    t, k = expert.shape
+    dev = expert.device
+    E = plan.row_base.shape[1]
+    pair_rows = torch.empty(t, k, dtype=torch.int32, device=dev)
+    pair_weights = torch.empty(t, k, dtype=torch.float32, device=dev)
+    rows = torch.empty(table_slots, k, dtype=torch.int32, device=dev)
+    weights = torch.empty(table_slots, k, dtype=torch.float32, device=dev)
+    dropped = torch.zeros((), dtype=torch.int64, device=dev)
+    n = max(t * k, table_slots * k)
+    if n:
+        _pair_tables_kernel[(cdiv(n, PAIR_BLOCK),)](
+            expert, pair_index, pair_owner, topk_weights.contiguous(), plan.row_base[rank], plan.group_end, plan.recv,
+            t * k, table_slots * k, E, min(expert_cap, 2**31 - 1),
+            pair_rows, pair_weights, rows, weights, dropped,
+            CAPPED=expert_cap < 2**31 - 1, ALIGN=align, BLOCK=PAIR_BLOCK, num_warps=4)
+    return pair_rows, pair_weights, rows, weights, dropped
 
 
 @triton.jit

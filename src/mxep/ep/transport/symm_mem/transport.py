@@ -14,10 +14,10 @@ import torch.distributed as dist
 
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.base import DispatchHandle, Transport, as_mxfp8
-from mxep._utils import padded_group_rows
 from mxep.ep.tokens import TokenRoute, route_tokens
 from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout, TokenState
 from mxep.ep.transport.symm_mem.plan import DispatchPlan
+from mxep.ep.transport.symm_mem.tokens import pair_tables
 
 __all__ = ["SymmMemTransport", "plan_token_state"]
 
@@ -173,8 +173,8 @@ class SymmMemTransport(Transport):
         p = st.plan
         state = [p.row_base, p.src_end, p.group_end, p.recv, p.recv_cum, p.tok_recv,
                  st.slot, st.pair_owner, st.pair_rows, st.rows, st.weights, st.pair_weights]
-        dropped = ((st.pair_owner >= 0) & (st.pair_rows < 0)).sum()
-        return q, s, p.group_end_offsets(self.rank).clone(), p.tokens_per_expert(self.rank).clone(), dropped, state
+        return (q, s, p.group_end_offsets(self.rank).clone(), p.tokens_per_expert(self.rank).clone(), st.num_dropped,
+                state)
 
     def _reduce_back(self, src, st, weighted):
         if self._combine_region_read:
@@ -212,22 +212,9 @@ def plan_token_state(peer: PeerMemory, topk_idx: torch.Tensor, topk_weights: tor
     plan = peer.exchange_and_plan(route.counts, t * k, align, phase, tokens_per_rank=route.tokens_per_rank)
     if plan is None:
         return None
-    E = r.num_experts
-    g = route.expert.clamp(max=E - 1)
-    base = plan.row_base[peer.rank].long().gather(0, g.flatten()).view(t, k)
-    # row_base is "dest_row - i" for the row-level row i: the pair's row is base + its index in
-    # the sorted expansion (pair_index), exactly the row the row-level dispatch would give
-    pair_rows = base + route.pair_index.long()
-    keep = route.pair_index >= 0
-    if r.expert_cap < 2**31 - 1:
-        # capacity_factor: a pair whose position in its expert's group is past the expert's
-        # capacity is dropped (its row -1: never sent, zero in the combine, zero gradient)
-        group_start = plan.group_end.long() - padded_group_rows(plan.recv.long(), align)
-        keep = keep & (pair_rows - group_start.gather(0, g.flatten()).view(t, k) < r.expert_cap)
-    pair_rows = torch.where(keep, pair_rows, -1).to(torch.int32)
-    S = r.world_size * r.max_tokens_per_rank
-    rows = torch.full((S, k), -1, dtype=torch.int32, device=topk_idx.device)
-    weights = torch.zeros(S, k, dtype=torch.float32, device=topk_idx.device)
-    # (a copy of the weights: the state must not alias the caller's tensor)
-    return TokenState(plan, route.slot, route.pair_owner, pair_rows,
-                      topk_weights.detach().to(torch.float32, copy=True).contiguous(), rows, weights)
+    # Each pair's row is row_base[rank, expert] + its index in the sorted expansion (row_base is
+    # "dest_row - i" for the row-level row i): exactly the row the row-level dispatch gives it.
+    pair_rows, pair_weights, rows, weights, dropped = pair_tables(
+        route.expert, route.pair_index, route.pair_owner, topk_weights.detach(), plan, peer.rank, align,
+        r.expert_cap, r.world_size * r.max_tokens_per_rank)
+    return TokenState(plan, route.slot, route.pair_owner, pair_rows, pair_weights, rows, weights, dropped)
