@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["cdiv", "next_power_of_2", "padded_group_rows", "padded_group_rows_jit", "triton_available_for",
-           "require_triton"]
+__all__ = ["cdiv", "next_power_of_2", "padded_group_rows", "padded_group_rows_jit", "runs_interpreted",
+           "triton_available_for", "require_triton"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -48,6 +48,12 @@ def triton_available_for(x: torch.Tensor) -> bool:
     interpreter is on (``TRITON_INTERPRET=1``; it must be set before ``triton`` is imported)."""
     if x.is_cuda:
         return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_interpreted(x: torch.Tensor) -> bool:
+    """Whether Triton kernels on ``x`` run in the CPU interpreter, which runs a grid's programs
+    one after another at a fixed cost each (launchers then take fewer, larger programs)."""
     return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mxep._utils import cdiv, next_power_of_2, padded_group_rows_jit
+from mxep._utils import cdiv, next_power_of_2, padded_group_rows_jit, runs_interpreted
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.symm_mem.dispatch import _own_pads, _zero_pad_row
 from mxep.ep.transport.symm_mem.plan import DispatchPlan, work_item, work_steps
@@ -147,12 +147,16 @@ def pair_tables(expert: torch.Tensor, pair_index: torch.Tensor, pair_owner: torc
     weights = torch.empty(table_slots, k, dtype=torch.float32, device=dev)
     dropped = torch.zeros((), dtype=torch.int64, device=dev)
     n = max(t * k, table_slots * k)
+    # Triton's CPU interpreter runs the programs one after another at a fixed cost each, so there
+    # one program takes every element (the W * T * k table reset alone is 128 programs of 1024 at
+    # T 4096, W 4, top-8).
+    block = max(PAIR_BLOCK, next_power_of_2(n)) if runs_interpreted(expert) else PAIR_BLOCK
     if n:
-        _pair_tables_kernel[(cdiv(n, PAIR_BLOCK),)](
+        _pair_tables_kernel[(cdiv(n, block),)](
             expert, pair_index, pair_owner, topk_weights.contiguous(), plan.row_base[rank], plan.group_end, plan.recv,
             t * k, table_slots * k, E, min(expert_cap, 2**31 - 1),
             pair_rows, pair_weights, rows, weights, dropped,
-            CAPPED=expert_cap < 2**31 - 1, ALIGN=align, BLOCK=PAIR_BLOCK, num_warps=4)
+            CAPPED=expert_cap < 2**31 - 1, ALIGN=align, BLOCK=block, num_warps=4)
     return pair_rows, pair_weights, rows, weights, dropped
 
 
