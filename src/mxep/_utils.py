@@ -46,9 +46,7 @@ def padded_group_rows_jit(received, ALIGN: tl.constexpr):
 def triton_available_for(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``x``: CUDA tensors, or CPU tensors when the Triton
     interpreter is on (``TRITON_INTERPRET=1``; it must be set before ``triton`` is imported)."""
-    if x.is_cuda:
-        return True
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or runs_interpreted(x)
 
 
 def runs_interpreted(x: torch.Tensor) -> bool:

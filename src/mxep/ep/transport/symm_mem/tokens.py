@@ -136,7 +136,8 @@ def pair_tables(expert: torch.Tensor, pair_index: torch.Tensor, pair_owner: torc
     Returns ``(pair_rows int32 [t, k], pair_weights fp32 [t, k] (a copy), rows int32
     [table_slots, k] all -1, weights fp32 [table_slots, k] all 0, num_dropped int64 [])``:
     ``pair_rows`` is the pair's row in its owner's layout, ``-1`` for no expert or a pair that the
-    capacity dropped; ``num_dropped`` counts the latter.
+    capacity dropped (never sent, zero in the combine, zero gradient); ``num_dropped`` counts the
+    latter. ``pair_weights`` is a copy so that the handle's state never aliases the caller's tensor.
     """
     t, k = expert.shape
     dev = expert.device
