@@ -21,7 +21,7 @@ if importlib.util.find_spec("mxep") is None:  # `python benchmarks/x.py` without
     sys.path.insert(0, _SRC)                  # (an mxep on PYTHONPATH wins: A/B runs of two trees)
 
 from mxep.ep.config import EPConfig, KernelTiles, default_config  # noqa: E402
-from mxep.ep.routing import make_inputs, make_routing  # noqa: E402
+from mxep.testing import make_inputs, make_routing  # noqa: E402
 
 __all__ = [
     "BenchConfig", "CONFIGS", "SMOKE_CONFIGS", "ROUTINGS", "NVLINK_GBPS", "SKEW_FRACTION",
@@ -139,7 +139,7 @@ def make_token_case(cfg: BenchConfig, routing: str, world: int, rank: int, devic
     expert in about ``SKEW_FRACTION * k`` of the tokens), deterministic per rank, and the bytes
     the token-level dispatch puts on the wire: every off-rank (token, rank) pair once, MXFP8 data
     + scales + its k slot rows and weights (8 bytes each)."""
-    from mxep.ep.tokens import route_tokens
+    from mxep.ep.routing import route_tokens
     sent = 0
     for r in range(world):
         own = route_tokens(_topk_ids(cfg, routing, seed, r), cfg.experts, world).tokens_per_rank.clone()

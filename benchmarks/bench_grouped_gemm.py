@@ -42,9 +42,10 @@ from bench_quantize import time_calls  # noqa: E402
 
 import mxep  # noqa: E402
 from mxep.ep.naive import simulate_dispatch_layout  # noqa: E402
-from mxep.ep.routing import make_routing  # noqa: E402
+from mxep.testing import make_routing  # noqa: E402
 from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
 from mxep.format.spec import dequantize_mxfp8  # noqa: E402
+from mxep.format.naive import dequantize_mxfp8_reference
 
 # (rows received on this rank, local experts, K, N): the MoE layer's DSv3-like world-1 shape
 # (4096 tokens x top-8 over 32 experts: 32896 padded rows, the up-projection), config (a) at
@@ -85,10 +86,10 @@ def sweep(args) -> dict:
         wq = mxep.to_mxfp8(w)
         flops = 2.0 * cap * N * K
         for wname, weight, wscale in (("bf16", w, None), ("mx", wq.qdata, wq.scale)):
-            wd = (w if wscale is None else dequantize_mxfp8(wq.qdata, wq.scale)).transpose(1, 2)   # [L, K, N]
-            ref = torch._grouped_mm(dequantize_mxfp8(tokens.qdata, tokens.scale), wd, offs=offs).float()
+            wd = (w if wscale is None else dequantize_mxfp8_reference(wq.qdata, wq.scale)).transpose(1, 2)   # [L, K, N]
+            ref = torch._grouped_mm(dequantize_mxfp8_reference(tokens.qdata, tokens.scale), wd, offs=offs).float()
             R = int(offs[-1])
-            base = time_us(lambda: torch._grouped_mm(dequantize_mxfp8(tokens.qdata, tokens.scale), wd, offs=offs),
+            base = time_us(lambda: torch._grouped_mm(dequantize_mxfp8_reference(tokens.qdata, tokens.scale), wd, offs=offs),
                            args.iters, args.warmup)
             line = {"rows": cap, "experts": L, "K": K, "N": N, "weights": wname, "unfused_us": base, "tiles": []}
             for t in GPU_TILE_CANDIDATES:
@@ -140,19 +141,19 @@ def main() -> None:
         wt = w.transpose(1, 2)
         # the unfused flow knows its row count (it synced on the counts): it dequantizes R rows
         qR, sR = tokens.qdata[:R], tokens.scale[:R]
-        x_bf16 = dequantize_mxfp8(qR, sR)
+        x_bf16 = dequantize_mxfp8_reference(qR, sR)
         flops = 2.0 * R * N * K
         row = {"rows": R, "capacity": cap, "experts": L, "K": K, "N": N}
         fns = {
             "mxep": lambda: mxep.grouped_mm_mxfp8(tokens, w, offs),   # impl="auto": "dequant" here
             "mxep_fused": lambda: mxep.grouped_mm_mxfp8(tokens, w, offs, impl="fused"),
             "dequantize_kernel": lambda: dequantize_mxfp8_rows(tokens.qdata, tokens.scale, offs[-1:]),
-            "unfused": lambda: torch._grouped_mm(dequantize_mxfp8(qR, sR), wt, offs=offs),
+            "unfused": lambda: torch._grouped_mm(dequantize_mxfp8_reference(qR, sR), wt, offs=offs),
             "bf16_only": lambda: torch._grouped_mm(x_bf16, wt, offs=offs),
             "mx_weights_mxep": lambda: mxep.grouped_mm_mxfp8(tokens, wq, offs),
             "mx_weights_fused": lambda: mxep.grouped_mm_mxfp8(tokens, wq, offs, impl="fused"),
-            "mx_weights_unfused": lambda: torch._grouped_mm(dequantize_mxfp8(qR, sR),
-                                                            dequantize_mxfp8(wq.qdata, wq.scale).transpose(1, 2), offs=offs),
+            "mx_weights_unfused": lambda: torch._grouped_mm(dequantize_mxfp8_reference(qR, sR),
+                                                            dequantize_mxfp8_reference(wq.qdata, wq.scale).transpose(1, 2), offs=offs),
         }
         for name, fn in fns.items():
             try:

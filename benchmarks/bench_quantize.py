@@ -2,7 +2,7 @@
 """GPU benchmark of the standalone MXFP8 quantize kernel (bf16 [M, K] -> e4m3 + e8m0 scales).
 
 For every shape it reports, measured in the same run on the same card:
-  * the Triton kernel (``mxep.format.quantize.mxfp8_quantize``): median time and effective
+  * the Triton kernel (``mxep.format.quantize.to_mxfp8_rows``): median time and effective
     bandwidth = (bytes read: input) + (bytes written: fp8 data + e8m0 scales) / time;
   * the device-to-device copy ceiling: ``dst.copy_(src)`` of a buffer of the input's size,
     bandwidth = 2 * bytes / time (read + write), and the kernel's fraction of it;
@@ -41,7 +41,7 @@ import triton  # noqa: E402
 
 from mxep.format import quantize as qk  # noqa: E402
 from mxep.format.naive import to_mxfp8_reference  # noqa: E402
-from mxep.format.quantize import mxfp8_quantize  # noqa: E402
+from mxep.format.quantize import to_mxfp8_rows  # noqa: E402
 
 DEFAULT_SHAPES = [(32768, 7168), (32768, 5120), (16384, 7168), (8192, 7168), (8192, 2048), (1024, 7168)]
 
@@ -89,7 +89,7 @@ def bench_shape(m: int, k: int, dtype: torch.dtype, mode: str, iters: int, warmu
         del x
 
     # correctness on the first buffer (kernel vs reference, bit for bit)
-    q, s = mxfp8_quantize(bufs[0], mode)
+    q, s = to_mxfp8_rows(bufs[0], mode)
     qr, sr = to_mxfp8_reference(bufs[0], mode)
     bitexact = bool(torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
                     and torch.equal(s.view(torch.uint8), sr.view(torch.uint8)))
@@ -99,7 +99,7 @@ def bench_shape(m: int, k: int, dtype: torch.dtype, mode: str, iters: int, warmu
     dst = torch.empty_like(bufs[0])
     k_times, c_times, round_fracs = [], [], []
     for _ in range(3):
-        kt = time_calls(lambda x: mxfp8_quantize(x, mode), bufs, iters, warmup)
+        kt = time_calls(lambda x: to_mxfp8_rows(x, mode), bufs, iters, warmup)
         ct = time_calls(lambda x: dst.copy_(x), bufs, iters, warmup)
         k_times += kt
         c_times += ct
@@ -154,7 +154,7 @@ def sweep(shapes, iters: int, warmup: int, l2_bytes: int, rounds: int = 2) -> li
                  torch.exp2(torch.randint(-8, 8, (m, k // 32), device="cuda", generator=g).float()
                             ).repeat_interleave(32, 1)).to(torch.bfloat16) for _ in range(nb)]
         q_ref, s_ref = to_mxfp8_reference(bufs[0], "rceil")
-        qs = [mxfp8_quantize(b, "rceil") for b in bufs]
+        qs = [to_mxfp8_rows(b, "rceil") for b in bufs]
         d_ref = dequantize_mxfp8_rows(qs[0][0], qs[0][1])
         dst = torch.empty_like(bufs[0])
         q_bytes = in_bytes + m * k + m * (k // 32)
@@ -164,7 +164,7 @@ def sweep(shapes, iters: int, warmup: int, l2_bytes: int, rounds: int = 2) -> li
             copy_gbs = 2 * in_bytes / (statistics.median(tc) * 1e-3) / 1e9
             out.append(dict(kernel="copy", M=m, K=k, round=rnd, GBps=copy_gbs, **_stats(tc)))
             for bm, bk, w in q_cands:
-                f = lambda x, bm=bm, bk=bk, w=w: mxfp8_quantize(x, "rceil", block_m=bm, block_k=bk, num_warps=w)
+                f = lambda x, bm=bm, bk=bk, w=w: to_mxfp8_rows(x, "rceil", block_m=bm, block_k=bk, num_warps=w)
                 qq, ss = f(bufs[0])
                 ok = bool(torch.equal(qq.view(torch.uint8), q_ref.view(torch.uint8)) and
                           torch.equal(ss.view(torch.uint8), s_ref.view(torch.uint8)))
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
           f"total wall {time.time() - t0:.0f} s)")
 
     out = {
-        "benchmark": "mxfp8_quantize", "card": card, "l2_bytes": l2,
+        "benchmark": "to_mxfp8_rows", "card": card, "l2_bytes": l2,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "tiles": {"BLOCK_M": qk.GPU_BLOCK_M, "BLOCK_K": qk.GPU_BLOCK_K, "num_warps": qk.GPU_NUM_WARPS},
         "grid": "1-D, column tiles fastest",

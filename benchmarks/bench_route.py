@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""GPU benchmark of the token-level dispatch's routing (``mxep.ep.tokens.route_tokens``: the two
+"""GPU benchmark of the token-level dispatch's routing (``mxep.ep.routing.route_tokens``: the two
 Triton launches) over its chunk size, against the torch fallback, bit for bit.
 
 For each shape (tokens, top-k, experts, ranks) and each chunk size (``ROUTE_PAIRS``, pairs per
 program), the median of ``--iters`` calls, each timed with CUDA events behind a device sleep (the
 call queued before the GPU reaches it: launch time hidden), and whether every output equals the
-torch path's. The numbers behind ``ROUTE_PAIRS`` in mxep/ep/tokens.py.
+torch path's. The numbers behind ``ROUTE_PAIRS`` in mxep/ep/routing.py.
 
     python benchmarks/bench_route.py [--iters 30] [--out route.json]
 """
@@ -26,7 +26,7 @@ except ImportError:  # run from a checkout without PYTHONPATH=src
 
 from _timing import time_queued_us  # noqa: E402
 
-import mxep.ep.tokens as tokens  # noqa: E402
+import mxep.ep.routing as tokens  # noqa: E402
 
 SHAPES = [(512, 8, 256, 4), (4096, 8, 32, 1), (128, 8, 256, 4)]   # (a)-like at W 4, the layer at W 1, (c)
 CHUNKS = (128, 256, 512, 1024)

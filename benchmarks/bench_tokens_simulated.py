@@ -32,7 +32,7 @@ from _timing import kernel_profile, time_queued_us  # noqa: E402
 
 
 def main() -> None:
-    from mxep.ep.tokens import route_tokens
+    from mxep.ep.routing import route_tokens
     from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,7 +19,7 @@ paths over several shapes with what a GPU launch would get:
 
 Every quantizing launch gets the hardware e4m3 conversion (``HW_CAST``) as on a GPU, where the
 launchers pass it only for CUDA tensors; one extra pass compiles the integer rounding that
-``EPConfig(hw_cast=False)`` / ``mxfp8_quantize(hw_cast=False)`` select. A kernel that the
+``EPConfig(hw_cast=False)`` / ``to_mxfp8_rows(hw_cast=False)`` select. A kernel that the
 interpreter runs but the GPU compiler rejects (e.g. a layout-pass failure) fails here, in CI,
 instead of on the device machine.
 
@@ -139,7 +139,7 @@ def _allow_cpu_launches() -> None:
 
     # The routing kernels' outputs feed torch ops (gathers by the pair rows): compile them, then
     # hand on the torch path's values, since a compile-only launch leaves its outputs unwritten.
-    import mxep.ep.tokens as tokens
+    import mxep.ep.routing as tokens
     launch_route = tokens._route_triton
 
     def compile_route_then_torch(topk_idx, num_experts, world_size):
@@ -182,7 +182,7 @@ def drive_transport(shapes, config, scale_modes=("rceil", "floor")) -> list:
 
 
 def _drive_world(shape, config, scale_modes, g) -> list:
-    from mxep.ep.routing import make_inputs, make_routing
+    from mxep.testing import make_inputs, make_routing
     from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 
     W, E, H, N, align = shape
@@ -235,12 +235,12 @@ def drive() -> None:
     # (world, experts, hidden, rows per rank, align): configs (a)/(c), (b), and awkward sizes
     res = drive_transport([(2, 256, 7168, 40, 32), (4, 16, 5120, 24, 128), (3, 9, 96, 13, 32),
                            (4, 256, 2048, 16, 32)], sm90_config())
-    # the integer e4m3 rounding (EPConfig(hw_cast=False), mxfp8_quantize(hw_cast=False))
+    # the integer e4m3 rounding (EPConfig(hw_cast=False), to_mxfp8_rows(hw_cast=False))
     drive_transport([(2, 8, 256, 16, 32)], sm90_config(hw_cast=False), scale_modes=("rceil",))
     GPU_LAUNCH["hw_cast"] = False
     try:
         mxfp8_args = dict(block_m=kq.GPU_BLOCK_M, block_k=kq.GPU_BLOCK_K, num_warps=kq.GPU_NUM_WARPS, hw_cast=False)
-        kq.mxfp8_quantize(torch.zeros(64, 7168, dtype=torch.bfloat16), "rceil", **mxfp8_args)
+        kq.to_mxfp8_rows(torch.zeros(64, 7168, dtype=torch.bfloat16), "rceil", **mxfp8_args)
     finally:
         GPU_LAUNCH["hw_cast"] = True
     # the grouped GEMM on a dispatch layout, with the GPU tiles and bf16 tensor-core dots
@@ -263,7 +263,7 @@ def drive() -> None:
     ks.swiglu_backward(hmid, torch.zeros(hmid.shape[0], 2048, dtype=torch.bfloat16), offs)
     for shape in [(64, 7168), (33, 96), (16, 5120)]:   # with the GPU tiles, not the interpreter's
         for mode in ("rceil", "floor"):
-            kq.mxfp8_quantize(torch.randn(*shape).bfloat16(), mode, block_m=min(kq.GPU_BLOCK_M, 64),
+            kq.to_mxfp8_rows(torch.randn(*shape).bfloat16(), mode, block_m=min(kq.GPU_BLOCK_M, 64),
                               block_k=min(kq.GPU_BLOCK_K, 1 << (shape[1] - 1).bit_length()),
                               num_warps=kq.GPU_NUM_WARPS)
             # the MX weight cache's one-pass quantize + dequantize

@@ -169,7 +169,7 @@ def token_level_rows(cfg, dev, config, iters: int, sync, local: bool) -> list:
     import torch
 
     import mxep
-    from mxep.ep.tokens import route_tokens
+    from mxep.ep.routing import route_tokens
     from mxep.ep.transport.symm_mem import SymmMemTransport
 
     E, H, T, k = cfg.experts, cfg.hidden, cfg.tokens, cfg.topk

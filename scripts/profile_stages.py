@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from _common import CONFIGS, ep_config, parse_ep_config  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.ep.routing import make_inputs, make_routing  # noqa: E402
+from mxep.testing import make_inputs, make_routing  # noqa: E402
 
 
 def main() -> None:

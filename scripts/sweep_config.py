@@ -16,7 +16,7 @@ Two ways to time them, on all visible GPUs:
 * ``--stages``: one torchrun launch of this script for all settings; per setting a Buffer with
   that config, and every stage of the dispatch and combine launched alone (the plan kernel, the
   push, the copy-out, the barrier, the combine push and copy-out, the pull) beside the full
-  calls and a local ``mxfp8_quantize`` (with the setting's ``hw_cast``), next to NCCL
+  calls and a local ``to_mxfp8_rows`` (with the setting's ``hw_cast``), next to NCCL
   all_to_all_single of the same bytes. CUDA events around one call after a barrier and a
   device sync, so the host's launch latency is inside: good for ranking variants of one stage,
   not for publishing (that is ``make bench``). Writes ``stages.json``.
@@ -165,7 +165,7 @@ def stages_worker(args, settings: list[str]) -> None:
     from _common import CONFIGS, count_matrix, ep_config, ep_config_dict, make_case
 
     import mxep
-    from mxep.format.quantize import mxfp8_quantize
+    from mxep.format.quantize import to_mxfp8_rows
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -226,7 +226,7 @@ def stages_worker(args, settings: list[str]) -> None:
                 ("combine push", lambda: peer.push_bf16_combine(eo, plan, n), recv_other * bf_row),
                 ("combine copy-out", lambda: peer.copy_out_combine(plan, cb_out), 2 * sent_rows * bf_row),
                 ("pull combine kernel", lambda: peer.pull_combine(plan, n), sent_rows * bf_row),
-                (f"mxfp8_quantize local (hw_cast={config.hw_cast})", lambda: mxfp8_quantize(x, hw_cast=config.hw_cast),
+                (f"to_mxfp8_rows local (hw_cast={config.hw_cast})", lambda: to_mxfp8_rows(x, hw_cast=config.hw_cast),
                  n * H * (2 + 1 + 1 / 32)),
             ]
             zin.copy_(eo)

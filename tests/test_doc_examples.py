@@ -28,14 +28,14 @@ def test_module_docstring_examples():
 SwiGLU, MoE)."""
     import mxep.ep.layout
     import mxep.ep.naive
-    import mxep.ep.routing
+    import mxep.testing
     import mxep.format.mxfp8
     import mxep.gemm.grouped_gemm
     import mxep.moe.layer
     import mxep.swiglu.swiglu
 
     failed = 0
-    for mod in (mxep.format.mxfp8, mxep.ep.layout, mxep.ep.naive, mxep.ep.routing, mxep.gemm.grouped_gemm,
+    for mod in (mxep.format.mxfp8, mxep.ep.layout, mxep.ep.naive, mxep.testing, mxep.gemm.grouped_gemm,
                 mxep.swiglu.swiglu, mxep.moe.layer):
         res = doctest.testmod(mod, extraglobs={"torch": __import__("torch"), "mxep": mxep},
                               optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -5,7 +5,7 @@ in the background when the session does (tests/support/background.py)."""
 from support import background
 
 KERNELS = ("_combine_gather_kernel", "_combine_push_kernel", "_copy_out_kernel", "_dispatch_push_kernel",
-           "_mxfp8_quantize_kernel", "_plan_kernel", "_grouped_mm_mxfp8_kernel",
+           "_to_mxfp8_kernel", "_plan_kernel", "_grouped_mm_mxfp8_kernel",
            "_swiglu_quantize_kernel", "_swiglu_backward_kernel", "_dequantize_kernel")
 
 

@@ -548,7 +548,7 @@ class LayoutSummary:
 
 def _rank_inputs(rank: int, world: int, rows: int, hidden: int, device):
     """Deterministic per-rank routing and rows (any rank can rebuild any other rank's counts)."""
-    from mxep.ep.routing import make_inputs, make_routing
+    from mxep.testing import make_inputs, make_routing
 
     g = torch.Generator().manual_seed(1234 + rank)
     num_experts = LOCAL_EXPERTS * world

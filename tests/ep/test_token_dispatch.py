@@ -443,7 +443,7 @@ def test_route_tokens_against_a_loop(t, k, E, W, impl, device):
     of top-8 on) and its torch fallback against a plain Python walk over the tokens: counts,
     tokens per rank, the slot of each (token, rank), pair owners and each pair's index in the
     stable expert sort; ``-1`` and out-of-range ids are no expert."""
-    from mxep.ep import tokens
+    from mxep.ep import routing as tokens
     route_tokens = tokens.route_tokens if impl == "route_tokens" else tokens._route_torch
     g = torch.Generator().manual_seed(t * 31 + k)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(t)]) if t else torch.empty(0, k, dtype=torch.int64)
@@ -508,7 +508,7 @@ def test_pair_tables_against_torch(t, k, E, W, T, align, cap, device):
     random plan, ``-1`` slots, capacity drops (none, tight, zero), odd sizes, bf16 weights."""
     import types
 
-    from mxep.ep.tokens import route_tokens
+    from mxep.ep.routing import route_tokens
     from mxep.ep.transport.symm_mem.tokens import pair_tables
     g = torch.Generator().manual_seed(t * 7 + k)
     idx = _routing(g, t, E, k, W, "holes").to(torch.int32).to(device)

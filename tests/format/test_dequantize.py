@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mxep.format.dequantize import dequantize_mxfp8_rows
-from mxep.format.spec import dequantize_mxfp8
+from mxep.format.naive import dequantize_mxfp8_reference
 
 POISON_BITS = 0x5A5A   # a normal bf16 (about 1.5e16) that no input here decodes to
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -36,7 +36,7 @@ def test_matches_reference_bit_exact(R, K, device):
         pytest.importorskip("triton")
     q, s = all_codes(R, K, seed=R * K)
     q, s = q.to(device), s.to(device)
-    ref = dequantize_mxfp8(q, s, torch.bfloat16)
+    ref = dequantize_mxfp8_reference(q, s, torch.bfloat16)
     out = torch.full((R, K), 0, dtype=torch.int16, device=device).fill_(POISON_BITS).view(torch.bfloat16)
     dequantize_mxfp8_rows(q, s, out=out)
     assert torch.equal(bits(out), bits(ref))
@@ -50,7 +50,7 @@ def test_row_end_leaves_later_rows_unwritten(end, device):
     q, s = q.to(device), s.to(device)
     out = torch.zeros(R, K, dtype=torch.int16, device=device).fill_(POISON_BITS).view(torch.bfloat16)
     dequantize_mxfp8_rows(q, s, torch.tensor([end], dtype=torch.int32, device=device), out=out)
-    assert torch.equal(bits(out[:end]), bits(dequantize_mxfp8(q[:end], s[:end], torch.bfloat16)))
+    assert torch.equal(bits(out[:end]), bits(dequantize_mxfp8_reference(q[:end], s[:end], torch.bfloat16)))
     assert (out[end:].view(torch.int16) == POISON_BITS).all()
 
 
@@ -65,7 +65,7 @@ def test_mxfp8_tensor_dequantize_uses_the_kernel_bit_exact():
     t = mxep.to_mxfp8(x).detach().requires_grad_(True)
     y = t.dequantize()
     assert y.shape == x.shape and y.dtype == torch.bfloat16
-    assert torch.equal(bits(y.detach()), bits(dequantize_mxfp8(t.qdata, t.scale, torch.bfloat16)))
+    assert torch.equal(bits(y.detach()), bits(dequantize_mxfp8_reference(t.qdata, t.scale, torch.bfloat16)))
     g = torch.randn_like(y)
     y.backward(g)
     assert torch.equal(t.grad, g)
@@ -81,9 +81,9 @@ def test_registered_op():
     # ("test_schema" cannot run here: its checker multiplies the fp8 inputs, which CPU torch lacks)
     torch.library.opcheck(torch.ops.mxep.dequantize_mxfp8.default, (q, s),
                           test_utils=("test_faketensor", "test_autograd_registration"))
-    assert torch.equal(bits(torch.ops.mxep.dequantize_mxfp8(q, s)), bits(dequantize_mxfp8(q, s, torch.bfloat16)))
+    assert torch.equal(bits(torch.ops.mxep.dequantize_mxfp8(q, s)), bits(dequantize_mxfp8_reference(q, s, torch.bfloat16)))
     head = torch.ops.mxep.dequantize_mxfp8(q, s, torch.tensor([5], dtype=torch.int32))[:5]
-    assert torch.equal(bits(head), bits(dequantize_mxfp8(q[:5], s[:5], torch.bfloat16)))
+    assert torch.equal(bits(head), bits(dequantize_mxfp8_reference(q[:5], s[:5], torch.bfloat16)))
     with torch._subclasses.fake_tensor.FakeTensorMode():
         f = torch.ops.mxep.dequantize_mxfp8(torch.empty(2, 7, 64, dtype=torch.float8_e4m3fn),
                                             torch.empty(2, 7, 2, dtype=torch.float8_e8m0fnu))

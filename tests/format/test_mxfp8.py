@@ -17,8 +17,8 @@ import mxep
 from mxep._utils import triton_available_for
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.naive import to_mxfp8_reference
-from mxep.format.quantize import mxfp8_quantize
-from mxep.format.spec import dequantize_mxfp8
+from mxep.format.quantize import to_mxfp8_rows
+from mxep.format.naive import dequantize_mxfp8_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -60,7 +60,7 @@ def assert_bitexact(got, want, what: str) -> None:
 
 def run_kernel(x, mode, tiles=None, hw_cast=True):
     bm, bk = tiles if tiles else (None, None)
-    return mxfp8_quantize(x, mode, block_m=bm, block_k=bk, hw_cast=hw_cast)
+    return to_mxfp8_rows(x, mode, block_m=bm, block_k=bk, hw_cast=hw_cast)
 
 
 def check_against_reference(x, mode, tiles=None):
@@ -254,7 +254,7 @@ def test_nonfinite_blocks_isolated(device, mode):
             else:  # other blocks of the same row are unaffected
                 assert int(sb[r, b]) == int(u8(clean_s)[r, b])
                 assert torch.equal(qb[r, b], u8(clean_q).reshape(4, 8, 32)[r, b])
-    deq = dequantize_mxfp8(q, s, torch.float32).reshape(4, 8, 32).cpu()
+    deq = dequantize_mxfp8_reference(q, s, torch.float32).reshape(4, 8, 32).cpu()
     for r, b in nonfinite:
         assert bool(deq[r, b].isnan().all())
     assert int(deq.isnan().sum()) == 32 * len(nonfinite)
@@ -263,7 +263,7 @@ def test_nonfinite_blocks_isolated(device, mode):
 @pytest.mark.parametrize("device", DEVICES)
 def test_m_zero(device):
     for k in (0, 64):
-        q, s = mxfp8_quantize(torch.empty(0, k, dtype=torch.bfloat16, device=device), "rceil")
+        q, s = to_mxfp8_rows(torch.empty(0, k, dtype=torch.bfloat16, device=device), "rceil")
         assert q.shape == (0, k) and s.shape == (0, k // 32)
         assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu
     t = mxep.to_mxfp8(torch.empty(2, 0, 64, device=device))
@@ -376,7 +376,7 @@ def _normal_range_blocks(seed):
 def test_reference_rceil_relative_error():
     x = _normal_range_blocks(0)
     q, s = to_mxfp8_reference(x, "rceil")
-    deq = dequantize_mxfp8(q, s, torch.float32)
+    deq = dequantize_mxfp8_reference(q, s, torch.float32)
     rel = ((deq - x).abs() / x.abs())
     assert float(rel.max()) <= 2.0 ** -4
     assert float(rel.max()) > 0  # not trivially exact
@@ -385,7 +385,7 @@ def test_reference_rceil_relative_error():
 def test_reference_floor_saturates_only_above_1_75():
     x = _normal_range_blocks(1)
     q, s = to_mxfp8_reference(x, "floor")
-    deq = dequantize_mxfp8(q, s, torch.float32).reshape(-1, 32)
+    deq = dequantize_mxfp8_reference(q, s, torch.float32).reshape(-1, 32)
     xb = x.reshape(-1, 32)
     amax = xb.abs().amax(dim=1)
     fr_m, fr_e = torch.frexp(amax)  # amax = fr_m * 2^fr_e, fr_m in [0.5, 1)
@@ -467,18 +467,18 @@ def test_mxfp8tensor_straight_through_grad(out_dtype):
 
 
 def test_quantize_is_a_registered_op():
-    """torch.ops.mxep.quantize_mxfp8 passes torch.library's op checks (schema, fake/meta
+    """torch.ops.mxep.to_mxfp8 passes torch.library's op checks (schema, fake/meta
     implementation, tracing) and matches the reference bit for bit."""
     import mxep.format.quantize  # noqa: F401  (registers the op)
 
     x = torch.randn(5, 96, dtype=torch.bfloat16)
-    q, s = torch.ops.mxep.quantize_mxfp8(x, "rceil")
+    q, s = torch.ops.mxep.to_mxfp8(x, "rceil")
     qr, sr = to_mxfp8_reference(x, "rceil")
     assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s.view(torch.uint8), sr.view(torch.uint8))
-    torch.library.opcheck(torch.ops.mxep.quantize_mxfp8.default, (x, "floor"),
+    torch.library.opcheck(torch.ops.mxep.to_mxfp8.default, (x, "floor"),
                           test_utils=("test_schema", "test_faketensor"))
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        fq, fs = torch.ops.mxep.quantize_mxfp8(torch.empty(7, 64, dtype=torch.bfloat16), "rceil")
+        fq, fs = torch.ops.mxep.to_mxfp8(torch.empty(7, 64, dtype=torch.bfloat16), "rceil")
         assert fq.shape == (7, 64) and fq.dtype == torch.float8_e4m3fn
         assert fs.shape == (7, 2) and fs.dtype == torch.float8_e8m0fnu
 
@@ -501,14 +501,14 @@ def test_round_trip_equals_quantize_then_dequantize(device, mode, dtype, shape):
     m, k = shape
     x = with_specials(wide_range(m, k, dtype, "cpu", seed=m * 7 + k)).to(device)
     qr, sr = to_mxfp8_reference(x.cpu(), mode)
-    want = dequantize_mxfp8(qr, sr, torch.bfloat16)
+    want = dequantize_mxfp8_reference(qr, sr, torch.bfloat16)
     out = torch.full((m, k), 0x5A5A, dtype=torch.int16, device=device).view(torch.bfloat16)   # poison
     got = mxfp8_round_trip(x, mode, out=out)
     assert got.data_ptr() == out.data_ptr() and got.dtype == torch.bfloat16
     assert torch.equal(_folded_bits(got), _folded_bits(want))
     if device == "cuda":   # and equal to the two kernels it replaces (the weight cache's old path)
         from mxep.format.dequantize import dequantize_mxfp8_rows
-        q, s = mxfp8_quantize(x, mode)
+        q, s = to_mxfp8_rows(x, mode)
         assert torch.equal(_folded_bits(got), _folded_bits(dequantize_mxfp8_rows(q, s)))
 
 

@@ -13,9 +13,9 @@ from support.fused_cases import Case
 import mxep
 from mxep.ep.naive import simulate_dispatch_layout, simulate_dispatch_mxfp8
 from mxep.format.mxfp8 import MXFP8Tensor
-from mxep.format.spec import dequantize_mxfp8
 from mxep.gemm.grouped_gemm import GPU_TILE_CANDIDATES, INTERPRETER_TILES, GemmTiles, grouped_mm_mxfp8_forward
 from mxep.gemm.naive import grouped_mm_reference
+from mxep.format.naive import dequantize_mxfp8_reference
 
 POISON = -12345.0
 
@@ -102,7 +102,7 @@ def test_gradients_match_torch_autograd(impl):
     assert rel_err(y[:R][real], grouped_mm_reference(tokens.qdata, tokens.scale, w, offs)[real]) < 4e-3
     y.backward(dy)
 
-    x = dequantize_mxfp8(tokens.qdata, tokens.scale, torch.float32).requires_grad_(True)
+    x = dequantize_mxfp8_reference(tokens.qdata, tokens.scale, torch.float32).requires_grad_(True)
     w2 = w.float().requires_grad_(True)
     start, outs = 0, []
     for e, end in enumerate(offs.tolist()):
@@ -120,7 +120,7 @@ def test_gradients_match_torch_autograd(impl):
     assert rel_err(y2[:R][real], grouped_mm_reference(tokens.qdata, tokens.scale, wq, offs)[real]) < 4e-3
     y2.backward(dy)
     assert wq.grad.dtype == torch.bfloat16 and rel_err(wq.grad, w2.grad) < 1e-2
-    wd = dequantize_mxfp8(wq.qdata, wq.scale, torch.float32)
+    wd = dequantize_mxfp8_reference(wq.qdata, wq.scale, torch.float32)
     gx = torch.cat([dy[s:e].float() @ wd[i] for i, (s, e) in enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
     assert rel_err(t2.grad[:R], gx) < 1e-2
 
@@ -213,7 +213,7 @@ def test_forward_and_gradients_on_gpu(K, N):
         assert (out[:R][is_pad[:R].cuda()] == 0).all()
         dy = torch.randn(out.shape, device="cuda").bfloat16()
         out.backward(dy)
-        x = dequantize_mxfp8(tokens.qdata, tokens.scale, torch.float32)
+        x = dequantize_mxfp8_reference(tokens.qdata, tokens.scale, torch.float32)
         gw, start = torch.zeros(L, N, K, device="cuda"), 0
         for e, end in enumerate(offs.tolist()):
             gw[e] = dy[start:end].float().t() @ x[start:end]

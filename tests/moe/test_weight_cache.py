@@ -46,7 +46,7 @@ class _Calls:
         self.quantized: list[str] = []    # one name per weight quantization
         self.dequantized: list[str] = []  # one name per weight dequantization
         self.round_trips: list[str] = []  # one name per one-pass round trip (the cache's build)
-        quantize, dequantize = quantize_mod.mxfp8_quantize, dequantize_mod.dequantize_mxfp8_rows
+        quantize, dequantize = quantize_mod.to_mxfp8_rows, dequantize_mod.dequantize_mxfp8_rows
         round_trip = weight_cache_mod.mxfp8_round_trip
 
         def rt(x2d, *a, **kw):
@@ -65,7 +65,7 @@ class _Calls:
                                  if tuple(qdata.shape) == (w.shape[0] * w.shape[1], w.shape[2])]
             return dequantize(qdata, scale, *a, **kw)
 
-        monkeypatch.setattr(quantize_mod, "mxfp8_quantize", q)
+        monkeypatch.setattr(quantize_mod, "to_mxfp8_rows", q)
         monkeypatch.setattr(dequantize_mod, "dequantize_mxfp8_rows", dq)
         monkeypatch.setattr(weight_cache_mod, "mxfp8_round_trip", rt)
 

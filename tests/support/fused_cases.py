@@ -12,7 +12,7 @@ import torch
 
 from mxep.ep.config import EPConfig
 from mxep.ep.naive import simulate_dispatch_layout, simulate_dispatch_mxfp8
-from mxep.ep.routing import make_inputs, make_routing
+from mxep.testing import make_inputs, make_routing
 
 # The config of every fused test: every output of the fused kernels starts as poison, so that a
 # row they forget cannot pass for data that an earlier call left in recycled memory.

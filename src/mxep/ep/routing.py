@@ -1,151 +1,212 @@
-"""Synthetic MoE routing and inputs, shared by tests, benchmarks and the demo.
+"""Source-side routing of the token-level dispatch: two Triton launches (or sync-free torch ops
+where no Triton runs), no host sync.
 
-Everything here is deterministic given a ``torch.Generator`` (a CPU generator; results are
-generated on the CPU and moved to ``device`` afterwards, so the same seed gives the same
-routing on every machine and every rank).
+From ``topk_idx`` int ``[t, k]`` (global expert ids, ``-1``: no expert) every rank derives, on
+the device and without a host sync:
 
-The routing is described the way the EP dispatch consumes it: ``counts[g]`` = how many of this
-rank's rows go to global expert ``g``; the rows themselves are sorted by expert id (rows
-``[sum(counts[:g]), sum(counts[:g+1]))`` belong to expert ``g``). With top-k routing a token
-appears k times (once per chosen expert); that expansion happens before dispatch.
-
-Example::
-
-    >>> g = torch.Generator().manual_seed(0)
-    >>> counts = make_routing(100, 8, "skewed", g, fraction=0.5)
-    >>> int(counts.sum()), int(counts.max()) >= 50
-    (100, True)
-    >>> x = make_inputs(counts, 256, torch.bfloat16, g)   # [100, 256] bf16
+* ``counts`` int32 ``[E]``: (token, expert) pairs per global expert (the row-level counts of the
+  stably expert-sorted expansion);
+* ``tokens_per_rank`` int32 ``[W]``: tokens sent to each rank (a token with several experts on
+  one rank is sent there once);
+* ``slot`` int32 ``[t, W]``: the token's position among this rank's tokens for that rank (in
+  token order), ``-1`` where it does not go there; on owner ``d`` it lands in token slot
+  ``rank * T + slot[t, d]``;
+* ``pair_owner`` int32 ``[t, k]``: the rank of each pair's expert, ``-1`` for ``-1`` slots;
+* ``pair_index`` int32 ``[t, k]``: each pair's index in the stably expert-sorted expansion
+  (pairs sorted by expert, ties in token order then slot order), ``-1`` for ``-1`` slots; with
+  the plan's ``row_base`` it gives the pair's row in its owner's layout, bit for bit the row
+  the row-level dispatch of that expansion gives.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
-__all__ = ["ROUTING_KINDS", "make_routing", "make_inputs"]
+from mxep._utils import cdiv, next_power_of_2, triton_available_for
 
-ROUTING_KINDS = ("uniform", "skewed", "one_expert", "empty_experts", "none")
-
-
-def _randint(high: int, generator: torch.Generator) -> int:
-    return int(torch.randint(high, (1,), generator=generator))
+__all__ = ["TokenRoute", "route_tokens"]
 
 
-def _spread(num_rows: int, experts: list[int], num_experts: int, generator: torch.Generator) -> torch.Tensor:
-    """Each of ``num_rows`` rows picks one of ``experts`` uniformly at random -> counts int64 [E]."""
-    counts = torch.zeros(num_experts, dtype=torch.int64)
-    if num_rows == 0:
-        return counts
-    if not experts:
-        raise ValueError(f"cannot route {num_rows} rows: no expert is allowed to receive any")
-    picks = torch.multinomial(torch.ones(len(experts)), num_rows, replacement=True, generator=generator)
-    counts[torch.tensor(experts, dtype=torch.int64)] += torch.bincount(picks, minlength=len(experts))
-    return counts
+class TokenRoute(NamedTuple):
+    counts: torch.Tensor
+    tokens_per_rank: torch.Tensor
+    slot: torch.Tensor
+    pair_owner: torch.Tensor
+    pair_index: torch.Tensor
+    expert: torch.Tensor          # int64 [t, k]: the pair's global expert, E for -1 slots
 
 
-def make_routing(
-    num_rows: int,
-    num_experts: int,
-    kind: str,
-    generator: torch.Generator,
-    *,
-    fraction: float = 0.3,
-    expert: Optional[int] = None,
-    num_empty: Optional[int] = None,
-    zero_experts: Iterable[int] = (),
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Per-expert row counts ``int64 [num_experts]`` summing to ``num_rows``.
+def route_tokens(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
+    """``topk_idx`` int32/int64 ``[t, k]`` -> :class:`TokenRoute` (all on its device). Ids outside
+    ``[0, E)`` are treated as ``-1`` (no expert): never out of bounds, never a host sync.
 
-    Args:
-        num_rows: rows this rank sends (already expanded for top-k).
-        num_experts: global expert count E.
-        kind: one of :data:`ROUTING_KINDS`:
-
-            * ``"uniform"``: every row picks an expert uniformly at random (multinomial).
-            * ``"skewed"``: one hot expert (``expert``, random if None) takes
-              ``round(fraction * num_rows)`` rows; the rest are uniform over the other experts.
-            * ``"one_expert"``: all rows go to ``expert`` (random if None).
-            * ``"empty_experts"``: ``num_empty`` experts (default ``max(1, E // 4)``, random
-              subset) get nothing; the rows are uniform over the others.
-            * ``"none"``: nothing is sent; ``num_rows`` must be 0.
-        generator: CPU ``torch.Generator``; the only source of randomness.
-        fraction: hot expert share for ``"skewed"`` (0..1).
-        expert: the hot / single expert for ``"skewed"`` / ``"one_expert"``.
-        num_empty: number of empty experts for ``"empty_experts"`` (< E unless num_rows == 0).
-        zero_experts: experts forced to receive nothing (``"uniform"`` and ``"skewed"``; for
-            ``"skewed"`` the hot expert must not be among them).
-        device: where the returned tensor lives.
-    """
-    if kind not in ROUTING_KINDS:
-        raise ValueError(f"kind must be one of {ROUTING_KINDS}, got {kind!r}")
-    if num_rows < 0 or num_experts <= 0:
-        raise ValueError(f"need num_rows >= 0 and num_experts > 0, got {num_rows}, {num_experts}")
-    zero = sorted({int(z) for z in zero_experts})
-    if any(not 0 <= z < num_experts for z in zero):
-        raise ValueError(f"zero_experts {zero} out of range for {num_experts} experts")
-    if zero and kind not in ("uniform", "skewed"):
-        raise ValueError(f"zero_experts is only supported for 'uniform' and 'skewed', not {kind!r}")
-    allowed = [g for g in range(num_experts) if g not in zero]
-
-    if kind == "none":
-        if num_rows != 0:
-            raise ValueError(f"kind='none' sends nothing: num_rows must be 0, got {num_rows}")
-        counts = torch.zeros(num_experts, dtype=torch.int64)
-    elif kind == "uniform":
-        counts = _spread(num_rows, allowed, num_experts, generator)
-    elif kind == "skewed":
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        hot = allowed[_randint(len(allowed), generator)] if expert is None else int(expert)
-        if hot not in allowed:
-            raise ValueError(f"hot expert {hot} is out of range or listed in zero_experts")
-        others = [g for g in allowed if g != hot]
-        n_hot = num_rows if not others else int(round(fraction * num_rows))
-        counts = _spread(num_rows - n_hot, others, num_experts, generator)
-        counts[hot] += n_hot
-    elif kind == "one_expert":
-        g = _randint(num_experts, generator) if expert is None else int(expert)
-        if not 0 <= g < num_experts:
-            raise ValueError(f"expert {g} out of range for {num_experts} experts")
-        counts = torch.zeros(num_experts, dtype=torch.int64)
-        counts[g] = num_rows
-    else:  # empty_experts
-        k = max(1, num_experts // 4) if num_empty is None else int(num_empty)
-        if not 0 <= k <= num_experts or (k == num_experts and num_rows > 0):
-            raise ValueError(f"num_empty={k} impossible with {num_experts} experts and {num_rows} rows")
-        empty = set(torch.randperm(num_experts, generator=generator)[:k].tolist())   # construction-only: a CPU routing generator (tests, benchmarks)
-        counts = _spread(num_rows, [g for g in range(num_experts) if g not in empty], num_experts, generator)
-    return counts.to(device)
+    On CUDA (and under the CPU interpreter) two Triton launches and a memset
+    (:func:`_route_triton`); elsewhere the same values from sync-free torch ops."""
+    if triton_available_for(topk_idx) and topk_idx.shape[0] > 0:
+        return _route_triton(topk_idx.contiguous(), num_experts, world_size)
+    return _route_torch(topk_idx, num_experts, world_size)
 
 
-def make_inputs(
-    counts: torch.Tensor,
-    hidden: int,
-    dtype: torch.dtype = torch.bfloat16,
-    generator: Optional[torch.Generator] = None,
-    *,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Random activations ``x [sum(counts), hidden]`` in ``dtype`` with a realistic spread.
+# Pairs per program (a power of two) and the compare tile of the in-chunk rank (the rank of a
+# pair among its chunk's earlier pairs of the same expert is counted against JB pairs at a
+# time). Measured on one H200 (2026-12-01, both launches, CUDA events behind a device sleep,
+# median of 30; every setting bit-identical to the torch path; the probe of that run is now
+# benchmarks/bench_route.py, same method), 256 pairs (32 tokens of top-8):
+# 11.8 us for 512 tokens x top-8 of 256 experts at W 4, 19.5 us for 4096 x top-8 of 32 at W 1,
+# 11.1 us for 128 tokens; 128 pairs 11.1 / 26.5 / 9.4 us; 512 19.2 / 22.3 / 18.6; 1024 (the first
+# choice) 58.7 / 60.0 / 57.6 us, too few programs. The torch ops this replaced spent some 77 us
+# in their argsort and column-wise cumsum alone at 512 tokens, W 4.
+ROUTE_PAIRS = 256
+ROUTE_JB = 32
 
-    Rows are ``randn`` times a per-row magnitude ``2**U(-6, 4)`` and a per-(row, 32-block)
-    factor ``2**U(-2, 2)`` (so MXFP8 block scales vary inside a row), plus rare outliers
-    (about 1 element in 1000, 30x larger) like real MoE activations. No zeros, no non-finite
-    values. ``device`` defaults to ``counts.device``.
-    """
-    if counts.dim() != 1:
-        raise ValueError(f"counts must be 1-D [E], got shape {tuple(counts.shape)}")
-    n = int(counts.sum())  # host read of a (test/benchmark) count vector
-    device = counts.device if device is None else device
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    nblk = (hidden + 31) // 32
-    x = torch.randn(n, hidden, generator=generator)
-    row_mag = torch.exp2(torch.rand(n, 1, generator=generator) * 10 - 6)
-    blk_mag = torch.exp2(torch.rand(n, nblk, generator=generator) * 4 - 2)
-    blk_mag = blk_mag.repeat_interleave(32, dim=1)[:, :hidden]
-    outlier = torch.rand(n, hidden, generator=generator) < 1e-3
-    x = x * row_mag * blk_mag * torch.where(outlier, 30.0, 1.0)
-    return x.to(dtype).to(device)
+
+@triton.jit
+def _route_owner(e, E, L):
+    valid = (e >= 0) & (e < E)
+    return valid, tl.where(valid, e // L, -1)
+
+
+@triton.jit
+def _token_rank_hits(idx_ptr, pid, t, K, E, L, BT: tl.constexpr, K_P: tl.constexpr, W_P: tl.constexpr):
+    """Tokens ``[pid * BT, (pid + 1) * BT)``: ``(tok [BT], hits int32 [BT, W_P])``, hits[i, d] = 1
+    where token i has an expert on rank d."""
+    tok = pid.to(tl.int64) * BT + tl.arange(0, BT)
+    jj = tl.arange(0, K_P)
+    pm = (tok < t)[:, None] & (jj < K)[None, :]
+    e2 = tl.load(idx_ptr + tok[:, None] * K + jj[None, :], mask=pm, other=-1).to(tl.int64)
+    _, own2 = _route_owner(e2, E, L)
+    dd = tl.arange(0, W_P)
+    return tok, tl.max((own2[:, :, None] == dd[None, None, :]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, owner_ptr,
+                       E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
+                       BP: tl.constexpr, BT: tl.constexpr):
+    """Program ``p``: the expert histogram of pairs ``[p * BP, (p + 1) * BP)`` into ``hist[p]``
+    (atomics: integer sums, so the result does not depend on their order), the rank histogram of
+    tokens ``[p * BT, (p + 1) * BT)`` (a token counts once per rank it has an expert on) into
+    ``rhist[p]``; and each pair's expert (``E`` for none) and owner (``-1``)."""
+    pid = tl.program_id(0)
+    f = pid.to(tl.int64) * BP + tl.arange(0, BP)
+    fm = f < t * K
+    e = tl.load(idx_ptr + f, mask=fm, other=-1).to(tl.int64)
+    valid, owner = _route_owner(e, E, L)
+    tl.store(expert_ptr + f, tl.where(valid, e, E), mask=fm)
+    tl.store(owner_ptr + f, owner.to(tl.int32), mask=fm)
+    tl.atomic_add(hist_ptr + pid * E_P + tl.where(valid, e, 0), 1, mask=fm & valid, sem="relaxed")
+    _, hits = _token_rank_hits(idx_ptr, pid, t, K, E, L, BT, K_P, W_P)
+    dd = tl.arange(0, W_P)
+    tl.store(rhist_ptr + pid * W_P + dd, tl.sum(hits, axis=0), mask=dd < W)
+
+
+@triton.jit
+def _route_rank_kernel(idx_ptr, t, K, E, L, P, hist_ptr, rhist_ptr, base_ptr, counts_ptr, sent_ptr,
+                       slot_ptr, pair_index_ptr,
+                       E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
+                       BP: tl.constexpr, BT: tl.constexpr, JB: tl.constexpr):
+    """Program ``p``: the histograms of programs ``< p`` (prefix) and of all (totals) give its
+    pairs' first index in the stable expert sort (``start[e] + prefix[e]``) and its tokens' first
+    slot per rank; the in-chunk rank of a pair among the chunk's earlier pairs of its expert is
+    counted by comparison. Program 0 also writes ``counts`` and ``tokens_per_rank``."""
+    pid = tl.program_id(0)
+    ee = tl.arange(0, E_P)
+    dd = tl.arange(0, W_P)
+    total = tl.zeros([E_P], dtype=tl.int32)
+    before = tl.zeros([E_P], dtype=tl.int32)
+    rtotal = tl.zeros([W_P], dtype=tl.int32)
+    rbefore = tl.zeros([W_P], dtype=tl.int32)
+    p = 0
+    while p < P:
+        h = tl.load(hist_ptr + p * E_P + ee)
+        rh = tl.load(rhist_ptr + p * W_P + dd)
+        total += h
+        rtotal += rh
+        before += tl.where(p < pid, h, 0)
+        rbefore += tl.where(p < pid, rh, 0)
+        p += 1
+    if pid == 0:
+        tl.store(counts_ptr + ee, total, mask=ee < E)
+        tl.store(sent_ptr + dd, rtotal, mask=dd < W)
+    # the chunk's first sorted index per expert, through memory: a gather by data-dependent index
+    tl.store(base_ptr + pid * E_P + ee, tl.cumsum(total, axis=0) - total + before)
+    tl.debug_barrier()
+    f = pid.to(tl.int64) * BP + tl.arange(0, BP)
+    fm = f < t * K
+    e = tl.load(idx_ptr + f, mask=fm, other=-1).to(tl.int64)
+    valid, _ = _route_owner(e, E, L)
+    ei = tl.where(valid, e, -1).to(tl.int32)
+    li = tl.arange(0, BP)
+    rank = tl.zeros([BP], dtype=tl.int32)
+    for jb in tl.static_range(BP // JB):
+        fj = pid.to(tl.int64) * BP + jb * JB + tl.arange(0, JB)
+        ej = tl.load(idx_ptr + fj, mask=fj < t * K, other=-1).to(tl.int64)
+        ej = tl.where((ej >= 0) & (ej < E), ej, -2).to(tl.int32)     # never equal to a valid ei
+        lj = jb * JB + tl.arange(0, JB)
+        same = (ei[:, None] == ej[None, :]) & (lj[None, :] < li[:, None])
+        rank += tl.sum(same.to(tl.int32), axis=1)
+    first = tl.load(base_ptr + pid * E_P + tl.where(valid, e, 0), mask=fm & valid, other=0)
+    tl.store(pair_index_ptr + f, tl.where(valid, first + rank, -1), mask=fm)
+    # token slots: the rank's running count of this program's tokens, after the earlier programs'
+    tok, hits = _token_rank_hits(idx_ptr, pid, t, K, E, L, BT, K_P, W_P)
+    tm = tok < t
+    pos = tl.cumsum(hits, axis=0) - hits + rbefore[None, :]
+    tl.store(slot_ptr + tok[:, None] * W + dd[None, :], tl.where(hits > 0, pos, -1),
+             mask=tm[:, None] & (dd < W)[None, :])
+
+
+def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
+    t, k = topk_idx.shape
+    E, W = num_experts, world_size
+    dev = topk_idx.device
+    E_P, W_P, K_P = next_power_of_2(E), max(next_power_of_2(W), 2), max(next_power_of_2(k), 2)
+    BP = ROUTE_PAIRS
+    BT = max(BP // K_P, 1)
+    P = max(cdiv(t * k, BP), cdiv(t, BT))
+    scratch = torch.zeros(P * (E_P + W_P), dtype=torch.int32, device=dev)
+    hist, rhist = scratch[:P * E_P], scratch[P * E_P:]
+    base = torch.empty(P * E_P, dtype=torch.int32, device=dev)
+    expert = torch.empty(t, k, dtype=torch.int64, device=dev)
+    owner = torch.empty(t, k, dtype=torch.int32, device=dev)
+    pair_index = torch.empty(t, k, dtype=torch.int32, device=dev)
+    slot = torch.empty(t, W, dtype=torch.int32, device=dev)
+    counts = torch.empty(E, dtype=torch.int32, device=dev)
+    sent = torch.empty(W, dtype=torch.int32, device=dev)
+    L = E // W
+    _route_hist_kernel[(P,)](topk_idx, t, k, E, L, hist, rhist, expert, owner,
+                             E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, num_warps=4)
+    _route_rank_kernel[(P,)](topk_idx, t, k, E, L, P, hist, rhist, base, counts, sent, slot, pair_index,
+                             E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, JB=ROUTE_JB, num_warps=8)
+    return TokenRoute(counts, sent, slot, owner, pair_index, expert)
+
+
+def _route_torch(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
+    """The same routing in sync-free torch ops (devices without Triton)."""
+    t, k = topk_idx.shape
+    E, W = num_experts, world_size
+    L = E // W
+    dev = topk_idx.device
+    idx = topk_idx.to(torch.int64)
+    valid = (idx >= 0) & (idx < E)
+    expert = torch.where(valid, idx, E)                                        # [t, k], E = none
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+    counts.scatter_add_(0, expert.flatten(), torch.ones(t * k, dtype=torch.int32, device=dev))
+    # Index in the stable expert-sorted expansion: a stable sort of the flattened (token-major)
+    # pairs by expert puts ties in token order, then slot order.
+    order = torch.argsort(expert.flatten(), stable=True)
+    rank_of = torch.empty_like(order)
+    rank_of[order] = torch.arange(t * k, device=dev)
+    pair_index = torch.where(valid, rank_of.view(t, k), -1).to(torch.int32)
+    owner = torch.where(valid, expert // L, -1)
+    # hits rank-major, [W + 1, t]: the running count per rank is then a scan along contiguous
+    # memory (a scan over dim 0 of a [t, W] tensor runs W-wide: 44 us for 512 x 4 on an H200,
+    # where this one is a few; benchmarks/bench_tokens_simulated.py --profile)
+    hits = torch.zeros(W + 1, t, dtype=torch.int32, device=dev)
+    hits.scatter_(0, torch.where(valid, owner, W).t(), 1)
+    hits = hits[:W]
+    pos = hits.cumsum(1, dtype=torch.int32) - hits
+    slot = torch.where(hits > 0, pos, -1).t().contiguous()                    # [t, W]
+    return TokenRoute(counts[:E], hits.sum(1, dtype=torch.int32), slot, owner.to(torch.int32), pair_index, expert)

@@ -1,5 +1,8 @@
 """MXFP8 -> bf16 in one pass: e4m3 bytes ``[R, K]`` and e8m0 scales ``[R, K/32]`` -> bf16
-``[R, K]``, exactly (:func:`mxep.format.spec.dequantize_mxfp8` is the torch expression).
+``[R, K]``, exactly (:func:`mxep.format.naive.dequantize_mxfp8_reference` is the torch expression).
+
+``dequantize_mxfp8`` (public, ``mxep.dequantize_mxfp8``) is the registered op ``mxep::dequantize_mxfp8``
+(``dequantize_mxfp8_op``): this kernel where Triton runs, the torch expression elsewhere.
 
 Used by the grouped GEMM's default path (dequantize, then ``torch._grouped_mm`` on bf16 tensor
 cores): reading 1.03 bytes and writing 2 per element, where the torch expression makes three
@@ -19,10 +22,11 @@ import triton
 import triton.language as tl
 
 from mxep._utils import cdiv, triton_available_for
-from mxep.format.spec import BLOCK_SIZE, dequantize_mxfp8
+from mxep.format.spec import BLOCK_SIZE
 from mxep.format.tile import mxfp8_tile_to_bf16
+from mxep.format.naive import dequantize_mxfp8_reference
 
-__all__ = ["dequantize_mxfp8_rows", "dequantize_mxfp8_op"]
+__all__ = ["dequantize_mxfp8", "dequantize_mxfp8_rows", "dequantize_mxfp8_op"]
 
 # (BLOCK_M, BLOCK_K, warps) on GPUs, from ``benchmarks/bench_quantize.py --sweep`` (1 x H200,
 # 2026-12-01, 14 candidates, two interleaved rounds): 32 x 256 with 4 warps (each thread 16 bytes
@@ -86,7 +90,7 @@ def dequantize_mxfp8_op(qdata: torch.Tensor, scale: torch.Tensor, row_end: Optio
     ``group_end_offsets[-1:]`` of a dispatch layout), rows of the flattened ``[R, K]`` view at or
     past it are left unspecified (the kernel skips them on the device: no host sync)."""
     if not triton_available_for(qdata) or qdata.numel() == 0:
-        return dequantize_mxfp8(qdata, scale, torch.bfloat16)
+        return dequantize_mxfp8_reference(qdata, scale, torch.bfloat16)
     K = qdata.shape[-1]
     R = math.prod(qdata.shape[:-1])
     out = dequantize_mxfp8_rows(qdata.reshape(R, K), scale.reshape(R, K // BLOCK_SIZE), row_end)
@@ -96,3 +100,12 @@ def dequantize_mxfp8_op(qdata: torch.Tensor, scale: torch.Tensor, row_end: Optio
 @dequantize_mxfp8_op.register_fake
 def _(qdata: torch.Tensor, scale: torch.Tensor, row_end: Optional[torch.Tensor] = None) -> torch.Tensor:
     return qdata.new_empty(qdata.shape, dtype=torch.bfloat16)
+
+
+def dequantize_mxfp8(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``qdata`` float8_e4m3fn ``[..., K]`` and ``scale`` float8_e8m0fnu ``[..., K // 32]`` ->
+    ``dtype [..., K]``, exactly. bf16: the op ``mxep::dequantize_mxfp8`` (one Triton pass where
+    Triton runs); other dtypes: the torch expression. Scale byte 0xFF decodes to NaN."""
+    if dtype == torch.bfloat16:
+        return dequantize_mxfp8_op(qdata.contiguous(), scale.contiguous())
+    return dequantize_mxfp8_reference(qdata, scale, dtype)

@@ -6,8 +6,9 @@ import torch
 from torch.utils._pytree import tree_map
 
 from mxep.format.dequantize import dequantize_mxfp8_op
-from mxep.format.quantize import quantize_mxfp8
-from mxep.format.spec import BLOCK_SIZE, ScaleMode, check_quantizable, check_scale_mode, dequantize_mxfp8
+from mxep.format.quantize import to_mxfp8_op
+from mxep.format.spec import BLOCK_SIZE, ScaleMode, check_quantizable, check_scale_mode
+from mxep.format.naive import dequantize_mxfp8_reference
 
 __all__ = ["MXFP8Tensor", "to_mxfp8", "quantize_straight_through"]
 
@@ -23,10 +24,10 @@ class _DequantizeStraightThrough(torch.autograd.Function):
         ctx.in_dtype = t.dtype
         q, s = t.qdata, t.scale
         if q.is_cuda and dtype == torch.bfloat16 and q.is_contiguous() and s.is_contiguous():
-            # one Triton pass (bit-exact with dequantize_mxfp8, tests/format/test_dequantize.py) instead of
+            # one Triton pass (bit-exact with dequantize_mxfp8_reference, tests/format/test_dequantize.py) instead of
             # torch's three fp32 passes: 0.3 ms against 1.7 ms for 33856 x 7168 on one H200
             return dequantize_mxfp8_op(q, s)
-        return dequantize_mxfp8(q, s, dtype)
+        return dequantize_mxfp8_reference(q, s, dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -104,7 +105,7 @@ class MXFP8Tensor(torch.Tensor):
             return _grouped_mm_on_mxfp8(args, kwargs)
         # Anything else: compute on the dequantized value (exact for e4m3 * 2^k in fp32/bf16).
         def unwrap(a):
-            return dequantize_mxfp8(a.qdata, a.scale, a.dtype) if isinstance(a, MXFP8Tensor) else a
+            return dequantize_mxfp8_reference(a.qdata, a.scale, a.dtype) if isinstance(a, MXFP8Tensor) else a
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
 
 
@@ -125,7 +126,7 @@ def _grouped_mm_on_mxfp8(args, kwargs):
         if not isinstance(t, MXFP8Tensor):
             return t
         if t.dtype != torch.bfloat16:
-            return dequantize_mxfp8(t.qdata, t.scale, t.dtype)
+            return dequantize_mxfp8_reference(t.qdata, t.scale, t.dtype)
         end = offs[-1:] if rows_grouped and offs is not None and t.dim() == 2 else None
         return dequantize_mxfp8_op(t.qdata.contiguous(), t.scale.contiguous(), end)
 
@@ -149,7 +150,7 @@ def to_mxfp8(x: torch.Tensor, scale_mode: ScaleMode = "rceil") -> MXFP8Tensor:
     """
     check_quantizable(x)
     check_scale_mode(scale_mode)
-    q, s = quantize_mxfp8(x, scale_mode)
+    q, s = to_mxfp8_op(x, scale_mode)
     return MXFP8Tensor(q, s, x.dtype)
 
 

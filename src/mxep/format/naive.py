@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_mxfp8_reference"]
+__all__ = ["to_mxfp8_reference", "dequantize_mxfp8_reference"]
 
 _BLOCK = 32
 _E4M3_MAX = 448.0
@@ -86,3 +86,16 @@ def to_mxfp8_reference(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[torc
     qdata = q_bytes.reshape(*lead, k).view(torch.float8_e4m3fn)
     scale = byte.to(torch.uint8).view(torch.float8_e8m0fnu)
     return qdata, scale
+
+
+def dequantize_mxfp8_reference(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The pure-torch decode: ``qdata`` float8_e4m3fn ``[..., K]`` and ``scale`` float8_e8m0fnu ``[..., K // 32]`` -> ``dtype [..., K]``.
+
+    Scale byte 0xFF decodes to NaN (torch's e8m0 conversion), so non-finite blocks come back NaN.
+    """
+    k = qdata.shape[-1]
+    blocks = qdata.float().reshape(*qdata.shape[:-1], k // _BLOCK, _BLOCK)
+    out = blocks * scale.float().unsqueeze(-1)
+    return out.reshape(qdata.shape).to(dtype)
+
+

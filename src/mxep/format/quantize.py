@@ -21,7 +21,7 @@ from mxep._utils import cdiv, next_power_of_2, require_triton
 from mxep.format.spec import BLOCK_SIZE, check_scale_mode
 from mxep.format.tile import bf16_bits_to_fp32, mxfp8_tile_to_bf16, quantize_tile
 
-__all__ = ["mxfp8_quantize", "mxfp8_round_trip", "quantize_mxfp8"]
+__all__ = ["to_mxfp8_rows", "mxfp8_round_trip", "to_mxfp8_op"]
 
 # GPU tiles, from ``benchmarks/bench_quantize.py --sweep`` (1 x H200, 2026-12-01, bf16 RCEIL,
 # 24 candidates, two interleaved rounds, inputs rotated past L2): 4 rows x 1024 columns with 4
@@ -37,7 +37,7 @@ INTERPRET_BLOCK_M = 32
 
 
 @triton.jit
-def _mxfp8_quantize_kernel(
+def _to_mxfp8_kernel(
     x_ptr, q_ptr, s_ptr,  # x: fp32 or bf16-as-int16 [M, K]; q: uint8 [M, K]; s: uint8 [M, K // 32]
     M, K,                 # (ROUND_TRIP: q is bf16 [M, K], s unused)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
@@ -104,14 +104,14 @@ def _launch(x2d, out_q, out_s, scale_mode, block_m, block_k, num_warps, hw_cast,
     # bf16 travels as its int16 bits: the kernel widens them exactly (the interpreter's own
     # bf16 -> fp32 conversion mishandles subnormals).
     x_arg = x2d.view(torch.int16) if x2d.dtype == torch.bfloat16 else x2d
-    _mxfp8_quantize_kernel[grid](
+    _to_mxfp8_kernel[grid](
         x_arg, out_q, out_s, M, K,
         BLOCK_M=block_m, BLOCK_K=block_k, FLOOR=(scale_mode == "floor"),
         HW_CAST=hw_cast and on_gpu, ROUND_TRIP=round_trip, num_warps=num_warps or GPU_NUM_WARPS,
     )
 
 
-def mxfp8_quantize(
+def to_mxfp8_rows(
     x2d: torch.Tensor,
     scale_mode: str = "rceil",
     *,
@@ -127,7 +127,7 @@ def mxfp8_quantize(
     ``hw_cast``: on GPUs, round to e4m3 with the hardware conversion (bit-identical to the
     integer rounding, which the interpreter always uses; False times or tests that path there).
     """
-    _check_input(x2d, scale_mode, "mxfp8_quantize")
+    _check_input(x2d, scale_mode, "to_mxfp8_rows")
     M, K = x2d.shape
     q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x2d.device)
     s = torch.empty((M, K // 32), dtype=torch.float8_e8m0fnu, device=x2d.device)
@@ -160,17 +160,17 @@ def mxfp8_round_trip(x2d: torch.Tensor, scale_mode: str = "rceil", *, out: torch
     return out
 
 
-@torch.library.custom_op("mxep::quantize_mxfp8", mutates_args=())
-def quantize_mxfp8(x: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("mxep::to_mxfp8", mutates_args=())
+def to_mxfp8_op(x: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` bf16/fp32 ``[..., K]`` (contiguous, ``K % 32 == 0``) -> ``(qdata float8_e4m3fn [..., K],
     scale float8_e8m0fnu [..., K // 32])``: the Triton kernel, on CUDA or on CPU under
     ``TRITON_INTERPRET=1`` (elsewhere a clear error says so)."""
     # Not reshape(-1, K): that is ambiguous (an error) when K == 0.
-    q, s = mxfp8_quantize(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), scale_mode)
+    q, s = to_mxfp8_rows(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), scale_mode)
     return q.view(x.shape), s.view(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
 
 
-@quantize_mxfp8.register_fake
+@to_mxfp8_op.register_fake
 def _(x: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     q = x.new_empty(x.shape, dtype=torch.float8_e4m3fn)
     s = x.new_empty((*x.shape[:-1], x.shape[-1] // BLOCK_SIZE), dtype=torch.float8_e8m0fnu)

@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["dequantize_mxfp8", "check_scale_mode", "check_quantizable", "BLOCK_SIZE", "E4M3_MAX", "SCALE_MODES"]
+__all__ = ["check_scale_mode", "check_quantizable", "BLOCK_SIZE", "E4M3_MAX", "SCALE_MODES"]
 
 BLOCK_SIZE = 32
 E4M3_MAX = 448.0
@@ -64,16 +64,3 @@ def check_quantizable(x: torch.Tensor, what: str = "x") -> None:
         )
     if not x.is_contiguous():
         raise ValueError(f"{what} must be contiguous (call .contiguous() first); got strides {x.stride()}")
-
-
-def dequantize_mxfp8(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``qdata`` float8_e4m3fn ``[..., K]`` and ``scale`` float8_e8m0fnu ``[..., K // 32]`` -> ``dtype [..., K]``.
-
-    Scale byte 0xFF decodes to NaN (torch's e8m0 conversion), so non-finite blocks come back NaN.
-    """
-    k = qdata.shape[-1]
-    blocks = qdata.float().reshape(*qdata.shape[:-1], k // BLOCK_SIZE, BLOCK_SIZE)
-    out = blocks * scale.float().unsqueeze(-1)
-    return out.reshape(qdata.shape).to(dtype)
-
-

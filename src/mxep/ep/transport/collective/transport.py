@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mxep.ep.layout import DispatchLayout, clamp_counts, compute_dispatch_layout
-from mxep.ep.tokens import route_tokens
+from mxep.ep.routing import route_tokens
 from mxep.ep.transport.base import BAD_COUNTS, DispatchHandle, Transport, as_mxfp8
 from mxep.format.mxfp8 import to_mxfp8
 

@@ -22,7 +22,7 @@ from mxep._utils import padded_group_rows
 from mxep.ep.config import EPConfig
 from mxep.ep.layout import capacity_rows
 from mxep.ep.transport.base import DispatchHandle, as_mxfp8
-from mxep.ep.tokens import route_tokens
+from mxep.ep.routing import route_tokens
 from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout
 from mxep.ep.transport.symm_mem.transport import plan_token_state
 from mxep.format.mxfp8 import MXFP8Tensor

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.base import DispatchHandle, Transport, as_mxfp8
-from mxep.ep.tokens import TokenRoute, route_tokens
+from mxep.ep.routing import TokenRoute, route_tokens
 from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout, TokenState
 from mxep.ep.transport.symm_mem.plan import DispatchPlan
 from mxep.ep.transport.symm_mem.tokens import pair_tables
@@ -202,7 +202,7 @@ class SymmMemTransport(Transport):
 
 def plan_token_state(peer: PeerMemory, topk_idx: torch.Tensor, topk_weights: torch.Tensor, align: int,
                      phase: str, route: TokenRoute | None = None) -> TokenState | None:
-    """Route the tokens (:func:`mxep.ep.tokens.route_tokens`, or ``route`` when already
+    """Route the tokens (:func:`mxep.ep.routing.route_tokens`, or ``route`` when already
     routed), exchange the counts and plan (``phase`` as :meth:`PeerMemory.exchange_and_plan`),
     and derive every pair's layout row."""
     r = peer.regions
