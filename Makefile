@@ -2,9 +2,14 @@
 # Every target first installs what it needs and is missing (scripts/ensure_deps.py: torch,
 # Triton and numpy always, since Triton's CPU interpreter imports numpy; then the target's
 # extras), and reuses an importable torch/triton (GPU machines are offline and bring their own
-# builds). `make demo` and `make test` work from a fresh virtualenv. Kernel settings are not
-# environment variables: they are an mxep.EPConfig passed to the Buffer (README).
+# builds). Then it installs this checkout itself in editable mode (pip install -e . --no-deps)
+# into $(PYTHON)'s environment, so `import mxep` works in your own scripts too. `make demo` and
+# `make test` work from a fresh virtualenv: the demo adds matplotlib; the tests add pytest and
+# torchtitan 0.3.0 (Python >= 3.11, for tests/integrations/test_torchtitan.py), which pulls about
+# 500 MB (pandas, pyarrow, wandb, datasets, tensorboard). Kernel settings are not environment
+# variables: they are an mxep.EPConfig passed to the Buffer (README).
 PYTHON ?= python3
+# Fallback for where the editable install could not be made (ensure_deps says so).
 export PYTHONPATH := $(CURDIR)/src:$(PYTHONPATH)
 # Multi-GPU safety on the shared NVLink machines: never use NVLink multicast.
 export NCCL_NVLS_ENABLE := 0
@@ -14,17 +19,20 @@ NGPU := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 
 .PHONY: deps demo test test-gpu bench gpu-session
 
+# torch, Triton, numpy and mxep itself (editable), nothing else.
 deps:
 	@$(PYTHON) scripts/ensure_deps.py
 
-# The EP dispatch layout on every rank (GPUs over NCCL, else 4 CPU ranks on gloo under the Triton
-# interpreter), plus its plot (matplotlib).
+# examples/demo.py: trains a small MoE transformer with mxep.MoE beside a dense bf16 twin on every
+# rank (GPUs over NCCL, else 4 CPU ranks on gloo under the Triton interpreter), checks them and
+# plots both loss curves (demo-loss.png, matplotlib). `python examples/demo.py --help` for knobs.
 demo:
 	@$(PYTHON) scripts/ensure_deps.py --demo
-	@$(PYTHON) -m mxep.demo
+	@$(PYTHON) examples/demo.py
 
 # CPU suite (what CI runs, .ci/run): Triton kernels run under the interpreter, distributed logic on
-# gloo processes, plus the offline sm_90 compile of every kernel (scripts/compile_sm90.py).
+# gloo processes, plus the offline sm_90 compile of every kernel (scripts/compile_sm90.py). Installs
+# pytest and torchtitan 0.3.0 first (see the top of this file).
 test:
 	@$(PYTHON) scripts/ensure_deps.py --test
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu and not multigpu" tests

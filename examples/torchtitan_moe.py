@@ -23,6 +23,9 @@ two loss curves overlaid and the step times side by side, and a JSON of both.
 
 On CPU the step times measure the Triton interpreter that runs mxep's kernels there, not the
 dispatch: they are for checking that it runs; compare speed on GPUs.
+
+It imports mxep as an installed package: ``make deps`` installs this checkout in editable mode
+(and ``pip install torchtitan==0.3.0``, or ``make test``, brings torchtitan).
 """
 from __future__ import annotations
 
@@ -31,7 +34,6 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
 import types
 
@@ -40,7 +42,6 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton: mxep's CPU path
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import torch.distributed as dist  # noqa: E402
 

@@ -10,11 +10,21 @@ on, imports numpy). ``--demo`` adds matplotlib (the demo writes a PNG), ``--test
 GPU machines (no network) already have torch and triton: we must not try to install our own.
 A clean CPU machine gets torch 2.13.0 (CPU wheel, available offline) and Triton 3.6 from the
 registry. Only modules that cannot be imported are installed; nothing is upgraded.
+
+Last, mxep itself: when ``import mxep`` (without the Makefile's ``PYTHONPATH=src``) does not
+resolve to this checkout, ``pip install -e . --no-deps`` installs it in editable mode into this
+interpreter's environment, so that the user's own scripts and ``examples/`` import it. Should that
+fail (an offline machine cannot fetch setuptools for the isolated build) it retries with
+``--no-build-isolation`` (the environment's setuptools), else says so in a line and goes on: the
+Makefile's ``PYTHONPATH=src`` still serves its own targets.
 """
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # module -> pip requirement, for the optional groups (pyproject.toml's extras say the same)
 EXTRAS = {
@@ -32,6 +42,35 @@ def _pip(*args: str) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
     print("+", " ".join(cmd), flush=True)
     subprocess.check_call(cmd)
+
+
+def _mxep_is_this_checkout() -> bool:
+    """``import mxep`` in a fresh interpreter, without this checkout's src on PYTHONPATH and
+    wherever it runs, finds this checkout's src/mxep."""
+    src = os.path.realpath(os.path.join(ROOT, "src"))
+    env = dict(os.environ)
+    kept = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and os.path.realpath(p) != src]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    probe = ("import sys, importlib.util as u; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+             "s = u.find_spec('mxep'); print(s.origin if s else '')")   # not the working directory's
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip()
+    return bool(out) and os.path.realpath(out) == os.path.join(src, "mxep", "__init__.py")
+
+
+def _install_self() -> None:
+    """This checkout, editable, into this interpreter's environment (its dependencies are the
+    ones above: --no-deps)."""
+    if _mxep_is_this_checkout():
+        return
+    for extra in ([], ["--no-build-isolation"]):
+        try:
+            _pip("--no-deps", *extra, "-e", ROOT)
+            return
+        except subprocess.CalledProcessError:
+            pass
+    print(f"ensure_deps: could not install mxep in editable mode (pip install -e {ROOT} --no-deps); "
+          f"the Makefile's PYTHONPATH=src still serves make's targets", flush=True)
 
 
 def main() -> None:
@@ -60,6 +99,7 @@ def main() -> None:
         except subprocess.CalledProcessError:
             print("ensure_deps: torchtitan==0.3.0 could not be installed; its integration tests will skip",
                   flush=True)
+    _install_self()
 
 
 if __name__ == "__main__":

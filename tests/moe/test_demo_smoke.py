@@ -1,4 +1,4 @@
-"""`python -m mxep.demo --steps 3` (the training demo of `make demo`, forced onto the CPU path: 4
+"""`python examples/demo.py --steps 3` (the training demo of `make demo`, forced onto the CPU path: 4
 gloo ranks, Triton interpreter) trains mxep's MoE transformer and its dense bf16 twin for three
 steps, prints the progress lines, the summary and its checks, exits 0 and writes the loss PNG.
 Plumbing plus the first-step checks (mxep.MoE's output equals its MXFP8 reference, both models'
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(ROOT, "examples", "demo.py")
 
 
 def test_demo_trains_three_steps(tmp_path):
@@ -18,7 +19,7 @@ def test_demo_trains_three_steps(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)   # a world of its own, whatever launched pytest
     png = tmp_path / "loss.png"
-    proc = subprocess.run([sys.executable, "-m", "mxep.demo", "--steps", "3", "--max-seconds", "0", "--out", str(png)],
+    proc = subprocess.run([sys.executable, DEMO, "--steps", "3", "--max-seconds", "0", "--out", str(png)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""`python -m mxep.demo` (`make demo`): train a small MoE transformer on mxep, beside a bf16 twin.
+"""`python examples/demo.py` (`make demo`): train a small MoE transformer on mxep, beside a bf16 twin.
 
 One process per visible CUDA GPU (NCCL), else 4 CPU processes (gloo, Triton interpreter; about
 2 minutes on 2 idle cores). Every rank builds the same model: token + position embeddings, a few
@@ -25,10 +25,9 @@ tolerance, mxep.MoE's first-step output equals its MXFP8 reference (``mxep.moe.n
 same activations, both losses fell, they end close to each other, and the replicated weights are
 still identical on every rank. On CPU a time budget (``--max-seconds``, 150 s from launch) ends
 training early on a busy machine; the summary says so. It writes both loss curves to
-``demo-loss.png`` (``--out``). The exit status is 1 when a check fails.
+``demo-loss.png`` (``--out``). The exit status is 1 when a check fails. ``--help`` for the knobs.
 
-``python -m mxep.demo --layout``: the previous demo, the EP dispatch layout on every rank
-(unfused MXFP8 pipeline vs fused ``mxep.Buffer``, side by side). ``--help`` for the knobs.
+It imports mxep as an installed package (``make deps`` installs this checkout in editable mode).
 """
 from __future__ import annotations
 
@@ -42,8 +41,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +54,9 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+import mxep  # noqa: E402
+from mxep.moe.naive import moe_reference  # noqa: E402
+from mxep.testing import rel_err  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The corpus: a small synthetic grammar (subject-verb agreement across optional adjectives,
@@ -234,6 +235,61 @@ class TrainConfig:
     corpus_tokens: int = 200_000
 
 
+@dataclass
+class Twin:
+    """One of the two models and what trains it."""
+
+    model: MoETransformer
+    replicated: list[nn.Parameter]   # the parameters every rank holds: gradients all-reduced
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+
+
+@dataclass
+class History:
+    """What the training loop records."""
+
+    losses: dict[str, list[float]]                # per step, mean over the ranks
+    times: dict[str, list[float]]                 # this rank's step times (s)
+    first_logits: dict[str, torch.Tensor]         # step 1's logits on this rank
+    stopped_early: bool = False
+    wall: float = 0.0                             # seconds of training
+
+
+def _twin(model: MoETransformer, replicated: list[nn.Parameter], cfg: TrainConfig) -> Twin:
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, min(10, cfg.steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    return Twin(model, replicated, opt, sched)
+
+
+def build_twins(rank: int, world: int, device: torch.device, cfg: TrainConfig) -> dict[str, Twin]:
+    """Both models with the same weights: the dense twin holds every weight (rank 0's, broadcast),
+    mxep's experts on this rank take their slice of them."""
+    E, L, V = cfg.experts_per_rank * world, cfg.experts_per_rank, len(VOCAB)
+    torch.manual_seed(cfg.seed)
+    dense = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads,
+                           [DenseMoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, device) for _ in range(cfg.layers)],
+                           device)
+    init_weights(dense, cfg.seed)
+    with torch.no_grad():
+        for p in dense.parameters():
+            dist.broadcast(p.data, 0)
+    moes = [mxep.MoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, max_tokens_per_rank=cfg.batch * cfg.seq, device=device)
+            for _ in range(cfg.layers)]
+    mx = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads, moes, device)
+    with torch.no_grad():
+        src = dict(dense.named_parameters())
+        for name, p in mx.named_parameters():
+            w = src[name]
+            if name.endswith("moe.w13") or name.endswith("moe.w2"):
+                w = w[rank * L:(rank + 1) * L]
+            p.copy_(w)
+    experts = {id(m.w13) for m in moes} | {id(m.w2) for m in moes}
+    return {"mxep": _twin(mx, [p for p in mx.parameters() if id(p) not in experts], cfg),
+            "dense": _twin(dense, list(dense.parameters()), cfg)}
+
+
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:
     """Sum the gradients of replicated parameters over the ranks, in one fp32 all-reduce."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -256,24 +312,93 @@ def _same_on_every_rank(params: list[nn.Parameter]) -> bool:
     return bool(ok.item())
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+def _capture_first_call(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Filled with the module's first input ``x`` and output ``y`` when it first runs."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, inputs, output):
+        if not captured:
+            captured["x"], captured["y"] = inputs[0].detach().clone(), output.detach().clone()
+            handle.remove()
+
+    handle = module.register_forward_hook(hook)
+    return captured
+
+
+def train_step(twin: Twin, ids: torch.Tensor, targets: torch.Tensor, world: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step of one model on this rank's batch: its loss, logits and time (s)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    t0 = time.perf_counter()
+    logits = twin.model(ids)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    (loss / world).backward()            # summed over the ranks below: the mean loss's gradient
+    _all_reduce_grads(twin.replicated)   # mxep's experts: the combine's backward already did it
+    twin.opt.step()
+    twin.opt.zero_grad(set_to_none=True)
+    twin.sched.step()
+    sync()
+    return loss.detach(), logits.detach(), time.perf_counter() - t0
+
+
+def _mean_losses_and_stop(local: dict[str, torch.Tensor], stop: bool, world: int,
+                          device: torch.device) -> tuple[dict[str, float], bool]:
+    """The step's losses averaged over the ranks, and whether any rank votes to stop."""
+    stats = torch.stack([*local.values(), torch.tensor(float(stop), device=device)]).float()
+    dist.all_reduce(stats)
+    return {name: float(v) / world for name, v in zip(local, stats)}, bool(stats[-1] > 0)
+
+
+def train_loop(rank: int, world: int, device: torch.device, cfg: TrainConfig, twins: dict[str, Twin],
+               corpus: torch.Tensor) -> History:
+    """Both models, step by step on the same batches, until cfg.steps or the deadline."""
+    hist = History({k: [] for k in twins}, {k: [] for k in twins}, {})
+    progress = _Progress(cfg.steps, world * cfg.batch * cfg.seq) if rank == 0 else None
+    t_start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        batch_seed = cfg.seed * 1_000_003 + (step - 1) * world + rank     # different tokens on every rank
+        ids, targets = (t.to(device) for t in get_batch(corpus, cfg.batch, cfg.seq, batch_seed))
+        local = {}
+        for name, twin in twins.items():
+            local[name], logits, seconds = train_step(twin, ids, targets, world, device)
+            hist.times[name].append(seconds)
+            if step == 1:
+                hist.first_logits[name] = logits
+        # Stop early if the next step would end past the deadline (every rank votes: any stops all).
+        next_end = time.time() + sum(t[-1] for t in hist.times.values())
+        mean, stop = _mean_losses_and_stop(local, next_end > cfg.deadline, world, device)
+        for name, loss in mean.items():
+            hist.losses[name].append(loss)
+        hist.stopped_early = stop and step < cfg.steps
+        if progress is not None:
+            progress.update(step, hist, time.perf_counter() - t_start, last=step == cfg.steps or hist.stopped_early)
+        if hist.stopped_early:
+            break
+    hist.wall = time.perf_counter() - t_start
+    return hist
 
 
 class _Progress:
     """Rank 0's progress line: rewritten in place on a terminal, else a line every few steps."""
 
-    def __init__(self, total: int):
-        self.total, self.tty = total, sys.stdout.isatty()
+    def __init__(self, total: int, tokens_per_step: int):
+        self.total, self.tokens, self.tty = total, tokens_per_step, sys.stdout.isatty()
         self.every = max(1, total // 10)
+        self._len = 0
 
-    def update(self, step: int, text: str, last: bool = False) -> None:
+    def update(self, step: int, hist: History, elapsed: float, last: bool = False) -> None:
+        mt, dt = (statistics.median(hist.times[k][1:] or hist.times[k]) for k in ("mxep", "dense"))
+        text = (f"loss mxep {hist.losses['mxep'][-1]:.3f} dense {hist.losses['dense'][-1]:.3f} | "
+                f"tok/s mxep {_rate(self.tokens, mt)} dense {_rate(self.tokens, dt)} | {elapsed:.0f} s")
         width = 24
         done = round(width * step / self.total)
         line = f"step {step:>{len(str(self.total))}}/{self.total} [{'#' * done}{'.' * (width - done)}] {text}"
         if self.tty:
-            print("\r" + line.ljust(getattr(self, "_len", 0)), end="\n" if last else "", flush=True)
+            print("\r" + line.ljust(self._len), end="\n" if last else "", flush=True)
             self._len = len(line)
         elif last or step == 1 or step % self.every == 0:
             print(line, flush=True)
@@ -288,165 +413,102 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
 
 
-def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backend: str) -> bool:
-    import mxep
+# ----------------------------------------------------------------------------------------------
+# Checks and report (rank 0).
+# ----------------------------------------------------------------------------------------------
 
-    E = cfg.experts_per_rank * world
-    L = cfg.experts_per_rank
-    n_local = cfg.batch * cfg.seq
-    corpus, entropy = make_corpus(cfg.corpus_tokens, cfg.seed)
-    V = len(VOCAB)
+@dataclass
+class LossStats:
+    start: dict[str, float]    # step 1
+    final: dict[str, float]    # mean of the last `tail` steps (batches are noisy)
+    fell: dict[str, float]     # 1 - final / start
+    tail: int
+    steps: int
 
-    # The dense twin holds every weight; rank 0's are broadcast ("scatter": mxep's experts below
-    # take their slice of them).
-    torch.manual_seed(cfg.seed)
-    dense = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads,
-                           [DenseMoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, device) for _ in range(cfg.layers)],
-                           device)
-    init_weights(dense, cfg.seed)
-    with torch.no_grad():
-        for p in dense.parameters():
-            dist.broadcast(p.data, 0)
-    moes = [mxep.MoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, max_tokens_per_rank=n_local, device=device)
-            for _ in range(cfg.layers)]
-    mx = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads, moes, device)
-    with torch.no_grad():
-        src = dict(dense.named_parameters())
-        for name, p in mx.named_parameters():
-            w = src[name]
-            if name.endswith("moe.w13") or name.endswith("moe.w2"):
-                w = w[rank * L:(rank + 1) * L]
-            p.copy_(w)
-    expert_ids = {id(m.w13) for m in moes} | {id(m.w2) for m in moes}
-    mx_replicated = [p for p in mx.parameters() if id(p) not in expert_ids]
-    models = {"mxep": (mx, mx_replicated), "dense": (dense, list(dense.parameters()))}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-            for k, (m, _) in models.items()}
-    warmup = max(1, min(10, cfg.steps // 10))
-    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warmup)) for k, o in opts.items()}
+    @classmethod
+    def of(cls, losses: dict[str, list[float]]) -> "LossStats":
+        steps = len(losses["mxep"])
+        tail = max(1, min(5, steps // 5))
+        start = {k: v[0] for k, v in losses.items()}
+        final = {k: statistics.fmean(v[-tail:]) for k, v in losses.items()}
+        return cls(start, final, {k: 1 - final[k] / start[k] for k in losses}, tail, steps)
 
-    # The first step's layer-0 MoE input and output of the mxep model, against mxep's own dense
-    # reference of the same MXFP8 math (mxep.moe.naive) on the same (initial) weights.
-    ref_weights = [t.detach().clone() for t in (dense.blocks[0].moe.router, dense.blocks[0].moe.w13,
-                                                dense.blocks[0].moe.w2)]
-    captured: dict[str, torch.Tensor] = {}
 
-    def capture(module, inputs, output):
-        if not captured:
-            captured["x"], captured["y"] = inputs[0].detach().clone(), output.detach().clone()
-
-    hook = moes[0].register_forward_hook(capture)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    n_params = {k: sum(p.numel() for p in m.parameters()) for k, (m, _) in models.items()}
-    tokens_per_step = world * n_local
-    losses: dict[str, list[float]] = {"mxep": [], "dense": []}
-    times: dict[str, list[float]] = {"mxep": [], "dense": []}
-    first: dict[str, Any] = {}
-    progress = _Progress(cfg.steps) if rank == 0 else None
-    stopped_early = False
-    t_start = time.perf_counter()
-    for step in range(cfg.steps):
-        batch_seed = cfg.seed * 1_000_003 + step * world + rank          # different tokens on every rank
-        ids, targets = (t.to(device) for t in get_batch(corpus, cfg.batch, cfg.seq, batch_seed))
-        local = {}
-        for name, (model, replicated) in models.items():
-            sync()
-            t0 = time.perf_counter()
-            logits = model(ids)
-            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
-            (loss / world).backward()
-            _all_reduce_grads(replicated)
-            opts[name].step()
-            opts[name].zero_grad(set_to_none=True)
-            scheds[name].step()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-            local[name] = loss.detach()
-            if step == 0:
-                first[name] = logits.detach()
-                if name == "mxep":
-                    hook.remove()
-        # Stop early if the next step would end past the deadline (every rank votes: any stops all).
-        stop = 1.0 if time.time() + times["mxep"][-1] + times["dense"][-1] > cfg.deadline else 0.0
-        stats = torch.stack([local["mxep"], local["dense"], torch.tensor(stop, device=device)]).float()
-        dist.all_reduce(stats)
-        losses["mxep"].append(float(stats[0]) / world)
-        losses["dense"].append(float(stats[1]) / world)
-        done = step + 1
-        if stats[2] > 0 and done < cfg.steps:
-            stopped_early = True
-        if rank == 0:
-            mt = statistics.median(times["mxep"][1:] or times["mxep"])
-            dt = statistics.median(times["dense"][1:] or times["dense"])
-            progress.update(done, f"loss mxep {losses['mxep'][-1]:.3f} dense {losses['dense'][-1]:.3f} | "
-                                  f"tok/s mxep {_rate(tokens_per_step, mt)} dense {_rate(tokens_per_step, dt)} | "
-                                  f"{time.perf_counter() - t_start:.0f} s",
-                            last=done == cfg.steps or stopped_early)
-        if stopped_early:
-            break
-    wall = time.perf_counter() - t_start
-
-    from mxep.moe.naive import moe_reference
-
-    ref_y = moe_reference(captured["x"], *ref_weights, cfg.top_k)
-    errs = torch.tensor([rel_err(captured["y"], ref_y), rel_err(first["mxep"], first["dense"])], device=device)
-    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-    layer_err, logits_err = (float(e) for e in errs)
-    same = {k: _same_on_every_rank(rep) for k, (_, rep) in models.items()}
-    if rank != 0:
-        return True
-
-    steps_done = len(losses["mxep"])
-    step_s = {k: statistics.median(v[1:] or v) for k, v in times.items()}
-    tail = max(1, min(5, steps_done // 5))              # average the last few steps: batches are noisy
-    final = {k: statistics.fmean(v[-tail:]) for k, v in losses.items()}
-    start = {k: v[0] for k, v in losses.items()}
-    fell = {k: 1 - final[k] / start[k] for k in losses}
-    want_fall = 0.25
-    checks: list[tuple[str, bool | str]] = []   # (what, True / False / "skip" / "note": not a failure)
+def _checks(ls: LossStats, stopped_early: bool, layer_err: float, logits_err: float,
+            same: dict[str, bool]) -> list[tuple[str, bool | str]]:
+    """(what, True / False / "skip" / "note"): only False is a failure."""
+    start, final, fell, want_fall = ls.start, ls.final, ls.fell, 0.25
     d0 = abs(start["mxep"] - start["dense"]) / start["dense"]
-    checks.append((f"first-step losses agree within MXFP8 tolerance ({start['mxep']:.4f} vs {start['dense']:.4f}: "
-                   f"{d0:.2%} <= 1%; the logits differ by {logits_err:.0%}, relative: MXFP8 rounding and the "
-                   f"top-k flips it causes)", d0 <= 0.01))
-    checks.append((f"mxep.MoE's first-step output (layer 0, every rank) matches its MXFP8 reference "
-                   f"mxep.moe.naive.moe_reference: rel err {layer_err:.1e} <= 1e-2", layer_err <= 1e-2))
-    if steps_done >= 10:
+    checks: list[tuple[str, bool | str]] = [
+        (f"first-step losses agree within MXFP8 tolerance ({start['mxep']:.4f} vs {start['dense']:.4f}: "
+         f"{d0:.2%} <= 1%; the logits differ by {logits_err:.0%}, relative: MXFP8 rounding and the "
+         f"top-k flips it causes)", d0 <= 0.01),
+        (f"mxep.MoE's first-step output (layer 0, every rank) matches its MXFP8 reference "
+         f"mxep.moe.naive.moe_reference: rel err {layer_err:.1e} <= 1e-2", layer_err <= 1e-2)]
+    if ls.steps >= 10:
         gap = abs(final["mxep"] - final["dense"]) / final["dense"]
         fall = (f"both losses fell by >= {want_fall:.0%} (mxep {fell['mxep']:.0%}, dense {fell['dense']:.0%})",
                 min(fell.values()) >= want_fall)
         if stopped_early and not fall[1]:   # a slow (busy) machine, not a wrong result: reported only
-            fall = (fall[0] + f": not reached in the {steps_done} steps the time budget allowed", "note")
+            fall = (fall[0] + f": not reached in the {ls.steps} steps the time budget allowed", "note")
         checks += [fall, (f"final losses within 10% of each other ({gap:.1%})", gap <= 0.10)]
     else:
-        checks.append((f"loss fell / final losses agree: skipped ({steps_done} steps, needs >= 10)", "skip"))
+        checks.append((f"loss fell / final losses agree: skipped ({ls.steps} steps, needs >= 10)", "skip"))
     checks.append(("replicated weights identical on every rank after training (all-reduced gradients)",
                    all(same.values())))
-    ok = all(v is not False for _, v in checks)
+    return checks
 
-    plot_note = _plot(losses, entropy, cfg, world, backend, device)
+
+def _summary(hist: History, ls: LossStats, cfg: TrainConfig, world: int, backend: str, device: torch.device,
+             entropy: float, n_params: int, plot_note: str) -> str:
+    E, tokens = cfg.experts_per_rank * world, world * cfg.batch * cfg.seq
+    step_s = {k: statistics.median(v[1:] or v) for k, v in hist.times.items()}
     where = f"{world} {'GPU' if device.type == 'cuda' else 'CPU'} rank{'s' if world > 1 else ''} ({backend})"
-    print()
-    print(
+    return (
         f"Summary: trained a {cfg.layers}-layer MoE transformer (hidden {cfg.hidden}, {cfg.heads} heads, "
-        f"{E} experts top-{cfg.top_k} with ffn {cfg.ffn_hidden}, {n_params['dense'] / 1e3:.0f}k parameters) as a "
-        f"causal LM on a synthetic grammar (vocab {V}, entropy {entropy:.2f} nats/token: the lowest reachable loss) on "
-        f"{where}, {steps_done} steps"
-        + (f" (stopped early: time budget; {cfg.steps} asked)" if stopped_early else "")
-        + f" of {tokens_per_step} tokens ({cfg.batch} x {cfg.seq} per rank), AdamW lr {cfg.lr:g}, "
-        f"in {wall:.0f} s. mxep ({L} experts per rank, MXFP8 dispatch and expert GEMMs, expert parallel): "
-        f"loss {start['mxep']:.3f} -> {final['mxep']:.3f} ({fell['mxep']:.0%} lower; mean of the last {tail}), "
-        f"{_duration(step_s['mxep'])}/step, {_rate(tokens_per_step, step_s['mxep'])} tokens/s. "
-        f"dense bf16 twin (all {E} experts on every rank, no quantization): loss {start['dense']:.3f} -> "
-        f"{final['dense']:.3f} ({fell['dense']:.0%} lower), {_duration(step_s['dense'])}/step, "
-        f"{_rate(tokens_per_step, step_s['dense'])} tokens/s (median step, first excluded). "
+        f"{E} experts top-{cfg.top_k} with ffn {cfg.ffn_hidden}, {n_params / 1e3:.0f}k parameters) as a "
+        f"causal LM on a synthetic grammar (vocab {len(VOCAB)}, entropy {entropy:.2f} nats/token: the lowest "
+        f"reachable loss) on {where}, {ls.steps} steps"
+        + (f" (stopped early: time budget; {cfg.steps} asked)" if hist.stopped_early else "")
+        + f" of {tokens} tokens ({cfg.batch} x {cfg.seq} per rank), AdamW lr {cfg.lr:g}, "
+        f"in {hist.wall:.0f} s. mxep ({cfg.experts_per_rank} experts per rank, MXFP8 dispatch and expert GEMMs, "
+        f"expert parallel): loss {ls.start['mxep']:.3f} -> {ls.final['mxep']:.3f} ({ls.fell['mxep']:.0%} lower; "
+        f"mean of the last {ls.tail}), {_duration(step_s['mxep'])}/step, {_rate(tokens, step_s['mxep'])} tokens/s. "
+        f"dense bf16 twin (all {E} experts on every rank, no quantization): loss {ls.start['dense']:.3f} -> "
+        f"{ls.final['dense']:.3f} ({ls.fell['dense']:.0%} lower), {_duration(step_s['dense'])}/step, "
+        f"{_rate(tokens, step_s['dense'])} tokens/s (median step, first excluded). "
         + ("Timings on CPU run the Triton interpreter and gloo: not performance numbers. " if device.type == "cpu" else "")
         + plot_note)
+
+
+def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backend: str) -> bool:
+    """Train both models, check, and (rank 0) report; True when every check passed."""
+    corpus, entropy = make_corpus(cfg.corpus_tokens, cfg.seed)
+    twins = build_twins(rank, world, device, cfg)
+    # The first step's layer-0 MoE input and output of the mxep model, against mxep's own dense
+    # reference of the same MXFP8 math (mxep.moe.naive) on the same (initial) weights.
+    dense_moe = twins["dense"].model.blocks[0].moe
+    ref_weights = [t.detach().clone() for t in (dense_moe.router, dense_moe.w13, dense_moe.w2)]
+    captured = _capture_first_call(twins["mxep"].model.blocks[0].moe)
+
+    hist = train_loop(rank, world, device, cfg, twins, corpus)
+
+    ref_y = moe_reference(captured["x"], *ref_weights, cfg.top_k)
+    errs = torch.tensor([rel_err(captured["y"], ref_y), rel_err(hist.first_logits["mxep"], hist.first_logits["dense"])],
+                        device=device)
+    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+    same = {k: _same_on_every_rank(t.replicated) for k, t in twins.items()}
+    if rank != 0:
+        return True
+    ls = LossStats.of(hist.losses)
+    checks = _checks(ls, hist.stopped_early, float(errs[0]), float(errs[1]), same)
+    plot_note = _plot(hist.losses, entropy, cfg, world, backend, device)
+    n_params = sum(p.numel() for p in twins["dense"].model.parameters())
+    print()
+    print(_summary(hist, ls, cfg, world, backend, device, entropy, n_params, plot_note))
     for text, passed in checks:
         print(f"  [{'OK' if passed is True else 'FAIL' if passed is False else passed}] {text}")
+    ok = all(v is not False for _, v in checks)
     print(f"all checks: {'OK' if ok else 'FAIL'}", flush=True)
     return ok
 
@@ -518,162 +580,6 @@ def _train_rank(rank: int, world: int, backend: str, port: int, cfg: TrainConfig
 
 
 # ----------------------------------------------------------------------------------------------
-# --layout: the EP dispatch layout on every rank (the previous demo).
-# ----------------------------------------------------------------------------------------------
-
-ALIGN = 32
-LOCAL_EXPERTS = 4
-EMPTY_EXPERT = 1  # global expert that nobody routes to (local expert 1 of rank 0)
-
-
-@dataclass
-class LayoutSummary:
-    """Host-side summary of one dispatch on one rank (what the table prints)."""
-
-    tokens_per_expert: list[int]
-    group_end_offsets: list[int]
-    seconds: float = float("nan")  # dispatch time (median over runs)
-    checks: dict[str, bool] = field(default_factory=dict)  # name -> passed
-    result: Any = None  # the raw dispatch output (tokens, offsets, ...) for byte comparisons
-
-    @property
-    def padded(self) -> list[int]:
-        ends = self.group_end_offsets
-        return [e - (ends[i - 1] if i else 0) for i, e in enumerate(ends)]
-
-    @classmethod
-    def from_tensors(cls, group_end_offsets: torch.Tensor, tokens_per_expert: torch.Tensor, **kw) -> "LayoutSummary":
-        return cls(tokens_per_expert.tolist(), group_end_offsets.tolist(), **kw)
-
-
-def _rank_inputs(rank: int, world: int, rows: int, hidden: int, device):
-    """Deterministic per-rank routing and rows (any rank can rebuild any other rank's counts)."""
-    from mxep.testing import make_inputs, make_routing
-
-    g = torch.Generator().manual_seed(1234 + rank)
-    num_experts = LOCAL_EXPERTS * world
-    if world > 1 and rank == world - 1:
-        counts = make_routing(0, num_experts, "none", g)  # this rank sends nothing
-    else:
-        hot = min(LOCAL_EXPERTS, num_experts - 1)  # first expert of rank 1: a hot receiver
-        counts = make_routing(rows + 37 * rank, num_experts, "skewed", g, fraction=0.4, expert=hot,
-                              zero_experts=[EMPTY_EXPERT])
-    x = make_inputs(counts, hidden, torch.bfloat16, g)
-    return x.to(device), counts.to(device)
-
-
-def _timed(fn, device, iters: int):
-    fn()  # warm-up (Triton compile / interpreter setup)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
-
-
-def run_reference(rank: int, world: int, x: torch.Tensor, counts: torch.Tensor, align: int, device,
-                  all_counts: list[torch.Tensor], iters: int = 1) -> LayoutSummary:
-    """Unfused MXFP8 dispatch + combine on this rank.
-
-    Returns the summary with its checks; ``.result`` is the UnfusedDispatchResult (tokens
-    MXFP8Tensor [R, H], group_end_offsets, tokens_per_expert) for comparing a fused layout's bytes.
-    """
-    from mxep.format import dequantize_mxfp8, to_mxfp8
-    from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_mxfp8
-    from mxep.ep.naive import simulate_dispatch_layout
-
-    res, seconds = _timed(lambda: unfused_dispatch_mxfp8(x, counts, align=align), device, iters)
-    back = unfused_combine(res.tokens.dequantize(), res.handle)
-    q = to_mxfp8(x)
-    round_trip = torch.equal(back, dequantize_mxfp8(q.qdata, q.scale, torch.bfloat16))
-    oracle = simulate_dispatch_layout(all_counts, align)[rank]
-    layout_ok = (res.group_end_offsets.tolist() == oracle.group_end_offsets.tolist()
-                 and res.tokens_per_expert.tolist() == oracle.tokens_per_expert.tolist())
-    return LayoutSummary.from_tensors(res.group_end_offsets, res.tokens_per_expert, seconds=seconds,
-                                      checks={"round trip": round_trip, "layout == oracle": layout_ok}, result=res)
-
-
-def run_fused(rank: int, world: int, x: torch.Tensor, counts: torch.Tensor, align: int, device,
-              reference: Any, max_rows: int, iters: int = 1) -> LayoutSummary:
-    """mxep's fused dispatch (``mxep.Buffer``) + combine on this rank, checked byte for byte
-    against the unfused pipeline's output ``reference``."""
-    import mxep
-
-    buf = mxep.Buffer(None, num_experts=len(counts), hidden=x.shape[1], max_tokens_per_rank=max_rows,
-                      align=align)
-    with torch.no_grad():
-        res, seconds = _timed(lambda: buf.dispatch(x, counts), device, iters)
-        back = buf.combine(res.tokens.dequantize(), res.handle)
-    R = reference.tokens.qdata.shape[0]
-    same_bytes = (torch.equal(res.tokens.qdata[:R].view(torch.uint8), reference.tokens.qdata.view(torch.uint8))
-                  and torch.equal(res.tokens.scale[:R].view(torch.uint8), reference.tokens.scale.view(torch.uint8)))
-    same_layout = (torch.equal(res.group_end_offsets, reference.group_end_offsets)
-                   and torch.equal(res.tokens_per_expert, reference.tokens_per_expert))
-    round_trip = torch.equal(back, mxep.to_mxfp8(x).dequantize())
-    return LayoutSummary.from_tensors(
-        res.group_end_offsets, res.tokens_per_expert, seconds=seconds,
-        checks={"bytes == unfused": same_bytes, "layout == unfused": same_layout, "round trip": round_trip},
-        result=(res, buf.transport_name))
-
-
-def format_layouts(rank: int, world: int, layouts: dict[str, LayoutSummary]) -> str:
-    """One rank's block: a table per named layout, side by side, then check and timing lines."""
-    local = len(next(iter(layouts.values())).tokens_per_expert)
-    cols = ("recv", "padded", "pad", "end")
-    width = 7 * len(cols) + 2
-    lines = [f"rank {rank}/{world}: local experts {rank * local}..{rank * local + local - 1} (global ids)"]
-    lines.append(f"  {'expert':>11} " + "".join(f"| {name:<{width - 2}}" for name in layouts))
-    lines.append(f"  {'local(glob)':>11} " + "".join("| " + "".join(f"{c:>7}" for c in cols) + " " for _ in layouts))
-    for e in range(local):
-        cells = []
-        for s in layouts.values():
-            recv, pad_sz = s.tokens_per_expert[e], s.padded[e]
-            cells.append("| " + "".join(f"{v:>7}" for v in (recv, pad_sz, pad_sz - recv, s.group_end_offsets[e])) + " ")
-        lines.append(f"  {f'{e}({rank * local + e})':>11} " + "".join(cells))
-    for name, s in layouts.items():
-        checks = ", ".join(f"{k} {'OK' if v else 'FAIL'}" for k, v in s.checks.items())
-        total = s.group_end_offsets[-1] if s.group_end_offsets else 0
-        lines.append(f"  {name:<8} rows {sum(s.tokens_per_expert)} -> {total} padded | {checks} | "
-                     f"dispatch {s.seconds * 1e3:.2f} ms")
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _layout_rank(rank: int, world: int, backend: str, port: int, rows: int, hidden: int, iters: int) -> None:
-    device = _init_rank(rank, world, backend, port)
-    try:
-        x, counts = _rank_inputs(rank, world, rows, hidden, device)
-        all_counts = [_rank_inputs(r, world, rows, 32, "cpu")[1] for r in range(world)]  # for the oracle
-        layouts = {"unfused": run_reference(rank, world, x, counts, ALIGN, device, all_counts, iters)}
-        layouts["fused"] = run_fused(rank, world, x, counts, ALIGN, device, layouts["unfused"].result,
-                                      max_rows=rows + 37 * world, iters=iters)  # same on every rank
-        blocks = [None] * world if rank == 0 else None
-        dist.gather_object(format_layouts(rank, world, layouts), blocks, dst=0)
-        oks = [None] * world if rank == 0 else None
-        dist.gather_object(all(all(s.checks.values()) for s in layouts.values()), oks, dst=0)
-        if rank == 0:
-            sent = [int(c.sum()) for c in all_counts]
-            print(f"mxep demo: {world} ranks ({backend}, {device.type}, fused transport "
-                  f"{layouts['fused'].result[1]}), {LOCAL_EXPERTS * world} experts "
-                  f"({LOCAL_EXPERTS} per rank), hidden {hidden}, align {ALIGN}, MXFP8 rceil")
-            print(f"rows sent per rank: {sent}  (skewed routing; global expert {EMPTY_EXPERT} gets nothing"
-                  + (f"; rank {world - 1} sends nothing)" if world > 1 else ")"))
-            print("recv = rows received, padded = group size (multiple of align, >= align), "
-                  "pad = zero rows, end = group_end_offsets\n")
-            print("\n\n".join(blocks))
-            if device.type == "cpu":
-                print("\n(timings on CPU run the Triton interpreter and gloo: not performance numbers)")
-            print(f"\nall checks: {'OK' if all(oks) else 'FAIL'}")
-        dist.barrier()   # torn down together (see _train_rank)
-    finally:
-        _release_then_destroy()
-
-
-# ----------------------------------------------------------------------------------------------
 # Launcher.
 # ----------------------------------------------------------------------------------------------
 
@@ -697,9 +603,8 @@ def _free_port() -> int:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m mxep.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", action="store_true", help="print the EP dispatch layout demo instead of training")
     p.add_argument("--steps", type=int,
                    help=f"training steps (CPU {CPU_DEFAULTS['steps']}, GPU {GPU_DEFAULTS['steps']})")
     p.add_argument("--out", default="demo-loss.png", help="PNG of the loss curves (default %(default)s)")
@@ -716,6 +621,20 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+def _config(args, world: int, gpus: int, t_launch: float) -> TrainConfig:
+    """The machine kind's defaults, overridden by the command line."""
+    d = dict(GPU_DEFAULTS if gpus else CPU_DEFAULTS)
+    d.update({k: v for k, v in vars(args).items() if k in d and v is not None})
+    budget = args.max_seconds if args.max_seconds is not None else (0.0 if gpus else CPU_TIME_BUDGET_S)
+    cfg = TrainConfig(steps=d["steps"], layers=d["layers"], hidden=d["hidden"], heads=d["heads"],
+                      ffn_hidden=d["ffn_hidden"], experts_per_rank=-(-d["experts"] // world), top_k=d["top_k"],
+                      seq=d["seq"], batch=d["batch"], lr=d["lr"], seed=args.seed, out=args.out,
+                      deadline=t_launch + budget if budget > 0 else math.inf)
+    if cfg.hidden % cfg.heads:
+        raise SystemExit(f"--hidden {cfg.hidden} must be a multiple of --heads {cfg.heads}")
+    return cfg
+
+
 def main(argv=None) -> None:
     t_launch = time.time()
     args = _parse(argv)
@@ -729,25 +648,12 @@ def main(argv=None) -> None:
     else:
         os.environ["TRITON_INTERPRET"] = "1"
         world, backend = args.ranks, "gloo"
-    if args.layout:
-        rows, hidden, iters = (8192, 4096, 10) if gpus else (200, 256, 1)
-        mp.spawn(_layout_rank, args=(world, backend, _free_port(), rows, hidden, iters), nprocs=world)
-        return
-    d = dict(GPU_DEFAULTS if gpus else CPU_DEFAULTS)
-    d.update({k: v for k, v in vars(args).items() if k in d and v is not None})
-    budget = args.max_seconds if args.max_seconds is not None else (0.0 if gpus else CPU_TIME_BUDGET_S)
-    cfg = TrainConfig(steps=d["steps"], layers=d["layers"], hidden=d["hidden"], heads=d["heads"],
-                      ffn_hidden=d["ffn_hidden"], experts_per_rank=-(-d["experts"] // world), top_k=d["top_k"],
-                      seq=d["seq"], batch=d["batch"], lr=d["lr"], seed=args.seed, out=args.out,
-                      deadline=t_launch + budget if budget > 0 else math.inf)
-    if cfg.hidden % cfg.heads:
-        raise SystemExit(f"--hidden {cfg.hidden} must be a multiple of --heads {cfg.heads}")
+    cfg = _config(args, world, gpus, t_launch)
     print(f"mxep demo: training a {cfg.layers}-layer MoE transformer on {world} {'GPU' if gpus else 'CPU'} "
           f"rank{'s' if world > 1 else ''} ({backend}{'' if gpus else ', Triton interpreter'}): "
           f"mxep.MoE (MXFP8, expert parallel) beside a dense bf16 MoE, same initial weights, same tokens",
           flush=True)
-    ctx = mp.get_context("spawn")
-    result = ctx.SimpleQueue()
+    result = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_train_rank, args=(world, backend, _free_port(), cfg, result), nprocs=world)
     ok = result.get() if not result.empty() else False
     print(f"({time.time() - t_launch:.0f} s in all)")
