@@ -84,8 +84,8 @@ def derive(records: list[dict], nvlink_gbps: float = 450.0) -> list[dict]:
     op_order = {"dispatch": 0, "combine": 1, "combine_zero_copy": 1.5, "combine_after_dispatch": 1.4, "step_graph": 1.9,
                 "dispatch_graph": 1.7, "dispatch_zero_copy": 0.5, "dispatch_zero_copy_graph": 1.72, "combine_graph": 1.8,
                 "dispatch_mxfp8": 2, "dispatch_bf16": 3, "combine_bf16": 4,
-                # ops of result files written before the one-protocol tree (docs/history.md), e.g.
-                # docs/benchmarks-results.json: the staged pull combine of a regular expert_out
+                # ops of result files written before the one-protocol tree (docs/history.md; such
+                # files are in the git history): the staged pull combine of a regular expert_out
                 "combine_pull_mode": 1.6, "combine_push_mode": 1.6}
     sync_order = {("dispatch", ""): 0.3, ("dispatch", "_graph"): 1.75, ("combine", ""): 1.3, ("combine", "_graph"): 1.85}
 

@@ -3,8 +3,9 @@
 One object, passed to the Buffer and kept by it (as DeepEP passes a ``Config`` and quack a frozen
 ``GemmConfig``): there is no module-level tuning state and no environment variable that changes
 behaviour. Sweep scripts build configs explicitly (``dataclasses.replace(default_config(...),
-...)``). Every tuned constant below carries the measurement that chose it; the history of the
-alternatives that measurements rejected is in docs/history.md.
+...)``). Every tuned constant below carries one line with the measurement that chose it; the
+sweeps behind them are in docs/tuning.md, the alternatives that measurements rejected in
+docs/history.md.
 """
 from __future__ import annotations
 
@@ -48,22 +49,21 @@ class EPConfig:
 
     Attributes:
         dispatch: the fused quantize + peer-store push. Whole rows (1 x 8192), 8 warps, 32
-            programs per SM: 4 x H200, config (a) uniform, zero-copy dispatch 548.7 us at
-            32/SM against 559.9 (16/SM) and 589.0 (8/SM); 8 warps against 4: 537.9 against
-            546.6 us (scripts/sweep_config.py, 2026-11-27, docs/sweeps/dispatch-knobs.md).
+            programs per SM: zero-copy dispatch 537.3 us, 4 x H200, config (a) (H 7168, 32768
+            rows per rank), world 4 (docs/tuning.md).
         combine: the owners' push of rows back into the sources' combine regions. 1 x 8192, 8
-            warps, 16/SM: 736 us on 2 x H200, config (a); 2 x 2048 at 8/SM 729 us, 4 x 1024
-            762 us (within noise; scripts/sweep_config.py, 2026-11-27).
-        copy: the local copy-out kernels. 8 x 1024, 8 warps, 16/SM: 204 us on 2 x H200,
-            config (a), against 256 us at 4 warps.
+            warps, 16/SM: 736 us, 2 x H200, config (a), world 2 (docs/tuning.md).
+        copy: the local copy-out kernels. 8 x 1024, 8 warps, 16/SM: 204 us, 2 x H200, config
+            (a), world 2 (docs/tuning.md).
         pull: the sources' read of the zero-copy combine input over NVLink. 2 x 4096, 4 warps,
-            32/SM: 798 us on 2 x H200, config (a), against 912 us at 1 x 8192, 16/SM.
+            32/SM: 798 us, 2 x H200, config (a), world 2 (docs/tuning.md).
         spread_parts: the peer kernels walk their rows (grouped by peer) cut into this many
             equal parts, interleaved, so that every rank talks to all its peers at once in
-            proportion to the rows. 4 x H200, config (a), combine push 1195 us against 1693
-            walking from row 0; 16 parts was chosen, not swept.
+            proportion to the rows. 16: combine push 1195 us against 1693 walking from row 0,
+            4 x H200, config (a), world 4 (docs/tuning.md).
         hw_cast: round to e4m3 with the GPU's ``cvt.rn.satfinite`` (bit-identical to the
             integer rounding, tests check both on GPUs); the interpreter always uses integers.
+            Quantize 347 us against 589, one H200, 32768 x 7168 (docs/tuning.md).
         poison_outputs: fill every output tensor with byte 0xA5 before the kernels write it,
             so that a row nobody wrote cannot pass for data (tests; costs one memset a call).
         wait_polls: polls of one flag before a device-side wait gives up (its status flag is

@@ -52,13 +52,8 @@ def route_tokens(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> T
 
 # Pairs per program (a power of two) and the compare tile of the in-chunk rank (the rank of a
 # pair among its chunk's earlier pairs of the same expert is counted against JB pairs at a
-# time). Measured on one H200 (2026-12-01, both launches, CUDA events behind a device sleep,
-# median of 30; every setting bit-identical to the torch path; the probe of that run is now
-# benchmarks/bench_route.py, same method), 256 pairs (32 tokens of top-8):
-# 11.8 us for 512 tokens x top-8 of 256 experts at W 4, 19.5 us for 4096 x top-8 of 32 at W 1,
-# 11.1 us for 128 tokens; 128 pairs 11.1 / 26.5 / 9.4 us; 512 19.2 / 22.3 / 18.6; 1024 (the first
-# choice) 58.7 / 60.0 / 57.6 us, too few programs. The torch ops this replaced spent some 77 us
-# in their argsort and column-wise cumsum alone at 512 tokens, W 4.
+# time). 256 pairs (32 tokens of top-8): 11.8 us, one H200, 512 tokens x top-8 of 256 experts,
+# W 4, both launches (docs/tuning.md; benchmarks/bench_route.py).
 ROUTE_PAIRS = 256
 ROUTE_JB = 32
 

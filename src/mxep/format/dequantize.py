@@ -28,11 +28,9 @@ from mxep.format.naive import dequantize_mxfp8_reference
 
 __all__ = ["dequantize_mxfp8", "dequantize_mxfp8_rows", "dequantize_mxfp8_op"]
 
-# (BLOCK_M, BLOCK_K, warps) on GPUs, from ``benchmarks/bench_quantize.py --sweep`` (1 x H200,
-# 2026-12-01, 14 candidates, two interleaved rounds): 32 x 256 with 4 warps (each thread 16 bytes
-# of e4m3 in, two 16-byte bf16 stores out) ran 204 us at 32768 x 7168 (0.83 of the same run's
-# copy bandwidth) and 105 us at 16384 x 7168; the previous 8 x 1024 279 / 143 us (0.61); wider
-# tiles and 8 warps were slower (0.45-0.60). The CPU interpreter pays per program: few, wide ones.
+# (BLOCK_M, BLOCK_K, warps) on GPUs (each thread 16 bytes of e4m3 in, two 16-byte bf16 stores
+# out): 204 us, 0.83 of copy bandwidth, one H200, 32768 x 7168 (docs/tuning.md).
+# The CPU interpreter pays per program: few, wide ones.
 GPU_TILE = (32, 256, 4)
 INTERPRETER_TILE = (16, 256, 1)
 
@@ -42,7 +40,7 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, row_end_ptr, R, K,
                        HAS_END: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                        DECODE: tl.constexpr):
     # 1-D grid, column tiles fastest (consecutive programs cover whole rows: 0.83 of copy
-    # against 0.80 with row tiles fastest at 32768 x 7168, the sweep above)
+    # against 0.80 with row tiles fastest at 32768 x 7168, docs/tuning.md)
     n_k = tl.cdiv(K, BLOCK_K)
     pid_m = tl.program_id(0) // n_k
     pid_k = tl.program_id(0) % n_k

@@ -23,11 +23,8 @@ from mxep.format.tile import bf16_bits_to_fp32, mxfp8_tile_to_bf16, quantize_til
 
 __all__ = ["to_mxfp8_rows", "mxfp8_round_trip", "to_mxfp8_op"]
 
-# GPU tiles, from ``benchmarks/bench_quantize.py --sweep`` (1 x H200, 2026-12-01, bf16 RCEIL,
-# 24 candidates, two interleaved rounds, inputs rotated past L2): 4 rows x 1024 columns with 4
-# warps (each thread two 16-byte loads) ran 184.9 us at 32768 x 7168 (0.92 of the same run's
-# device-to-device copy bandwidth) and 95.2 us at 16384 x 7168 (0.91); the previous 8 x 512
-# 189-199 us / 98.6 us (0.85-0.89); 8 warps or 2048 columns were slower (0.83-0.86).
+# GPU tiles: 4 rows x 1024 columns, 4 warps (each thread two 16-byte loads): 184.9 us, 0.92 of
+# copy bandwidth, one H200, bf16 RCEIL 32768 x 7168 (docs/tuning.md).
 GPU_BLOCK_K = 1024
 GPU_BLOCK_M = 4
 GPU_NUM_WARPS = 4
@@ -45,7 +42,7 @@ def _to_mxfp8_kernel(
 ):
     NB: tl.constexpr = BLOCK_K // 32
     # 1-D grid, column tiles fastest: consecutive programs cover whole rows, i.e. one contiguous
-    # stretch of memory (0.5-4% faster than the row tiles fastest in the sweep above).
+    # stretch of memory (0.5-4% faster than the row tiles fastest, docs/tuning.md).
     n_k = tl.cdiv(K, BLOCK_K)
     pid_m = tl.program_id(0) // n_k
     pid_k = tl.program_id(0) % n_k

@@ -47,7 +47,7 @@ def quantize_tile(x, BLOCK_K: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.con
     conversion (``cvt.rn.satfinite``, one instruction per two elements) instead of the integer
     rounding below. Same bits (the GPU tests check it against the reference); the integer path
     exists for the CPU interpreter, whose fp8 cast rounds wrongly, and costs ALU time on GPU
-    (see docs/performance-notes.md)."""
+    (docs/tuning.md, ``EPConfig.hw_cast``)."""
     NB: tl.constexpr = BLOCK_K // 32
     BLOCK_M: tl.constexpr = x.shape[0]
 

@@ -61,12 +61,7 @@ class GemmTiles(NamedTuple):
 DECODES = ("int", "cvt", "dot_scaled")
 # Candidates measured by ``benchmarks/bench_grouped_gemm.py --sweep`` (and all checked against
 # the reference by tests/gemm/test_grouped_gemm.py on a GPU), so the default is always a tested one.
-# 1 x H200, 2026-11-27, 33856 x 7168 -> 2048 (config (a) up-projection, 64 experts), bf16 /
-# MXFP8 weights, us: 128x128x64 8 warps 7136 / 8116; 4 warps 4090 / 5910; 128x256x64 4794 /
-# 6314; 64x128x64 6582 / 9309; 128x128x128 18275 / 17049; 64x256x64 5467 / 8645; dot_scaled
-# 128x128 10935 / 7172, 128x256 8989 / 6475; the integer decode 9071 / 21866 (the first
-# version, 30657 us, had 32-row tiles and an unpipelined K loop). Dequantize + torch._grouped_mm
-# beats all of them (the public op's default, ops/grouped_gemm.py).
+# Dequantize + torch._grouped_mm beats all of them (the public op's default, impl="dequant").
 GPU_TILE_CANDIDATES = (
     GemmTiles(128, 128, 64, 4, 3, 8, "cvt"),
     GemmTiles(128, 128, 64, 8, 3, 8, "cvt"),
@@ -78,7 +73,7 @@ GPU_TILE_CANDIDATES = (
     GemmTiles(128, 256, 64, 8, 3, 8, "dot_scaled"),
     GemmTiles(64, 128, 64, 4, 3, 8, "int"),
 )
-# the fastest on every large shape of that sweep (64x256x64 won the 2048-row one by 14%)
+# 128x128x64, 4 warps: 4089 us, one H200, 33856 x 7168 -> 2048, 64 experts (docs/tuning.md)
 GPU_TILES = GPU_TILE_CANDIDATES[0]
 INTERPRETER_TILES = GemmTiles(16, 32, 32, 1, 1, 2, "int")
 

@@ -16,7 +16,7 @@ symmetric memory after the counts exchange) one program computes small per-exper
 
 Kernels then find every row's destination in registers (an E-wide compare per row block) instead
 of reading per-row tables: the whole plan costs one launch, which matters because a dozen small
-torch ops cost more host time than the latency-bound dispatch itself (docs/performance-notes.md).
+torch ops cost more host time than the latency-bound dispatch itself (docs/history.md, #1-#2).
 """
 from __future__ import annotations
 

@@ -81,10 +81,9 @@ def _zero_pads(out_data_ptr, out_scale_ptr, group_end_ptr, recv_ptr, rank, H, ca
     return v - num_pads
 
 
-# pair_tables: elements per program (not swept; the kernel is 3 us per rank at 512 x top-8).
+# pair_tables: elements per program, not swept: 3 us per rank, one H200, 512 x top-8 (docs/tuning.md).
 # The one launch replaced eleven small torch ops: the clamp, the casts, the gather, the add, the
-# where, the capacity test, the table fills, the weights' copy and the drop count. The simulated
-# world's token dispatch at W 4 went from 317.8 to 216.2 us (docs/benchmarks.md, 2026-12-02).
+# where, the capacity test, the table fills, the weights' copy and the drop count (docs/history.md).
 PAIR_BLOCK = 1024
 
 
