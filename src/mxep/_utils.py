@@ -8,6 +8,7 @@ pass.
 """
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["cdiv", "next_power_of_2", "padded_group_rows", "padded_group_rows_jit", "runs_interpreted",
-           "triton_available_for", "require_triton"]
+           "triton_available_for", "require_triton", "check_size"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -62,3 +63,14 @@ def require_triton(x: torch.Tensor, what: str) -> None:
             f"mxep: {what} runs a Triton kernel, which needs a CUDA tensor; on the CPU, run under Triton's "
             f"interpreter by setting TRITON_INTERPRET=1 in the environment before Python starts (got a "
             f"{x.device.type} tensor)")
+
+
+def check_size(name: str, value, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum``; bools, floats and other types are refused (a clear
+    ``TypeError`` / ``ValueError`` naming ``name`` and the value given)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value

@@ -1,47 +1,28 @@
-"""``mxep.Buffer``: the stateful object that owns the communication memory of one EP group, its
-autograd Functions and the functional alias.
-
-* dispatch: forward quantizes to MXFP8 and moves rows into the expert-major padded layout; the
-  backward moves the bf16 gradient back along the same routes (a combine): high precision,
-  straight-through for the quantization, pad rows dropped.
-* combine: forward moves rows back to their sources; the backward moves the bf16 gradient into
-  the dispatch layout (a bf16 dispatch), pad rows zero.
+"""``mxep.Buffer``: the stateful object that owns the communication memory of one EP group
+(its transport), checks every call on the host, and exposes the dispatch and combine at both
+levels; the autograd Functions and registered ops behind them are in :mod:`mxep.ep.ops`.
 """
 from __future__ import annotations
 
-import itertools
 import math
-import operator
-import weakref
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from mxep.ep.config import EPConfig, default_config
-from mxep._utils import padded_group_rows
+from mxep._utils import check_size, padded_group_rows
 from mxep.ep.layout import capacity_rows
-from mxep.ep.transport.base import DispatchHandle, Transport, describe_status
+from mxep.ep.ops import CombineRows, CombineTokens, DispatchRows, DispatchTokens, register_buffer
+from mxep.ep.transport.base import DispatchHandle, Transport, describe_routing_errors, describe_status
 from mxep.ep.transport.collective import CollectiveTransport
 from mxep.ep.transport.symm_mem import RegionLayout, SymmMemTransport
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.spec import BLOCK_SIZE, SCALE_MODES, check_scale_mode
 
-__all__ = ["Buffer", "DispatchHandle", "DispatchResult", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd",
-           "check_size"]
+__all__ = ["Buffer", "DispatchHandle", "DispatchResult", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd"]
 
 TRANSPORTS = ("symm_mem", "collective")
-
-
-def check_size(name: str, value, minimum: int = 0) -> int:
-    """``value`` as an int >= ``minimum``; bools, floats and other types are refused (a clear
-    ``TypeError`` / ``ValueError`` naming ``name`` and the value given)."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    value = operator.index(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class DispatchResult(NamedTuple):
@@ -58,6 +39,11 @@ class DispatchResult(NamedTuple):
         handle: :class:`DispatchHandle` for :meth:`Buffer.combine`.
         num_dropped: int64 ``[]`` on the device (token-level dispatch): (token, expert) pairs of
             this rank that ``capacity_factor`` dropped (0 without one); None for the row level.
+        routing_errors: int32 ``[2]`` on the device (token-level dispatch): this call's
+            ``topk_idx`` entries that were neither ``-1`` nor an expert id (treated as ``-1``),
+            and entries repeating an expert earlier in their row (each copy dispatched). Both
+            must be 0; :meth:`Buffer.check` raises on either (``debug=True``: after the call).
+            None for the row level.
     """
 
     tokens: MXFP8Tensor
@@ -65,6 +51,7 @@ class DispatchResult(NamedTuple):
     tokens_per_expert: torch.Tensor
     handle: DispatchHandle
     num_dropped: torch.Tensor | None = None
+    routing_errors: torch.Tensor | None = None
 
 
 class Buffer:
@@ -198,10 +185,8 @@ class Buffer:
         else:
             self.transport = CollectiveTransport(self.group, num_experts, hidden, max_tokens_per_rank, self.capacity,
                                                  self.device, self.top_k or 0, align, self.expert_capacity)
-        # How the registered token-level ops name this Buffer: a string, which torch.compile
-        # always treats as a constant (an int would turn symbolic once a second Buffer shows up).
-        self._id = f"buffer{next(_NEXT_ID)}"
-        _LIVE_BUFFERS[self._id] = self
+        self._id = register_buffer(self)   # how the ops name this Buffer (mxep.ep.ops)
+        self._generation = 0               # dispatches so far: a handle is valid until the next
 
     def _check_ranks_agree(self, transport: str) -> None:
         """Compare the settings every rank passed, with one small all-gather; raise naming the
@@ -280,16 +265,35 @@ class Buffer:
             raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
         if handle.transport is not self.transport:
             raise ValueError("handle belongs to a dispatch on another Buffer; pass the handle of a dispatch on this one")
+        if not torch.compiler.is_compiling() and handle.generation != self._generation:
+            raise RuntimeError(f"mxep: this handle is stale: it belongs to dispatch #{handle.generation} of this Buffer, "
+                               f"and dispatch #{self._generation} came after it. A handle is valid until the next "
+                               "dispatch on its Buffer (every transport: the symmetric-memory one reuses the Buffer's "
+                               "memory); combine each dispatch before the next, or use one Buffer per in-flight "
+                               "dispatch")
+
+    def _new_generation(self, handle: DispatchHandle) -> None:
+        # Host-side bookkeeping only (no sync). Inside a torch.compile trace it is skipped: the
+        # count would be a guarded constant that changes every call (a recompile per step); a
+        # compiled region dispatches and combines in one graph.
+        if not torch.compiler.is_compiling():
+            self._generation += 1
+            handle.generation = self._generation
 
     def check(self, op: str = "the last call") -> None:
-        """Raise if the device-side error word of this rank is set: a wait that timed out, a
-        call-sequence mismatch between ranks, or counts that had to be clamped (host sync:
-        call it where a sync is acceptable, e.g. once per step or in tests; ``debug=True``
-        calls it after every dispatch and combine)."""
+        """Raise if this rank recorded an error on the device: a wait that timed out, a
+        call-sequence mismatch between ranks, counts that had to be clamped, or (token level)
+        ``topk_idx`` entries out of range or repeated within a row since the Buffer was built
+        (host sync: call it where a sync is acceptable, e.g. once per step or in tests;
+        ``debug=True`` calls it after every dispatch and combine)."""
         status = self.transport.status()   # debug-only: host sync
         if status:
             raise RuntimeError(f"mxep: rank {self.rank}, {op}: {describe_status(status)}; the outputs of that "
                                "call are invalid")
+        bad_ids, repeated = self.transport.routing_errors.tolist()   # debug-only: host sync
+        if bad_ids or repeated:
+            raise RuntimeError(f"mxep: rank {self.rank}, {op}: {describe_routing_errors(bad_ids, repeated)} (counted "
+                               "since this Buffer was built)")
 
     # ------------------------------------------------------------------ raw ops (no autograd)
     def _row_level_only(self, what: str) -> None:
@@ -307,21 +311,6 @@ class Buffer:
         self._row_level_only("plan")
         counts = self._check_counts(num_tokens_per_expert, num_rows)
         return self.transport.plan(counts, num_rows, self.align)
-
-    def dispatch_mxfp8_raw(self, x: torch.Tensor, handle: DispatchHandle, zero_copy: bool = False) -> MXFP8Tensor:
-        out = self.transport.dispatch_mxfp8(x.contiguous(), handle, self.scale_mode, zero_copy)
-        if self.debug:
-            self.check("dispatch")   # debug-only: host sync
-        return out
-
-    def dispatch_bf16_raw(self, src: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        return self.transport.dispatch_bf16(src.contiguous(), handle)
-
-    def combine_raw(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        out = self.transport.combine_bf16(expert_out.contiguous(), handle)
-        if self.debug:
-            self.check("combine")   # debug-only: host sync
-        return out
 
     # ------------------------------------------------------------------ public, differentiable
     def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, zero_copy: bool = False) -> DispatchResult:
@@ -347,7 +336,8 @@ class Buffer:
         self._row_level_only("dispatch")
         self._check_x(x)
         handle = self.plan(num_tokens_per_expert, x.shape[0])
-        tokens = MXFP8DispatchFunction.apply(x, self, handle, zero_copy)
+        tokens = DispatchRows.apply(x, self._id, handle, zero_copy)
+        self._new_generation(handle)
         return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
 
     def combine_input(self) -> torch.Tensor:
@@ -398,7 +388,7 @@ class Buffer:
         if tuple(expert_out.shape) != (self.capacity, self.hidden):
             raise ValueError(f"expert_out must be [{self.capacity}, {self.hidden}] (the dispatch layout), "
                              f"got {tuple(expert_out.shape)}")
-        return CombineFunction.apply(expert_out, self, handle)
+        return CombineRows.apply(expert_out, self._id, handle)
 
     # ------------------------------------------------------------------ token-level (top_k)
     def _check_routing(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
@@ -448,13 +438,15 @@ class Buffer:
         """
         self._token_level_only("dispatch_tokens")
         self._check_routing(x, topk_idx, topk_weights)
-        q, geo, tpe, dropped, *state = TokenDispatchFunction.apply(x.contiguous(), topk_idx.contiguous(),
-                                                                    topk_weights.contiguous(), self._id)
-        handle = DispatchHandle(self.transport, self.rank, x.shape[0], geo, tpe, state)
+        q, group_end_offsets, tokens_per_expert, dropped, errors, *state = DispatchTokens.apply(
+            x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(), self._id)
+        handle = DispatchHandle(self.transport, self.rank, x.shape[0], group_end_offsets, tokens_per_expert,
+                                self.transport.token_state_type.from_list(state))
+        self._new_generation(handle)
         if self.debug and self.expert_capacity is not None and int(dropped):   # debug-only: host sync
             raise RuntimeError(f"mxep: rank {self.rank}, dispatch_tokens: capacity_factor={self.capacity_factor} "
                                f"dropped {int(dropped)} (token, expert) pairs of this rank")   # debug-only
-        return DispatchResult(q, geo, tpe, handle, dropped)
+        return DispatchResult(q, group_end_offsets, tokens_per_expert, handle, dropped, errors)
 
     def combine_tokens(self, expert_out: torch.Tensor, handle: DispatchHandle,
                        topk_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -481,35 +473,7 @@ class Buffer:
         if expert_out.dtype != torch.bfloat16 or tuple(expert_out.shape) != (self.capacity, self.hidden):
             raise ValueError(f"expert_out must be bf16 [{self.capacity}, {self.hidden}] (the dispatch layout), got "
                              f"{expert_out.dtype} {tuple(expert_out.shape)}")
-        return TokenCombineFunction.apply(expert_out.contiguous(), topk_weights, self._id, *handle.state)
-
-
-class MXFP8DispatchFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, buffer, handle, zero_copy=False):
-        ctx.buffer, ctx.handle = buffer, handle
-        return buffer.dispatch_mxfp8_raw(x, handle, zero_copy)
-
-    @staticmethod
-    def backward(ctx, grad_tokens):
-        # (the backward never reads the tokens: a zero-copy dispatch's may be gone by now)
-        if grad_tokens is None:
-            return None, None, None, None
-        grad_x = ctx.buffer.combine_raw(grad_tokens.to(torch.bfloat16), ctx.handle)
-        return grad_x, None, None, None
-
-
-class CombineFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, expert_out, buffer, handle):
-        ctx.buffer, ctx.handle = buffer, handle
-        return buffer.combine_raw(expert_out, handle)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        if grad_y is None:
-            return None, None, None
-        return ctx.buffer.dispatch_bf16_raw(grad_y.to(torch.bfloat16), ctx.handle), None, None
+        return CombineTokens.apply(expert_out.contiguous(), topk_weights, self._id, *handle.state.as_list())
 
 
 def a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(x: torch.Tensor, num_tokens_per_expert: torch.Tensor, buffer):
@@ -524,119 +488,3 @@ def a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(x: torch.Tensor, num_tokens_per_expe
         :class:`mxep.DispatchResult` ``(tokens, group_end_offsets, tokens_per_expert, handle)``.
     """
     return buffer.dispatch(x, num_tokens_per_expert)
-
-
-# ---------------------------------------------------------------------------------------------
-# The token-level path as registered ops: every op names its Buffer by an id (the registry of
-# live Buffers below) and receives the call's state as a list of tensors, so that torch.compile
-# keeps each op as one opaque node with static output shapes (the Buffer's settings fix them)
-# and traces the autograd Functions around them (fullgraph).
-_LIVE_BUFFERS: "weakref.WeakValueDictionary[str, Buffer]" = weakref.WeakValueDictionary()
-_NEXT_ID = itertools.count()
-
-
-def _buffer(buffer_id: str) -> "Buffer":
-    buf = _LIVE_BUFFERS.get(buffer_id)
-    if buf is None:
-        raise RuntimeError(f"mxep: Buffer {buffer_id} no longer exists")
-    return buf
-
-
-@torch.library.custom_op("mxep::dispatch_tokens", mutates_args=())
-def _dispatch_tokens_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        buffer_id: str) -> list[torch.Tensor]:
-    buf = _buffer(buffer_id)
-    q, s, geo, tpe, dropped, state = buf.transport.dispatch_tokens(x, topk_idx, topk_weights, buf.scale_mode,
-                                                                   buf.align)
-    if buf.debug:
-        buf.check("dispatch_tokens")   # debug-only: host sync
-    return [q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), geo, tpe, dropped, *state]
-
-
-@_dispatch_tokens_op.register_fake
-def _(x, topk_idx, topk_weights, buffer_id):
-    buf = _buffer(buffer_id)
-    cap, H, L = buf.capacity, buf.hidden, buf.num_local_experts
-    return [x.new_empty((cap, H), dtype=torch.float8_e4m3fn), x.new_empty((cap, H // BLOCK_SIZE), dtype=torch.float8_e8m0fnu),
-            x.new_empty((L,), dtype=torch.int32), x.new_empty((L,), dtype=torch.int32),
-            x.new_empty((), dtype=torch.int64), *buf.transport.token_state_like(x.shape[0], topk_idx.shape[1], x.device)]
-
-
-@torch.library.custom_op("mxep::combine_tokens", mutates_args=())
-def _combine_tokens_op(expert_out: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
-    buf = _buffer(buffer_id)
-    y = buf.transport.combine_tokens(expert_out, state, buf.align)
-    if buf.debug:
-        buf.check("combine_tokens")   # debug-only: host sync
-    return y
-
-
-@_combine_tokens_op.register_fake
-def _(expert_out, buffer_id, state):
-    return expert_out.new_empty((state[-1].shape[0], expert_out.shape[1]))   # state[-1]: the weights [t, k]
-
-
-@torch.library.custom_op("mxep::dispatch_tokens_backward", mutates_args=())
-def _dispatch_tokens_backward_op(grad_tokens: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
-    buf = _buffer(buffer_id)
-    return buf.transport.dispatch_tokens_backward(grad_tokens, state, buf.align)
-
-
-@_dispatch_tokens_backward_op.register_fake
-def _(grad_tokens, buffer_id, state):
-    return grad_tokens.new_empty((state[-1].shape[0], grad_tokens.shape[1]))
-
-
-@torch.library.custom_op("mxep::combine_tokens_backward", mutates_args=())
-def _combine_tokens_backward_op(dy: torch.Tensor, expert_out: torch.Tensor, buffer_id: str,
-                                state: list[torch.Tensor]) -> list[torch.Tensor]:
-    buf = _buffer(buffer_id)
-    return list(buf.transport.combine_tokens_backward(dy, expert_out, state, buf.align))
-
-
-@_combine_tokens_backward_op.register_fake
-def _(dy, expert_out, buffer_id, state):
-    return [torch.empty_like(expert_out), torch.empty_like(state[-1])]
-
-
-class TokenDispatchFunction(torch.autograd.Function):
-    """``(x, topk_idx, topk_weights, buffer_id)`` -> ``(MXFP8Tensor tokens, group_end_offsets,
-    tokens_per_expert, *state)``; the backward sends the bf16 gradient of the tokens back
-    (``mxep::dispatch_tokens_backward``)."""
-
-    @staticmethod
-    def forward(ctx, x, topk_idx, topk_weights, buffer_id):
-        q, s, geo, tpe, dropped, *state = _dispatch_tokens_op(x, topk_idx, topk_weights, buffer_id)
-        ctx.buffer_id = buffer_id
-        ctx.save_for_backward(*state)
-        ctx.mark_non_differentiable(geo, tpe, dropped, *state)
-        return (MXFP8Tensor(q, s, torch.bfloat16), geo, tpe, dropped, *state)
-
-    @staticmethod
-    def backward(ctx, grad_tokens, *unused):
-        if grad_tokens is None:
-            return None, None, None, None
-        grad_x = _dispatch_tokens_backward_op(grad_tokens.to(torch.bfloat16).contiguous(), ctx.buffer_id,
-                                              list(ctx.saved_tensors))
-        return grad_x, None, None, None
-
-
-class TokenCombineFunction(torch.autograd.Function):
-    """``(expert_out, topk_weights, buffer_id, *state)`` -> ``y``; the backward gives the
-    gradients of ``expert_out`` and ``topk_weights`` (``mxep::combine_tokens_backward``)."""
-
-    @staticmethod
-    def forward(ctx, expert_out, topk_weights, buffer_id, *state):
-        ctx.buffer_id = buffer_id
-        ctx.save_for_backward(expert_out, *state)
-        return _combine_tokens_op(expert_out, buffer_id, list(state))
-
-    @staticmethod
-    def backward(ctx, dy):
-        expert_out, *state = ctx.saved_tensors   # (read once: checkpointing unpacks each only once)
-        none = (None,) * len(state)
-        if dy is None:
-            return (None, None, None) + none
-        grad_eo, grad_w = _combine_tokens_backward_op(dy.to(torch.bfloat16).contiguous(), expert_out,
-                                                      ctx.buffer_id, state)
-        return (grad_eo, grad_w if ctx.needs_input_grad[1] else None, None) + none

@@ -37,17 +37,24 @@ class TokenRoute(NamedTuple):
     pair_owner: torch.Tensor
     pair_index: torch.Tensor
     expert: torch.Tensor          # int64 [t, k]: the pair's global expert, E for -1 slots
+    errors: torch.Tensor          # int32 [2]: out-of-range ids, repeated ids (this call)
 
 
-def route_tokens(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
+def route_tokens(topk_idx: torch.Tensor, num_experts: int, world_size: int,
+                 error_totals: torch.Tensor | None = None) -> TokenRoute:
     """``topk_idx`` int32/int64 ``[t, k]`` -> :class:`TokenRoute` (all on its device). Ids outside
-    ``[0, E)`` are treated as ``-1`` (no expert): never out of bounds, never a host sync.
+    ``[0, E)`` are treated as ``-1`` (no expert): never out of bounds, never a host sync; they
+    and ids repeated within a row are counted (``TokenRoute.errors``, and added to
+    ``error_totals``, int32 ``[2]``, when given).
 
     On CUDA (and under the CPU interpreter) two Triton launches and a memset
     (:func:`_route_triton`); elsewhere the same values from sync-free torch ops."""
     if triton_available_for(topk_idx) and topk_idx.shape[0] > 0:
-        return _route_triton(topk_idx.contiguous(), num_experts, world_size)
-    return _route_torch(topk_idx, num_experts, world_size)
+        return _route_triton(topk_idx.contiguous(), num_experts, world_size, error_totals)
+    route = _route_torch(topk_idx, num_experts, world_size)
+    if error_totals is not None:
+        error_totals.add_(route.errors)
+    return route
 
 
 # Pairs per program (a power of two) and the compare tile of the in-chunk rank (the rank of a
@@ -78,13 +85,15 @@ def _token_rank_hits(idx_ptr, pid, t, K, E, L, BT: tl.constexpr, K_P: tl.constex
 
 
 @triton.jit
-def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, owner_ptr,
+def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, owner_ptr, err_ptr, err_total_ptr,
                        E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
-                       BP: tl.constexpr, BT: tl.constexpr):
+                       BP: tl.constexpr, BT: tl.constexpr, TOTALS: tl.constexpr):
     """Program ``p``: the expert histogram of pairs ``[p * BP, (p + 1) * BP)`` into ``hist[p]``
     (atomics: integer sums, so the result does not depend on their order), the rank histogram of
     tokens ``[p * BT, (p + 1) * BT)`` (a token counts once per rank it has an expert on) into
-    ``rhist[p]``; and each pair's expert (``E`` for none) and owner (``-1``)."""
+    ``rhist[p]``; each pair's expert (``E`` for none) and owner (``-1``); and the counts of
+    out-of-range ids and of ids repeating an earlier slot of their row into ``err`` (and
+    ``err_total`` when ``TOTALS``)."""
     pid = tl.program_id(0)
     f = pid.to(tl.int64) * BP + tl.arange(0, BP)
     fm = f < t * K
@@ -93,6 +102,19 @@ def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, own
     tl.store(expert_ptr + f, tl.where(valid, e, E), mask=fm)
     tl.store(owner_ptr + f, owner.to(tl.int32), mask=fm)
     tl.atomic_add(hist_ptr + pid * E_P + tl.where(valid, e, 0), 1, mask=fm & valid, sem="relaxed")
+    # routing errors: ids other than -1 outside [0, E); valid ids equal to an earlier slot's
+    jj = tl.arange(0, K_P)
+    tok, j = f // K, f % K
+    earlier = tl.load(idx_ptr + tok[:, None] * K + jj[None, :], mask=fm[:, None] & (jj[None, :] < j[:, None]),
+                      other=-1).to(tl.int64)
+    repeat = valid & (tl.sum((earlier == e[:, None]).to(tl.int32), axis=1) > 0)
+    bad = tl.sum((fm & ~valid & (e != -1)).to(tl.int32), axis=0)
+    rep = tl.sum(repeat.to(tl.int32), axis=0)
+    tl.atomic_add(err_ptr, bad, sem="relaxed")
+    tl.atomic_add(err_ptr + 1, rep, sem="relaxed")
+    if TOTALS:
+        tl.atomic_add(err_total_ptr, bad, sem="relaxed")
+        tl.atomic_add(err_total_ptr + 1, rep, sem="relaxed")
     _, hits = _token_rank_hits(idx_ptr, pid, t, K, E, L, BT, K_P, W_P)
     dd = tl.arange(0, W_P)
     tl.store(rhist_ptr + pid * W_P + dd, tl.sum(hits, axis=0), mask=dd < W)
@@ -153,7 +175,8 @@ def _route_rank_kernel(idx_ptr, t, K, E, L, P, hist_ptr, rhist_ptr, base_ptr, co
              mask=tm[:, None] & (dd < W)[None, :])
 
 
-def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
+def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int,
+                  error_totals: torch.Tensor | None) -> TokenRoute:
     t, k = topk_idx.shape
     E, W = num_experts, world_size
     dev = topk_idx.device
@@ -161,8 +184,8 @@ def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> 
     BP = ROUTE_PAIRS
     BT = max(BP // K_P, 1)
     P = max(cdiv(t * k, BP), cdiv(t, BT))
-    scratch = torch.zeros(P * (E_P + W_P), dtype=torch.int32, device=dev)
-    hist, rhist = scratch[:P * E_P], scratch[P * E_P:]
+    scratch = torch.zeros(P * (E_P + W_P) + 2, dtype=torch.int32, device=dev)   # one memset
+    hist, rhist, errors = scratch[:P * E_P], scratch[P * E_P:-2], scratch[-2:]
     base = torch.empty(P * E_P, dtype=torch.int32, device=dev)
     expert = torch.empty(t, k, dtype=torch.int64, device=dev)
     owner = torch.empty(t, k, dtype=torch.int32, device=dev)
@@ -171,11 +194,13 @@ def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> 
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     sent = torch.empty(W, dtype=torch.int32, device=dev)
     L = E // W
-    _route_hist_kernel[(P,)](topk_idx, t, k, E, L, hist, rhist, expert, owner,
-                             E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, num_warps=4)
+    _route_hist_kernel[(P,)](topk_idx, t, k, E, L, hist, rhist, expert, owner, errors,
+                             error_totals if error_totals is not None else errors,
+                             E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, TOTALS=error_totals is not None,
+                             num_warps=4)
     _route_rank_kernel[(P,)](topk_idx, t, k, E, L, P, hist, rhist, base, counts, sent, slot, pair_index,
                              E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, JB=ROUTE_JB, num_warps=8)
-    return TokenRoute(counts, sent, slot, owner, pair_index, expert)
+    return TokenRoute(counts, sent, slot, owner, pair_index, expert, errors)
 
 
 def _route_torch(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> TokenRoute:
@@ -204,4 +229,9 @@ def _route_torch(topk_idx: torch.Tensor, num_experts: int, world_size: int) -> T
     hits = hits[:W]
     pos = hits.cumsum(1, dtype=torch.int32) - hits
     slot = torch.where(hits > 0, pos, -1).t().contiguous()                    # [t, W]
-    return TokenRoute(counts[:E], hits.sum(1, dtype=torch.int32), slot, owner.to(torch.int32), pair_index, expert)
+    bad = ((idx != -1) & ~valid).sum()
+    same = (idx[:, :, None] == idx[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    repeat = torch.tril(same.to(torch.int32), diagonal=-1).amax(2).sum()   # equal to an earlier slot
+    errors = torch.stack([bad, repeat]).to(torch.int32)
+    return TokenRoute(counts[:E], hits.sum(1, dtype=torch.int32), slot, owner.to(torch.int32), pair_index, expert,
+                      errors)

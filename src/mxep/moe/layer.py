@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mxep.ep.buffer import Buffer, check_size
+from mxep._utils import check_size
+from mxep.ep.buffer import Buffer
 from mxep.format.mxfp8 import quantize_straight_through
 from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_mxfp8
 from mxep.swiglu import swiglu_mxfp8

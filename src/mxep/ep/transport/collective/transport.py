@@ -15,10 +15,10 @@ import torch.distributed as dist
 
 from mxep.ep.layout import DispatchLayout, clamp_counts, compute_dispatch_layout
 from mxep.ep.routing import route_tokens
-from mxep.ep.transport.base import BAD_COUNTS, DispatchHandle, Transport, as_mxfp8
+from mxep.ep.transport.base import BAD_COUNTS, DispatchHandle, TokenDispatch, TokenState, Transport, as_mxfp8
 from mxep.format.mxfp8 import to_mxfp8
 
-__all__ = ["CollectiveTransport"]
+__all__ = ["CollectiveTransport", "CollectiveTokenState"]
 
 
 def _finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -28,11 +28,48 @@ def _finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> to
     return out[:capacity]
 
 
+@dataclass(eq=False)
+class CollectiveTokenState(TokenState):
+    """The per-call state of a token-level dispatch on the collective transport, which expands
+    on the source: the row-level layout of the stably expert-sorted expansion (the fields of
+    :class:`~mxep.ep.layout.DispatchLayout`: ``dest_rank``, ``dest_row`` int32 ``[W, T * k]``,
+    ``send_start``, ``send_count`` int64 ``[W, W]``, ``group_end_offsets``,
+    ``tokens_per_expert`` int32 ``[W, L]``, ``pad_rows`` int64 ``[W, L * align]``) and:
+
+    Attributes:
+        pair_weights: fp32 ``[t, k]`` the gate weights (as dispatched).
+        token_of: int64 ``[t * k]`` the token of each sorted row.
+        pair_index: int64 ``[t, k]`` each pair's sorted row (0 for ``-1`` slots).
+        owner: int64 ``[t, k]`` each pair's owner rank (``-1``: no expert, or dropped).
+    """
+
+    dest_rank: torch.Tensor
+    dest_row: torch.Tensor
+    send_start: torch.Tensor
+    send_count: torch.Tensor
+    group_end_offsets: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    pad_rows: torch.Tensor
+    token_of: torch.Tensor
+    pair_index: torch.Tensor
+    owner: torch.Tensor
+
+    def layout(self, trash_row: int) -> DispatchLayout:
+        return DispatchLayout(self.dest_rank, self.dest_row, self.send_start, self.send_count,
+                              self.group_end_offsets, self.tokens_per_expert, self.pad_rows, trash_row)
+
+
 class CollectiveTransport(Transport):
+    """Args: the EP ``group``, the Buffer's sizes (``capacity``: rows of the dispatch layout;
+    ``top_k``: 0 for a row-level Buffer; ``expert_cap``: the ``capacity_factor`` bound) and
+    ``device``."""
+
     name = "collective"
+    token_state_type = CollectiveTokenState
 
     def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, capacity: int,
                  device: torch.device, top_k: int = 0, align: int = 32, expert_cap: int | None = None):
+        super().__init__(torch.zeros(2, dtype=torch.int32, device=device))
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -146,23 +183,24 @@ class CollectiveTransport(Transport):
     # reduces on the source with the same arithmetic as the symmetric-memory kernels (per owner,
     # fp32 in top-k slot order, rounded to bf16; then the owners' partials in rank order), so
     # both transports give the same bits.
-    def token_state_like(self, t: int, k: int, device) -> list[torch.Tensor]:
+    def token_state_like(self, t, k, device):
         W, N, L = self.world, self.max_tokens_per_rank, self.num_experts // self.world
         i32, i64, f32 = torch.int32, torch.int64, torch.float32
-        shapes = [((W, N), i32), ((W, N), i32), ((W, W), i64), ((W, W), i64), ((W, L), i32), ((W, L), i32),
-                  ((W, L * self.align), i64), ((t * k,), i64), ((t, k), i64), ((t, k), i64), ((t, k), f32)]
-        return [torch.empty(sh, dtype=dt, device=device) for sh, dt in shapes]
+        return CollectiveTokenState.empty_like(
+            {"pair_weights": ((t, k), f32), "dest_rank": ((W, N), i32), "dest_row": ((W, N), i32),
+             "send_start": ((W, W), i64), "send_count": ((W, W), i64), "group_end_offsets": ((W, L), i32),
+             "tokens_per_expert": ((W, L), i32), "pad_rows": ((W, L * self.align), i64),
+             "token_of": ((t * k,), i64), "pair_index": ((t, k), i64), "owner": ((t, k), i64)}, device)
 
-    def _state(self, ts: list[torch.Tensor], align: int) -> "_TokenState":
-        layout = DispatchLayout(*ts[:7], trash_row=self.capacity)
-        t, k = ts[-1].shape
-        rows = DispatchHandle(self, self.rank, t * k, layout.group_end_offsets[self.rank],
-                              layout.tokens_per_expert[self.rank], layout)
-        return _TokenState(rows, *ts[7:])
+    def _rows_handle(self, st: CollectiveTokenState) -> DispatchHandle:
+        """The row-level handle of the sorted expansion."""
+        t, k = st.pair_weights.shape
+        return DispatchHandle(self, self.rank, t * k, st.group_end_offsets[self.rank],
+                              st.tokens_per_expert[self.rank], st.layout(self.capacity))
 
     def dispatch_tokens(self, x, topk_idx, topk_weights, scale_mode, align):
         t, k = topk_idx.shape
-        route = route_tokens(topk_idx, self.num_experts, self.world)
+        route = route_tokens(topk_idx, self.num_experts, self.world, self.routing_errors)
         order = torch.argsort(route.expert.flatten(), stable=True)
         rows = self.plan(route.counts, t * k, align, exact=False)
         token_of = order // k
@@ -173,13 +211,14 @@ class CollectiveTransport(Transport):
         dropped = (route.pair_owner >= 0) & (lay.dest_row[self.rank].long().gather(0, pair_index.flatten())
                                              .view(t, k) < 0)
         owner = torch.where(dropped, -1, route.pair_owner.long())
-        state = [lay.dest_rank, lay.dest_row, lay.send_start, lay.send_count, lay.group_end_offsets,
-                 lay.tokens_per_expert, lay.pad_rows, token_of, pair_index,
-                 owner, topk_weights.detach().to(torch.float32, copy=True)]
-        return (tokens.qdata, tokens.scale, rows.group_end_offsets.clone(), rows.tokens_per_expert.clone(),
-                dropped.sum(), state)
+        st = CollectiveTokenState(topk_weights.detach().to(torch.float32, copy=True), lay.dest_rank, lay.dest_row,
+                                  lay.send_start, lay.send_count, lay.group_end_offsets, lay.tokens_per_expert,
+                                  lay.pad_rows, token_of, pair_index, owner)
+        return TokenDispatch(tokens.qdata, tokens.scale, rows.group_end_offsets.clone(),
+                             rows.tokens_per_expert.clone(), dropped.sum(), route.errors, st)
 
-    def _two_level_sum(self, pair_rows: torch.Tensor, st: "_TokenState", weights: torch.Tensor | None) -> torch.Tensor:
+    def _two_level_sum(self, pair_rows: torch.Tensor, st: CollectiveTokenState,
+                       weights: torch.Tensor | None) -> torch.Tensor:
         t, k, H = pair_rows.shape
         y = torch.zeros(t, H, dtype=torch.float32, device=pair_rows.device)
         for d in range(self.world):
@@ -194,35 +233,24 @@ class CollectiveTransport(Transport):
 
     def _rows_by_pair(self, src, st):
         t, k = st.owner.shape
-        rows = self.combine_bf16(src, st.rows)                          # sorted expansion order
+        rows = self.combine_bf16(src, self._rows_handle(st))               # sorted expansion order
         return rows.index_select(0, st.pair_index.flatten()).view(t, k, rows.shape[1])
 
     def combine_tokens(self, expert_out, state, align):
-        st = self._state(state, align)
-        return self._two_level_sum(self._rows_by_pair(expert_out, st), st, st.weights)
+        return self._two_level_sum(self._rows_by_pair(expert_out, state), state, state.pair_weights)
 
     def dispatch_tokens_backward(self, grad_tokens, state, align):
-        st = self._state(state, align)
-        return self._two_level_sum(self._rows_by_pair(grad_tokens, st), st, None)
+        return self._two_level_sum(self._rows_by_pair(grad_tokens, state), state, None)
 
     def combine_tokens_backward(self, dy, expert_out, state, align):
-        st = self._state(state, align)
+        st = state
         t, k = st.owner.shape
         valid = st.owner >= 0
-        g = (st.weights[:, :, None] * dy[:, None, :].float()).to(torch.bfloat16)          # [t, k, H]
+        g = (st.pair_weights[:, :, None] * dy[:, None, :].float()).to(torch.bfloat16)     # [t, k, H]
         sorted_rows = torch.zeros(t * k, dy.shape[1], dtype=torch.bfloat16, device=dy.device)
         sorted_rows.index_copy_(0, st.pair_index.flatten()[valid.flatten()], g.flatten(0, 1)[valid.flatten()])
-        grad_expert_out = self.dispatch_bf16(sorted_rows, st.rows)
+        grad_expert_out = self.dispatch_bf16(sorted_rows, self._rows_handle(st))
         # the expert rows at the source again (the portable path keeps no copy from the forward)
         rows = self._rows_by_pair(expert_out, st)
         grad_w = torch.where(valid, (dy[:, None, :].float() * rows.float()).sum(-1), 0.0)
         return grad_expert_out, grad_w
-
-
-@dataclass
-class _TokenState:
-    rows: DispatchHandle          # the row-level handle of the sorted expansion
-    token_of: torch.Tensor        # int64 [t * k]: the token of each sorted row
-    pair_index: torch.Tensor      # int64 [t, k]: each pair's sorted row (0 for -1 slots)
-    owner: torch.Tensor           # int64 [t, k]: each pair's owner rank (-1: no expert)
-    weights: torch.Tensor         # fp32 [t, k]

@@ -23,8 +23,8 @@ from mxep.ep.config import EPConfig
 from mxep.ep.layout import capacity_rows
 from mxep.ep.transport.base import DispatchHandle, as_mxfp8
 from mxep.ep.routing import route_tokens
-from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory, RegionLayout
-from mxep.ep.transport.symm_mem.transport import plan_token_state
+from mxep.ep.transport.symm_mem.memory import RegionLayout
+from mxep.ep.transport.symm_mem.transport import SymmMemTransport
 from mxep.format.mxfp8 import MXFP8Tensor
 
 __all__ = ["SimulatedWorld", "SimulatedDispatch"]
@@ -58,11 +58,8 @@ class SimulatedWorld:
             self.capacity = min(self.capacity, L * padded_group_rows(expert_capacity, align))
         regions = RegionLayout(world_size, num_experts, hidden, max_tokens_per_rank, self.capacity, top_k,
                                expert_capacity or 2**31 - 1)
-        mems = [torch.full((regions.total_bytes,), POISON, dtype=torch.uint8, device=device) for _ in range(world_size)]
-        addrs = [m.data_ptr() for m in mems]
-        self.peers = [PeerMemory(m, addrs, r, regions, self.config) for r, m in enumerate(mems)]
-        for p in self.peers:
-            p.clear_signals()
+        #: one :class:`SymmMemTransport` per rank over plain tensors; this class runs their phases
+        self.peers = SymmMemTransport.simulated_ranks(regions, self.config, device)
 
     def plan(self, counts: Sequence[torch.Tensor], num_rows: Sequence[int]) -> list[DispatchHandle]:
         counts = [c.to(torch.int32).contiguous() for c in counts]
@@ -97,7 +94,7 @@ class SimulatedWorld:
 
     def combine_inputs(self) -> list[torch.Tensor]:
         """Every rank's zero-copy combine input (bf16 ``[capacity, H]``, see ``Buffer.combine_input``)."""
-        return [p.combine_input for p in self.peers]
+        return [p.combine_input() for p in self.peers]
 
     def combine(self, expert_outs: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]) -> list[torch.Tensor]:
         """Rows of each rank's dispatch layout ``[capacity, H]`` back to their sources: the push
@@ -118,23 +115,26 @@ class SimulatedWorld:
         if not self.top_k:
             raise ValueError("dispatch_tokens needs a world built with top_k")
         # one routing per rank, as a real rank does (its two plan halves share it)
-        routes = [route_tokens(topk_idx[r], self.num_experts, self.world_size) for r in range(self.world_size)]
+        routes = [route_tokens(topk_idx[r], self.num_experts, self.world_size, p.routing_errors)
+                  for r, p in enumerate(self.peers)]
         for r, p in enumerate(self.peers):
-            plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "put", routes[r])
-        states = [plan_token_state(p, topk_idx[r], topk_weights[r], self.align, "plan", routes[r])
+            p.plan_tokens(topk_idx[r], topk_weights[r], self.align, "put", routes[r])
+        states = [p.plan_tokens(topk_idx[r], topk_weights[r], self.align, "plan", routes[r])[0]
                   for r, p in enumerate(self.peers)]
         for r, (p, st) in enumerate(zip(self.peers, states)):
             p.push_tokens_mxfp8(xs[r].contiguous(), st, self.scale_mode)
         # ---- barrier ----
         out = []
         for r, (p, st) in enumerate(zip(self.peers, states)):
-            h = DispatchHandle(None, r, xs[r].shape[0], st.plan.group_end_offsets(r), st.plan.tokens_per_expert(r), st)
-            out.append(SimulatedDispatch(as_mxfp8(*p.expand_tokens(st)), h.group_end_offsets, h.tokens_per_expert, h))
+            plan = st.plan(self.align)
+            h = DispatchHandle(None, r, xs[r].shape[0], plan.group_end_offsets(r), plan.tokens_per_expert(r), st)
+            out.append(SimulatedDispatch(as_mxfp8(*p.expand_tokens(st, self.align)), h.group_end_offsets,
+                                         h.tokens_per_expert, h))
         return out
 
     def _reduce_back(self, srcs, handles, weighted):
         for p, s, h in zip(self.peers, srcs, handles):
-            p.reduce_tokens(s.contiguous(), h.state, weighted)
+            p.reduce_tokens(s.contiguous(), h.state, self.align, weighted)
         # ---- barrier ----
         return [p.sum_partials(h.state) for p, h in zip(self.peers, handles)]
 
@@ -153,6 +153,7 @@ class SimulatedWorld:
         for p, dy, h in zip(self.peers, dys, handles):
             p.push_token_grads(dy.contiguous(), h.state)
         # ---- barrier ----
-        geo = [p.expand_token_grads(e.contiguous(), h.state) for p, e, h in zip(self.peers, expert_outs, handles)]
+        grads = [p.expand_token_grads(e.contiguous(), h.state, self.align)
+                 for p, e, h in zip(self.peers, expert_outs, handles)]
         # ---- barrier ----
-        return [(g, p.gather_weight_grads(h.state)) for p, g, h in zip(self.peers, geo, handles)]
+        return [(g, p.gather_weight_grads(h.state)) for p, g, h in zip(self.peers, grads, handles)]
