@@ -38,10 +38,16 @@ def _missing(mod: str) -> bool:
     return importlib.util.find_spec(mod) is None
 
 
-def _pip(*args: str) -> None:
+def _pip(*args: str, quiet: bool = False) -> None:
+    """pip install; ``quiet``: pip's output only when it fails (subprocess.CalledProcessError)."""
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
     print("+", " ".join(cmd), flush=True)
-    subprocess.check_call(cmd)
+    if not quiet:
+        subprocess.check_call(cmd)
+        return
+    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if run.returncode:
+        raise subprocess.CalledProcessError(run.returncode, cmd, run.stdout)
 
 
 def _mxep_is_this_checkout() -> bool:
@@ -63,14 +69,17 @@ def _install_self() -> None:
     ones above: --no-deps)."""
     if _mxep_is_this_checkout():
         return
-    for extra in ([], ["--no-build-isolation"]):
-        try:
-            _pip("--no-deps", *extra, "-e", ROOT)
-            return
-        except subprocess.CalledProcessError:
-            pass
-    print(f"ensure_deps: could not install mxep in editable mode (pip install -e {ROOT} --no-deps); "
-          f"the Makefile's PYTHONPATH=src still serves make's targets", flush=True)
+    try:   # the isolated build fetches setuptools: offline machines fail fast, then use their own
+        _pip("--retries", "1", "--timeout", "30", "--no-deps", "-e", ROOT, quiet=True)
+        return
+    except subprocess.CalledProcessError:
+        pass
+    try:
+        _pip("--no-deps", "--no-build-isolation", "-e", ROOT, quiet=True)
+    except subprocess.CalledProcessError as e:
+        why = ([ln.strip() for ln in (e.output or "").splitlines() if ln.strip()] or [f"exit {e.returncode}"])[-1]
+        print(f"ensure_deps: mxep not installed in editable mode ({why}): `import mxep` needs "
+              f"PYTHONPATH={ROOT}/src, which the Makefile's targets set", flush=True)
 
 
 def main() -> None:
