@@ -49,8 +49,10 @@ test-gpu:
 # The dispatch / combine suite on every visible GPU (docs/benchmarks.md), then on the first
 # visible GPU the grouped GEMM on the layout, to_mxfp8 against the copy ceiling and the
 # token-level path on the simulated world, then the MoE layer on every visible GPU; outputs in
-# benchmarks/results/.
+# benchmarks/results/. Needs a CUDA GPU: without one it stops at once (make test is the CPU suite).
 bench:
+	@[ "$(NGPU)" -gt 0 ] 2>/dev/null || { echo "make bench needs a CUDA GPU; nvidia-smi -L lists none here" \
+		"(CPU plumbing check: $(PYTHON) benchmarks/run_all.py --cpu-smoke; CPU suite: make test)" >&2; exit 1; }
 	@$(PYTHON) scripts/ensure_deps.py --bench
 	$(PYTHON) benchmarks/run_all.py
 	$(PYTHON) benchmarks/bench_grouped_gemm.py --out benchmarks/results/grouped_gemm.json
@@ -61,13 +63,19 @@ bench:
 
 # One device-machine call that does everything in order (few, full calls): GPU tests, per-kernel
 # device times, then the quick benchmark suite. OUT (default ./gpu-session) collects the logs.
+# Every step runs whatever the ones before it did; the session then exits non-zero if any step
+# failed, naming those steps (with their exit status) and their logs.
 OUT ?= gpu-session
+# $(call step_log,NAME): a step's output into $(OUT)/NAME.log; a failure noted in $(OUT)/failed-steps
+step_log = > $(OUT)/$(1).log 2>&1 || echo "$(1) (rc $$?): $(OUT)/$(1).log" >> $(OUT)/failed-steps
 gpu-session:
-	@mkdir -p $(OUT)
-	-$(MAKE) test-gpu > $(OUT)/test-gpu.log 2>&1; tail -12 $(OUT)/test-gpu.log
-	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/profile_stages.py --config a,c --zero-copy > $(OUT)/profile.log 2>&1; grep -A12 "^## config" $(OUT)/profile.log
-	-$(PYTHON) benchmarks/run_all.py --quick --out-dir $(OUT)/bench > $(OUT)/bench.log 2>&1; sed -n '/## Summary/,/## All/p' $(OUT)/bench/results.md
-	-$(PYTHON) benchmarks/bench_grouped_gemm.py --out $(OUT)/grouped_gemm.json > $(OUT)/grouped_gemm.log 2>&1; cat $(OUT)/grouped_gemm.log
-	-$(PYTHON) benchmarks/bench_quantize.py --shapes 32768x7168 16384x7168 --out $(OUT)/quantize.json > $(OUT)/quantize.log 2>&1; tail -8 $(OUT)/quantize.log
-	-$(PYTHON) benchmarks/bench_tokens_simulated.py --out $(OUT)/tokens_simulated.json > $(OUT)/tokens_simulated.log 2>&1; tail -5 $(OUT)/tokens_simulated.log
-	-$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) benchmarks/bench_moe.py --profile mxep --out-dir $(OUT)/moe > $(OUT)/moe.log 2>&1; grep -E "^   |^==" $(OUT)/moe.log
+	@mkdir -p $(OUT); rm -f $(OUT)/failed-steps
+	$(MAKE) test-gpu $(call step_log,test-gpu); tail -12 $(OUT)/test-gpu.log
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) scripts/profile_stages.py --config a,c --zero-copy $(call step_log,profile); grep -A12 "^## config" $(OUT)/profile.log || true
+	$(PYTHON) benchmarks/run_all.py --quick --out-dir $(OUT)/bench $(call step_log,bench); sed -n '/## Summary/,/## All/p' $(OUT)/bench/results.md 2>/dev/null || tail -5 $(OUT)/bench.log
+	$(PYTHON) benchmarks/bench_grouped_gemm.py --out $(OUT)/grouped_gemm.json $(call step_log,grouped_gemm); cat $(OUT)/grouped_gemm.log
+	$(PYTHON) benchmarks/bench_quantize.py --shapes 32768x7168 16384x7168 --out $(OUT)/quantize.json $(call step_log,quantize); tail -8 $(OUT)/quantize.log
+	$(PYTHON) benchmarks/bench_tokens_simulated.py --out $(OUT)/tokens_simulated.json $(call step_log,tokens_simulated); tail -5 $(OUT)/tokens_simulated.log
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) benchmarks/bench_moe.py --profile mxep --out-dir $(OUT)/moe $(call step_log,moe); grep -E "^   |^==" $(OUT)/moe.log || true
+	@if [ -s $(OUT)/failed-steps ]; then echo "gpu-session: these steps failed:" >&2; cat $(OUT)/failed-steps >&2; exit 1; fi; \
+		echo "gpu-session: every step passed (logs in $(OUT)/)"

@@ -19,7 +19,7 @@ Systems (names used in the JSON):
   mxep_tokens    mxep.Buffer(top_k=k).dispatch_tokens / .combine_tokens: the token-level path (each
                  token once per destination rank, expanded on the owner; the gate-weighted
                  combine reduced on the owner), on the config's tokens with a top-k routing of
-                 the same kind (uniform / skewed; _common.make_token_case); ops as mxep's
+                 the same kind (uniform / skewed; mxep.testing.cases.make_token_case); ops as mxep's
                  (dispatch, combine, combine_after_dispatch, and on GPUs the graph replays);
                  bytes: the token-level wire bytes; checked bit for bit against the row-level
                  dispatch of the stably expert-sorted expansion (with "mxep")
@@ -32,24 +32,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import _ceilings
+from _common import (ResultFile, add_common_args, attach_measurement, init_distributed, parse_list,
+                     pattern_pair_bytes, result_header, result_line, traffic)
 
-import _ceilings  # noqa: E402
-from _common import row_bytes  # noqa: E402
-from _common import (CONFIGS, EP_CONFIG_HELP, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
-                     attach_measurement, count_matrix, ep_config, ep_config_dict, init_distributed, make_case,
-                     make_token_case,
-                     parse_ep_config, parse_list, pattern_pair_bytes, result_header, result_line, traffic)
-from _timing import capture_graph, gather, guarded, time_aligned, time_pipelined  # noqa: E402
-
-import mxep  # noqa: E402
-from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8  # noqa: E402
+import mxep
+from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_bf16, unfused_dispatch_mxfp8
+from mxep.testing.cases import CONFIGS, ROUTINGS, SMOKE_CONFIGS, count_matrix, make_case, make_token_case, row_bytes
+from mxep.testing.overrides import EP_CONFIG_HELP, ep_config, ep_config_dict, parse_ep_config
+from mxep.testing.timing import capture_graph, gather, guarded, time_aligned, time_pipelined
 
 SYSTEMS = ("mxep", "mxep_tokens", "unfused_mxfp8", "nccl_bf16", "ceilings")
 PATTERNS = ("dispatch_mxfp8", "dispatch_bf16", "combine_bf16")

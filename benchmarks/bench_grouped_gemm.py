@@ -28,24 +28,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import mxep  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from bench_quantize import time_calls
 
-from bench_quantize import time_calls  # noqa: E402
-
-import mxep  # noqa: E402
-from mxep.ep.naive import simulate_dispatch_layout  # noqa: E402
-from mxep.testing import make_routing  # noqa: E402
-from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
-from mxep.format.spec import dequantize_mxfp8  # noqa: E402
+import mxep
+from mxep.ep.naive import simulate_dispatch_layout
+from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.naive import dequantize_mxfp8_reference
+from mxep.testing import make_routing, rel_err
 
 # (rows received on this rank, local experts, K, N): the MoE layer's DSv3-like world-1 shape
 # (4096 tokens x top-8 over 32 experts: 32896 padded rows, the up-projection), config (a) at
@@ -97,7 +89,7 @@ def sweep(args) -> dict:
                     return grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, weight, offs, tiles=t, weight_scale=wscale)
                 try:
                     got = fn().float()
-                    err = float((got[:R] - ref[:R]).norm() / ref[:R].norm())
+                    err = rel_err(got[:R], ref[:R])
                     us = time_us(fn, args.iters, args.warmup) if err < 1e-2 else None
                     line["tiles"].append({"tiles": list(t), "us": us, "tflops": flops / us / 1e6 if us else None,
                                           "rel_err": err})
@@ -168,7 +160,7 @@ def main() -> None:
                           ("mx_weights_fused", "mx_weights_unfused")):
             try:
                 a, b = fns[name]()[:R].float(), fns[ref]()[:R].float()
-                row[f"rel_err_{name}"] = float((a - b).norm() / b.norm())
+                row[f"rel_err_{name}"] = rel_err(a, b)
             except Exception as exc:  # noqa: BLE001
                 row[f"rel_err_{name}"] = f"{type(exc).__name__}: {exc}"[:300]
         results["rows"].append(row)

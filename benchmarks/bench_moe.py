@@ -62,7 +62,6 @@ import gc
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -74,10 +73,6 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
     os.environ.setdefault(_k, _v)   # never NVLink multicast (docs/benchmarks.md)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (HERE, os.path.join(ROOT, "src")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -86,7 +81,9 @@ import mxep  # noqa: E402
 from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
 from mxep.gemm import MXWeightCache  # noqa: E402
 from mxep.moe.naive import BF16EPMoE, UnfusedMXFP8EPMoE  # noqa: E402
-from _timing import kernel_profile  # noqa: E402
+from mxep.testing import sqnr_db  # noqa: E402
+from mxep.testing.launch import free_port  # noqa: E402
+from mxep.testing.timing import environment, kernel_profile  # noqa: E402
 
 SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
 MX_WEIGHT_SYSTEMS = ("unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_rows", "mxep_cf")
@@ -133,12 +130,6 @@ def scale_config(cfg: MoEConfig, world: int, world1: bool, ref_ep: int) -> MoECo
 
 
 # --------------------------------------------------------------------------------- set-up
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init(cpu: bool, timeout_s: float) -> tuple[int, int, torch.device]:
     """torchrun's environment if there is one, else a one-process world."""
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -147,7 +138,7 @@ def init(cpu: bool, timeout_s: float) -> tuple[int, int, torch.device]:
         kw = {"init_method": "env://"}
     else:
         rank, world, local = 0, 1, 0
-        kw = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
+        kw = {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
     if cpu:
         dist.init_process_group("gloo", timeout=timeout, **kw)
         return rank, world, torch.device("cpu")
@@ -167,14 +158,6 @@ def _reduce(value: float, op, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op)
     return float(t.item())
-
-
-def environment() -> dict:
-    try:
-        from _timing import environment as env
-        return env()
-    except Exception as exc:  # noqa: BLE001 - the header is informative only
-        return {"torch": torch.__version__, "error": f"{type(exc).__name__}: {exc}"}
 
 
 # --------------------------------------------------------------------------------- weights and inputs
@@ -258,13 +241,6 @@ def measured_forward(m, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     total = sum(seen.values())
     act = sum(b for k, b in seen.items() if k not in persistent)
     return y, {"saved_total_bytes": total, "saved_activation_bytes": act}
-
-
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref64, err = ref.double(), (out.double() - ref.double())
-    noise = float((err * err).sum())
-    sig = float((ref64 * ref64).sum())
-    return float("inf") if noise == 0 else 10 * math.log10(max(sig, 1e-300) / noise)
 
 
 def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
@@ -431,7 +407,7 @@ def main() -> None:
     p.add_argument("--min-sqnr-db", type=float, default=25.0, help="check for systems with bf16 weights")
     p.add_argument("--min-sqnr-db-mx-weights", type=float, default=20.0, help="check for systems with MXFP8 weights")
     p.add_argument("--min-sqnr-db-same", type=float, default=40.0, help="mxep against the unfused MXFP8 layer")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "moe"))
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results", "moe"))
     p.add_argument("--smoke", action="store_true", help="CPU, gloo world 1, tiny shapes, TRITON_INTERPRET=1")
     p.add_argument("--pg-timeout", type=float, default=600.0)
     p.add_argument("--profile", default="", help="comma list of systems whose step's kernels to profile (GPU)")

@@ -25,17 +25,16 @@ import gc
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from _common import (ResultFile, add_common_args, attach_measurement, init_distributed, parse_list, result_header,
+                     result_line, traffic)
 
-from _common import (CONFIGS, ROUTINGS, SMOKE_CONFIGS, ResultFile, add_common_args,  # noqa: E402
-                     attach_measurement, result_line, count_matrix, result_header, init_distributed, make_case, parse_list, row_bytes, traffic)
-from _timing import gather, guarded, short_error, time_aligned, time_pipelined  # noqa: E402
-
-import mxep  # noqa: E402
-from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_mxfp8  # noqa: E402
+import mxep
+from mxep.ep.naive_pipeline import unfused_combine, unfused_dispatch_mxfp8
+from mxep.testing.cases import CONFIGS, ROUTINGS, SMOKE_CONFIGS, count_matrix, make_case, row_bytes
+from mxep.testing.timing import gather, guarded, short_error, time_aligned, time_pipelined
 
 SYSTEM = "nvshmem_a2a_2d"
 ALIGN = 32

@@ -31,17 +31,11 @@ import sys
 import time
 
 import torch
+import triton
 
-try:
-    import mxep  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-import triton  # noqa: E402
-
-from mxep.format import quantize as qk  # noqa: E402
-from mxep.format.naive import to_mxfp8_reference  # noqa: E402
-from mxep.format.quantize import to_mxfp8_rows  # noqa: E402
+from mxep.format import quantize as qk
+from mxep.format.naive import to_mxfp8_reference
+from mxep.format.quantize import to_mxfp8_rows
 
 DEFAULT_SHAPES = [(32768, 7168), (32768, 5120), (16384, 7168), (8192, 7168), (8192, 2048), (1024, 7168)]
 

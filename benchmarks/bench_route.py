@@ -13,20 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import mxep  # noqa: F401
-except ImportError:  # run from a checkout without PYTHONPATH=src
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-
-from _timing import time_queued_us  # noqa: E402
-
-import mxep.ep.routing as tokens  # noqa: E402
+import mxep.ep.routing as tokens
+from mxep.testing.timing import time_queued_us
 
 SHAPES = [(512, 8, 256, 4), (4096, 8, 32, 1), (128, 8, 256, 4)]   # (a)-like at W 4, the layer at W 1, (c)
 CHUNKS = (128, 256, 512, 1024)

@@ -4,9 +4,9 @@ same bytes, in one run.
 
 The world's ranks run one after another on the one GPU, so a time is the sum of every rank's
 kernels (W ranks' work): the ratio between the APIs is the number to read, and against the copy
-ceiling of the same bytes. Each time comes twice (``_timing.time_queued_us``): ``device`` (the
-call queued behind a device sleep: its kernels' time, the host's launch gaps hidden, as in a
-CUDA graph or a host that runs ahead) and ``host_inclusive`` (issued as the GPU runs: the eager
+ceiling of the same bytes. Each time comes twice (``mxep.testing.timing.time_queued_us``):
+``device`` (the call queued behind a device sleep: its kernels' time, the host's launch gaps
+hidden, as in a CUDA graph or a host that runs ahead) and ``host_inclusive`` (issued as the GPU runs: the eager
 caller's view, where the host's launches of W ranks' phases one after another dominate).
 ``--profile``: the kernels of one call of each, by share. Wire bytes per rank are computed from the routing: a row-level
 dispatch sends every off-rank (token, expert) pair, a token-level one every off-rank (token,
@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import kernel_profile, time_queued_us  # noqa: E402
+from mxep.testing.timing import kernel_profile, time_queued_us
 
 
 def main() -> None:

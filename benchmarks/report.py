@@ -11,10 +11,10 @@ Derived numbers (computed here from raw records, nothing measured):
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
-import sys
 from collections import defaultdict
 
 SYSTEM_ORDER = ["mxep", "mxep_tokens", "unfused_mxfp8", "nccl_bf16", "nvshmem_a2a_2d", "ceil_ce", "ceil_triton", "ceil_nccl",
@@ -130,7 +130,7 @@ def write_markdown(merged: dict, path: str) -> None:
         L += ["", "**CPU SMOKE RUN (gloo, Triton interpreter, tiny shapes): the numbers below mean nothing.**"]
     L += ["", "## Environment", ""] + _env_lines(merged.get("env")) + _config_lines(merged)
     L += ["", "## Method", "",
-          "- Time: " + merged.get("timing", "median of CUDA-event times, max over ranks of per-rank medians") + ".",
+          "- Time: " + (merged.get("timing") or "median of CUDA-event times, max over ranks of per-rank medians") + ".",
           f"- Iterations: {merged.get('args', {}).get('iters')} timed (+{merged.get('args', {}).get('warmup')} warm-up) "
           "per measurement; `pipelined` = back-to-back calls (no host sync systems only).",
           "- GB/s per rank = mean over ranks of bytes sent to other ranks / time; bytes per row: H + H/32 "
@@ -279,8 +279,17 @@ def write_report(merged: dict, out_dir: str) -> dict:
     return {"markdown": md, "plot": png if err is None else f"not written: {err}"}
 
 
-if __name__ == "__main__":
-    src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results", "results.json")
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                               "results.json"),
+                   help="the merged JSON of run_all.py (default: benchmarks/results/results.json); "
+                        "results.md and results.png are written next to it")
+    src = p.parse_args(argv).results
     with open(src) as f:
         data = json.load(f)
     print(write_report(data, os.path.dirname(os.path.abspath(src))))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,27 +26,17 @@ import sys
 import threading
 import time
 
+import report  # no torch import: the report can be rebuilt anywhere
+
+from mxep.testing.cases import CONFIGS, NVLINK_GBPS
+from mxep.testing.launch import visible_gpus
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-
-import report  # noqa: E402  (no torch import: the report can be rebuilt anywhere)
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DISPATCH_SYSTEMS = ("mxep", "mxep_tokens", "unfused_mxfp8", "nccl_bf16", "ceilings")
 ALL_SYSTEMS = DISPATCH_SYSTEMS + ("nvshmem",)
-
-
-def visible_gpus() -> list[str]:
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return [d.strip() for d in cvd.split(",") if d.strip()]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-        n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    except Exception:  # noqa: BLE001
-        n = 0
-    return [str(i) for i in range(n)]
 
 
 def _pump(stream, sink, echo: bool, prefix: str) -> None:
@@ -107,7 +97,6 @@ def launch(name: str, script: str, world: int, script_args: list[str], env: dict
 
 
 def nvshmem_heap_bytes(configs: list[str], world: int) -> int:
-    from _common import CONFIGS
     from bench_nvshmem import symm_bytes_needed
 
     need = sum(symm_bytes_needed(CONFIGS[c], world) for c in configs)
@@ -147,21 +136,22 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown systems {unknown}")
     configs = [c for c in args.configs.split(",") if c]
+    gpus = [] if args.cpu_smoke else visible_gpus()
+    if not args.cpu_smoke and not gpus:
+        raise SystemExit("run_all.py needs a CUDA GPU and sees none (CUDA_VISIBLE_DEVICES / nvidia-smi -L); "
+                         "--cpu-smoke runs the CPU plumbing check")
 
     out_dir = os.path.abspath(args.out_dir)
     raw_dir, log_dir = os.path.join(out_dir, "raw"), os.path.join(out_dir, "logs")
     os.makedirs(raw_dir, exist_ok=True)
     os.makedirs(log_dir, exist_ok=True)
 
-    if args.cpu_smoke:
-        gpus = []
-        worlds = [int(w) for w in args.worlds.split(",")] if args.worlds else [2]
+    if args.worlds:
+        worlds = [int(w) for w in args.worlds.split(",")]
+    elif args.cpu_smoke:
+        worlds = [2]
     else:
-        gpus = visible_gpus()
-        if args.worlds:
-            worlds = [int(w) for w in args.worlds.split(",")]
-        else:
-            worlds = [len(gpus)] + ([2] if len(gpus) >= 4 else [])
+        worlds = [len(gpus)] + ([2] if len(gpus) >= 4 else [])
     print(f"visible GPUs: {gpus or 'none'}; worlds: {worlds}; configs {configs}; systems {systems}; "
           f"iters {iters} (+{warmup} warm-up), pipelined {piters}", flush=True)
 
@@ -222,7 +212,7 @@ def main() -> int:
               "args": {"iters": iters, "warmup": warmup, "pipelined_iters": piters, "configs": configs,
                        "routings": args.routings, "systems": systems, "worlds": worlds, "seed": args.seed,
                        "ep_config_overrides": json.loads(args.ep_config)},
-              "env": None, "configs": {}, "timing": None, "nvlink_gbps": 450.0, "records": [], "launches": launches,
+              "env": None, "configs": {}, "timing": None, "nvlink_gbps": NVLINK_GBPS, "records": [], "launches": launches,
               "total_seconds": time.time() - t_start}
     for info, path in raw_files:
         if not os.path.exists(path):

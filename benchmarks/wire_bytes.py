@@ -1,5 +1,5 @@
 """Bytes on the wire per rank of the row-level and the token-level dispatch and combine,
-computed from the routing (no GPU): configs (a), (b), (c) of benchmarks/_common.py at W = 2, 4,
+computed from the routing (no GPU): configs (a), (b), (c) of mxep.testing.cases at W = 2, 4,
 8, uniform top-k routing (every token picks k distinct experts uniformly at random), seed 0.
 
 * row-level dispatch: every (token, expert) pair whose expert lives on another rank crosses
@@ -15,13 +15,10 @@ computed from the routing (no GPU): configs (a), (b), (c) of benchmarks/_common.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CONFIGS  # noqa: E402
+from mxep.testing.cases import CONFIGS
 
 
 def wire(cfg, W: int, seed: int = 0) -> dict:

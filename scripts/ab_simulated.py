@@ -1,7 +1,7 @@
 """Same-run A/B of the dispatch and combine kernels of two source trees on the simulated world
 (every rank's buffers on one GPU), so that a change of structure can be shown no slower on the
-one GPU the device machine lends. Every case is timed twice (``benchmarks/_timing.py``
-``time_queued_us``): ``device``, the call queued behind a device sleep (its kernels' time, which
+one GPU the device machine lends. Every case is timed twice (``mxep.testing.timing``
+``time_queued_us``, this tree's for both trees): ``device``, the call queued behind a device sleep (its kernels' time, which
 is what a change of kernels changes), and ``host_inclusive``, issued as the GPU runs (dominated
 by the host's launches of the W ranks' phases one after another).
 
@@ -19,6 +19,7 @@ uniform routing) and config (c) (H 7168, 128 tokens x top-8 per rank).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -26,6 +27,10 @@ import subprocess
 import sys
 import time
 
+# The timing is this tree's for every tree (the same clock on both sides; a tree from before
+# mxep.testing.timing has none): loaded by its path, since each child's PYTHONPATH brings the
+# mxep under test. The file imports torch and the standard library only.
+TIMING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "mxep", "testing", "timing.py")
 CASES = [(w, cfg) for cfg in ("a", "c") for w in (2, 4, 8)]
 OPS = ("dispatch", "combine", "combine_zero_copy")
 SHAPES = {"a": dict(hidden=7168, experts=256, rows=1024 * 8), "c": dict(hidden=7168, experts=256, rows=128 * 8)}
@@ -36,8 +41,10 @@ def _child(reps: int, host_inclusive: bool, cases: list, ops: list) -> None:
 
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-    from _timing import time_queued_us
+    spec = importlib.util.spec_from_file_location("_ab_timing", TIMING)
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    time_queued_us = timing.time_queued_us
 
     try:
         from mxep.ep.transport.symm_mem.simulated import SimulatedWorld  # the new tree

@@ -37,7 +37,6 @@ driver of scripts/inspect_ptx.py and scripts/host_cost.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -47,9 +46,6 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.driver import CudaDriver
 from triton.runtime import driver as triton_driver
 from triton.runtime.jit import JITFunction
-
-if importlib.util.find_spec("mxep") is None:   # without PYTHONPATH=src (an mxep on it wins)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 SM90 = GPUTarget("cuda", 90, 32)
 SM90_SMS = 132   # H100 / H200 SXM: the grid sizes a launch on the device machine gets

@@ -18,7 +18,7 @@ transport's (plan, push, copy-out, combine push / copy-out, pull), with no peer 
 
     python scripts/host_cost.py [--device cpu|cuda] [--config c] [--ep-config '{"spread_parts": 8}'] [--profile]
 
-Shapes: one of the benchmark configs (benchmarks/_common.py, default (c), the latency config:
+Shapes: one of the benchmark configs (mxep.testing.cases, default (c), the latency config:
 H=7168, 1024 rows, 256 experts); the token-level rows use the config's tokens and top-k (a
 ``Buffer(top_k=k)``). On the CPU those rows also count the torch ops' own work on CPU tensors
 (zero fills of the layout, the backward's row tables) and the torch routing, which the
@@ -29,24 +29,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
-import os
 import pstats
-import socket
-import sys
 import time
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
-if importlib.util.find_spec("mxep") is None:   # without PYTHONPATH=src (an mxep on it wins)
-    sys.path.insert(0, os.path.join(HERE, "..", "src"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def per_call_us(fn, iters: int, sync=None) -> float:
@@ -87,16 +71,18 @@ def main() -> None:
     import dataclasses
 
     import torch.distributed as dist
-    from _common import CONFIGS, ep_config, parse_ep_config
 
     import mxep
     from mxep.ep.transport.symm_mem import SymmMemTransport
+    from mxep.testing.cases import CONFIGS
+    from mxep.testing.launch import free_port
+    from mxep.testing.overrides import ep_config, parse_ep_config
 
     cfg = CONFIGS[args.config]
     E, H, n = cfg.experts, cfg.hidden, cfg.rows
     overrides = parse_ep_config(args.ep_config)
     iters = args.iters or (200 if device == "cuda" else 300)
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     if device == "cuda":
         torch.cuda.set_device(0)
         dist.init_process_group("nccl", init_method=init, rank=0, world_size=1, device_id=torch.device("cuda", 0))
@@ -120,7 +106,7 @@ def main() -> None:
     x = torch.randn(n, H, device=dev).bfloat16()
     xg = x.clone().requires_grad_(True)
     eo = torch.randn(buf.capacity, H, device=dev).bfloat16()
-    peer = buf.transport.peer
+    peer = buf.transport
     print(f"# host cost per call, {device} ({'compile-only sm_90 driver, CPU memory' if device == 'cpu' else torch.cuda.get_device_name()}), "
           f"config ({cfg.name}): H={H}, n={n}, E={E}, one rank; {buf.config}")
     with torch.no_grad():

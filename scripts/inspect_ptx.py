@@ -15,13 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
 PATTERNS = {
     "stores": r"st\.global(?:\.\w+)*",
@@ -58,7 +52,7 @@ def main() -> None:
 
     JITFunction.run = run
 
-    from _common import ep_config, parse_ep_config
+    from mxep.testing.overrides import ep_config, parse_ep_config
 
     base = ep_config(parse_ep_config(args.ep_config), "cuda", args.hidden)
     config = compile_sm90.sm90_config(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from _common import CONFIGS, ep_config, parse_ep_config  # noqa: E402
-
-import mxep  # noqa: E402
-from mxep.testing import make_inputs, make_routing  # noqa: E402
+import mxep
+from mxep.testing import make_inputs, make_routing
+from mxep.testing.cases import CONFIGS
+from mxep.testing.overrides import ep_config, parse_ep_config
 
 
 def main() -> None:

@@ -24,19 +24,9 @@ import subprocess
 import sys
 import time
 
+from mxep.testing.launch import visible_gpus
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def visible_gpus() -> list[str]:
-    """The ids to put in ``CUDA_VISIBLE_DEVICES`` for each visible GPU."""
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return [d.strip() for d in cvd.split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU"))]
 
 
 def main() -> int:

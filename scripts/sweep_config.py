@@ -36,9 +36,11 @@ import statistics
 import subprocess
 import sys
 
+from mxep.testing.cases import NVLINK_GBPS
+from mxep.testing.overrides import parse_ep_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-NVLINK_GBPS = 450.0
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -65,9 +67,6 @@ def grid_settings(grid: list[str]) -> list[dict]:
 
 def settings_of(args) -> list[str]:
     """The settings as canonical JSON texts, each checked against EPConfig."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from _common import parse_ep_config
-
     texts = [json.dumps(parse_ep_config(s), sort_keys=True) for s in args.settings]
     texts += [json.dumps(parse_ep_config(s), sort_keys=True) for s in grid_settings(args.grid)]
     if not texts:
@@ -159,13 +158,13 @@ def sweep_stages(args, settings: list[str]) -> None:
 
 def stages_worker(args, settings: list[str]) -> None:
     """One rank of the ``--stages`` launch (torchrun)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
     import torch.distributed as dist
-    from _common import CONFIGS, count_matrix, ep_config, ep_config_dict, make_case
 
     import mxep
     from mxep.format.quantize import to_mxfp8_rows
+    from mxep.testing.cases import CONFIGS, count_matrix, make_case
+    from mxep.testing.overrides import ep_config, ep_config_dict
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -208,7 +207,7 @@ def stages_worker(args, settings: list[str]) -> None:
         eo = torch.randn(buf.capacity, H, device=device).bfloat16()
         with torch.no_grad():
             res = buf.dispatch(x, counts)
-            plan, peer = res.handle.state, buf.transport.peer
+            plan, peer = res.handle.state, buf.transport
             mx_out = peer.push_mxfp8(x, plan, "rceil")          # output tensors reused by the stage timings
             cb_out = peer.push_bf16_combine(eo, plan, n)
             zin = buf.combine_input()

@@ -1,5 +1,11 @@
 """Helpers shared by the tests, benchmarks, scripts and examples: synthetic MoE routing and
-inputs, and the error measures that compare a result with its reference.
+inputs, and the error measures that compare a result with its reference (here), plus, for the
+benchmarks and scripts, the submodules
+
+* :mod:`mxep.testing.cases`: the benchmark configurations and their synthetic inputs;
+* :mod:`mxep.testing.overrides`: ``--ep-config`` (EPConfig field overrides as JSON);
+* :mod:`mxep.testing.timing`: timing with CUDA events, the environment of a result;
+* :mod:`mxep.testing.launch`: the visible GPUs and a free port, for the launchers.
 
 Not on any hot path: these read values back to the host (``float(...)``).
 

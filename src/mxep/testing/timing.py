@@ -1,4 +1,9 @@
-"""Shared timing helpers for the benchmark scripts (one copy, imported by every script).
+"""Timing with CUDA events for the benchmarks and scripts (``benchmarks/``, ``scripts/``), plus
+the environment record of a result file.
+
+Self-contained on purpose (torch and the standard library only, nothing from ``mxep``):
+``scripts/ab_simulated.py`` loads this file by its path to time two source trees with the same
+clock, whichever ``mxep`` each tree's ``PYTHONPATH`` brings.
 
 Method (docs/benchmarks.md):
 
@@ -35,6 +40,8 @@ __all__ = [
     "gather",
     "time_aligned",
     "time_pipelined",
+    "time_queued_us",
+    "kernel_profile",
     "capture_graph",
     "environment",
     "short_error",
