@@ -18,13 +18,13 @@ What every method may assume (the Buffer checks it on the host before calling):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 from mxep.format.mxfp8 import MXFP8Tensor
 
-__all__ = ["Transport", "DispatchHandle", "TokenState", "TokenDispatch", "as_mxfp8", "describe_status",
+__all__ = ["Transport", "DispatchHandle", "TokenState", "token_state", "TokenDispatch", "as_mxfp8", "describe_status",
            "describe_routing_errors", "TIMEOUT_COUNTS", "SEQUENCE_MISMATCH", "BAD_COUNTS"]
 
 # Status codes of the device-side error word (OR-ed), shared by every transport.
@@ -92,7 +92,16 @@ class DispatchHandle:
     generation: int = 0
 
 
-@dataclass(eq=False)
+def token_state(cls):
+    """Class decorator of a :class:`TokenState` subclass: a dataclass (by identity), plus its
+    field names as a constant tuple (``torch.compile`` traces :meth:`TokenState.as_list` /
+    :meth:`TokenState.from_list` through it; it cannot trace ``dataclasses.fields``)."""
+    cls = dataclass(eq=False)(cls)
+    cls.field_names = tuple(f.name for f in fields(cls))
+    return cls
+
+
+@token_state
 class TokenState:
     """Base of a transport's per-call state of one token-level dispatch: a dataclass whose fields
     are all tensors, so that the Buffer's registered ops can pass it through ``torch.compile``
@@ -102,22 +111,23 @@ class TokenState:
 
     pair_weights: torch.Tensor
 
+    field_names: ClassVar[tuple[str, ...]]   # set by @token_state
+
     def as_list(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+        return [getattr(self, name) for name in self.field_names]
 
     @classmethod
     def from_list(cls, tensors) -> "TokenState":
-        names = [f.name for f in fields(cls)]
-        if len(tensors) != len(names):
-            raise ValueError(f"{cls.__name__} has {len(names)} tensors ({', '.join(names)}), got {len(tensors)}")
-        return cls(**dict(zip(names, tensors)))
+        if len(tensors) != len(cls.field_names):
+            raise ValueError(f"{cls.__name__} has {len(cls.field_names)} tensors ({', '.join(cls.field_names)}), "
+                             f"got {len(tensors)}")
+        return cls(*tensors)
 
     @classmethod
     def empty_like(cls, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device) -> "TokenState":
         """Uninitialized tensors of the given ``{field: (shape, dtype)}`` (the ops' fake
         implementations; every field must be given)."""
-        return cls(**{f.name: torch.empty(shapes[f.name][0], dtype=shapes[f.name][1], device=device)
-                      for f in fields(cls)})
+        return cls(*(torch.empty(shapes[n][0], dtype=shapes[n][1], device=device) for n in cls.field_names))
 
     @property
     def num_tokens(self) -> int:

@@ -8,14 +8,13 @@ call leaves the others blocked in the collective until the process group's own t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mxep.ep.layout import DispatchLayout, clamp_counts, compute_dispatch_layout
 from mxep.ep.routing import route_tokens
-from mxep.ep.transport.base import BAD_COUNTS, DispatchHandle, TokenDispatch, TokenState, Transport, as_mxfp8
+from mxep.ep.transport.base import BAD_COUNTS, DispatchHandle, TokenDispatch, TokenState, Transport, as_mxfp8, token_state
 from mxep.format.mxfp8 import to_mxfp8
 
 __all__ = ["CollectiveTransport", "CollectiveTokenState"]
@@ -28,7 +27,7 @@ def _finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> to
     return out[:capacity]
 
 
-@dataclass(eq=False)
+@token_state
 class CollectiveTokenState(TokenState):
     """The per-call state of a token-level dispatch on the collective transport, which expands
     on the source: the row-level layout of the stably expert-sorted expansion (the fields of

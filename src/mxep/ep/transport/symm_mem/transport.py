@@ -14,14 +14,13 @@ phase before the next, :mod:`~mxep.ep.transport.symm_mem.simulated`), and the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from mxep.ep.config import EPConfig
 from mxep.ep.routing import TokenRoute, route_tokens
-from mxep.ep.transport.base import DispatchHandle, TokenDispatch, TokenState, Transport, as_mxfp8
+from mxep.ep.transport.base import DispatchHandle, TokenDispatch, TokenState, Transport, as_mxfp8, token_state
 from mxep.ep.transport.symm_mem.combine import combine_copy_out, combine_pull, combine_push
 from mxep.ep.transport.symm_mem.dispatch import copy_out, dispatch_push
 from mxep.ep.transport.symm_mem.memory import POISON, RegionLayout, region_view
@@ -33,7 +32,7 @@ from mxep.ep.transport.symm_mem.tokens import (expand_token_grads, expand_tokens
 __all__ = ["SymmMemTransport", "SymmMemTokenState"]
 
 
-@dataclass(eq=False)
+@token_state
 class SymmMemTokenState(TokenState):
     """The per-call state of a token-level dispatch on symmetric memory (regular tensors; the
     handle keeps them). ``W`` ranks, ``E`` experts, ``S = W * T`` token slots.
