@@ -151,10 +151,13 @@ def main() -> None:
             step.clear()
         record("mxep_tokens", "combine_after_dispatch", "combine_bf16", m, err, nbytes=cb, **extra)
         if device.type == "cuda" and res is not None and args.pipelined_iters > 0:
+            last = {}   # the latest dispatch before a capture: its handle is the combine's
             for op, pat, fn, b in (("dispatch_graph", "dispatch_mxfp8", lambda: tbuf.dispatch_tokens(x, idx, w), nb),
-                                   ("combine_graph", "combine_bf16", lambda: tbuf.combine_tokens(eo, res.handle), cb),
+                                   ("combine_graph", "combine_bf16",
+                                    lambda: tbuf.combine_tokens(eo, last["res"].handle), cb),
                                    ("step_graph", "dispatch_mxfp8",
                                     lambda: tbuf.combine_tokens(eo, tbuf.dispatch_tokens(x, idx, w).handle), nb)):
+                last["res"] = tbuf.dispatch_tokens(x, idx, w)
                 graph, err = run(f"tokens {op} capture", lambda: capture_graph(fn))
                 m = None
                 if graph is not None:
@@ -258,21 +261,25 @@ def main() -> None:
                         # (written there after the dispatch, as a grouped GEMM with out= would).
                         m = None
                         if res is not None:
+                            zres = buf.dispatch(x, counts)   # a combine takes the last dispatch's handle
                             zin = buf.combine_input()
                             zin.copy_(eo)
-                            m, err = timed(lambda: buf.combine(zin, res.handle), pipelined=True)
+                            m, err = timed(lambda: buf.combine(zin, zres.handle), pipelined=True)
                         record("mxep", "combine_zero_copy", "combine_bf16", m, err, **extra)
                         # CUDA-graph replay, back to back: the per-call time of a captured step,
                         # where no host work is left (eager calls above pay ~0.4-1 ms of host
                         # time each; see "pipelined").
                         if device.type == "cuda" and res is not None and args.pipelined_iters > 0:
+                            last = {}   # the latest dispatch before a capture: its handle is the combine's
                             for op, pat, fn in (("dispatch_graph", "dispatch_mxfp8", lambda: buf.dispatch(x, counts)),
                                                 ("dispatch_zero_copy_graph", "dispatch_mxfp8",
                                                  lambda: buf.dispatch(x, counts, zero_copy=True)),
-                                                ("combine_graph", "combine_bf16", lambda: buf.combine(eo, res.handle)),
+                                                ("combine_graph", "combine_bf16",
+                                                 lambda: buf.combine(eo, last["res"].handle)),
                                                 # dispatch then combine, one graph: a step's EP traffic
                                                 ("step_graph", "dispatch_mxfp8",
                                                  lambda: buf.combine(eo, buf.dispatch(x, counts).handle))):
+                                last["res"] = buf.dispatch(x, counts)
                                 graph, err = run(f"{op} capture", lambda: capture_graph(fn))
                                 m = None
                                 if graph is not None:
@@ -309,10 +316,12 @@ def main() -> None:
                         rz = buf.dispatch(x, counts, zero_copy=True)   # compared before the region is reused
                         zero_copy_ok = (torch.equal(rz.tokens.qdata[:R].view(torch.uint8), ures.tokens.qdata.view(torch.uint8))
                                         and torch.equal(rz.tokens.scale[:R].view(torch.uint8), ures.tokens.scale.view(torch.uint8)))
-                        # collectives first, on every rank whatever the comparisons say
-                        y1 = buf.combine(eo, res.handle)
+                        # collectives first, on every rank whatever the comparisons say; a combine
+                        # takes the handle of the Buffer's last dispatch
+                        handle = buf.dispatch(x, counts).handle
+                        y1 = buf.combine(eo, handle)
                         # the graph replays above dispatched again into the region: refill it
-                        y0 = buf.combine(buf.combine_input().copy_(eo), res.handle)
+                        y0 = buf.combine(buf.combine_input().copy_(eo), handle)
                         y2 = unfused_combine(eo[:R], ures.handle)
                         bad = []
                         if not torch.equal(res.group_end_offsets.cpu(), ures.group_end_offsets.cpu()):

@@ -49,6 +49,16 @@ def per_call_us(fn, iters: int, sync=None) -> float:
     return dt
 
 
+def per_row_us(rows, iters: int, sync, fresh) -> list:
+    """``per_call_us`` of every ``(name, fn)`` row, each after ``fresh()`` (untimed: a dispatch):
+    a combine takes the handle of its Buffer's last dispatch, and the rows before it dispatched."""
+    out = []
+    for name, fn in rows:
+        fresh()
+        out.append((name, per_call_us(fn, iters, sync)))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -111,6 +121,7 @@ def main() -> None:
           f"config ({cfg.name}): H={H}, n={n}, E={E}, one rank; {buf.config}")
     with torch.no_grad():
         res = buf.dispatch(x, counts)
+        last = {"res": res}   # the latest dispatch, whose handle the combine rows take
         plan = res.handle.state
         mx_out = peer.push_mxfp8(x, plan, "rceil")
         cb_out = peer.push_bf16_combine(eo, plan, n)
@@ -119,8 +130,8 @@ def main() -> None:
         rows = [
             ("dispatch (no_grad)", lambda: buf.dispatch(x, counts)),
             ("dispatch zero-copy (no_grad)", lambda: buf.dispatch(x, counts, zero_copy=True)),
-            ("combine (no_grad)", lambda: buf.combine(eo, res.handle)),
-            ("combine of the zero-copy input (no_grad)", lambda: buf.combine(zin, res.handle)),
+            ("combine (no_grad)", lambda: buf.combine(eo, last["res"].handle)),
+            ("combine of the zero-copy input (no_grad)", lambda: buf.combine(zin, last["res"].handle)),
             ("plan launch (counts exchange + plan)", lambda: peer.exchange_and_plan(counts_i32, n, buf.align)),
             ("push_mxfp8 launch", lambda: peer.push_mxfp8(x, plan, "rceil")),
             ("copy_out_mxfp8 launch (data + scales)", lambda: peer.copy_out_mxfp8(plan, mx_out)),
@@ -132,7 +143,7 @@ def main() -> None:
             ("torch.empty_like(x)", lambda: torch.empty_like(x)),
         ]
         # (the stage launches above run out of the protocol's order: one rank has no peer to wait for)
-        measured = [(name, per_call_us(fn, iters, sync)) for name, fn in rows]
+        measured = per_row_us(rows, iters, sync, lambda: last.update(res=buf.dispatch(x, counts)))
     measured.insert(0, ("dispatch (autograd)", per_call_us(lambda: buf.dispatch(xg, counts), iters, sync)))
     measured += token_level_rows(cfg, dev, config if device == "cpu" else buf.config, iters, sync, device == "cpu")
     for name, us in measured:
@@ -176,11 +187,11 @@ def token_level_rows(cfg, dev, config, iters: int, sync, local: bool) -> list:
         buf.combine_tokens(eog, res.handle).backward(dy)
 
     with torch.no_grad():
-        res = buf.dispatch_tokens(x, idx, w)
+        last = {}
         rows = [("route_tokens (token-level)", lambda: route_tokens(idx, E, 1)),
                 ("dispatch_tokens (no_grad)", lambda: buf.dispatch_tokens(x, idx, w)),
-                ("combine_tokens (no_grad)", lambda: buf.combine_tokens(eo, res.handle))]
-        out = [(name, per_call_us(fn, iters, sync)) for name, fn in rows]
+                ("combine_tokens (no_grad)", lambda: buf.combine_tokens(eo, last["res"].handle))]
+        out = per_row_us(rows, iters, sync, lambda: last.update(res=buf.dispatch_tokens(x, idx, w)))
     out.append(("dispatch_tokens + combine_tokens, fwd + bwd", per_call_us(layer, max(iters // 4, 10), sync)))
     return out
 

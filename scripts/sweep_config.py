@@ -211,12 +211,13 @@ def stages_worker(args, settings: list[str]) -> None:
             mx_out = peer.push_mxfp8(x, plan, "rceil")          # output tensors reused by the stage timings
             cb_out = peer.push_bf16_combine(eo, plan, n)
             zin = buf.combine_input()
+            last = {"res": res}   # the latest dispatch: a combine takes its handle
             stages = [
                 # (name, fn, bytes for the GB/s column: sent to other ranks, or local read + write)
                 ("full dispatch", lambda: buf.dispatch(x, counts), sent_rows * mx_row),
                 ("zero-copy dispatch", lambda: buf.dispatch(x, counts, zero_copy=True), sent_rows * mx_row),
-                ("full combine (push)", lambda: buf.combine(eo, res.handle), sent_rows * bf_row),
-                ("zero-copy combine (pull)", lambda: buf.combine(zin, res.handle), sent_rows * bf_row),
+                ("full combine (push)", lambda: buf.combine(eo, last["res"].handle), sent_rows * bf_row),
+                ("zero-copy combine (pull)", lambda: buf.combine(zin, last["res"].handle), sent_rows * bf_row),
                 ("plan kernel (counts exchange + plan)", lambda: peer.exchange_and_plan(counts_i32, n, buf.align), 0),
                 ("dispatch push (quantize + peer stores)", lambda: peer.push_mxfp8(x, plan, "rceil"), sent_rows * mx_row),
                 ("dispatch copy-out (rows from other ranks)", lambda: peer.copy_out_mxfp8(plan, mx_out),
@@ -231,6 +232,7 @@ def stages_worker(args, settings: list[str]) -> None:
             zin.copy_(eo)
             row = {"setting": setting, "config": ep_config_dict(config), "symm_bytes": buf.symm_bytes, "stages": {}}
             for name, fn, nbytes in stages:
+                last["res"] = buf.dispatch(x, counts)   # untimed: the stages before dispatched again
                 us = timed(fn)
                 row["stages"][name] = {"us": us, "gbps": nbytes / us / 1e3 if nbytes else None}
             try:
