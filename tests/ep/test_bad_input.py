@@ -34,7 +34,8 @@ from mxep.ep.config import EPConfig
 from mxep.ep.layout import clamp_counts
 from mxep.ep.naive import simulate_combine, simulate_dispatch_layout, simulate_dispatch_mxfp8, simulate_dispatch_rows
 from mxep.ep.transport.base import BAD_COUNTS, SEQUENCE_MISMATCH, TIMEOUT_COUNTS
-from mxep.ep.transport.symm_mem.memory import POISON, PeerMemory
+from mxep.ep.transport.symm_mem.memory import POISON
+from mxep.ep.transport.symm_mem.transport import SymmMemTransport
 from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 from support.dist import run_distributed
 
@@ -185,9 +186,7 @@ def guarded_world(guards: Guards, align: int, device) -> SimulatedWorld:
     sim = SimulatedWorld(W, E, H, N, align, device=device, config=EPConfig(poison_outputs=True))
     regions = sim.peers[0].regions
     mems = [guards.empty((regions.total_bytes,), torch.uint8) for _ in range(W)]
-    sim.peers = [PeerMemory(m, [x.data_ptr() for x in mems], r, regions, sim.config) for r, m in enumerate(mems)]
-    for p in sim.peers:
-        p.clear_signals()
+    sim.peers = SymmMemTransport.simulated_ranks(regions, sim.config, mems=mems)
     return sim
 
 
@@ -195,15 +194,15 @@ def assert_unused_bytes_untouched(sim: SimulatedWorld) -> None:
     """The scratch rows and the padding after the last region of every rank: never written."""
     for r, p in enumerate(sim.peers):
         reg = p.regions
-        assert bool((p.dispatch_bf16[sim.capacity].view(torch.uint8) == POISON).all()), f"rank {r}: dispatch scratch row"
-        assert bool((p.combine_bf16[N].view(torch.uint8) == POISON).all()), f"rank {r}: combine scratch row"
+        assert bool((p.dispatch_region_bf16[sim.capacity].view(torch.uint8) == POISON).all()), f"rank {r}: dispatch scratch row"
+        assert bool((p.combine_region[N].view(torch.uint8) == POISON).all()), f"rank {r}: combine scratch row"
         tail = reg.combine_offset + (N + 1) * H * 2
         assert bool((p.mem[tail:] == POISON).all()), f"rank {r}: bytes past the combine region"
 
 
 def run_simulated_case(name: str, align: int, device, monkeypatch, follow_up: bool = True) -> None:
     guards = Guards(device)
-    monkeypatch.setattr(PeerMemory, "_new_output", lambda self, shape, dtype: guards.empty(shape, dtype))
+    monkeypatch.setattr(SymmMemTransport, "_new_output", lambda self, shape, dtype: guards.empty(shape, dtype))
     sim = guarded_world(guards, align, device)
     counts, rows, xs, gys, gen = case_inputs(name, seed=len(name))
     clamped, bad, ref, lays, _ = expected(counts, xs, align)

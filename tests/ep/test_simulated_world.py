@@ -211,8 +211,8 @@ def test_inconsistent_counts_write_nothing_outside():
     for mode, ys in (("pull", pull_combine(sim, eo, handles)), ("push", sim.combine(eo, handles))):
         assert [tuple(y.shape) for y in ys] == [(16, 64), (5, 64)], mode
         for p in sim.peers:
-            assert (p.combine_bf16[16].view(torch.uint8) == POISON).all()
-            assert (p.dispatch_bf16[sim.capacity].view(torch.uint8) == POISON).all()
+            assert (p.combine_region[16].view(torch.uint8) == POISON).all()
+            assert (p.dispatch_region_bf16[sim.capacity].view(torch.uint8) == POISON).all()
     case = Case(2, 4, 64, 16, 32, ("skewed", "uniform"), (16, 9), seed=21)
     counts, xs = case.inputs()
     res = sim.dispatch(xs, counts)

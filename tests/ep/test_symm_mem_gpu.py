@@ -98,7 +98,7 @@ def _symm_body(rank, world, cases):
         assert buf.transport_name == "symm_mem", repr(buf)
         # poison the receive regions so stale or unwritten rows show (the signal words keep
         # their values: they count the calls)
-        buf.transport.peer.data_regions().fill_(0xA5)
+        buf.transport.data_regions().fill_(0xA5)
         torch.distributed.barrier()
         run_buffer_case(buf, case, rank, dev)
         del buf
@@ -129,7 +129,7 @@ def _many_calls_body(rank, world, calls):
                 check_dispatch(c, rank, r_.tokens, r_.group_end_offsets, r_.tokens_per_expert, cnt, x_)
             pending.clear()
     # the signal words count the calls: every rank's counts flag and seq name the last one
-    peer = buf.transport.peer
+    peer = buf.transport
     sig = peer.signals.tolist()
     assert [peer.signal_word(w) for w in ("seq", "status")] == [calls, 0], sig
     assert sig == [calls] * world + [calls, 0], sig

@@ -123,15 +123,15 @@ def test_one_rank_transport_and_pairing_rules():
         h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 8)
         tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
         check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
-        assert t.peer.signals.tolist() == expected_signals(1, 2 * it + 1)
+        assert t.signals.tolist() == expected_signals(1, 2 * it + 1)
         with pytest.raises(RuntimeError, match="already ran"):
             t.dispatch_mxfp8(xs[0], h, "rceil")
         # the zero-copy dispatch: push and a barrier; no copy-out
         h = t.plan(counts[0].to(torch.int32), xs[0].shape[0], 8)
         tokens = t.dispatch_mxfp8(xs[0], h, "rceil", zero_copy=True)
         check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
-        assert tokens.qdata.data_ptr() == t.peer.region_tokens()[0].data_ptr()
-        assert t.peer.signal_word("seq") == 2 * (it + 1) and t.peer.status() == 0
+        assert tokens.qdata.data_ptr() == t.region_tokens()[0].data_ptr()
+        assert t.signal_word("seq") == 2 * (it + 1) and t.status() == 0
     c = counts[0].to(torch.int32)
     first = t.plan(c, xs[0].shape[0], 8)
     with pytest.raises(RuntimeError, match="never dispatched"):
@@ -159,7 +159,7 @@ def test_barriers_per_call():
         tokens = t.dispatch_mxfp8(xs[0], h, "rceil")
         seen.append(t.handle.barriers - before)
         check_dispatch(case, 0, tokens, h.group_end_offsets, h.tokens_per_expert, counts, xs)
-        _, outs, gys = case.upstream(t.peer.regions.capacity)
+        _, outs, gys = case.upstream(t.regions.capacity)
         exp = expected_combine(case, outs, counts)[0]
         for _ in range(2):
             before = t.handle.barriers
@@ -175,7 +175,7 @@ def test_barriers_per_call():
         seen.append(t.handle.barriers - before)
         expect += [1, 1, 2, 1, 2]
     assert seen == expect
-    assert t.peer.signals.tolist() == expected_signals(1, 2)
+    assert t.signals.tolist() == expected_signals(1, 2)
 
 
 def test_debug_buffer_raises_on_a_timed_out_wait():
@@ -194,7 +194,7 @@ def test_debug_buffer_raises_on_a_timed_out_wait():
             counts = torch.tensor([2, 0, 3, 0])
             buf.dispatch(x, counts)                              # clean: no error
             buf.check()
-            buf.transport.peer.signals[word_index(1, "status")] = TIMEOUT_COUNTS   # as a timed-out plan leaves it
+            buf.transport.signals[word_index(1, "status")] = TIMEOUT_COUNTS   # as a timed-out plan leaves it
             for call in (lambda: buf.dispatch(x, counts),
                          lambda: buf.combine(torch.zeros(buf.capacity, 64).bfloat16(), buf.plan(counts, 5)),
                          buf.check):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from mxep.ep.config import EPConfig
@@ -144,6 +145,14 @@ def run_buffer_case(buf, case: Case, rank: int, device) -> None:
     assert x.grad.dtype == torch.bfloat16
     assert torch.equal(x.grad.cpu(), expected_grad_x(case, grads, counts)[rank])
 
+    # The first dispatch's handle is stale now (a handle is valid until the next dispatch on its
+    # Buffer, every transport): refused on the host. Dispatch case 1 again for its combine.
+    with pytest.raises(RuntimeError, match="stale"):
+        buf.combine(outs[rank], res.handle)
+    with torch.no_grad():
+        res = buf.dispatch(xs[rank], counts[rank])
+    check_dispatch(case, rank, res.tokens, res.group_end_offsets, res.tokens_per_expert, counts, xs)
+
     # Combine forward (bit-exact copy back) and backward (bf16 dispatch, pad rows zero).
     eo = outs[rank].clone().requires_grad_(True)
     y = buf.combine(eo, res.handle)
@@ -171,7 +180,7 @@ def run_buffer_case(buf, case: Case, rank: int, device) -> None:
     resz = buf.dispatch(xz, counts2[rank], zero_copy=True)
     check_dispatch(case2, rank, resz.tokens, resz.group_end_offsets, resz.tokens_per_expert, counts2, xs2)
     if buf.transport_name == "symm_mem":
-        region = buf.transport.peer.region_tokens()
+        region = buf.transport.region_tokens()
         assert resz.tokens.qdata.data_ptr() == region[0].data_ptr()
         assert resz.tokens.scale.data_ptr() == region[1].data_ptr()
     grads2, outs2, _ = case2.upstream(buf.capacity, device)
