@@ -37,6 +37,7 @@ driver of scripts/inspect_ptx.py and scripts/host_cost.py.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import sys
@@ -138,8 +139,8 @@ def _allow_cpu_launches() -> None:
     import mxep.ep.routing as tokens
     launch_route = tokens._route_triton
 
-    def compile_route_then_torch(topk_idx, num_experts, world_size):
-        launch_route(topk_idx, num_experts, world_size)
+    def compile_route_then_torch(topk_idx, num_experts, world_size, *rest):
+        launch_route(topk_idx, num_experts, world_size, *rest)   # (rest: whatever else it takes)
         return tokens._route_torch(topk_idx, num_experts, world_size)
 
     tokens._route_triton = compile_route_then_torch
@@ -269,10 +270,14 @@ def drive() -> None:
 
 
 def kernels_in_tree() -> set[str]:
-    """Every ``@triton.jit`` function named ``*_kernel`` in the loaded mxep modules (the launch
-    targets; the ``@triton.jit`` helpers they call have other names)."""
-    return {f"{v.fn.__name__}" for name, mod in list(sys.modules.items())
-            if name == "mxep" or name.startswith("mxep.")
+    """Every ``@triton.jit`` function named ``*_kernel`` in every mxep module, each imported here
+    (the launch targets; the ``@triton.jit`` helpers they call have other names)."""
+    import pkgutil
+
+    import mxep
+
+    modules = [importlib.import_module(m.name) for m in pkgutil.walk_packages(mxep.__path__, "mxep.")]
+    return {v.fn.__name__ for mod in [mxep] + modules
             for v in vars(mod).values() if isinstance(v, JITFunction) and v.fn.__name__.endswith("_kernel")}
 
 
