@@ -9,7 +9,8 @@ from mxep.format.dequantize import dequantize_mxfp8_rows
 from mxep.format.naive import dequantize_mxfp8_reference
 
 POISON_BITS = 0x5A5A   # a normal bf16 (about 1.5e16) that no input here decodes to
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a CUDA GPU")])]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -16,21 +16,17 @@ from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.gemm.grouped_gemm import GPU_TILE_CANDIDATES, INTERPRETER_TILES, GemmTiles, grouped_mm_mxfp8_forward
 from mxep.gemm.naive import grouped_mm_reference
 from mxep.format.naive import dequantize_mxfp8_reference
+from mxep.testing import rel_err
 
 POISON = -12345.0
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def layout_for(case: Case, rank: int):
+def layout_for(case: Case, rank: int, device="cpu"):
     counts, xs = case.inputs()
     got = simulate_dispatch_mxfp8(xs, counts, case.align, case.scale_mode)[rank]
     lay = simulate_dispatch_layout(counts, case.align)[rank]
-    tokens = MXFP8Tensor(got.qdata, got.scale, torch.bfloat16)
-    return tokens, got.group_end_offsets, lay.is_pad
+    tokens = MXFP8Tensor(got.qdata.to(device), got.scale.to(device), torch.bfloat16)
+    return tokens, got.group_end_offsets.to(device), lay.is_pad.to(device)
 
 
 CASES = [
@@ -46,24 +42,35 @@ CPU_TILES = [INTERPRETER_TILES, GemmTiles(32, 16, 64, 1, 1, 1, "int"), GemmTiles
 
 
 WEIGHTS = [(40, False), (72, False), (40, True)]   # (N, MXFP8 weights)
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# On CUDA: groups ending inside the GPU tiles, an empty expert, K and N off the tile sizes.
+GPU_CASE = Case(2, 16, 1056, 300, 32, ("skewed", "empty_experts"), (300, 257), seed=11)
 # The default (interpreter) tiles with every case and weight; each other tile with every case, the
 # weights rotating, so that every pair of (tiles, case, weights) values occurs (the interpreter
-# pays per tile: the full product costs twice as much for no other code path).
-FORWARD_GRID = ([(CPU_TILES[0], c, *w) for c in CASES for w in WEIGHTS]
-                + [(t, c, *WEIGHTS[(i + j) % 3]) for i, t in enumerate(CPU_TILES) if i for j, c in enumerate(CASES)])
+# pays per tile: the full product costs twice as much for no other code path). On CUDA every
+# tile configuration the sweep may pick (GPU_TILES is one of them), bf16 and MXFP8 weights.
+def _forward_case(device, tiles, case, N, mx_weight):
+    return pytest.param(device, tiles, case, N, mx_weight, marks=ON_GPU if device == "cuda" else (),
+                        id=f"{device}-{'x'.join(map(str, tiles[:6]))}-{tiles.decode}-W{case.world}-K{case.hidden}"
+                           f"-align{case.align}-N{N}{'-mx' if mx_weight else ''}")
 
 
-@pytest.mark.parametrize("tiles,case,N,mx_weight", FORWARD_GRID,
-                         ids=[f"{t.block_m}x{t.block_n}x{t.block_k}g{t.group_m}-W{c.world}-K{c.hidden}-align{c.align}"
-                              f"-N{n}{'-mx' if mx else ''}" for t, c, n, mx in FORWARD_GRID])
-def test_forward_matches_reference(case, N, mx_weight, tiles):
-    """bf16 weights, or MXFP8 weights (blocks along K) dequantized in registers like the tokens."""
+FORWARD_GRID = ([_forward_case("cpu", CPU_TILES[0], c, *w) for c in CASES for w in WEIGHTS]
+                + [_forward_case("cpu", t, c, *WEIGHTS[(i + j) % 3]) for i, t in enumerate(CPU_TILES) if i
+                   for j, c in enumerate(CASES)]
+                + [_forward_case("cuda", t, GPU_CASE, 200, mx) for t in GPU_TILE_CANDIDATES for mx in (False, True)])
+
+
+@pytest.mark.parametrize("device,tiles,case,N,mx_weight", FORWARD_GRID)
+def test_forward_matches_reference(device, case, N, mx_weight, tiles):
+    """bf16 weights, or MXFP8 weights (blocks along K) dequantized in registers like the tokens;
+    poisoned output, pad rows zero, rows past the layout never written."""
     for rank in range(case.world):
-        tokens, offs, is_pad = layout_for(case, rank)
+        tokens, offs, is_pad = layout_for(case, rank, device)
         cap, K = tokens.shape
         L = case.num_experts // case.world
-        w = (torch.randn(L, N, K, generator=torch.Generator().manual_seed(rank + N)) / K ** 0.5).bfloat16()
-        out = torch.full((cap, N), POISON, dtype=torch.bfloat16)
+        w = (torch.randn(L, N, K, generator=torch.Generator().manual_seed(rank + N)) / K ** 0.5).bfloat16().to(device)
+        out = torch.full((cap, N), POISON, dtype=torch.bfloat16, device=device)
         if mx_weight:
             w = mxep.to_mxfp8(w)
             grouped_mm_mxfp8_forward(tokens.qdata, tokens.scale, w.qdata, offs, out=out,
@@ -81,17 +88,29 @@ def test_forward_matches_reference(case, N, mx_weight, tiles):
                            out[:R][is_pad[:R]])
 
 
-@pytest.mark.parametrize("impl", ["dequant", "fused"])
-def test_gradients_match_torch_autograd(impl):
+# (device, case, N, impl, ranks): both forward implementations on the interpreter; on CUDA the
+# GPU tiles (bf16 tensor-core dots) and torch._grouped_mm's backward at model sizes
+GRADIENT_CASES = ([pytest.param("cpu", CASES[1], 56, impl, (0,), id=f"cpu-{impl}") for impl in ("dequant", "fused")]
+                  + [pytest.param("cuda", Case(2, 16, K, 300, 32, ("skewed", "empty_experts"), (300, 257), seed=K + N),
+                                  N, "auto", (0, 1), marks=ON_GPU, id=f"cuda-K{K}-N{N}")
+                     for K, N in [(7168, 2048), (2048, 7168), (5120, 1536), (96, 40)]])
+
+
+@pytest.mark.parametrize("device,case,N,impl,ranks", GRADIENT_CASES)
+def test_gradients_match_torch_autograd(device, case, N, impl, ranks):
     """grad_weight and the straight-through grad of the tokens against autograd through the
     reference math (dequantize, per-group fp32 matmul), for both forward implementations."""
-    case = CASES[1]
-    tokens, offs, is_pad = layout_for(case, 0)
+    for rank in ranks:
+        _check_gradients(case, rank, N, impl, device)
+
+
+def _check_gradients(case, rank, N, impl, device):
+    tokens, offs, is_pad = layout_for(case, rank, device)
     cap, K = tokens.shape
-    L, N = case.num_experts // case.world, 56
+    L = case.num_experts // case.world
     g = torch.Generator().manual_seed(9)
-    w = (torch.randn(L, N, K, generator=g) / K ** 0.5).bfloat16()
-    dy = torch.randn(cap, N, generator=g).bfloat16()
+    w = (torch.randn(L, N, K, generator=g) / K ** 0.5).bfloat16().to(device)
+    dy = torch.randn(cap, N, generator=g).bfloat16().to(device)
     R = int(offs[-1])
     real = ~is_pad[:R]
     dy[R:] = float("nan")   # rows past the layout are never read
@@ -100,6 +119,7 @@ def test_gradients_match_torch_autograd(impl):
     w1 = w.clone().requires_grad_(True)
     y = mxep.grouped_mm_mxfp8(t, w1, offs, impl=impl)
     assert rel_err(y[:R][real], grouped_mm_reference(tokens.qdata, tokens.scale, w, offs)[real]) < 4e-3
+    assert (y[:R][~real] == 0).all()                    # zero tokens, zero products
     y.backward(dy)
 
     x = dequantize_mxfp8_reference(tokens.qdata, tokens.scale, torch.float32).requires_grad_(True)
@@ -191,62 +211,3 @@ def test_expert_path_through_buffer_on_gloo():
     for d in range(case.world):
         assert rel_err(got[d][2], grad_w[d]) < 1e-2
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("K,N", [(7168, 2048), (2048, 7168), (5120, 1536), (96, 40)])
-def test_forward_and_gradients_on_gpu(K, N):
-    """The GPU tiles (bf16 tensor-core dots) and torch._grouped_mm's backward on CUDA."""
-    case = Case(2, 16, K, 300, 32, ("skewed", "empty_experts"), (300, 257), seed=K + N)
-    for rank in range(2):
-        tokens, offs, is_pad = layout_for(case, rank)
-        tokens = MXFP8Tensor(tokens.qdata.cuda(), tokens.scale.cuda(), torch.bfloat16)
-        offs = offs.cuda()
-        L = case.num_experts // case.world
-        w = (torch.randn(L, N, K, device="cuda") / K ** 0.5).bfloat16()
-        ref = grouped_mm_reference(tokens.qdata, tokens.scale, w, offs)
-        R = ref.shape[0]
-        t = tokens.detach().requires_grad_(True)
-        w1 = w.clone().requires_grad_(True)
-        out = mxep.grouped_mm_mxfp8(t, w1, offs)
-        assert rel_err(out[:R], ref) < 4e-3
-        assert (out[:R][is_pad[:R].cuda()] == 0).all()
-        dy = torch.randn(out.shape, device="cuda").bfloat16()
-        out.backward(dy)
-        x = dequantize_mxfp8_reference(tokens.qdata, tokens.scale, torch.float32)
-        gw, start = torch.zeros(L, N, K, device="cuda"), 0
-        for e, end in enumerate(offs.tolist()):
-            gw[e] = dy[start:end].float().t() @ x[start:end]
-            start = end
-        assert rel_err(w1.grad, gw) < 1e-2
-        gx = torch.cat([dy[s:e].float() @ w[i].float() for i, (s, e) in
-                        enumerate(zip([0] + offs.tolist()[:-1], offs.tolist()))])
-        assert rel_err(t.grad[:R], gx) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tiles", GPU_TILE_CANDIDATES, ids=lambda t: "x".join(map(str, t[:6])) + "-" + t.decode)
-@pytest.mark.parametrize("mx_weight", [False, True])
-def test_gpu_tile_candidates_match_reference(tiles, mx_weight):
-    """Every tile configuration the sweep may pick (GPU_TILES is one of them): poisoned output,
-    groups ending inside tiles, an empty expert, K and N off the tile sizes."""
-    case = Case(2, 16, 1056, 300, 32, ("skewed", "empty_experts"), (300, 257), seed=11)
-    N = 200
-    for rank in range(2):
-        tokens, offs, is_pad = layout_for(case, rank)
-        q, sc, offs = tokens.qdata.cuda(), tokens.scale.cuda(), offs.cuda()
-        L = case.num_experts // case.world
-        w = (torch.randn(L, N, tokens.shape[1], device="cuda") / 32).bfloat16()
-        out = torch.full((tokens.shape[0], N), POISON, dtype=torch.bfloat16, device="cuda")
-        if mx_weight:
-            w = mxep.to_mxfp8(w)
-            grouped_mm_mxfp8_forward(q, sc, w.qdata, offs, out=out, weight_scale=w.scale, tiles=tiles)
-        else:
-            grouped_mm_mxfp8_forward(q, sc, w, offs, out=out, tiles=tiles)
-        ref = grouped_mm_reference(q, sc, w, offs)
-        R = ref.shape[0]
-        pad = is_pad[:R].cuda()
-        assert rel_err(out[:R][~pad], ref[~pad]) < 4e-3
-        assert (out[:R][pad] == 0).all()
-        assert (out[R:] == POISON).all()

@@ -28,15 +28,12 @@ if os.environ.get("CI") != "true":   # CI installs torchtitan (pyproject [test],
 
 from support.dist import run_distributed  # noqa: E402
 
+from mxep.testing import sqnr_db  # noqa: E402
+
 D, F, E, K = 64, 32, 8, 2        # hidden, expert FFN hidden, experts, top-k
 B, S = 1, 32                     # tokens per rank: T = B * S
 T = B * S
 SQNR_ACT, SQNR_WEIGHT = 25.0, 21.0
-
-
-def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    ref, x = ref.double(), x.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp_min(1e-300)))
 
 
 def _moe_config(mxep: bool, world: int):
@@ -142,7 +139,7 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
     # count the dequantize passes: the grouped GEMMs' (dequantize_mxfp8_op) and any fallback of
     # an op that MXFP8Tensor does not handle (the torch expression, a full extra pass)
     calls = {"op": 0, "fallback": 0}
-    op, fallback = mxfp8_mod.dequantize_mxfp8_op, mxfp8_mod.dequantize_mxfp8
+    op, fallback = mxfp8_mod.dequantize_mxfp8_op, mxfp8_mod.dequantize_mxfp8_reference
 
     def counting(name, fn):
         def wrapped(*a, **k):
@@ -176,12 +173,12 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
             xi = x.clone().requires_grad_(True)
             calls.update(op=0, fallback=0)
             mxfp8_mod.dequantize_mxfp8_op = counting("op", op)
-            mxfp8_mod.dequantize_mxfp8 = counting("fallback", fallback)
+            mxfp8_mod.dequantize_mxfp8_reference = counting("fallback", fallback)
             try:
                 y = fn(xi)
                 y.backward(dy)
             finally:
-                mxfp8_mod.dequantize_mxfp8_op, mxfp8_mod.dequantize_mxfp8 = op, fallback
+                mxfp8_mod.dequantize_mxfp8_op, mxfp8_mod.dequantize_mxfp8_reference = op, fallback
             ge = moe.routed_experts.inner_experts
             res = {"y": y.detach().float(), "gx": xi.grad.float(),
                    "g_router": _global_grad(moe.router.gate.weight, world),
@@ -248,10 +245,10 @@ def test_mxep_dispatcher_matches_standard(world, mode):
     results = _results(world)
     std, mx = (mode, "std"), (mode, "mxep")
     for name, floor in (("y", SQNR_ACT), ("gx", SQNR_ACT)):
-        got = _sqnr(_cat(results, std, name), _cat(results, mx, name))
+        got = sqnr_db(_cat(results, mx, name), _cat(results, std, name))
         assert got >= floor, f"{name}: SQNR {got:.1f} dB < {floor} dB (world {world}, {mode})"
     for name in ("g_router", "w1_EFD", "w2_EDF", "w3_EFD"):
-        got = _sqnr(results[0][std][name], results[0][mx][name])   # global gradients: every rank has them
+        got = sqnr_db(results[0][mx][name], results[0][std][name])   # global gradients: every rank has them
         assert got >= SQNR_WEIGHT, f"{name}: SQNR {got:.1f} dB < {SQNR_WEIGHT} dB (world {world}, {mode})"
     for r in results:
         assert torch.isfinite(r[mx]["y"]).all() and torch.isfinite(r[mx]["gx"]).all()

@@ -11,6 +11,7 @@ from support.dist import run_distributed, single_rank_group
 
 import mxep
 from mxep.moe.naive import moe_reference
+from mxep.testing import rel_err
 
 H, FF, E, K = 64, 32, 6, 2
 
@@ -24,11 +25,6 @@ def params(world: int):
     xs = [torch.randn(12 - 5 * r, H, generator=g).bfloat16() for r in range(world)]
     dys = [torch.randn(x.shape, generator=g).bfloat16() for x in xs]
     return router, w13, w2, xs, dys
-
-
-def rel_err(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def _moe_body(rank, world, device="cpu", mx_weights=True, gemm_impl="auto"):

@@ -9,21 +9,26 @@ import torch
 from mxep.swiglu import swiglu_mxfp8
 from mxep.swiglu.naive import swiglu_mxfp8_reference
 from mxep.format.naive import dequantize_mxfp8_reference
+from mxep.testing import rel_err
 
 
-def rel_err(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# (device, cap, F, group ends, scale mode): small shapes for the interpreter, in both scale
+# modes; on CUDA the GPU tile and the hardware e4m3 conversion at model sizes
+CASES = ([("cpu", cap, F, ends, mode) for mode in ("rceil", "floor")
+          for cap, F, ends in [(96, 32, [32, 32, 96]), (160, 96, [64, 128]), (48, 160, [16, 48])]]
+         + [pytest.param("cuda", 700, F, [96, 96, 448, 640], "rceil", marks=ON_GPU) for F in (2048, 1536, 96)])
 
 
-@pytest.mark.parametrize("cap,F,ends", [(96, 32, [32, 32, 96]), (160, 96, [64, 128]), (48, 160, [16, 48])])
-@pytest.mark.parametrize("scale_mode", ["rceil", "floor"])
-def test_forward_and_backward_match_reference(cap, F, ends, scale_mode):
+@pytest.mark.parametrize("device,cap,F,ends,scale_mode", CASES,
+                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else None)
+def test_forward_and_backward_match_reference(device, cap, F, ends, scale_mode):
     g = torch.Generator().manual_seed(cap + F)
     h = (torch.randn(cap, 2 * F, generator=g) * 3).bfloat16()
     R = ends[-1]
     h[R - 5:R] = 0                                  # pad-like rows: zero in, zero out
-    offs = torch.tensor(ends, dtype=torch.int32)
+    h = h.to(device)
+    offs = torch.tensor(ends, dtype=torch.int32, device=device)
     hr = h.clone().requires_grad_(True)
     a = swiglu_mxfp8(hr, offs, scale_mode)
     ref_h = h.clone().requires_grad_(True)
@@ -35,7 +40,7 @@ def test_forward_and_backward_match_reference(cap, F, ends, scale_mode):
     assert same > 0.999                               # all but a rare boundary case, bit for bit
     assert torch.equal(a.qdata[R - 5:R].view(torch.uint8), ref.qdata[R - 5:R].view(torch.uint8))
     assert torch.equal(a.scale[R - 5:R].view(torch.uint8), ref.scale[R - 5:R].view(torch.uint8))
-    da = torch.randn(cap, F, generator=g).bfloat16()
+    da = torch.randn(cap, F, generator=g).bfloat16().to(device)
     a.dequantize().backward(da)
     ref.dequantize().backward(da[:R])
     assert rel_err(hr.grad[:R], ref_h.grad[:R]) < 1e-2
@@ -70,25 +75,3 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="int32"):
         swiglu_mxfp8(torch.zeros(32, 64, dtype=torch.bfloat16), offs.long())
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("F", [2048, 1536, 96])
-def test_on_gpu(F):
-    """The GPU tile and the hardware e4m3 conversion against the reference."""
-    cap, ends = 700, [96, 96, 448, 640]
-    h = (torch.randn(cap, 2 * F, device="cuda") * 3).bfloat16()
-    offs = torch.tensor(ends, dtype=torch.int32, device="cuda")
-    R = ends[-1]
-    hr = h.clone().requires_grad_(True)
-    a = swiglu_mxfp8(hr, offs)
-    ref_h = h.clone().requires_grad_(True)
-    ref = swiglu_mxfp8_reference(ref_h, R)
-    same = (a.qdata[:R].view(torch.uint8) == ref.qdata.view(torch.uint8)).float().mean()
-    assert same > 0.999
-    assert rel_err(dequantize_mxfp8_reference(a.qdata[:R], a.scale[:R], torch.float32),
-                   dequantize_mxfp8_reference(ref.qdata, ref.scale, torch.float32)) < 1e-3
-    da = torch.randn(cap, F, device="cuda").bfloat16()
-    a.dequantize().backward(da)
-    ref.dequantize().backward(da[:R])
-    assert rel_err(hr.grad[:R], ref_h.grad[:R]) < 1e-2
