@@ -310,7 +310,9 @@ class Buffer:
         """Exchange counts (device-side) and compute the layout of one dispatch."""
         self._row_level_only("plan")
         counts = self._check_counts(num_tokens_per_expert, num_rows)
-        return self.transport.plan(counts, num_rows, self.align)
+        handle = self.transport.plan(counts, num_rows, self.align)
+        self._new_generation(handle)   # a plan starts a dispatch: earlier handles are stale from here
+        return handle
 
     # ------------------------------------------------------------------ public, differentiable
     def dispatch(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, zero_copy: bool = False) -> DispatchResult:
@@ -337,7 +339,6 @@ class Buffer:
         self._check_x(x)
         handle = self.plan(num_tokens_per_expert, x.shape[0])
         tokens = DispatchRows.apply(x, self._id, handle, zero_copy)
-        self._new_generation(handle)
         return DispatchResult(tokens, handle.group_end_offsets, handle.tokens_per_expert, handle)
 
     def combine_input(self) -> torch.Tensor:
