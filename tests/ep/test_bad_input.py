@@ -4,19 +4,22 @@
   the host, that needs a sync): counts summing past ``n`` (``n < max_tokens_per_rank``: this
   used to SIGSEGV in the combine push), past ``max_tokens_per_rank``, negative, huge int64
   (saturated, never wrapped), int32 near 2**31 (the plan's running sum must not overflow),
-  summing to fewer than ``n``. Every kernel must stay inside its tensors (guard margins around
-  every input, output and rank memory, then allocator churn), the counts must be clamped
+  summing to fewer than ``n``, far past ``n`` on every rank. Every kernel must stay inside its
+  tensors (guard margins around every input, output and rank memory, then allocator churn;
+  the dispatch never writes the combine region), the counts must be clamped
   (negatives to 0, the running sum cut at ``n``: :func:`mxep.ep.layout.clamp_counts`) and the
   result must equal the oracle (:mod:`mxep.ep.naive`) of the clamped counts bit for bit, for
   the dispatch, both combines (push from a regular ``expert_out``, pull from the combine
   input) and the backward passes; the status word says BAD_COUNTS on the rank whose counts
-  were bad, and only there. On the simulated world (CPU under TRITON_INTERPRET=1; the ``gpu``
-  variants on one CUDA GPU) and on the collective path (Buffer on gloo, 2 processes).
+  were bad, and only there; the next valid call is exact. One test, parametrized over the
+  paths: the simulated world (CPU under TRITON_INTERPRET=1; the ``gpu`` cases on one CUDA GPU)
+  and the collective path (Buffer on gloo, 2 processes).
 * ``grouped_mm_mxfp8(impl="fused")`` with group ends past the capacity, negative or
   decreasing: clamped on the device, no access outside the tensors.
 * Ranks that disagree: Buffer settings that differ (every rank raises, naming the setting and
-  every rank's value), a handle of another Buffer, sizes that are not ints, and (debug) a rank
-  one call ahead of the other (SEQUENCE_MISMATCH / TIMEOUT_COUNTS in the status words).
+  every rank's value), a handle of another Buffer, sizes that are not ints, and a rank one call
+  ahead of the other, mid-call or after a timed-out call (SEQUENCE_MISMATCH on the rank behind,
+  TIMEOUT_COUNTS on the one ahead).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU Triton kernels
 # (the interpreter cannot run the peer kernels on CUDA memory: the GPU variants need it off)
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                                reason="needs a CUDA GPU and TRITON_INTERPRET unset")
+DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])]
 
 GUARD = 0x5A          # guard margins (outputs and rank memory start as POISON = 0xA5)
 MARGIN = 1024         # bytes each side (keeps the 256-byte alignment the kernels assume)
@@ -59,7 +63,16 @@ CASES = {
     "huge_int64": ([[2 ** 40, 3, -2 ** 40, 2 ** 32 + 3], [0, 0, 2 ** 32, 2]], [7, 2], torch.int64),
     # the plan's running sum must not overflow int32
     "int32_max": ([[2 ** 31 - 1, 2 ** 31 - 1, 0, 0], [0, 2 ** 31 - 1, 1, 2 ** 31 - 1]], [4, 6], torch.int32),
+    # counts claiming far more rows than x has, on every rank (2**30 on a rank of 5 rows)
+    "far_past_n": ([[1000, 0, 0, 700], [0, 0, 0, 2 ** 30]], [16, 5], torch.int64),
+    # the same garbage on both ranks, 5 rows each
+    "garbage": ([[40, 0, 3, 2 ** 20], [40, 0, 3, 2 ** 20]], [5, 5], torch.int64),
 }
+# the interpreter pays per row and pad row: align 32 and a follow-up call in a few cases only
+# on the CPU (the GPU runs every case with both aligns and the follow-up, gloo with align 32)
+CPU_ALIGN_32 = ("sum_past_n", "far_past_n")
+CPU_FOLLOW_UP = ("sum_past_n", "huge_int64", "far_past_n")
+GLOO_ALIGN = 32
 GOOD = ([[3, 1, 0, 4], [0, 5, 2, 2]], [8, 9], torch.int64)   # a valid call after the bad ones
 
 
@@ -212,6 +225,9 @@ def run_simulated_case(name: str, align: int, device, monkeypatch, follow_up: bo
     for r in range(W):
         assert_tokens(res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, ref[r])
         assert sim.peers[r].status() == (BAD_COUNTS if bad[r] else 0), (name, r)
+        p = sim.peers[r]   # the dispatch never writes the combine region or its scratch row
+        assert bool((p.combine_region.view(torch.uint8) == POISON).all()), (name, r, "combine region")
+        assert bool((p.dispatch_data[sim.capacity] == POISON).all()), (name, r, "dispatch scratch row")
     handles = [x.handle for x in res]
 
     eos = [torch.randn(sim.capacity, H, generator=gen).bfloat16() for _ in range(W)]
@@ -255,61 +271,77 @@ def check_valid_call_after(sim, guards, align, bad, device) -> None:
             sim.peers[r].check_status("dispatch")
 
 
-@needs_interpreter
-@pytest.mark.parametrize("name", list(CASES))
-def test_simulated_world_bad_counts(name, monkeypatch):
-    # (align 16 and a follow-up call in two cases only: the interpreter's cost is the rows
-    # and pad rows it walks one by one; the GPU variant runs everything)
-    run_simulated_case(name, 32 if name == "sum_past_n" else 16, "cpu", monkeypatch,
-                       follow_up=name in ("sum_past_n", "huge_int64"))
+def bad_counts_paths():
+    """(path, device, align, follow-up call) for every case: the simulated world on the CPU and
+    on one GPU, and the Buffer on 2 gloo ranks (one spawn runs every case: the gloo fixture)."""
+    out = []
+    for name in CASES:
+        out.append(pytest.param("simulated", "cpu", 32 if name in CPU_ALIGN_32 else 16, name in CPU_FOLLOW_UP, name,
+                                marks=needs_interpreter, id=f"simulated-cpu-{name}"))
+        out += [pytest.param("simulated", "cuda", align, True, name, marks=[pytest.mark.gpu, needs_gpu],
+                             id=f"simulated-cuda-align{align}-{name}") for align in (16, 32)]
+        out.append(pytest.param("gloo", "cpu", GLOO_ALIGN, True, name, id=f"gloo-{name}"))
+    return out
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("align", [16, 32])
-@pytest.mark.gpu
-@needs_gpu
-def test_simulated_world_bad_counts_gpu(name, align, monkeypatch):
-    run_simulated_case(name, align, "cuda", monkeypatch)
-    torch.cuda.synchronize()
+@pytest.mark.parametrize("path,device,align,follow_up,name", bad_counts_paths())
+def test_bad_counts(path, device, align, follow_up, name, request, monkeypatch):
+    if path == "gloo":
+        _assert_ok(request.getfixturevalue("gloo_results"), f"bad_counts:{name}")
+        return
+    run_simulated_case(name, align, device, monkeypatch, follow_up)
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def drive_out_of_step(device) -> SimulatedWorld:
-    """Rank 0 runs one dispatch plan while rank 1 runs two, phase by phase:
-    put(0, #1), put(1, #1), plan(1, #1), put(1, #2), plan(0, #1), plan(1, #2)."""
-    sim = SimulatedWorld(W, E, H, N, 32, device=device, config=EPConfig(wait_polls=1 << 12))   # (GPU: ms, not s)
-    c = torch.tensor([2, 1, 0, 3], dtype=torch.int32, device=device)
+def drive_out_of_step(device, how: str) -> tuple[SimulatedWorld, int, int]:
+    """Two ranks one call apart; returns the world, the rank behind and the rank ahead.
+
+    ``"mid_call"``: rank 0 runs one dispatch plan while rank 1 runs two, phase by phase:
+    put(0, #1), put(1, #1), plan(1, #1), put(1, #2), plan(0, #1), plan(1, #2).
+    ``"after_timeout"``: after a clean call on both ranks (bit-exact), rank 0 runs call 2 alone
+    (its plan times out: rank 1 is not there) and then puts the counts of call 3: when rank 1
+    plans its call 2 it finds rank 0's flag past its own call number (instead of silently
+    pairing rank 0's call 3 with its call 2)."""
+    sim = SimulatedWorld(W, E, H, N, 32, device=device,   # (wait_polls: ms on a GPU, not s)
+                         config=EPConfig(poison_outputs=True, spread_parts=1, wait_polls=1 << 12))
     p0, p1 = sim.peers
-    p0.exchange_and_plan(c, 6, 32, "put")
-    p1.exchange_and_plan(c, 6, 32, "put")
-    p1.exchange_and_plan(c, 6, 32, "plan")
-    assert p1.status() == 0
-    p1.exchange_and_plan(c, 6, 32, "put")     # rank 1's second call, rank 0 still in its first
-    p0.exchange_and_plan(c, 6, 32, "plan")    # sees rank 1's flag of call 2
-    p1.exchange_and_plan(c, 6, 32, "plan")    # waits for rank 0's call 2, which never comes
-    return sim
+    if how == "mid_call":
+        c = torch.tensor([2, 1, 0, 3], dtype=torch.int32, device=device)
+        p0.exchange_and_plan(c, 6, 32, "put")
+        p1.exchange_and_plan(c, 6, 32, "put")
+        p1.exchange_and_plan(c, 6, 32, "plan")
+        assert p1.status() == 0
+        p1.exchange_and_plan(c, 6, 32, "put")     # rank 1's second call, rank 0 still in its first
+        p0.exchange_and_plan(c, 6, 32, "plan")    # sees rank 1's flag of call 2
+        p1.exchange_and_plan(c, 6, 32, "plan")    # waits for rank 0's call 2, which never comes
+        return sim, 0, 1
+    counts, rows, xs, _, _ = case_inputs(GOOD, seed=8)
+    _, _, ref, _, _ = expected(counts, xs, 32)
+    counts = [transport_counts(c.to(device), n) for c, n in zip(counts, rows)]
+    res = sim.dispatch([x.to(device) for x in xs], counts)   # call 1 on both ranks: clean
+    for r in range(W):
+        assert_tokens(res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, ref[r])
+    assert p0.status() == 0 and p1.status() == 0
+    p0.exchange_and_plan(counts[0], rows[0], 32)              # call 2 on rank 0 alone
+    assert p0.status() == TIMEOUT_COUNTS and p0.signal_word("seq") == 2
+    p0.exchange_and_plan(counts[0], rows[0], 32, "put")       # rank 0's call 3 puts its counts
+    p1.exchange_and_plan(counts[1], rows[1], 32)              # rank 1's call 2
+    return sim, 1, 0
 
 
-def check_out_of_step(sim: SimulatedWorld) -> None:
-    p0, p1 = sim.peers
-    assert p0.status() == SEQUENCE_MISMATCH
-    assert p1.status() == TIMEOUT_COUNTS
-    with pytest.raises(RuntimeError, match="rank 0, dispatch: a peer's counts belong to another dispatch call"):
-        p0.check_status("dispatch")
-    with pytest.raises(RuntimeError, match="rank 1, dispatch: the dispatch plan waited too long"):
-        p1.check_status("dispatch")
-
-
-@needs_interpreter
-def test_rank_one_call_ahead_is_detected():
-    check_out_of_step(drive_out_of_step("cpu"))
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_rank_one_call_ahead_is_detected_gpu():
-    sim = drive_out_of_step("cuda")
-    torch.cuda.synchronize()
-    check_out_of_step(sim)
+@pytest.mark.parametrize("how", ["mid_call", "after_timeout"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_one_call_ahead_is_detected(device, how):
+    sim, behind, ahead = drive_out_of_step(device, how)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert sim.peers[behind].status() == SEQUENCE_MISMATCH
+    assert sim.peers[ahead].status() == TIMEOUT_COUNTS
+    with pytest.raises(RuntimeError, match=f"rank {behind}, dispatch: a peer's counts belong to another dispatch call"):
+        sim.peers[behind].check_status("dispatch")
+    with pytest.raises(RuntimeError, match=f"rank {ahead}, dispatch: the dispatch plan waited too long"):
+        sim.peers[ahead].check_status("dispatch")
 
 
 # ----------------------------------------------------------------------------- grouped GEMM
@@ -362,16 +394,11 @@ def run_gemm_bad_offsets(device) -> None:
     guards.check()
 
 
-@needs_interpreter
-def test_fused_grouped_gemm_clamps_bad_group_ends():
-    run_gemm_bad_offsets("cpu")
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_fused_grouped_gemm_clamps_bad_group_ends_gpu():
-    run_gemm_bad_offsets("cuda")
-    torch.cuda.synchronize()
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_grouped_gemm_clamps_bad_group_ends(device):
+    run_gemm_bad_offsets(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- Buffer on gloo
@@ -384,7 +411,7 @@ def _try(results: dict, key: str, fn) -> None:
 
 
 def _gloo_bad_counts_case(rank: int, name: str) -> None:
-    align = 32
+    align = GLOO_ALIGN
     counts, rows, xs, gys, gen = case_inputs(name, seed=len(name))
     clamped, bad, ref, lays, _ = expected(counts, xs, align)
     buf = Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=N, align=align)
@@ -429,10 +456,16 @@ def _gloo_bad_counts_case(rank: int, name: str) -> None:
     # recorded: check() raises on the rank whose counts were bad, naming it and the op
     assert buf.transport.status() == (BAD_COUNTS if bad[rank] else 0)
     if bad[rank]:
-        with pytest.raises(RuntimeError, match=f"rank {rank}, step 3: num_tokens_per_expert was negative"):
+        with pytest.raises(RuntimeError, match=f"rank {rank}, step 3: num_tokens_per_expert was negative.*clamped"):
             buf.check("step 3")
     else:
         buf.check("step 3")
+    # the next valid call on the same Buffer is exact
+    counts2, _, xs2, _, _ = case_inputs(GOOD, seed=99)
+    _, bad2, ref2, _, _ = expected(counts2, xs2, align)
+    assert not any(bad2)
+    res2 = buf.dispatch(xs2[rank], counts2[rank])
+    assert_tokens(res2.tokens, res2.group_end_offsets, res2.tokens_per_expert, ref2[rank])
     churn("cpu")
 
 
@@ -524,11 +557,6 @@ def gloo_results():
 def _assert_ok(results, key):
     for rank, res in enumerate(results):
         assert res[key] == "ok", f"rank {rank}, {key}:\n{res[key]}"
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_gloo_bad_counts(gloo_results, name):
-    _assert_ok(gloo_results, f"bad_counts:{name}")
 
 
 def test_gloo_debug_mode_raises_before_dispatch(gloo_results):

@@ -1,7 +1,7 @@
 """GPU tests of the fused dispatch / combine (`make test-gpu`; skipped without CUDA).
 
-* one GPU: the peer-store kernels in a simulated world (several ranks' buffers on one GPU), with
-  the hardware e4m3 conversion and with the integer rounding (``EPConfig.hw_cast``);
+* one GPU: the quantize kernel at model sizes (the peer-store kernels in a simulated world on
+  one GPU are the cuda cases of tests/ep/test_simulated_world.py);
 * every visible GPU (2 and 4 ranks where possible): real symmetric memory over NVLink through the
   public Buffer API: bit-exact layout, exact backward, reuse safety, 200 calls with changing
   routing, sync-debug mode "error", and a captured CUDA graph replayed with new inputs.
@@ -15,61 +15,18 @@ import pytest
 import torch
 
 from support.dist import run_distributed
-from support.fused_cases import Case, check_dispatch, expected_combine, expected_grad_x, run_buffer_case
+from support.fused_cases import Case, check_dispatch, expected_grad_x, gpu_cases, run_buffer_case
 
 import mxep
 from mxep.ep.config import EPConfig
-from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
-HIDDENS = (256, 2048, 5120, 7168)
 MULTI = [w for w in (2, 4) if w <= NGPU]
 CONFIG = EPConfig(poison_outputs=True, wait_polls=1 << 25)
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-
-
-def gpu_cases(world: int, max_tokens: int = 300) -> list[Case]:
-    E = 8 * world
-    out = []
-    kinds = ("uniform", "skewed", "one_expert", "empty_experts")
-    for i, H in enumerate(HIDDENS):
-        for align in (32, 128):
-            routing = tuple(kinds[(r + i) % 4] for r in range(world))
-            rows = tuple(max_tokens - 37 * r - 11 * i for r in range(world))
-            out.append(Case(world, E, H, max_tokens, align, routing, rows, seed=31 * i + align))
-    # a rank that sends nothing (n = 0) while the others send everything to one expert
-    out.append(Case(world, E, 2048, max_tokens, 32, ("none",) + ("one_expert",) * (world - 1),
-                    (0,) + (max_tokens,) * (world - 1), seed=7, scale_mode="floor"))
-    return out
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("hw_cast", [True, False])
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_simulated_world_on_gpu(world, hw_cast):
-    for case in gpu_cases(world, max_tokens=200):
-        counts, xs = case.inputs("cuda")
-        sim = SimulatedWorld(world, case.num_experts, case.hidden, case.max_tokens, case.align, case.scale_mode,
-                             device="cuda", config=CONFIG.replace(hw_cast=hw_cast))
-        res = sim.dispatch(xs, counts)
-        for r in range(world):
-            check_dispatch(case, r, res[r].tokens, res[r].group_end_offsets, res[r].tokens_per_expert, counts, xs)
-        _, outs, _ = case.upstream(sim.capacity, "cuda")
-        exp = expected_combine(case, outs, counts)
-        handles = [x.handle for x in res]
-        ys = sim.combine(outs, handles)                       # push
-        for r in range(world):
-            assert torch.equal(ys[r].cpu(), exp[r]), "push"
-        zin = sim.combine_inputs()                            # the zero-copy pull
-        for z, o in zip(zin, outs):
-            z.copy_(o)
-        ys = sim.combine(zin, handles)
-        for r in range(world):
-            assert torch.equal(ys[r].cpu(), exp[r]), "pull"
 
 
 @pytest.mark.gpu

@@ -18,6 +18,8 @@ from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 from support import worlds
 
 POISON = EPConfig(poison_outputs=True)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
 def _routing(g, t, E, k, W, kind):
@@ -97,14 +99,12 @@ CASES = [  # (W, E, H, T, k, kind, empty_rank)
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}-E{c[1]}-k{c[4]}-{c[5]}")
-def test_simulated_token_dispatch_combine(case):
-    _check_simulated(case, "cpu")
-
-
-def _check_simulated(case, device):
+def test_simulated_token_dispatch_combine(case, device):
     """Every check of the token-level path on the simulated world on ``device`` (inputs made and
-    references computed on the CPU)."""
+    references computed on the CPU); on CUDA with the kernels compiled for sm_90 (hardware e4m3
+    cast)."""
     W, E, H, T, k, kind, empty = case
     xs, idx, ws = _inputs(7 + W + k, W, E, H, T, k, kind, empty)
     world = SimulatedWorld(W, E, H, T, top_k=k, config=POISON, device=device)
@@ -268,15 +268,6 @@ def test_token_buffer_refuses_row_level_calls():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}-E{c[1]}-k{c[4]}-{c[5]}")
-def test_gpu_simulated_token_dispatch_combine(case):
-    """One GPU: the same checks with the kernels compiled for sm_90 (hardware e4m3 cast)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    _check_simulated(case, "cuda")
-
-
-@pytest.mark.gpu
 def test_gpu_token_path_no_host_sync_and_graph_capture():
     """dispatch_tokens -> combine_tokens -> both backward passes on the simulated world: no host
     sync (sync-debug "error"), and a CUDA graph of the whole step replays with new data and new
@@ -432,8 +423,7 @@ def test_capacity_factor_drops_deterministically(world):
     assert all(worlds.results(world, "ep/tokens-capacity"))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["route_tokens", "torch"])
 @pytest.mark.parametrize("t,k,E,W", [(1, 1, 2, 2), (13, 3, 12, 4), (64, 8, 256, 8), (37, 2, 6, 3), (0, 4, 8, 2),
                                      (300, 8, 64, 4), (301, 6, 24, 8), (1000, 3, 12, 3), (2500, 1, 16, 2),
@@ -498,8 +488,7 @@ def _pair_tables_reference(route, w, row_base, group_end, recv, rank, align, cap
             torch.zeros(slots, k), ((route.pair_owner >= 0) & (pair_rows < 0)).sum())
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t,k,E,W,T,align,cap", [(13, 3, 12, 4, 20, 32, None), (0, 4, 8, 2, 5, 16, None),
                                                  (301, 6, 24, 8, 301, 32, 40), (77, 2, 6, 3, 90, 48, 1),
                                                  (1, 1, 2, 2, 1, 32, 0), (600, 8, 64, 4, 700, 32, 30)])

@@ -79,6 +79,26 @@ def cases_for_world(world: int, hidden=(96,), aligns=(16, 32), seed=0, max_token
     return out
 
 
+GPU_HIDDENS = (256, 2048, 5120, 7168)
+
+
+def gpu_cases(world: int, max_tokens: int = 300) -> list[Case]:
+    """The GPU tests' cases (model sizes): every hidden of GPU_HIDDENS with aligns 32 and 128,
+    the routing kinds rotating over the ranks, then a rank that sends nothing (n = 0) while the
+    others send everything to one expert (floor scales)."""
+    E = 8 * world
+    out = []
+    kinds = ("uniform", "skewed", "one_expert", "empty_experts")
+    for i, H in enumerate(GPU_HIDDENS):
+        for align in (32, 128):
+            routing = tuple(kinds[(r + i) % 4] for r in range(world))
+            rows = tuple(max_tokens - 37 * r - 11 * i for r in range(world))
+            out.append(Case(world, E, H, max_tokens, align, routing, rows, seed=31 * i + align))
+    out.append(Case(world, E, 2048, max_tokens, 32, ("none",) + ("one_expert",) * (world - 1),
+                    (0,) + (max_tokens,) * (world - 1), seed=7, scale_mode="floor"))
+    return out
+
+
 def check_dispatch(case: Case, rank: int, tokens, group_end_offsets, tokens_per_expert, counts, xs) -> None:
     """Bit-exact check of one rank's dispatch output against the oracle."""
     exp = simulate_dispatch_mxfp8([x.cpu() for x in xs], [c.cpu() for c in counts], case.align, case.scale_mode)[rank]
