@@ -50,6 +50,13 @@ def _buffer(buffer_id: str) -> "Buffer":
     return buf
 
 
+def _checked(buf: "Buffer", op: str, out):
+    """``out``, after ``buf.check(op)`` in debug mode (a host sync: debug only)."""
+    if buf.debug:
+        buf.check(op)   # debug-only: host sync
+    return out
+
+
 # ---------------------------------------------------------------------------------- row level
 class DispatchRows(torch.autograd.Function):
     """``(x bf16 [n, H], buffer_id, handle, zero_copy)`` -> MXFP8Tensor ``[cap, H]``; the
@@ -59,10 +66,7 @@ class DispatchRows(torch.autograd.Function):
     def forward(ctx, x, buffer_id, handle, zero_copy=False):
         ctx.buffer_id, ctx.handle = buffer_id, handle
         buf = _buffer(buffer_id)
-        out = buf.transport.dispatch_mxfp8(x.contiguous(), handle, buf.scale_mode, zero_copy)
-        if buf.debug:
-            buf.check("dispatch")   # debug-only: host sync
-        return out
+        return _checked(buf, "dispatch", buf.transport.dispatch_mxfp8(x.contiguous(), handle, buf.scale_mode, zero_copy))
 
     @staticmethod
     def backward(ctx, grad_tokens):
@@ -81,10 +85,7 @@ class CombineRows(torch.autograd.Function):
     def forward(ctx, expert_out, buffer_id, handle):
         ctx.buffer_id, ctx.handle = buffer_id, handle
         buf = _buffer(buffer_id)
-        out = buf.transport.combine_bf16(expert_out.contiguous(), handle)
-        if buf.debug:
-            buf.check("combine")   # debug-only: host sync
-        return out
+        return _checked(buf, "combine", buf.transport.combine_bf16(expert_out.contiguous(), handle))
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -99,9 +100,8 @@ class CombineRows(torch.autograd.Function):
 def _dispatch_tokens_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                         buffer_id: str) -> list[torch.Tensor]:
     buf = _buffer(buffer_id)
-    d = buf.transport.dispatch_tokens(x, topk_idx, topk_weights, buf.scale_mode, buf.align)
-    if buf.debug:
-        buf.check("dispatch_tokens")   # debug-only: host sync
+    d = _checked(buf, "dispatch_tokens", buf.transport.dispatch_tokens(x, topk_idx, topk_weights, buf.scale_mode,
+                                                                       buf.align))
     return [d.qdata.view(torch.float8_e4m3fn), d.scale.view(torch.float8_e8m0fnu), d.group_end_offsets,
             d.tokens_per_expert, d.num_dropped, d.routing_errors, *d.state.as_list()]
 
@@ -124,10 +124,7 @@ def _state(buf: "Buffer", tensors):
 @torch.library.custom_op("mxep::combine_tokens", mutates_args=())
 def _combine_tokens_op(expert_out: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
     buf = _buffer(buffer_id)
-    y = buf.transport.combine_tokens(expert_out, _state(buf, state), buf.align)
-    if buf.debug:
-        buf.check("combine_tokens")   # debug-only: host sync
-    return y
+    return _checked(buf, "combine_tokens", buf.transport.combine_tokens(expert_out, _state(buf, state), buf.align))
 
 
 @_combine_tokens_op.register_fake

@@ -30,32 +30,23 @@ def _finish_rows(out: torch.Tensor, pad_rows: torch.Tensor, capacity: int) -> to
 @token_state
 class CollectiveTokenState(TokenState):
     """The per-call state of a token-level dispatch on the collective transport, which expands
-    on the source: the row-level layout of the stably expert-sorted expansion (the fields of
-    :class:`~mxep.ep.layout.DispatchLayout`: ``dest_rank``, ``dest_row`` int32 ``[W, T * k]``,
-    ``send_start``, ``send_count`` int64 ``[W, W]``, ``group_end_offsets``,
-    ``tokens_per_expert`` int32 ``[W, L]``, ``pad_rows`` int64 ``[W, L * align]``) and:
+    on the source and moves the stably expert-sorted expansion with the row-level path.
 
     Attributes:
         pair_weights: fp32 ``[t, k]`` the gate weights (as dispatched).
+        counts: int32 ``[W, E]`` every rank's (clamped) pair counts per expert, as exchanged: the
+            row-level layout of the expansion is computed again from it where a pass needs it
+            (a few small sync-free ops, :func:`~mxep.ep.layout.compute_dispatch_layout`), instead
+            of keeping its seven tensors per call.
         token_of: int64 ``[t * k]`` the token of each sorted row.
         pair_index: int64 ``[t, k]`` each pair's sorted row (0 for ``-1`` slots).
         owner: int64 ``[t, k]`` each pair's owner rank (``-1``: no expert, or dropped).
     """
 
-    dest_rank: torch.Tensor
-    dest_row: torch.Tensor
-    send_start: torch.Tensor
-    send_count: torch.Tensor
-    group_end_offsets: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    pad_rows: torch.Tensor
+    counts: torch.Tensor
     token_of: torch.Tensor
     pair_index: torch.Tensor
     owner: torch.Tensor
-
-    def layout(self, trash_row: int) -> DispatchLayout:
-        return DispatchLayout(self.dest_rank, self.dest_row, self.send_start, self.send_count,
-                              self.group_end_offsets, self.tokens_per_expert, self.pad_rows, trash_row)
 
 
 class CollectiveTransport(Transport):
@@ -84,12 +75,14 @@ class CollectiveTransport(Transport):
         # BAD_COUNTS when a rank's counts had to be clamped.
         self._status = torch.zeros((), dtype=torch.int32, device=device)
 
-    def plan(self, counts_i32, num_rows, align, exact: bool = True):
+    def plan(self, counts_i32, num_rows, align):
         counts, bad = clamp_counts(counts_i32, num_rows)
-        if exact:
-            self._status.bitwise_or_(bad.to(torch.int32) * BAD_COUNTS)
-        layout = compute_dispatch_layout(self._exchange_counts(counts), self.max_tokens_per_rank, align, self.capacity,
-                                         self.expert_cap)
+        self._status.bitwise_or_(bad.to(torch.int32) * BAD_COUNTS)
+        return self._handle_of(self._exchange_counts(counts), num_rows, align)
+
+    def _handle_of(self, all_counts: torch.Tensor, num_rows: int, align: int) -> DispatchHandle:
+        """The row-level handle of the layout of the count matrix ``all_counts`` ``[W, E]``."""
+        layout = compute_dispatch_layout(all_counts, self.max_tokens_per_rank, align, self.capacity, self.expert_cap)
         return DispatchHandle(self, self.rank, num_rows, layout.group_end_offsets[self.rank],
                               layout.tokens_per_expert[self.rank], layout)
 
@@ -183,25 +176,23 @@ class CollectiveTransport(Transport):
     # fp32 in top-k slot order, rounded to bf16; then the owners' partials in rank order), so
     # both transports give the same bits.
     def token_state_like(self, t, k, device):
-        W, N, L = self.world, self.max_tokens_per_rank, self.num_experts // self.world
+        W, E = self.world, self.num_experts
         i32, i64, f32 = torch.int32, torch.int64, torch.float32
         return CollectiveTokenState.empty_like(
-            {"pair_weights": ((t, k), f32), "dest_rank": ((W, N), i32), "dest_row": ((W, N), i32),
-             "send_start": ((W, W), i64), "send_count": ((W, W), i64), "group_end_offsets": ((W, L), i32),
-             "tokens_per_expert": ((W, L), i32), "pad_rows": ((W, L * self.align), i64),
-             "token_of": ((t * k,), i64), "pair_index": ((t, k), i64), "owner": ((t, k), i64)}, device)
+            {"pair_weights": ((t, k), f32), "counts": ((W, E), i32), "token_of": ((t * k,), i64),
+             "pair_index": ((t, k), i64), "owner": ((t, k), i64)}, device)
 
-    def _rows_handle(self, st: CollectiveTokenState) -> DispatchHandle:
+    def _rows_handle(self, st: CollectiveTokenState, align: int) -> DispatchHandle:
         """The row-level handle of the sorted expansion."""
         t, k = st.pair_weights.shape
-        return DispatchHandle(self, self.rank, t * k, st.group_end_offsets[self.rank],
-                              st.tokens_per_expert[self.rank], st.layout(self.capacity))
+        return self._handle_of(st.counts, t * k, align)
 
     def dispatch_tokens(self, x, topk_idx, topk_weights, scale_mode, align):
         t, k = topk_idx.shape
         route = route_tokens(topk_idx, self.num_experts, self.world, self.routing_errors)
         order = torch.argsort(route.expert.flatten(), stable=True)
-        rows = self.plan(route.counts, t * k, align, exact=False)
+        all_counts = self._exchange_counts(route.counts)   # (valid by construction: no clamp)
+        rows = self._handle_of(all_counts, t * k, align)
         token_of = order // k
         tokens = self.dispatch_mxfp8(x.index_select(0, token_of), rows, scale_mode)
         lay = rows.state
@@ -210,9 +201,8 @@ class CollectiveTransport(Transport):
         dropped = (route.pair_owner >= 0) & (lay.dest_row[self.rank].long().gather(0, pair_index.flatten())
                                              .view(t, k) < 0)
         owner = torch.where(dropped, -1, route.pair_owner.long())
-        st = CollectiveTokenState(topk_weights.detach().to(torch.float32, copy=True), lay.dest_rank, lay.dest_row,
-                                  lay.send_start, lay.send_count, lay.group_end_offsets, lay.tokens_per_expert,
-                                  lay.pad_rows, token_of, pair_index, owner)
+        st = CollectiveTokenState(topk_weights.detach().to(torch.float32, copy=True), all_counts, token_of,
+                                  pair_index, owner)
         return TokenDispatch(tokens.qdata, tokens.scale, rows.group_end_offsets.clone(),
                              rows.tokens_per_expert.clone(), dropped.sum(), route.errors, st)
 
@@ -230,16 +220,16 @@ class CollectiveTransport(Transport):
             y = y + part.to(torch.bfloat16).float()
         return y.to(torch.bfloat16)
 
-    def _rows_by_pair(self, src, st):
+    def _rows_by_pair(self, src, st, align):
         t, k = st.owner.shape
-        rows = self.combine_bf16(src, self._rows_handle(st))               # sorted expansion order
+        rows = self.combine_bf16(src, self._rows_handle(st, align))        # sorted expansion order
         return rows.index_select(0, st.pair_index.flatten()).view(t, k, rows.shape[1])
 
     def combine_tokens(self, expert_out, state, align):
-        return self._two_level_sum(self._rows_by_pair(expert_out, state), state, state.pair_weights)
+        return self._two_level_sum(self._rows_by_pair(expert_out, state, align), state, state.pair_weights)
 
     def dispatch_tokens_backward(self, grad_tokens, state, align):
-        return self._two_level_sum(self._rows_by_pair(grad_tokens, state), state, None)
+        return self._two_level_sum(self._rows_by_pair(grad_tokens, state, align), state, None)
 
     def combine_tokens_backward(self, dy, expert_out, state, align):
         st = state
@@ -248,8 +238,8 @@ class CollectiveTransport(Transport):
         g = (st.pair_weights[:, :, None] * dy[:, None, :].float()).to(torch.bfloat16)     # [t, k, H]
         sorted_rows = torch.zeros(t * k, dy.shape[1], dtype=torch.bfloat16, device=dy.device)
         sorted_rows.index_copy_(0, st.pair_index.flatten()[valid.flatten()], g.flatten(0, 1)[valid.flatten()])
-        grad_expert_out = self.dispatch_bf16(sorted_rows, self._rows_handle(st))
+        grad_expert_out = self.dispatch_bf16(sorted_rows, self._rows_handle(st, align))
         # the expert rows at the source again (the portable path keeps no copy from the forward)
-        rows = self._rows_by_pair(expert_out, st)
+        rows = self._rows_by_pair(expert_out, st, align)
         grad_w = torch.where(valid, (dy[:, None, :].float() * rows.float()).sum(-1), 0.0)
         return grad_expert_out, grad_w
