@@ -18,6 +18,7 @@ from support.dist import run_distributed
 from support.fused_cases import Case, check_dispatch, expected_grad_x, gpu_cases, run_buffer_case
 
 import mxep
+from mxep.testing.timing import capture_graph
 from mxep.ep.config import EPConfig
 
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -156,15 +157,9 @@ def _graph_body(rank, world):
             y5 = buf.combine(resz.tokens.dequantize() * 5, resz.handle)
         return res, y, gx, y3, y5
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res, y, gx, y3, y5 = step()
+    captured = []   # capture_graph's last call of step is the captured one: its outputs are the static ones
+    graph = capture_graph(lambda: captured.append(step()))
+    res, y, gx, y3, y5 = captured[-1]
     for it in range(3):  # replay with new routing and data (n = N rows: the graph's static shape)
         kinds = ("uniform", "skewed", "one_expert", "empty_experts")
         case = Case(world, E, H, N, 32, tuple(kinds[(it + r) % 4] for r in range(world)), (N,) * world, seed=50 + it)
