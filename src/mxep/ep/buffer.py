@@ -418,7 +418,10 @@ class Buffer:
         Args:
             x: bf16 ``[t, H]``, ``t <= max_tokens_per_rank`` tokens in any order (not expanded).
             topk_idx: int32/int64 ``[t, top_k]`` global expert ids, distinct within a row; ``-1``
-                marks a slot with no expert (skipped, its weight ignored).
+                marks a slot with no expert (skipped, its weight ignored). Other values outside
+                ``[0, E)`` are routed as ``-1`` and ids repeated within a row are dispatched as
+                given; both are counted on the device (``routing_errors``, :meth:`check`; with
+                ``debug=True`` out-of-range ids raise before the call, repeats after it).
             topk_weights: fp32 ``[t, top_k]`` gate weights (travel with the tokens; the combine
                 applies them).
 
@@ -427,7 +430,9 @@ class Buffer:
             dispatch of the stably expert-sorted expansion of the (token, expert) pairs with id
             >= 0 (docs/layout.md: on the owner, expert e's group holds source 0's tokens that
             chose e in token order, then source 1's, ...); ``group_end_offsets`` /
-            ``tokens_per_expert`` int32 ``[E // W]``; ``handle`` for :meth:`combine_tokens`.
+            ``tokens_per_expert`` int32 ``[E // W]``; ``handle`` for :meth:`combine_tokens`, valid
+            until the next dispatch on this Buffer; ``num_dropped`` int64 ``[]``;
+            ``routing_errors`` int32 ``[2]``.
             Differentiable w.r.t. ``x`` (bf16, straight-through: ``x.grad[t]`` = the sum over
             its pairs of the gradient at the pair's row) and, through :meth:`combine_tokens`,
             ``topk_weights``. No host sync.
