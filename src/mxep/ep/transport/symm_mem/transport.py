@@ -89,7 +89,7 @@ class SymmMemTransport(Transport):
     def __init__(self, group, regions: RegionLayout, device: torch.device, config: EPConfig):
         import torch.distributed._symmetric_memory as symm_mem
 
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required by older torch, a no-op later
+        if torch.torch_version.TorchVersion(torch.__version__) < "2.11":   # required before 2.11, deprecated since
             symm_mem.enable_symm_mem_for_group(group.group_name)
         mem = symm_mem.empty(regions.total_bytes, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(mem, group)
