@@ -170,6 +170,8 @@ class Buffer:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:   # "cuda": the current device, as torch means it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.config = config if config is not None else default_config(self.device, hidden)
         if transport == "auto":
             transport = "symm_mem" if (backend == "nccl" and self.device.type == "cuda") else "collective"
