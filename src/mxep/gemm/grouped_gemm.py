@@ -18,6 +18,10 @@ group ends: no host sync): ``grad_tokens = dy @ W[e]`` per group (straight-throu
 tokens' quantization, as ``MXFP8Tensor.dequantize``) and ``grad_W[e] = dy[group]^T @
 dequant(tokens[group])``. Only rows below ``group_end_offsets[-1]`` are read; pad rows hold
 zeros, so they add nothing. The pure-torch reference is :mod:`mxep.gemm.naive`.
+
+``"torchao"`` (optional, :mod:`mxep.integrations.torchao`): torchao's MXFP8 grouped GEMM on the
+same tokens, on the MX tensor cores of sm_100+ (emulated elsewhere), with torchao's backward
+recipe (MXFP8 input gradient, bf16 weight gradient) instead of the bf16 one above.
 """
 
 from __future__ import annotations
