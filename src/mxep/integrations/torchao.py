@@ -174,7 +174,9 @@ def grouped_mm_torchao(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offs
     ``dy`` quantized along its rows (blocks of 32 along N) and ``W`` along N (dim 1); weight
     gradient ``dy[group]^T @ A[group]`` in bf16 (``wgrad_with_hp=True``, which a pre-quantized
     ``A`` requires). Both flow straight through to the bf16 tokens and weights. No host sync in
-    mxep's part (torchao's emulated path has none either; its sm_100 kernels are torchao's)."""
+    mxep's part (torchao's emulated path has none either; its sm_100 kernels are torchao's).
+    Memory saved for the backward: on sm_100 the MXFP8 bytes; emulated, the bf16 token values
+    and the bf16 weight (torchao's autograd saves its inputs)."""
     ta = require_torchao("grouped_mm_mxfp8(impl='torchao')")
     pref = kernel_preference_for(tokens.device)
     sm100 = pref == ta.KernelPreference.AUTO
