@@ -242,7 +242,8 @@ def resolve_impl(impl: str, K: int, N: int, device: torch.device) -> str:
     ``device``: ``"dequant"``, ``"fused"`` or ``"torchao"`` (host-side only;
     :class:`mxep.gemm.MXWeightCache` uses it to keep the weight in the form that implementation
     consumes). ``"auto"``: ``"torchao"`` on sm_100+ where torchao is installed and ``N`` is a
-    multiple of 32 (the MX tensor cores), else ``"dequant"`` where ``torch._grouped_mm`` takes the shapes, else ``"fused"``."""
+    multiple of 32 (the MX tensor cores), else ``"dequant"`` where ``torch._grouped_mm`` takes
+    the shapes, else ``"fused"``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
@@ -357,8 +358,8 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
             quantization), elsewhere torchao's emulation. torchao quantizes the weight itself,
             with RCEIL scales (torchao's and torchtitan's ``mxfp8_rceil`` recipe): pass it in
             bf16 (an MXFP8Tensor weight is dequantized first, which gives the same forward).
-            Forward: bit for bit ``"dequant"`` with weight ``to_mxfp8(w)`` (emulated; tested). Backward: torchao's recipe, not the bf16 one above: the tokens'
-            gradient is an MX GEMM (``dy`` quantized along its rows, ``W`` along N), the
+            Forward: bit for bit ``"dequant"`` with weight ``to_mxfp8(w)`` (emulated; tested).
+            Backward: torchao's recipe, not the bf16 one above: the tokens' gradient is an MX GEMM (``dy`` quantized along its rows, ``W`` along N), the
             weight's is bf16 (``wgrad_with_hp=True``); both straight-through to the bf16 tokens
             and weight. Groups must be multiples of 32 rows (mxep's layout is), ``N`` a multiple of 32.
 

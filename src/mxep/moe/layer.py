@@ -86,9 +86,8 @@ class MoE(nn.Module):
             emulated off sm_100). Backward: bf16 on ``"dequant"`` / ``"fused"``; torchao's
             recipe on ``"torchao"`` (MXFP8 input gradients, bf16 weight gradients). With
             ``"torchao"`` the GEMMs get the bf16 parameters ``w13`` / ``w2`` whatever
-            ``mx_weights`` says: torchao quantizes them itself, along K for the forward (the
-            same MXFP8 values as ``mx_weights``' rceil / floor quantization: identical
-            outputs) and along N for the input gradient; the weight cache holds nothing then.
+            ``mx_weights`` says: torchao quantizes them itself, along K for the forward (RCEIL:
+            the same MXFP8 values as ``mx_weights``' quantization, identical outputs) and along N for the input gradient; the weight cache holds nothing then.
             ``"torchao"`` needs ``scale_mode="rceil"``; ``"auto"`` with ``"floor"`` stays on
             ``"dequant"``.
             The SwiGLU's MXFP8 output is the second GEMM's input on every path.
