@@ -5,7 +5,8 @@
 Always: torch, Triton and numpy (Triton's CPU interpreter, which the demo and the CPU tests run
 on, imports numpy). ``--demo`` adds matplotlib (the demo writes a PNG), ``--test`` pytest,
 ``--bench`` matplotlib (the benchmark plot). ``--test`` also installs torchtitan==0.3.0 (Python
->= 3.11; the torchtitan integration tests), keeping the installed torch.
+>= 3.11; the torchtitan integration tests) and torchao==0.18.0 (``pip install --no-deps``: the
+torchao extra, tests/integrations/test_torchao.py), keeping the installed torch.
 
 GPU machines (no network) already have torch and triton: we must not try to install our own.
 A clean CPU machine gets torch 2.13.0 (CPU wheel, available offline) and Triton 3.6 from the
@@ -108,6 +109,13 @@ def main() -> None:
         except subprocess.CalledProcessError:
             print("ensure_deps: torchtitan==0.3.0 could not be installed; its integration tests will skip",
                   flush=True)
+    if args.test and _missing("torchao"):
+        # the torchao extra (mxep.integrations.torchao); --no-deps: torchao must not replace the
+        # installed torch. Offline machines give up quickly and go on: the torchao tests skip.
+        try:
+            _pip("--retries", "1", "--timeout", "30", "--no-deps", "torchao==0.18.0")
+        except subprocess.CalledProcessError:
+            print("ensure_deps: torchao==0.18.0 could not be installed; its tests will skip", flush=True)
     _install_self()
 
 

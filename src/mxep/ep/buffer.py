@@ -53,6 +53,13 @@ class DispatchResult(NamedTuple):
     num_dropped: torch.Tensor | None = None
     routing_errors: torch.Tensor | None = None
 
+    def torchao_tokens(self):
+        """``tokens`` as torchao's ``MXTensor`` ``[capacity, H]`` (the same e4m3 bytes and
+        row-major e8m0 scales, no copy), e.g. for torchao's MXFP8 grouped GEMM with
+        ``offs=group_end_offsets`` (each group a multiple of 32 rows). Needs the ``torchao``
+        extra; see :meth:`mxep.MXFP8Tensor.to_torchao`."""
+        return self.tokens.to_torchao()
+
 
 class Buffer:
     """Communication memory and fused MXFP8 dispatch / bf16 combine for one EP group.

@@ -81,6 +81,20 @@ class MXFP8Tensor(torch.Tensor):
         """Differentiable dequantization -> ``dtype [..., K]``; the gradient flows back unquantized."""
         return _DequantizeStraightThrough.apply(self, dtype)
 
+    def to_torchao(self):
+        """This tensor as torchao's ``MXTensor`` (``torchao.prototype.mx_formats.mx_tensor``),
+        sharing ``qdata`` and ``scale`` (no copy; row-major scales, ``block_size=32``). Needs the
+        ``torchao`` extra (``pip install 'mxep[torchao]'``); not differentiable."""
+        from mxep.integrations.torchao import to_torchao
+        return to_torchao(self)
+
+    @staticmethod
+    def from_torchao(t) -> "MXFP8Tensor":
+        """A torchao MXFP8 ``MXTensor`` (e4m3, blocks of 32, row-major scales) as an
+        MXFP8Tensor of the same bytes (no copy); anything else raises ``ValueError``."""
+        from mxep.integrations.torchao import from_torchao
+        return from_torchao(t)
+
     def __repr__(self) -> str:
         return (f"MXFP8Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
                 f"qdata={self.qdata.dtype}, scale={self.scale.dtype}{tuple(self.scale.shape)})")

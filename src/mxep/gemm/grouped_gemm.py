@@ -18,6 +18,10 @@ group ends: no host sync): ``grad_tokens = dy @ W[e]`` per group (straight-throu
 tokens' quantization, as ``MXFP8Tensor.dequantize``) and ``grad_W[e] = dy[group]^T @
 dequant(tokens[group])``. Only rows below ``group_end_offsets[-1]`` are read; pad rows hold
 zeros, so they add nothing. The pure-torch reference is :mod:`mxep.gemm.naive`.
+
+``"torchao"`` (optional, :mod:`mxep.integrations.torchao`): torchao's MXFP8 grouped GEMM on the
+same tokens, on the MX tensor cores of sm_100+ (emulated elsewhere), with torchao's backward
+recipe (MXFP8 input gradient, bf16 weight gradient) instead of the bf16 one above.
 """
 
 from __future__ import annotations
@@ -230,17 +234,26 @@ def grouped_mm_mxfp8_forward(qdata: torch.Tensor, scale: torch.Tensor, weight: t
 
 
 
-IMPLS = ("auto", "dequant", "fused")
+IMPLS = ("auto", "dequant", "fused", "torchao")
 
 
 def resolve_impl(impl: str, K: int, N: int, device: torch.device) -> str:
     """The implementation ``grouped_mm_mxfp8(..., impl)`` runs for a ``[L, N, K]`` weight on
-    ``device``: ``"dequant"`` or ``"fused"`` (host-side only; :class:`mxep.gemm.MXWeightCache`
-    uses it to keep the weight in the form that implementation consumes)."""
+    ``device``: ``"dequant"``, ``"fused"`` or ``"torchao"`` (host-side only;
+    :class:`mxep.gemm.MXWeightCache` uses it to keep the weight in the form that implementation
+    consumes). ``"auto"``: ``"torchao"`` on sm_100+ where torchao is installed and ``N`` is a
+    multiple of 32 (the MX tensor cores), else ``"dequant"`` where ``torch._grouped_mm`` takes
+    the shapes, else ``"fused"``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
+    device = torch.device(device)
+    # torchao quantizes the output gradient along N in blocks of 32: N must be a multiple of 32
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0) and N % 32 == 0:
+        from mxep.integrations.torchao import torchao_available
+        if torchao_available():
+            return "torchao"
     # torch._grouped_mm wants 16-byte strides (K, N multiples of 8) and, on CUDA, sm_90+.
     ok = K % 8 == 0 and N % 8 == 0
     if torch.device(device).type == "cuda":
@@ -251,6 +264,12 @@ def resolve_impl(impl: str, K: int, N: int, device: torch.device) -> str:
 def _resolve_impl(impl: str, tokens: MXFP8Tensor, N: int) -> str:
     if impl == "fused":
         require_triton(tokens.qdata, "grouped_mm_mxfp8(impl='fused') (impl='dequant' runs anywhere)")
+    if impl == "torchao":   # fail here, with the extra's name, not deep inside the call
+        from mxep.integrations.torchao import require_torchao
+        require_torchao("grouped_mm_mxfp8(impl='torchao')")
+        if N % 32:
+            raise ValueError(f"grouped_mm_mxfp8(impl='torchao'): N={N} must be a multiple of 32 (torchao "
+                             f"quantizes the output gradient in blocks of 32 along N); impl='dequant' takes it")
     return resolve_impl(impl, tokens.shape[1], N, tokens.device)
 
 
@@ -331,12 +350,23 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
             the fastest on H200 (docs/benchmarks.md). ``"fused"``: the Triton grouped GEMM
             dequantizes each tile in registers: no bf16 copy of the tokens (saves ``2 cap K``
             bytes of transient memory), slower. ``"auto"`` (default): ``"dequant"`` where
-            ``torch._grouped_mm`` takes the shapes (K and N multiples of 8, sm_90+), else ``"fused"``.
+            ``torch._grouped_mm`` takes the shapes (K and N multiples of 8, sm_90+), else ``"fused"``;
+            on sm_100+ with torchao installed, ``"torchao"``.
+            ``"torchao"`` (the ``torchao`` extra): torchao's MXFP8 grouped GEMM
+            (``_to_mxfp8_then_scaled_grouped_mm``) on the dispatched tokens: on sm_100+ the MX
+            tensor cores (``torch._scaled_grouped_mm`` on the tokens' bytes, no second
+            quantization), elsewhere torchao's emulation. torchao quantizes the weight itself,
+            with RCEIL scales (torchao's and torchtitan's ``mxfp8_rceil`` recipe): pass it in
+            bf16 (an MXFP8Tensor weight is dequantized first, which gives the same forward).
+            Forward: bit for bit ``"dequant"`` with weight ``to_mxfp8(w)`` (emulated; tested).
+            Backward: torchao's recipe, not the bf16 one above: the tokens' gradient is an MX GEMM (``dy`` quantized along its rows, ``W`` along N), the
+            weight's is bf16 (``wgrad_with_hp=True``); both straight-through to the bf16 tokens
+            and weight. Groups must be multiples of 32 rows (mxep's layout is), ``N`` a multiple of 32.
 
     Returns:
         bf16 ``[cap, N]``; rows ``[0, group_end_offsets[-1])`` hold the products (pad rows 0), later
         rows are unspecified (never computed). Differentiable w.r.t. ``tokens`` (bf16, straight-through) and
-        ``weight``. No host sync.
+        ``weight``. No host sync (``"torchao"``: in mxep's part).
 
     Example::
 
@@ -365,4 +395,8 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
         raise ValueError("tokens, weight and group_end_offsets must be on one device")
     if not isinstance(weight, MXFP8Tensor):
         weight = weight.contiguous()
-    return GroupedMXFP8MatmulFunction.apply(tokens, weight, group_end_offsets, _resolve_impl(impl, tokens, N))
+    impl = _resolve_impl(impl, tokens, N)
+    if impl == "torchao":
+        from mxep.integrations.torchao import grouped_mm_torchao
+        return grouped_mm_torchao(tokens, weight, group_end_offsets)
+    return GroupedMXFP8MatmulFunction.apply(tokens, weight, group_end_offsets, impl)

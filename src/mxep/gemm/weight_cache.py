@@ -13,6 +13,8 @@ consumes and hands it out again for as long as the parameter is unchanged:
   numerics bit for bit, with no dequantization in the forward or the backward. Built in one pass
   (:func:`mxep.format.quantize.mxfp8_round_trip`: the MXFP8 bytes are never stored). Memory: one
   bf16 copy, the parameter's size.
+* ``impl`` ``"torchao"``: nothing is cached, the bf16 weight itself is handed back (torchao
+  quantizes it along K for the forward and along N for the input gradient, each time).
 * ``impl`` ``"fused"`` (the Triton kernel reads the e4m3 bytes): the :class:`~mxep.MXFP8Tensor`
   (``1 + 1/32`` bytes per element, about half the parameter's size); the GEMM's backward still
   dequantizes it (once per backward: it holds no bf16 copy, which is what ``"fused"`` is for).
@@ -118,6 +120,8 @@ class MXWeightCache:
         check_scale_mode(scale_mode)
         L, N, K = weight.shape
         form = resolve_impl(impl, K, N, weight.device)
+        if form == "torchao":   # torchao quantizes the bf16 weight itself (along K and along N)
+            return weight
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device,
                weight._version, scale_mode, form, torch.is_inference_mode_enabled())
         if self._key != key or self._ref is None or self._ref() is not weight:

@@ -4,6 +4,9 @@ framework only when that module is imported (``import mxep`` never needs them):
 * :mod:`mxep.integrations.torchtitan`: ``MXEPTokenDispatcher``, a torchtitan (0.3.0) EP token
   dispatcher on mxep's fused MXFP8 token-level dispatch / combine, selected by the override
   ``mxep.integrations.torchtitan.mxep_dispatcher`` or ``use_mxep_dispatcher(model)``.
+* :mod:`mxep.integrations.torchao`: MXFP8Tensor <-> torchao ``MXTensor`` without copies, and
+  torchao's MXFP8 grouped GEMM on the dispatched tokens (``grouped_mm_mxfp8(impl="torchao")``);
+  importing the module does not import torchao, its functions do (the ``torchao`` extra).
 
 The names below resolve lazily: ``from mxep.integrations import use_mxep_dispatcher`` imports
 torchtitan at that moment (and says how to install it if it is missing).

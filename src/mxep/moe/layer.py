@@ -34,7 +34,7 @@ from torch import nn
 from mxep._utils import check_size
 from mxep.ep.buffer import Buffer
 from mxep.format.mxfp8 import quantize_straight_through
-from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_mxfp8
+from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_mxfp8, resolve_impl
 from mxep.swiglu import swiglu_mxfp8
 
 __all__ = ["MoE", "DISPATCH_PATHS"]
@@ -80,8 +80,17 @@ class MoE(nn.Module):
             on the ``"dequant"`` path, dequantize in every forward and backward).
         device: where the parameters live (the Buffer follows the group's backend).
         gemm_impl: the expert GEMMs' ``impl`` (:func:`mxep.grouped_mm_mxfp8`): ``"auto"``
-            (dequantize + ``torch._grouped_mm``, the fast one), or ``"fused"`` (no transient bf16
-            copy of the dispatched tokens: less memory, slower).
+            (torchao's MX grouped GEMM on sm_100+ where torchao is installed, else dequantize +
+            ``torch._grouped_mm``), ``"dequant"``, ``"fused"`` (no transient bf16 copy of the
+            dispatched tokens: less memory, slower) or ``"torchao"`` (the ``torchao`` extra;
+            emulated off sm_100). Backward: bf16 on ``"dequant"`` / ``"fused"``; torchao's
+            recipe on ``"torchao"`` (MXFP8 input gradients, bf16 weight gradients). With
+            ``"torchao"`` the GEMMs get the bf16 parameters ``w13`` / ``w2`` whatever
+            ``mx_weights`` says: torchao quantizes them itself, along K for the forward (RCEIL:
+            the same MXFP8 values as ``mx_weights``' quantization, identical outputs) and along N for the input gradient; the weight cache holds nothing then.
+            ``"torchao"`` needs ``scale_mode="rceil"``; ``"auto"`` with ``"floor"`` stays on
+            ``"dequant"``.
+            The SwiGLU's MXFP8 output is the second GEMM's input on every path.
 
     Parameters (this rank's): ``router`` fp32 ``[E, H]`` (replicated on every rank: reduce its
     gradient over the group like any replicated parameter), ``w13`` bf16 ``[L, 2F, H]`` (gate
@@ -137,6 +146,12 @@ class MoE(nn.Module):
         self._w13_cache, self._w2_cache = MXWeightCache(), MXWeightCache()
         if gemm_impl not in IMPLS:
             raise ValueError(f"gemm_impl must be one of {IMPLS}, got {gemm_impl!r}")
+        if gemm_impl == "torchao":   # say so now, with the extra's name, not at the first forward
+            from mxep.integrations.torchao import require_torchao
+            require_torchao("mxep.MoE(gemm_impl='torchao')")
+            if scale_mode != "rceil":
+                raise ValueError("gemm_impl='torchao' needs scale_mode='rceil' (torchao's MXFP8 recipe; its "
+                                 "emulation re-quantizes the tokens, which FLOOR does not leave unchanged)")
         self.gemm_impl = gemm_impl
         self.router = nn.Parameter(torch.randn(num_experts, hidden, device=device) / hidden ** 0.5)
         self.w13 = nn.Parameter((torch.randn(L, 2 * ffn_hidden, hidden, device=device) / hidden ** 0.5).bfloat16())
@@ -153,14 +168,23 @@ class MoE(nn.Module):
         """``(w13, w2)`` as the expert GEMMs take them: the bf16 parameters, or (``mx_weights``)
         their MXFP8 form, straight-through to the parameters (cached per weight version with
         ``mx_weight_cache``)."""
-        if not self.mx_weights:
+        impl = self.resolved_gemm_impl()
+        if not self.mx_weights or impl == "torchao":
             return self.w13, self.w2
         # Under torch.compile the cache (host-side state keyed on version counters) is not
         # traced: the graph quantizes the weights itself in every forward.
         if self.mx_weight_cache and not torch.compiler.is_compiling():
-            return (self._w13_cache(self.w13, self.gemm_impl, self.scale_mode),
-                    self._w2_cache(self.w2, self.gemm_impl, self.scale_mode))
+            return (self._w13_cache(self.w13, impl, self.scale_mode),
+                    self._w2_cache(self.w2, impl, self.scale_mode))
         return quantize_straight_through(self.w13, self.scale_mode), quantize_straight_through(self.w2, self.scale_mode)
+
+    def resolved_gemm_impl(self) -> str:
+        """The expert GEMMs' implementation on this layer's device (``gemm_impl`` with
+        ``"auto"`` resolved): ``"dequant"``, ``"fused"`` or ``"torchao"``."""
+        impl = resolve_impl(self.gemm_impl, self.hidden, 2 * self.ffn_hidden, self.w13.device)
+        if impl == "torchao" and self.scale_mode != "rceil":   # "auto" on sm_100 (explicit: refused above)
+            return "dequant"
+        return impl
 
     def clear_mx_weight_cache(self) -> None:
         """Drop the cached MX weights (rebuilt at the next forward): needed only after writes to
@@ -172,9 +196,10 @@ class MoE(nn.Module):
         """SwiGLU experts on the dispatch layout: two grouped GEMMs, the activation re-quantized
         to MXFP8 between them -> bf16 ``[capacity, H]``."""
         w13, w2 = self.expert_weights()
-        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, self.gemm_impl)      # [cap, 2F]
-        a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)                           # MXFP8 [cap, F]
-        return grouped_mm_mxfp8(a, w2, res.group_end_offsets, self.gemm_impl)             # [cap, H]
+        impl = self.resolved_gemm_impl()
+        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, impl)      # [cap, 2F]
+        a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)              # MXFP8 [cap, F]
+        return grouped_mm_mxfp8(a, w2, res.group_end_offsets, impl)             # [cap, H]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` bf16 ``[n, H]``, ``n <= max_tokens_per_rank`` -> bf16 ``[n, H]``."""
