@@ -412,3 +412,40 @@ def test_override_selects_mxfp8_experts_on_a_converted_model():
         assert (d.num_experts, d.top_k, d.hidden_dim, d.align, d.scale_mode) == (8, 3, 256, 128, "rceil")
         assert type(ex)._owner.__name__ == "MXEPMXFP8GroupedExperts" and isinstance(ex, type(old))
         assert all(getattr(ex, f.name) == getattr(old, f.name) for f in fields(old))
+
+
+def test_prequantized_grouped_mm_is_torchaos_recipe():
+    """The experts' GEMM on mxep's tokens (``_grouped_mm_prequantized``, emulated) against
+    torchao's own ``_to_mxfp8_then_scaled_grouped_mm`` (emulated, ``wgrad_with_hp=True``) on the
+    same token values in bf16 (exactly MXFP8-representable: torchao's quantization of them gives
+    the same values): forward, input gradient (straight through to the bf16 tokens) and weight
+    gradient all bit-identical; an empty group, rows past the last group end ignored."""
+    from torchao.prototype.moe_training.config import MXFP8TrainingOpConfig, MXFP8TrainingRecipe
+    from torchao.prototype.moe_training.mxfp8_grouped_mm import _to_mxfp8_then_scaled_grouped_mm
+    from torchao.quantization.quantize_.common import KernelPreference
+
+    from mxep.format.mxfp8 import quantize_straight_through
+    from mxep.integrations.torchtitan import _grouped_mm_prequantized
+
+    torch.manual_seed(0)
+    cap, k, n = 128, 64, 96
+    ends = torch.tensor([32, 32, 96], dtype=torch.int32)        # an empty group; rows 96.. unused
+    x = torch.randn(cap, k).bfloat16()
+    w = (torch.randn(3, n, k) * 0.1).bfloat16()
+    dy = torch.randn(cap, n).bfloat16()
+    dy[96:] = 0   # what the combine's backward gives rows that hold no token
+    op_config = MXFP8TrainingOpConfig.from_recipe(MXFP8TrainingRecipe("mxfp8_emulated_rceil"))
+
+    xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    tokens = quantize_straight_through(xi)
+    y = _grouped_mm_prequantized(tokens, wi.transpose(-2, -1), ends, op_config)
+    y.backward(dy)
+
+    xr = tokens.dequantize().detach().requires_grad_(True)
+    wr = w.clone().requires_grad_(True)
+    yr = _to_mxfp8_then_scaled_grouped_mm(xr, wr.transpose(-2, -1), ends, kernel_preference=KernelPreference.EMULATED,
+                                          wgrad_with_hp=True)
+    yr.backward(dy)
+    assert torch.equal(y[:96], yr[:96])
+    assert torch.equal(xi.grad[:96], xr.grad[:96])
+    assert torch.equal(wi.grad, wr.grad)
