@@ -52,6 +52,59 @@ Selecting it in a torchtitan job (either way):
   dispatcher (``comm_backend="standard"``) of every ``RoutedExperts``;
 * in code: :func:`use_mxep_dispatcher` on a model config (before ``build()``) or a built model.
 
+torchtitan's MXFP8 expert training (``MXFP8GroupedExpertsConverter``, torchao) on mxep's dispatch.
+The converter swaps the standard dispatcher for its padded one (``TorchAOTokenDispatcher``:
+permute and pad each expert's group to ``pad_multiple`` rows, host sync for the splits) and the
+experts for a subclass whose ``_grouped_mm`` quantizes every input to MXFP8 in torchao
+(``_quantize_then_scaled_grouped_mm``). With mxep the tokens are already MXFP8, so the one
+supported way to combine the two is: the converter first, then mxep with ``mxfp8_experts=True``
+(torchtitan applies a job's converters in its model registry and overrides later in the Trainer,
+so the override form follows that order by itself)::
+
+    --module deepseek_v3 --config deepseek_v3_debugmodel_mxfp8 \\
+    --override.imports 'mxep.integrations.torchtitan.mxep_dispatcher={"mxfp8_experts": true, "num_max_tokens_per_rank": 16384}'
+
+(a config whose ``model_registry(..., converters=[..., MXFP8GroupedExpertsConverter.Config(...)])``
+converts the experts, as torchtitan's ``*_mxfp8`` configs do)
+
+or, in code, ``use_mxep_dispatcher(model_config_after_the_converter, mxfp8_experts=True, ...)``
+(a built model works too: the experts module's class is swapped in place, same parameters).
+Then:
+
+* the dispatcher is mxep's (the converter's padded one is replaced), its Buffer's ``align`` is the
+  converter's ``pad_multiple`` (32 by default; 128 for sm_100's CuTeDSL quantization kernel: a
+  larger multiple of it may be passed as ``align``) and its ``scale_mode`` the recipe's (RCEIL
+  for ``mxfp8_rceil``; another one is refused);
+* the experts are the converter's class made mxep-aware (:func:`mxep_mxfp8_experts_cls`): the
+  ``w1`` and ``w3`` GEMMs receive the dispatched :class:`mxep.MXFP8Tensor` and hand its bytes to
+  torchao's MXFP8 grouped GEMM as a pre-quantized ``MXTensor`` (no copy, no second
+  quantization): its forward and its input gradient are torchao's recipe (grad_output quantized
+  along dim 0, weights along dim 1), its weight gradient is bf16 from the dequantized tokens
+  (``wgrad_with_hp``, which pre-quantized inputs require; the converter's own recipe quantizes
+  both operands of it along the token dimension). The tokens' gradient is bf16, straight through
+  to the dispatch. The ``w2`` GEMM (bf16 SwiGLU output) is the converter's, unchanged.
+  Kernels: the recipe's ``kernel_preference`` on sm_100 (``torch._scaled_grouped_mm``, the
+  scales rearranged into the blocked layout first), torchao's emulated ones (dequantize + bf16
+  grouped GEMM) below sm_100 and on CPU;
+* other orders are refused with a message: without ``mxfp8_experts`` mxep refuses the
+  converter's padded dispatcher; with it on experts the converter did not make, mxep says to apply
+  the converter first; the converter applied after mxep refuses mxep's dispatcher (torchtitan's
+  ``swap_token_dispatcher``).
+
+Tested (CPU, gloo, torchao 0.18.0 emulated, ``tests/integrations/test_torchtitan_mxfp8.py``):
+torchtitan's MoE with the converter's experts on its padded dispatcher against the same on
+mxep's, EP 1 / 2 / 4, eager and ``torch.compile(fullgraph=True)`` (``aot_eager``): output
+>= 40 dB SQNR (measured 51-60 dB), input gradient >= 30 dB (measured: bit-identical), weight
+gradients >= 25 dB (router and ``w2``: bit-identical; ``w1`` / ``w3``, bf16 against MXFP8 weight
+gradients: 31.4-31.6 dB); torchao
+quantizes the tokens 4 times per step on the converter's path (``w1``, ``w3`` forward and weight
+gradients) and never on mxep's. Not run: the sm_100 kernels (no Blackwell here).
+
+Which torch: torchtitan 0.3.0 imports ``torch.distributed.fsdp.DataParallelMeshDims``
+(``torchtitan/models/deepseek_v3/mtp.py``), missing in torch 2.11 (where torchtitan does not
+import); torch 2.13 has it and is what this path is tested with (downstream compatibility shims
+say it arrived in 2.12; not checked against torch's own history here).
+
 Compile: the dispatch and combine are registered ops (opaque nodes) and the MXFP8Tensor is a
 traceable subclass, so torchtitan's per-block ``torch.compile(fullgraph=True)`` traces the MoE
 layer whole (tested: ``aot_eager`` at EP 1, 2, 4; ``inductor`` on CPU at EP 1). Both SPMD
@@ -59,8 +112,7 @@ backends of torchtitan work (``partial_dtensor``, and its default ``spmd_types``
 
 Limits: the collective transport (gloo, or NCCL without symmetric memory) and the symmetric-memory
 transport (one NVLink node) of :class:`mxep.Buffer`; expert tensor parallelism is not supported
-(experts must be whole on their rank); torchtitan's MXFP8 expert converter (torchao, sm_100) is
-not combined with it (it expects bf16 tokens and its own padded dispatcher). Not tested yet:
+(experts must be whole on their rank). Not tested yet:
 GPUs; torchtitan's CUDA-graph capture of the step (its config check admits only MinimalAsyncEP
 and non-blocking HybridEP at EP > 1, the standard dispatcher included: pass
 ``--training.disable_cuda_graphs``).
@@ -74,7 +126,7 @@ everything, as it does for the standard dispatcher.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -95,11 +147,15 @@ except ImportError as e:   # pragma: no cover - exercised only where torchtitan 
 
 from torchtitan.distributed.activation_checkpoint import SelectiveAC
 
+from torchtitan.models.common.token_dispatcher import TorchAOTokenDispatcher
+
 from mxep.ep.buffer import Buffer
 from mxep.ep.transport.base import DispatchHandle
+from mxep.format.mxfp8 import MXFP8Tensor
+from mxep.format.spec import BLOCK_SIZE
 
 __all__ = ["MXEPTokenDispatcher", "MXEPDispatchMetadata", "MXEPSelectiveAC", "mxep_dispatcher", "mxep_save_ops",
-           "use_mxep_dispatcher"]
+           "mxep_mxfp8_experts_cls", "use_mxep_dispatcher"]
 
 # The dispatcher configs that mxep replaces: torchtitan's standard ones (comm_backend="standard"
 # builds an AllToAllTokenDispatcher, which falls back to the local one at EP = 1). Padded
@@ -243,16 +299,233 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
 
 
 # ---------------------------------------------------------------------------------------------
+# torchtitan's MXFP8 experts (MXFP8GroupedExpertsConverter) on mxep's dispatch
+_TORCHAO_EXTRA = ("the MXFP8 experts path needs torchao (tested with torchao==0.18.0): `pip install torchao`, "
+                  "or the torchao extra of mxep")
+
+
+def _torchao():
+    """torchao's pieces that the MXFP8 experts path calls, imported on first use (torchao is an
+    optional dependency: nothing else of this module needs it)."""
+    try:
+        from torchao.prototype.moe_training.mxfp8_grouped_mm import _to_mxfp8_then_scaled_grouped_mm
+        from torchao.prototype.mx_formats.config import ScaleCalculationMode
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor
+        from torchao.quantization.quantize_.common import KernelPreference
+    except ImportError as e:   # pragma: no cover - exercised only where torchao is missing
+        raise ImportError(_TORCHAO_EXTRA) from e
+    return _to_mxfp8_then_scaled_grouped_mm, MXTensor, KernelPreference, ScaleCalculationMode
+
+
+def _mxfp8_experts_classes() -> tuple:
+    """The experts classes that torchtitan's MXFP8 converter made so far (its cache: one per
+    experts class it converted); empty without torchao."""
+    try:
+        from torchtitan.components.quantization.mx import _mxfp8_experts_cache
+    except ImportError:   # pragma: no cover - torchtitan's quantization imports torchao lazily
+        return ()
+    return tuple(_mxfp8_experts_cache.values())
+
+
+_SM100: dict = {}
+
+
+def _has_mx_tensor_cores(device: torch.device) -> bool:
+    """sm_100 or later (the MX tensor cores of ``torch._scaled_grouped_mm``); a host query of the
+    device's properties, cached per device: no sync."""
+    if device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM100:
+        _SM100[idx] = torch.cuda.get_device_capability(idx) >= (10, 0)
+    return _SM100[idx]
+
+
+class _PrequantizedMXFP8GroupedMM(torch.autograd.Function):
+    """torchao's ``_MXFP8GroupedMM`` (torchao 0.18.0, ``wgrad_with_hp=True``, no token padding) on
+    mxep's dispatched tokens, through torchao's own compute functions (``_compute_fwd`` /
+    ``_compute_dgrad`` / ``_compute_wgrad``: its sm_100 kernels or its emulated ones).
+
+    Why not ``_to_mxfp8_then_scaled_grouped_mm(MXTensor, ...)`` itself: its backward dequantizes a
+    pre-quantized ``A`` with ``triton_mxfp8_dequant_dim0``, which torchao 0.18.0 defines only
+    where its sm_100 Triton kernels are (elsewhere a stub with another signature: ``TypeError``,
+    CPU and Hopper), and its sm_100 forward reads ``MXTensor.scales`` (no such attribute) for
+    unswizzled scales. Here the weight gradient's tokens are dequantized by mxep (the same bits:
+    e4m3 times a power of two is exact in bf16) and the sm_100 scales are rearranged into the
+    blocked layout before torchao sees them.
+    """
+
+    @staticmethod
+    def forward(ctx, tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype,
+                kernel_preference, scale_calculation_mode) -> torch.Tensor:
+        import torchao.prototype.moe_training.mxfp8_grouped_mm as mm
+        _, MXTensor, KernelPreference, _ = _torchao()
+        qdata, scale, swizzled = tokens.qdata, tokens.scale, False
+        if kernel_preference != KernelPreference.EMULATED:
+            # sm_100: torch._scaled_grouped_mm takes the per-group blocked (swizzled) scales
+            from torchao.prototype.moe_training.kernels.mxfp8 import mx_block_rearrange_2d_M_groups_cuda
+            scale, swizzled = mx_block_rearrange_2d_M_groups_cuda(scale, offs), True
+        a = MXTensor.from_qdata_and_scales(qdata, scale, tokens.dtype, block_size=BLOCK_SIZE,
+                                           is_swizzled_scales=swizzled)
+        out = mm._compute_fwd(a, B_t, offs, BLOCK_SIZE, out_dtype, scale_calculation_mode, kernel_preference)
+        # the MXFP8 bytes are what the weight gradient needs (1.03 bytes per element, not 2)
+        ctx.save_for_backward(qdata, tokens.scale, B_t, offs)
+        ctx.dtype, ctx.out_dtype = tokens.dtype, out_dtype
+        ctx.kernel_preference, ctx.scale_calculation_mode = kernel_preference, scale_calculation_mode
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        import torchao.prototype.moe_training.mxfp8_grouped_mm as mm
+        from mxep.format.mxfp8 import dequantize_mxfp8_op
+        qdata, scale, B_t, offs = ctx.saved_tensors
+        pref, mode = ctx.kernel_preference, ctx.scale_calculation_mode
+        grad_out = grad_out.contiguous()
+        # input gradient: torchao's recipe (grad_output quantized along dim 0, weights along dim 1)
+        grad_a = mm._compute_dgrad(grad_out, B_t, offs, BLOCK_SIZE, ctx.out_dtype, mode, pref)
+        # weight gradient in bf16 (wgrad_with_hp) from the tokens, dequantized up to the last
+        # group end on the device (rows past it are never read; no host sync)
+        a_hp = dequantize_mxfp8_op(qdata.contiguous(), scale.contiguous(), offs[-1:])
+        if ctx.dtype != torch.bfloat16:
+            a_hp = a_hp.to(ctx.dtype)
+        grad_b_t = mm._compute_wgrad(grad_out, a_hp, offs, BLOCK_SIZE, ctx.out_dtype, mode, True, pref)
+        # the tokens' gradient: bf16, straight through the quantization (to the dispatch)
+        return grad_a.to(ctx.dtype), grad_b_t, None, None, None, None
+
+
+@torch._dynamo.nonstrict_trace
+def _prequantized_call(tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype,
+                       kernel_preference, scale_calculation_mode) -> torch.Tensor:
+    # opaque to dynamo (as torchao's own entry point is): AOT autograd traces it, so torchao's
+    # MXTensor is made and read by the fake-tensor tracer, not by dynamo
+    return _PrequantizedMXFP8GroupedMM.apply(tokens, B_t, offs, out_dtype, kernel_preference, scale_calculation_mode)
+
+
+def _grouped_mm_prequantized(tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch.Tensor, op_config) -> torch.Tensor:
+    """torchao's MXFP8 grouped GEMM on mxep's dispatched tokens, without quantizing them again.
+
+    Args:
+        tokens: the dispatch's MXFP8Tensor ``[capacity, K]`` (e4m3 ``qdata``, row-major e8m0
+            ``scale [capacity, K / 32]``), expert-major, each group padded to a multiple of 32
+            rows; rows past ``offs[-1]`` are never read.
+        B_t: bf16 ``[L, K, N]``, per-group column-major (``w.transpose(-2, -1)`` of ``[L, N, K]``).
+        offs: int32 ``[L]`` group end offsets (on the device).
+        op_config: the experts' ``MXFP8TrainingOpConfig`` (the converter's recipe).
+
+    Returns:
+        ``[capacity, N]`` in ``op_config.out_dtype`` (bf16). Backward: torchao's recipe with
+        ``wgrad_with_hp=True`` (which pre-quantized inputs require): the input gradient from the
+        MXFP8 grad_output and weights, the weight gradient in bf16 from the dequantized tokens;
+        the tokens' gradient is bf16 and goes straight through to the dispatch.
+    """
+    _, _, KernelPreference, _ = _torchao()
+    # the recipe's kernels (torch._scaled_grouped_mm with blocked scales) exist only on sm_100+;
+    # elsewhere torchao's emulated path (dequantize + bf16 grouped GEMM)
+    pref = op_config.kernel_preference if _has_mx_tensor_cores(tokens.device) else KernelPreference.EMULATED
+    return _prequantized_call(tokens, B_t, offs, op_config.out_dtype, pref, op_config.scale_calculation_mode)
+
+
+_MXEP_EXPERTS: dict[type, type] = {}
+
+
+def mxep_mxfp8_experts_cls(mxfp8_cls: type) -> type:
+    """The mxep variant of a torchtitan MXFP8 experts class (what ``MXFP8GroupedExpertsConverter``
+    made from ``GroupedExperts`` or another experts class with the ``_grouped_mm`` seam).
+
+    Its ``_grouped_mm(A, B_t, offs)`` hands an :class:`mxep.MXFP8Tensor` ``A`` (the dispatched
+    tokens: ``w1`` and ``w3``) to torchao's MXFP8 grouped GEMM as a pre-quantized ``MXTensor``
+    (:func:`_grouped_mm_prequantized`: no second quantization), and a bf16 ``A`` (the SwiGLU
+    output: ``w2``) to the converter's own ``_quantize_then_scaled_grouped_mm``, unchanged.
+    """
+    if mxfp8_cls not in _MXEP_EXPERTS:
+        class MXEPMXFP8GroupedExperts(mxfp8_cls):  # type: ignore[valid-type, misc]
+            @dataclass(kw_only=True, slots=True)
+            class Config(mxfp8_cls.Config):  # type: ignore[misc, name-defined]
+                pass
+
+            def _grouped_mm(self, *, A, B_t, offs):
+                if isinstance(A, MXFP8Tensor):
+                    return _grouped_mm_prequantized(A, B_t, offs, self._mxfp8_op_config)
+                return super()._grouped_mm(A=A, B_t=B_t, offs=offs)
+
+        MXEPMXFP8GroupedExperts.__name__ = MXEPMXFP8GroupedExperts.__qualname__ = f"MXEP{mxfp8_cls.__name__}"
+        _MXEP_EXPERTS[mxfp8_cls] = MXEPMXFP8GroupedExperts
+    return _MXEP_EXPERTS[mxfp8_cls]
+
+
+def _mxep_experts_config(experts_cfg):
+    """The mxep variant of a converted experts config (same fields); ``None`` if ``experts_cfg``
+    is not one that torchtitan's MXFP8 converter made."""
+    owner = type(experts_cfg)._owner
+    if owner in _MXEP_EXPERTS.values():
+        return experts_cfg
+    if owner not in _mxfp8_experts_classes():
+        return None
+    new_cls = mxep_mxfp8_experts_cls(owner).Config
+    return new_cls(**{f.name: getattr(experts_cfg, f.name) for f in fields(experts_cfg)})
+
+
+def _recipe_scale_mode(op_config) -> str:
+    """mxep's scale mode for the recipe's e8m0 scale rounding (the tokens must be quantized as
+    the recipe would have quantized them)."""
+    _, _, _, ScaleCalculationMode = _torchao()
+    modes = {ScaleCalculationMode.RCEIL: "rceil", ScaleCalculationMode.FLOOR: "floor"}
+    if op_config.scale_calculation_mode not in modes:
+        raise ValueError(f"mxep quantizes with RCEIL or FLOOR scales; the MXFP8 recipe uses "
+                         f"{op_config.scale_calculation_mode}")
+    return modes[op_config.scale_calculation_mode]
+
+
+# ---------------------------------------------------------------------------------------------
 # Selection
-def _mxep_config(old, hidden_dim: int | None, **settings) -> MXEPTokenDispatcher.Config:
-    """The mxep config replacing ``old`` (a standard dispatcher or its config: exact types, so
-    the padded TorchAO one and the other EP backends are refused)."""
-    if type(old) not in _STANDARD + tuple(c._owner for c in _STANDARD):
+def _recipe_op_config(recipe_name: str):
+    """torchao's op config of a torchtitan MXFP8 recipe name (what the converted experts build)."""
+    _torchao()
+    from torchao.prototype.moe_training.config import MXFP8TrainingOpConfig, MXFP8TrainingRecipe
+    return MXFP8TrainingOpConfig.from_recipe(MXFP8TrainingRecipe(recipe_name))
+
+
+def _mxep_config(old, hidden_dim: int | None, *, mxfp8_experts: bool = False, op_config=None,
+                 align: int | None = None, scale_mode: str | None = None,
+                 **settings) -> MXEPTokenDispatcher.Config:
+    """The mxep config replacing ``old`` (a dispatcher or its config). Without ``mxfp8_experts``:
+    the standard one only (exact types, so the padded TorchAO one and the other EP backends are
+    refused). With it: the padded TorchAO one that torchtitan's MXFP8 converter put there (its
+    ``pad_multiple`` becomes the Buffer's ``align``), or the standard one (``align`` 32); the
+    scale mode is the recipe's (``op_config``, torchao's ``MXFP8TrainingOpConfig``)."""
+    standard = _STANDARD + tuple(c._owner for c in _STANDARD)
+    padded = (TorchAOTokenDispatcher.Config, TorchAOTokenDispatcher)
+    pad_multiple = BLOCK_SIZE
+    if mxfp8_experts and type(old) in padded:
+        pad_multiple = old.pad_multiple
+    elif type(old) not in standard:
+        hint = ""
+        if type(old) in padded:
+            hint = (" (this one is what torchtitan's MXFP8GroupedExpertsConverter puts there: select mxep with "
+                    "mxfp8_experts=True to keep the converter's MXFP8 experts on mxep's dispatch)")
         raise ValueError(
             f"mxep replaces torchtitan's standard token dispatcher (comm_backend='standard'), got "
-            f"{type(old).__qualname__}")
+            f"{type(old).__qualname__}{hint}")
+    if align is None:
+        align = pad_multiple
+    if align % pad_multiple or align % BLOCK_SIZE:
+        raise ValueError(f"align={align}: the MXFP8 experts need groups padded to a multiple of "
+                         f"{pad_multiple} rows (the converter's pad_multiple) and of {BLOCK_SIZE}")
+    if mxfp8_experts:
+        recipe_mode = _recipe_scale_mode(op_config)
+        if scale_mode is not None and scale_mode != recipe_mode:
+            raise ValueError(f"scale_mode={scale_mode!r}, but the MXFP8 recipe rounds its "
+                             f"scales with {recipe_mode!r}: the tokens must be quantized as it would")
+        scale_mode = recipe_mode
     return MXEPTokenDispatcher.Config(num_experts=old.num_experts, top_k=old.top_k, hidden_dim=hidden_dim,
-                                      **settings)
+                                      align=align, scale_mode=scale_mode or "rceil", **settings)
+
+
+def _mxfp8_experts_error(fqn: str, experts) -> ValueError:
+    return ValueError(
+        f"mxfp8_experts=True: {fqn or 'the model'}'s experts ({type(experts).__qualname__}) were not converted by "
+        f"torchtitan's MXFP8GroupedExpertsConverter: apply the converter first (model_registry(..., converters="
+        f"[MXFP8GroupedExpertsConverter.Config()]) or the job's converters), then select mxep")
 
 
 @override(
@@ -263,26 +536,45 @@ def mxep_dispatcher(
     cfg: RoutedExperts.Config,
     *,
     num_max_tokens_per_rank: int | None = None,
-    align: int = 32,
-    scale_mode: str = "rceil",
+    align: int | None = None,
+    scale_mode: str | None = None,
     transport: str = "auto",
     debug: bool = False,
+    mxfp8_experts: bool = False,
 ) -> RoutedExperts.Config:
     """torchtitan override: every ``RoutedExperts`` gets :class:`MXEPTokenDispatcher` in place of
     its standard dispatcher; ``hidden_dim`` comes from its experts' config (``dim``). Activate with
     ``--override.imports mxep.integrations.torchtitan.mxep_dispatcher`` (kwargs as a JSON object
     after ``=``, e.g. ``'...mxep_dispatcher={"num_max_tokens_per_rank": 16384}'``). The config is
-    changed in place (other overrides of its children keep their effect)."""
-    if not isinstance(cfg.token_dispatcher, MXEPTokenDispatcher.Config):
-        cfg.token_dispatcher = _mxep_config(
-            cfg.token_dispatcher, getattr(cfg.inner_experts, "dim", None),
-            num_max_tokens_per_rank=num_max_tokens_per_rank, align=align, scale_mode=scale_mode,
-            transport=transport, debug=debug)
+    changed in place (other overrides of its children keep their effect).
+
+    ``mxfp8_experts=True`` (after torchtitan's ``MXFP8GroupedExpertsConverter``, which the model
+    registry applies before any override): the converter's padded dispatcher is replaced too
+    (``align`` = its ``pad_multiple``, ``scale_mode`` = its recipe's), and its experts by
+    :func:`mxep_mxfp8_experts_cls`'s variant, which feeds mxep's MXFP8 tokens to torchao's
+    grouped GEMM without quantizing them again (module docstring)."""
+    if isinstance(cfg.token_dispatcher, MXEPTokenDispatcher.Config):
+        if mxfp8_experts and _mxep_experts_config(cfg.inner_experts) is None:
+            raise _mxfp8_experts_error("", cfg.inner_experts)
+        return cfg
+    op_config = None
+    if mxfp8_experts:
+        new_experts = _mxep_experts_config(cfg.inner_experts)
+        if new_experts is None:
+            raise _mxfp8_experts_error("", cfg.inner_experts)
+        op_config = _recipe_op_config(new_experts.recipe_name)
+    cfg.token_dispatcher = _mxep_config(
+        cfg.token_dispatcher, getattr(cfg.inner_experts, "dim", None), mxfp8_experts=mxfp8_experts,
+        op_config=op_config, num_max_tokens_per_rank=num_max_tokens_per_rank, align=align,
+        scale_mode=scale_mode, transport=transport, debug=debug)
+    if mxfp8_experts:
+        cfg.inner_experts = new_experts
     return cfg
 
 
-def use_mxep_dispatcher(model: Any, *, num_max_tokens_per_rank: int | None = None, align: int = 32,
-                        scale_mode: str = "rceil", transport: str = "auto", debug: bool = False) -> list[str]:
+def use_mxep_dispatcher(model: Any, *, num_max_tokens_per_rank: int | None = None, align: int | None = None,
+                        scale_mode: str | None = None, transport: str = "auto", debug: bool = False,
+                        mxfp8_experts: bool = False) -> list[str]:
     """Swap the standard token dispatcher of every ``RoutedExperts`` for :class:`MXEPTokenDispatcher`.
 
     Args:
@@ -292,35 +584,65 @@ def use_mxep_dispatcher(model: Any, *, num_max_tokens_per_rank: int | None = Non
             collective, call it on every rank); otherwise ``parallelize`` wires them (or, at EP =
             1, the first dispatch makes the Buffer, unless the process group has one rank, where
             it is made now).
-        num_max_tokens_per_rank, align, scale_mode, transport, debug: as in
-            :class:`MXEPTokenDispatcher`.
+        num_max_tokens_per_rank, transport, debug: as in :class:`MXEPTokenDispatcher`.
+        align: group padding; ``None``: 32, or with ``mxfp8_experts`` the converter's
+            ``pad_multiple``.
+        scale_mode: ``None``: ``"rceil"``, or with ``mxfp8_experts`` the recipe's (another one is
+            refused).
+        mxfp8_experts: the model was converted by torchtitan's ``MXFP8GroupedExpertsConverter``
+            (apply it first): keep its MXFP8 experts, replace its padded dispatcher by mxep's and
+            its experts by :func:`mxep_mxfp8_experts_cls`'s variant (on a built model, the
+            experts module's class is swapped in place: same parameters).
 
     Returns:
         The FQNs of the ``RoutedExperts`` that now have it (swapped, or already had it). Raises
-        ``ValueError`` if there is none, or if one has a dispatcher other than the standard one.
+        ``ValueError`` if there is none, or if one has a dispatcher other than the standard one
+        (the converter's padded one with ``mxfp8_experts``), or experts the converter did not
+        make while ``mxfp8_experts`` is set.
     """
     settings = dict(num_max_tokens_per_rank=num_max_tokens_per_rank, align=align, scale_mode=scale_mode,
                     transport=transport, debug=debug)
     swapped = []
     if isinstance(model, Configurable.Config):
         for fqn, cfg, _, _ in model.traverse(RoutedExperts.Config):
-            mxep_dispatcher(cfg, **settings)
+            try:
+                mxep_dispatcher(cfg, mxfp8_experts=mxfp8_experts, **settings)
+            except ValueError as e:
+                raise ValueError(f"{fqn}: {e}") from None
             swapped.append(fqn)
     elif isinstance(model, torch.nn.Module):
         for fqn, mod in model.named_modules():
             if not isinstance(mod, RoutedExperts):
                 continue
+            experts = mod.inner_experts
+            new_experts_cls = None
+            if mxfp8_experts:
+                if type(experts) in _MXEP_EXPERTS.values():
+                    new_experts_cls = type(experts)
+                elif type(experts) in _mxfp8_experts_classes():
+                    new_experts_cls = mxep_mxfp8_experts_cls(type(experts))
+                else:
+                    raise _mxfp8_experts_error(fqn, experts)
             if isinstance(mod.token_dispatcher, MXEPTokenDispatcher):   # already swapped
+                if new_experts_cls is not None:
+                    experts.__class__ = new_experts_cls
                 swapped.append(fqn)
                 continue
             old = mod.token_dispatcher
-            w1 = getattr(mod.inner_experts, "w1_EFD", None)
+            w1 = getattr(experts, "w1_EFD", None)
             hidden = int(w1.shape[-1]) if w1 is not None else None
-            new = _mxep_config(old, hidden, **settings).build()
+            op_config = experts._mxfp8_op_config if mxfp8_experts else None
+            try:
+                new = _mxep_config(old, hidden, mxfp8_experts=mxfp8_experts, op_config=op_config, **settings).build()
+            except ValueError as e:
+                raise ValueError(f"{fqn}: {e}") from None
             ep_mesh = getattr(old, "ep_mesh", None)
             if ep_mesh is not None:
                 new.wire_meshes(ep_mesh=ep_mesh)
             mod.token_dispatcher = new
+            if new_experts_cls is not None:
+                # same module, same parameters: only its _grouped_mm seam changes
+                experts.__class__ = new_experts_cls
             swapped.append(fqn)
     else:
         raise TypeError(f"use_mxep_dispatcher takes a torchtitan model config or nn.Module, got {type(model).__name__}")
