@@ -27,6 +27,7 @@ if os.environ.get("CI") != "true":   # CI installs torchtitan (pyproject [test],
     pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install torchtitan==0.3.0)")
 
 from support.dist import run_distributed  # noqa: E402
+from support.titan import global_grad, plain_moe_config, torchtitan_ep_dims  # noqa: E402
 
 from mxep.testing import sqnr_db  # noqa: E402
 
@@ -38,21 +39,9 @@ SQNR_ACT, SQNR_WEIGHT = 25.0, 21.0
 
 def _moe_config(mxep: bool, world: int):
     import spmd_types as spmd
-    from torchtitan.models.common.config_utils import (make_moe_config, make_routed_experts_config,
-                                                       make_router_config)
     from torchtitan.models.common.moe_sharding import set_moe_sharding_config
 
-    def init(std):
-        return functools.partial(torch.nn.init.normal_, std=std)
-
-    cfg = make_moe_config(
-        num_experts=E,
-        router=make_router_config(dim=D, num_experts=E, gate_param_init={"weight": init(0.2)}, top_k=K,
-                                  score_func="softmax", route_norm=True),
-        routed_experts=make_routed_experts_config(dim=D, hidden_dim=F, num_experts=E, top_k=K,
-                                                  param_init={n: init(0.1) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
-                                                  comm_backend="standard"),
-    )
+    cfg = plain_moe_config(E, D, F, K)
     if mxep:
         from mxep.integrations.torchtitan import use_mxep_dispatcher
         assert use_mxep_dispatcher(cfg, num_max_tokens_per_rank=T) == ["routed_experts"]
@@ -61,22 +50,6 @@ def _moe_config(mxep: bool, world: int):
                                 expert_param_layout={"w1_EFD": spmd.S(1), "w2_EDF": spmd.S(2), "w3_EFD": spmd.S(1)})
     return cfg
 
-
-def _global_grad(p: torch.Tensor, world: int) -> torch.Tensor:
-    """The full gradient of a parameter: expert weights (sharded on EP) gathered, the replicated
-    router summed over the ranks (what data parallelism's all-reduce would do)."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
-
-    g = p.grad
-    if isinstance(g, DTensor):
-        if any(isinstance(pl, Shard) for pl in g.placements):
-            return g.full_tensor().float()
-        g = g.to_local()
-    g = g.float().clone()
-    if world > 1:
-        dist.all_reduce(g)
-    return g
 
 
 def _collecting_aot_eager(graphs: list, frames: list):
@@ -117,7 +90,6 @@ def _fp8_consumers(graphs: list) -> dict:
 
 def _body(rank: int, world: int, modes: tuple) -> dict:
     import torch._dynamo
-    import torchtitan.distributed.parallel_dims as tt_parallel_dims
     from torchtitan.config import ParallelismConfig
     from torchtitan.distributed import ParallelDims
     from torchtitan.distributed.utils import set_spmd_backend
@@ -127,14 +99,7 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
 
     # what torchtitan's apply_compile sets before compiling its blocks
     torch._dynamo.config.capture_scalar_outputs = True
-    par = ParallelismConfig(data_parallel_shard_degree=world, expert_parallel_degree=world,
-                            spmd_backend="partial_dtensor")
-    set_spmd_backend(par.spmd_backend)
-    pd = None
-    if world > 1:
-        tt_parallel_dims.device_type = "cpu"   # torchtitan falls back to "cuda" without a GPU
-        pd = ParallelDims.from_config(par, world)
-        pd.build_mesh()
+    pd = torchtitan_ep_dims(world)
 
     # count the dequantize passes: the grouped GEMMs' (dequantize_mxfp8_op) and any fallback of
     # an op that MXFP8Tensor does not handle (the torch expression, a full extra pass)
@@ -181,8 +146,8 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
                 mxfp8_mod.dequantize_mxfp8_op, mxfp8_mod.dequantize_mxfp8_reference = op, fallback
             ge = moe.routed_experts.inner_experts
             res = {"y": y.detach().float(), "gx": xi.grad.float(),
-                   "g_router": _global_grad(moe.router.gate.weight, world),
-                   **{n: _global_grad(getattr(ge, n), world) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
+                   "g_router": global_grad(moe.router.gate.weight, world),
+                   **{n: global_grad(getattr(ge, n), world) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
                    "frames": len(frames), "calls": dict(calls) if mode == "eager" else _fp8_consumers(graphs)}
             if path == "mxep" and mode == "eager":
                 # the dispatcher's contract, checked on a fresh call: MXFP8 tokens, padded counts

@@ -43,7 +43,8 @@ if os.environ.get("CI") != "true":   # CI installs torchtitan (pyproject [test],
     pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install torchtitan==0.3.0)")
 pytest.importorskip("torchao", reason="torchao is not installed (the MXFP8 experts path needs it)")
 
-from support import worlds  # noqa: E402
+from support import worlds
+from support.titan import global_grad, plain_moe_config, torchtitan_ep_dims  # noqa: E402
 
 from mxep.testing import sqnr_db  # noqa: E402
 
@@ -68,24 +69,6 @@ def _(tokens_per_expert_group, start_index_values, write_offsets, experts_per_ra
     return tokens_per_expert_group.new_empty(max_len, dtype=torch.int32)
 
 
-def _plain_moe_config():
-    """torchtitan's MoE config with the standard dispatcher (bf16 experts)."""
-    from torchtitan.models.common.config_utils import (make_moe_config, make_routed_experts_config,
-                                                       make_router_config)
-
-    def init(std):
-        return functools.partial(torch.nn.init.normal_, std=std)
-
-    return make_moe_config(
-        num_experts=E,
-        router=make_router_config(dim=D, num_experts=E, gate_param_init={"weight": init(0.2)}, top_k=K,
-                                  score_func="softmax", route_norm=True),
-        routed_experts=make_routed_experts_config(dim=D, hidden_dim=F, num_experts=E, top_k=K,
-                                                  param_init={n: init(0.1) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
-                                                  comm_backend="standard"),
-    )
-
-
 def _converted_config(world: int, mxep: bool, pad_multiple: int = 32):
     """torchtitan's MoE config after its MXFP8 converter (emulated recipe), sharded for EP, then
     (``mxep``) mxep selected on the config: the order of a torchtitan job (the model registry
@@ -96,7 +79,7 @@ def _converted_config(world: int, mxep: bool, pad_multiple: int = 32):
     import torchtitan.components.quantization.mx as tt_mx
     from torchtitan.models.common.moe_sharding import set_moe_sharding_config
 
-    cfg = _plain_moe_config()
+    cfg = plain_moe_config(E, D, F, K)
     # the converter's sm_100 check, and only it, passes on CPU
     with mock.patch.object(tt_mx, "has_cuda_capability", lambda major, minor: True):
         converter = tt_mx.MXFP8GroupedExpertsConverter.Config(recipe_name="mxfp8_emulated_rceil",
@@ -176,42 +159,15 @@ class _QuantizeCounter:
         self.total = self.tokens = 0
 
 
-def _global_grad(p: torch.Tensor, world: int) -> torch.Tensor:
-    """A parameter's full gradient: expert weights (sharded on EP) gathered, the replicated
-    router summed over the ranks (data parallelism's all-reduce)."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard
-
-    g = p.grad
-    if isinstance(g, DTensor):
-        if any(isinstance(pl, Shard) for pl in g.placements):
-            return g.full_tensor().float()
-        g = g.to_local()
-    g = g.float().clone()
-    if world > 1:
-        dist.all_reduce(g)
-    return g
-
 
 def _body(rank: int, world: int) -> dict:
     import torch._dynamo
     import torchao.prototype.moe_training.ep.kernels as ao_ep_kernels
-    import torchtitan.distributed.parallel_dims as tt_parallel_dims
-    from torchtitan.config import ParallelismConfig
-    from torchtitan.distributed import ParallelDims
-    from torchtitan.distributed.utils import set_spmd_backend
     from torchtitan.models.common.token_dispatcher import TorchAOTokenDispatcher
 
     from mxep.integrations.torchtitan import MXEPTokenDispatcher, use_mxep_dispatcher
 
-    par = ParallelismConfig(data_parallel_shard_degree=world, expert_parallel_degree=world,
-                            spmd_backend="partial_dtensor")
-    set_spmd_backend(par.spmd_backend)
-    pd = None
-    if world > 1:
-        tt_parallel_dims.device_type = "cpu"   # torchtitan falls back to "cuda" without a GPU
-        pd = ParallelDims.from_config(par, world)
-        pd.build_mesh()
+    pd = torchtitan_ep_dims(world)
 
     torch.manual_seed(100 + rank)
     x = torch.randn(B, S, D).bfloat16()
@@ -245,8 +201,8 @@ def _body(rank: int, world: int) -> dict:
                     y = fn(xi)
                     y.backward(dy)
                     res = {"y": y.detach().float(), "gx": xi.grad.float(),
-                           "g_router": _global_grad(moe.router.gate.weight, world),
-                           **{n: _global_grad(getattr(ge, n), world) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
+                           "g_router": global_grad(moe.router.gate.weight, world),
+                           **{n: global_grad(getattr(ge, n), world) for n in ("w1_EFD", "w2_EDF", "w3_EFD")},
                            "quantize": {"tokens": counter.tokens, "total": counter.total},
                            "dispatcher": type(disp).__name__, "experts": type(ge).__name__,
                            "padded_dispatcher": isinstance(disp, TorchAOTokenDispatcher)}
@@ -361,7 +317,7 @@ def test_selection_errors():
     with pytest.raises(ValueError, match="standard token dispatcher.*mxfp8_experts=True"):
         use_mxep_dispatcher(_converted_config(1, False))
     with pytest.raises(ValueError, match="apply the converter first"):
-        use_mxep_dispatcher(_plain_moe_config(), mxfp8_experts=True)
+        use_mxep_dispatcher(plain_moe_config(E, D, F, K), mxfp8_experts=True)
     with pytest.raises(ValueError, match="recipe"):
         use_mxep_dispatcher(_converted_config(1, False), scale_mode="floor", mxfp8_experts=True)
     with pytest.raises(ValueError, match="pad_multiple"):
@@ -377,7 +333,7 @@ def test_selection_errors():
 
 def _plain_moe_with_mxep():
     from mxep.integrations.torchtitan import use_mxep_dispatcher
-    cfg = _plain_moe_config()
+    cfg = plain_moe_config(E, D, F, K)
     use_mxep_dispatcher(cfg)
     return cfg
 
