@@ -202,7 +202,7 @@ def test_inconsistent_counts_write_nothing_outside():
     bogus = [torch.tensor([1000, 0, 0, 700]), torch.tensor([0, 0, 0, 2 ** 30])]
     res = sim.dispatch(xs, bogus)
     for p in sim.peers:
-        assert (p.combine_bf16.view(torch.uint8) == POISON).all()   # the region after the dispatch region
+        assert (p.combine_region.view(torch.uint8) == POISON).all()   # the region after the dispatch region
         assert (p.dispatch_data[sim.capacity] == POISON).all()      # the scratch row
         assert p.status() == BAD_COUNTS
     # Both combines stay inside their regions too (scratch rows untouched, outputs [n, H]).

@@ -97,17 +97,18 @@ CASES = [  # (W, E, H, T, k, kind, empty_rank)
 ]
 
 
+@pytest.mark.parametrize("align", [32, 128])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}-E{c[1]}-k{c[4]}-{c[5]}")
-def test_simulated_token_dispatch_combine(case):
-    _check_simulated(case, "cpu")
+def test_simulated_token_dispatch_combine(case, align):
+    _check_simulated(case, "cpu", align)
 
 
-def _check_simulated(case, device):
+def _check_simulated(case, device, align=32):
     """Every check of the token-level path on the simulated world on ``device`` (inputs made and
-    references computed on the CPU)."""
+    references computed on the CPU), groups padded to ``align`` rows."""
     W, E, H, T, k, kind, empty = case
     xs, idx, ws = _inputs(7 + W + k, W, E, H, T, k, kind, empty)
-    world = SimulatedWorld(W, E, H, T, top_k=k, config=POISON, device=device)
+    world = SimulatedWorld(W, E, H, T, align, top_k=k, config=POISON, device=device)
     on = lambda ts: [t.to(device) for t in ts]   # noqa: E731
     back = lambda ts: [t.cpu() for t in ts]      # noqa: E731
     dispatched = world.dispatch_tokens(on(xs), on(idx), on(ws))
@@ -122,7 +123,7 @@ def _check_simulated(case, device):
 
     # layout, bit for bit, against the oracle of the sorted expansion
     rows, counts = _expansion(xs, idx, E, k)
-    ref = simulate_dispatch_mxfp8(rows, counts, 32)
+    ref = simulate_dispatch_mxfp8(rows, counts, align)
     for r in range(W):
         end = int(out[r].group_end_offsets[-1])
         assert torch.equal(out[r].group_end_offsets, ref[r].group_end_offsets.to(torch.int32))
@@ -268,12 +269,13 @@ def test_token_buffer_refuses_row_level_calls():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("align", [32, 128])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}-E{c[1]}-k{c[4]}-{c[5]}")
-def test_gpu_simulated_token_dispatch_combine(case):
+def test_gpu_simulated_token_dispatch_combine(case, align):
     """One GPU: the same checks with the kernels compiled for sm_90 (hardware e4m3 cast)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    _check_simulated(case, "cuda")
+    _check_simulated(case, "cuda", align)
 
 
 @pytest.mark.gpu
