@@ -282,6 +282,10 @@ def _buffer_blocked_body(rank, world, symm=False):
             out[lay].tokens.dequantize()[:end].float().sum().backward(retain_graph=True)
             grads.append(x.grad.clone())
         assert torch.equal(*grads)
+    if world > 1 and not symm:   # every rank must pass the same layout (compared at construction)
+        with pytest.raises(ValueError, match="different scale_layout"):
+            mxep.Buffer(group, num_experts=2 * world, hidden=128, max_tokens_per_rank=4, align=128,
+                        scale_layout="blocked" if rank == 0 else "row_major")
     return True
 
 
