@@ -307,3 +307,21 @@ def test_buffer_blocked_scales_symm_mem_one_rank():
     """The symmetric-memory transport's code path (one rank over local memory), both levels."""
     with single_rank_group():
         assert _buffer_blocked_body(0, 1, symm=True)
+
+
+def test_blocked_token_ops_compile():
+    """torch.compile(fullgraph=True) of dispatch_tokens -> combine_tokens -> backward on a
+    blocked Buffer equals eager (the layout reaches the traced MXFP8Tensor as a constant)."""
+    from test_token_dispatch import _one_rank_token_step, _token_forward
+
+    with single_rank_group():
+        E, H, T, k = 8, 128, 11, 3
+        xs, idx, ws = _inputs(3, 1, E, H, T, k, "holes")
+        buf = mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, top_k=k, scale_layout="blocked")
+        g = torch.Generator().manual_seed(4)
+        eo = torch.randn(buf.capacity, H, generator=g).bfloat16()
+        dy = torch.randn(xs[0].shape[0], H, generator=g).bfloat16()
+        eager = _one_rank_token_step(buf, xs[0], idx[0], ws[0], eo, dy)
+        compiled = torch.compile(_token_forward, fullgraph=True, backend="aot_eager")
+        for u, v in zip(eager, _one_rank_token_step(buf, xs[0], idx[0], ws[0], eo, dy, forward=compiled)):
+            assert torch.equal(u, v) if u.dtype != torch.float32 else torch.allclose(u, v, rtol=1e-4, atol=1e-4)
