@@ -163,22 +163,23 @@ def sm90_config(**changes):
     return _SM90Config().replace(**changes) if changes else _SM90Config()
 
 
-def drive_transport(shapes, config, scale_modes=("rceil", "floor")) -> list:
+def drive_transport(shapes, config, scale_modes=("rceil", "floor"), scale_layout="row_major") -> list:
     """The symmetric-memory transport's kernels on simulated worlds, one per shape ``(W, E, H, N,
-    align)``, with ``config`` (HW_CAST as a GPU launch gets it: ``config.hw_cast``); returns the
-    last world's dispatch output (for the expert kernels)."""
+    align)``, with ``config`` (HW_CAST as a GPU launch gets it: ``config.hw_cast``) and the
+    dispatch's ``scale_layout``; returns the last world's dispatch output (for the expert
+    kernels)."""
     g = torch.Generator().manual_seed(0)
     res = None
     saved, GPU_LAUNCH["hw_cast"] = GPU_LAUNCH["hw_cast"], config.hw_cast
     try:
         for shape in shapes:
-            res = _drive_world(shape, config, scale_modes, g)
+            res = _drive_world(shape, config, scale_modes, g, scale_layout)
     finally:
         GPU_LAUNCH["hw_cast"] = saved
     return res
 
 
-def _drive_world(shape, config, scale_modes, g) -> list:
+def _drive_world(shape, config, scale_modes, g, scale_layout="row_major") -> list:
     from mxep.testing import make_inputs, make_routing
     from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 
@@ -186,7 +187,7 @@ def _drive_world(shape, config, scale_modes, g) -> list:
     counts = [make_routing(N, E, "uniform", g) for _ in range(W)]
     xs = [make_inputs(c, H, generator=g) for c in counts]
     for mode in scale_modes:
-        sim = SimulatedWorld(W, E, H, N, align, mode, config=config)
+        sim = SimulatedWorld(W, E, H, N, align, mode, config=config, scale_layout=scale_layout)
         res = sim.dispatch(xs, counts)                      # plan halves, push, copy-out
     for r, p in enumerate(sim.peers):                       # the plan kernel in one launch (a real world)
         p.exchange_and_plan(counts[r].to(torch.int32), N, align)
@@ -196,11 +197,11 @@ def _drive_world(shape, config, scale_modes, g) -> list:
     sim.dispatch(xs, counts, zero_copy=True)                # zero-copy dispatch (no copy-out)
     sim.combine(sim.combine_inputs(), handles)              # pull combine of the zero-copy input
     sim.dispatch_bf16([torch.zeros(N, H, dtype=torch.bfloat16) for _ in range(W)], handles)
-    _drive_tokens(shape, config, scale_modes, g)
+    _drive_tokens(shape, config, scale_modes, g, scale_layout)
     return res
 
 
-def _drive_tokens(shape, config, scale_modes, g) -> None:
+def _drive_tokens(shape, config, scale_modes, g, scale_layout="row_major") -> None:
     """The token-level path (``Buffer(top_k=k).dispatch_tokens`` / ``combine_tokens`` and their
     backwards): every token once per destination rank, expanded on the owner."""
     from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
@@ -213,7 +214,7 @@ def _drive_tokens(shape, config, scale_modes, g) -> None:
     gates = [torch.rand(T, k, generator=g) for _ in range(W)]
     xs = [torch.zeros(T, H, dtype=torch.bfloat16) for _ in range(W)]
     for mode in scale_modes:
-        sim = SimulatedWorld(W, E, H, T, align, mode, config=config, top_k=k)
+        sim = SimulatedWorld(W, E, H, T, align, mode, config=config, top_k=k, scale_layout=scale_layout)
         res = sim.dispatch_tokens(xs, idx, gates)           # plan, token push, expansion on the owner
     handles = [o.handle for o in res]
     eo = [torch.zeros(sim.capacity, H, dtype=torch.bfloat16) for _ in range(W)]
@@ -232,6 +233,10 @@ def drive() -> None:
     # (world, experts, hidden, rows per rank, align): configs (a)/(c), (b), and awkward sizes
     res = drive_transport([(2, 256, 7168, 40, 32), (4, 16, 5120, 24, 128), (3, 9, 96, 13, 32),
                            (4, 256, 2048, 16, 32)], sm90_config())
+    # blocked scales (Buffer(scale_layout="blocked"), sm_100's layout written by the same kernels):
+    # whole-row tiles at configs (a)/(b)'s hidden sizes, and an awkward one
+    drive_transport([(2, 16, 7168, 40, 128), (3, 9, 256, 13, 128)], sm90_config(), scale_modes=("rceil",),
+                    scale_layout="blocked")
     # the integer e4m3 rounding (EPConfig(hw_cast=False), to_mxfp8_rows(hw_cast=False))
     drive_transport([(2, 8, 256, 16, 32)], sm90_config(hw_cast=False), scale_modes=("rceil",))
     GPU_LAUNCH["hw_cast"] = False

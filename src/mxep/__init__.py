@@ -3,8 +3,8 @@
 Public API::
 
     mxep.to_mxfp8(x, scale_mode="rceil") -> MXFP8Tensor        # format
-    mxep.Buffer(group, num_experts, hidden, max_tokens_per_rank, align=32, scale_mode="rceil",
-                config=mxep.EPConfig())
+    mxep.Buffer(group, num_experts, hidden, max_tokens_per_rank, align=None, scale_mode="rceil",
+                config=mxep.EPConfig(), scale_layout="auto")    # "blocked": sm_100's scale tiles
     buf.dispatch(x, num_tokens_per_expert) -> DispatchResult   # fused MXFP8 dispatch, bf16 backward
     buf.combine(expert_out, handle) -> [n, H] bf16
     mxep.a2a_dispatch_and_group_mxfp8_fwd_hp_bwd(x, num_tokens_per_expert, buf)

@@ -45,7 +45,7 @@ def test_buffer_symm_mem_one_rank():
     logic, plan, push, copy-out, push and pull combine, zero-copy) on one rank over local
     memory."""
     with single_rank_group() as group:
-        for case in cases_for_world(1, hidden=(96,), aligns=(16,)):
+        for case in cases_for_world(1, hidden=(96,), aligns=(16, 128)):
             buf = _buffer(case, group)
             buf.transport = SymmMemTransport.over_local_memory(buf.regions, buf.config, group=buf.group)
             assert buf.transport_name == "symm_mem"

@@ -99,15 +99,20 @@ CASES = [  # (W, E, H, T, k, kind, empty_rank)
 ]
 
 
+@pytest.mark.parametrize("align", [32, 128])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"W{c[0]}-E{c[1]}-k{c[4]}-{c[5]}")
-def test_simulated_token_dispatch_combine(case, device):
+def test_simulated_token_dispatch_combine(case, device, align):
+    _check_simulated(case, device, align)
+
+
+def _check_simulated(case, device, align=32):
     """Every check of the token-level path on the simulated world on ``device`` (inputs made and
-    references computed on the CPU); on CUDA with the kernels compiled for sm_90 (hardware e4m3
-    cast)."""
+    references computed on the CPU), groups padded to ``align`` rows; on CUDA with the kernels
+    compiled for sm_90 (hardware e4m3 cast)."""
     W, E, H, T, k, kind, empty = case
     xs, idx, ws = _inputs(7 + W + k, W, E, H, T, k, kind, empty)
-    world = SimulatedWorld(W, E, H, T, top_k=k, config=POISON, device=device)
+    world = SimulatedWorld(W, E, H, T, align, top_k=k, config=POISON, device=device)
     on = lambda ts: [t.to(device) for t in ts]   # noqa: E731
     back = lambda ts: [t.cpu() for t in ts]      # noqa: E731
     dispatched = world.dispatch_tokens(on(xs), on(idx), on(ws))
@@ -122,7 +127,7 @@ def test_simulated_token_dispatch_combine(case, device):
 
     # layout, bit for bit, against the oracle of the sorted expansion
     rows, counts = _expansion(xs, idx, E, k)
-    ref = simulate_dispatch_mxfp8(rows, counts, 32)
+    ref = simulate_dispatch_mxfp8(rows, counts, align)
     for r in range(W):
         end = int(out[r].group_end_offsets[-1])
         assert torch.equal(out[r].group_end_offsets, ref[r].group_end_offsets.to(torch.int32))

@@ -36,6 +36,7 @@ class Case:
     rows: tuple[int, ...]      # rows per rank (<= max_tokens)
     seed: int = 0
     scale_mode: str = "rceil"
+    scale_layout: str = "row_major"
 
     def inputs(self, device="cpu"):
         g = torch.Generator().manual_seed(self.seed)
@@ -100,7 +101,10 @@ def gpu_cases(world: int, max_tokens: int = 300) -> list[Case]:
 
 
 def check_dispatch(case: Case, rank: int, tokens, group_end_offsets, tokens_per_expert, counts, xs) -> None:
-    """Bit-exact check of one rank's dispatch output against the oracle."""
+    """Bit-exact check of one rank's dispatch output against the oracle (blocked scales,
+    ``tokens.scale_layout == "blocked"``: against the oracle's scales in the blocked layout,
+    ``mxep.format.blocked.to_blocked_scales``, itself checked against torchao's
+    ``torch_to_blocked_2d_M_groups`` in tests/ep/test_blocked_scales.py)."""
     exp = simulate_dispatch_mxfp8([x.cpu() for x in xs], [c.cpu() for c in counts], case.align, case.scale_mode)[rank]
     R = exp.qdata.shape[0]
     assert torch.equal(group_end_offsets.cpu(), exp.group_end_offsets), (group_end_offsets, exp.group_end_offsets)
@@ -110,7 +114,11 @@ def check_dispatch(case: Case, rank: int, tokens, group_end_offsets, tokens_per_
     s = tokens.scale[:R].cpu().view(torch.uint8)
     bad = (q != exp.qdata.view(torch.uint8)).any(1).nonzero().flatten()
     assert bad.numel() == 0, f"rank {rank}: qdata rows differ: {bad[:10].tolist()}"
-    assert torch.equal(s, exp.scale.view(torch.uint8)), f"rank {rank}: scales differ"
+    exp_s = exp.scale.view(torch.uint8)
+    if getattr(tokens, "scale_layout", "row_major") == "blocked":
+        from mxep.format.blocked import to_blocked_scales
+        exp_s = to_blocked_scales(exp_s)    # R is a multiple of 128: whole tiles
+    assert torch.equal(s, exp_s), f"rank {rank}: scales differ"
 
 
 def expected_grad_x(case: Case, grads, counts) -> list[torch.Tensor]:
@@ -149,7 +157,7 @@ def run_buffer_case(buf, case: Case, rank: int, device) -> None:
     # A second dispatch on the same buffer (next layer / micro-batch) before any backward.
     case2 = Case(case.world, case.num_experts, case.hidden, case.max_tokens, case.align,
                  tuple(reversed(case.routing)), tuple(reversed(case.rows)), seed=case.seed + 7,
-                 scale_mode=case.scale_mode)
+                 scale_mode=case.scale_mode, scale_layout=case.scale_layout)
     counts2, xs2 = case2.inputs(device)
     x2 = xs2[rank].clone().requires_grad_(True)
     res2 = buf.dispatch(x2, counts2[rank])

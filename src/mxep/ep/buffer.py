@@ -12,17 +12,48 @@ import torch.distributed as dist
 
 from mxep.ep.config import EPConfig, default_config
 from mxep._utils import check_size, padded_group_rows
-from mxep.ep.layout import capacity_rows
+from mxep.ep.layout import capacity_rows, check_blocked_settings, layout_capacity
 from mxep.ep.ops import CombineRows, CombineTokens, DispatchRows, DispatchTokens, register_buffer
 from mxep.ep.transport.base import DispatchHandle, Transport, describe_routing_errors, describe_status
 from mxep.ep.transport.collective import CollectiveTransport
 from mxep.ep.transport.symm_mem import RegionLayout, SymmMemTransport
 from mxep.format.mxfp8 import MXFP8Tensor
+from mxep.format.blocked import SCALE_LAYOUTS
 from mxep.format.spec import BLOCK_SIZE, SCALE_MODES, check_scale_mode
 
-__all__ = ["Buffer", "DispatchHandle", "DispatchResult", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd"]
+__all__ = ["Buffer", "DispatchHandle", "DispatchResult", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd",
+           "resolve_scale_layout"]
 
 TRANSPORTS = ("symm_mem", "collective")
+
+
+def _is_sm100(device: torch.device) -> bool:
+    """Datacenter Blackwell (sm_100 / sm_103): the GPUs whose ``torch._scaled_grouped_mm`` takes
+    MXFP8 with blocked scales (torchtitan's MXFP8 converter asks for ``has_cuda_capability(10, 0)``;
+    sm_12x has other MMA instructions and is left out)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+def resolve_scale_layout(scale_layout: str, align: int | None, hidden: int,
+                         device: torch.device) -> tuple[str, int]:
+    """The Buffer's ``(scale_layout, align)`` from its arguments (see :class:`Buffer`):
+
+    * ``"row_major"``: ``align`` or 32;
+    * ``"blocked"``: ``align`` or 128; ``align % 128 == 0`` and ``hidden % 128 == 0`` or a ValueError;
+    * ``"auto"``: ``"blocked"`` with ``align`` or 128 on sm_100 where ``hidden % 128 == 0`` and
+      the ``align`` passed (if any) is a multiple of 128, else ``"row_major"`` with ``align`` or 32
+      (on the CPU and on Hopper: always row-major).
+    """
+    if scale_layout not in ("auto", *SCALE_LAYOUTS):
+        raise ValueError(f"scale_layout must be 'auto', 'row_major' or 'blocked', got {scale_layout!r}")
+    if scale_layout == "auto":
+        fits = hidden % 128 == 0 and (align is None or align % 128 == 0)
+        scale_layout = "blocked" if fits and _is_sm100(torch.device(device)) else "row_major"
+    if align is None:
+        align = 128 if scale_layout == "blocked" else 32
+    align = check_size("align", align, 1)
+    check_blocked_settings(scale_layout, hidden, align)
+    return scale_layout, align
 
 
 class DispatchResult(NamedTuple):
@@ -30,8 +61,12 @@ class DispatchResult(NamedTuple):
 
     Attributes:
         tokens: :class:`MXFP8Tensor` ``[capacity, H]`` (``.qdata`` float8_e4m3fn, ``.scale``
-            float8_e8m0fnu ``[capacity, H // 32]``), expert-major and padded per docs/layout.md in
-            rows ``[0, group_end_offsets[-1])``; later rows are undefined. Presents to autograd
+            float8_e8m0fnu ``[capacity, H // 32]``, ``.scale_layout`` the Buffer's), expert-major
+            and padded per docs/layout.md in rows ``[0, group_end_offsets[-1])``; later rows are
+            undefined. With ``scale_layout="blocked"`` the scale bytes of those rows are in
+            sm_100's blocked layout (docs/layout.md, "Blocked scales"): torchao's
+            ``torch_to_blocked_2d_M_groups(row_major_scale, group_end_offsets)[0]`` in its first
+            ``group_end_offsets[-1]`` rows, bit for bit; hand them to the GEMM as swizzled scales. Presents to autograd
             as bf16: ``tokens.dequantize()`` is differentiable back to ``x`` in bf16.
         group_end_offsets: int32 ``[E // W]`` cumulative padded group ends (``torch._grouped_mm``
             ``offs``).
@@ -72,7 +107,8 @@ class Buffer:
         max_tokens_per_rank: ``N``, the most rows any rank passes to one dispatch (counting
             top-k duplicates). Memory is sized once for the worst case, every row of every rank
             going to one rank: ``capacity = W * N + (E // W) * align`` rows.
-        align: per-expert group padding in rows (32 for MXFP8 weight-gradient blocks).
+        align: per-expert group padding in rows. Default: 128 where the scales are blocked, else
+            32 (MXFP8 weight-gradient blocks of 32 rows must not straddle two experts).
         scale_mode: ``"rceil"`` or ``"floor"`` (see :mod:`mxep.format.mxfp8`).
         transport: ``"auto"`` (symmetric memory on an NCCL group of CUDA tensors, else the
             collective path), ``"symm_mem"`` or ``"collective"``.
@@ -98,6 +134,20 @@ class Buffer:
             rows, which is what a many-layer model saves for the expert GEMMs' backward.
         config: the :class:`~mxep.EPConfig` of the kernels (default: :func:`mxep.default_config`
             for the device and ``hidden``). Frozen; kept for the Buffer's lifetime.
+        scale_layout: the layout of the dispatched tokens' e8m0 scales (both levels, both
+            transports), ``[capacity, H // 32]`` either way:
+            ``"row_major"``: ``scale[i, j]`` scales elements ``[32j, 32j + 32)`` of row ``i``
+            (the Hopper GEMMs, ``torch._grouped_mm`` after a dequantize);
+            ``"blocked"``: the tiles of 128 rows x 4 scales that sm_100's block-scaled MMA reads
+            (``torch._scaled_grouped_mm``; torchao's ``is_swizzled_scales=True``), written by
+            the dispatch kernels themselves where they would write the row-major bytes, so no
+            rearrange pass runs before the GEMM. Needs ``align % 128 == 0`` (default 128 then)
+            and ``hidden % 128 == 0`` (ValueError otherwise); ``capacity`` is rounded up to a
+            multiple of 128;
+            ``"auto"`` (default): ``"blocked"`` on sm_100 when ``hidden % 128 == 0`` and ``align``
+            is left at its default or a multiple of 128, else ``"row_major"`` (always on the CPU
+            and on Hopper). :func:`resolve_scale_layout` gives the choice; ``buf.scale_layout``
+            and ``buf.align`` hold it.
 
     Every rank of the group must pass the same settings: they are compared once, here, with one
     small collective, and a mismatch raises naming the setting and every rank's value.
@@ -127,10 +177,10 @@ class Buffer:
         >>> dist.destroy_process_group()
     """
 
-    def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, align: int = 32,
+    def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, align: int | None = None,
                  scale_mode: str = "rceil", transport: str = "auto", debug: bool = False,
                  device: torch.device | str | None = None, config: EPConfig | None = None,
-                 top_k: int | None = None, capacity_factor: float | None = None):
+                 top_k: int | None = None, capacity_factor: float | None = None, scale_layout: str = "auto"):
         if not dist.is_initialized():
             raise RuntimeError("mxep.Buffer needs torch.distributed to be initialized")
         self.group = group if group is not None else dist.group.WORLD
@@ -139,7 +189,13 @@ class Buffer:
         num_experts = check_size("num_experts", num_experts, 1)
         hidden = check_size("hidden", hidden, 1)
         max_tokens_per_rank = check_size("max_tokens_per_rank", max_tokens_per_rank, 0)
-        align = check_size("align", align, 1)
+        backend = dist.get_backend(self.group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:   # "cuda": the current device, as torch means it
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.scale_layout, align = resolve_scale_layout(scale_layout, align, hidden, self.device)
         if num_experts % self.world_size:
             raise ValueError(f"num_experts ({num_experts}) must be a positive multiple of the group size ({self.world_size})")
         if hidden % BLOCK_SIZE:
@@ -172,13 +228,9 @@ class Buffer:
             self.expert_capacity = max(1, math.ceil(self.capacity_factor * self.world_size * max_tokens_per_rank
                                                     * self.top_k / num_experts))
             self.capacity = min(self.capacity, self.num_local_experts * padded_group_rows(self.expert_capacity, align))
+        # blocked scales: whole 128-row tiles, so the [capacity, H // 32] tensor reads back in one reshape
+        self.capacity = layout_capacity(self.capacity, self.scale_layout)
 
-        backend = dist.get_backend(self.group)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:   # "cuda": the current device, as torch means it
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.config = config if config is not None else default_config(self.device, hidden)
         if transport == "auto":
             transport = "symm_mem" if (backend == "nccl" and self.device.type == "cuda") else "collective"
@@ -188,12 +240,13 @@ class Buffer:
             raise ValueError("transport='symm_mem' needs CUDA devices")
         self._check_ranks_agree(transport)
         self.regions = RegionLayout(self.world_size, num_experts, hidden, max_tokens_per_rank, self.capacity,
-                                    self.top_k or 0, self.expert_capacity or 2**31 - 1)
+                                    self.top_k or 0, self.expert_capacity or 2**31 - 1, self.scale_layout)
         if transport == "symm_mem":
             self.transport: Transport = SymmMemTransport(self.group, self.regions, self.device, self.config)
         else:
             self.transport = CollectiveTransport(self.group, num_experts, hidden, max_tokens_per_rank, self.capacity,
-                                                 self.device, self.top_k or 0, align, self.expert_capacity)
+                                                 self.device, self.top_k or 0, align, self.expert_capacity,
+                                                 self.scale_layout)
         self._id = register_buffer(self)   # how the ops name this Buffer (mxep.ep.ops)
         self._generation = 0               # dispatches so far: a handle is valid until the next
 
@@ -203,7 +256,8 @@ class Buffer:
         settings = {"hidden": self.hidden, "num_experts": self.num_experts,
                     "max_tokens_per_rank": self.max_tokens_per_rank, "align": self.align,
                     "scale_mode": SCALE_MODES.index(self.scale_mode), "transport": TRANSPORTS.index(transport),
-                    "top_k": self.top_k or 0, "expert_capacity": self.expert_capacity or 0}
+                    "top_k": self.top_k or 0, "expert_capacity": self.expert_capacity or 0,
+                    "scale_layout": SCALE_LAYOUTS.index(self.scale_layout)}
         mine = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.device)
         every = torch.empty(self.world_size * mine.numel(), dtype=torch.int64, device=self.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
@@ -216,6 +270,8 @@ class Buffer:
                     col = [SCALE_MODES[v] for v in col]
                 elif name == "transport":
                     col = [TRANSPORTS[v] for v in col]
+                elif name == "scale_layout":
+                    col = [SCALE_LAYOUTS[v] for v in col]
                 values = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(col))
                 raise ValueError(f"mxep.Buffer: the ranks of the EP group passed different {name} ({values}); "
                                  "every rank must build its Buffer with the same settings")
@@ -234,7 +290,7 @@ class Buffer:
         return (f"mxep.Buffer(transport={self.transport_name!r}, rank={self.rank}/{self.world_size}, "
                 f"num_experts={self.num_experts}, hidden={self.hidden}, max_tokens_per_rank="
                 f"{self.max_tokens_per_rank}, align={self.align}, capacity={self.capacity}, "
-                f"scale_mode={self.scale_mode!r}, symm_bytes={self.symm_bytes})")
+                f"scale_mode={self.scale_mode!r}, scale_layout={self.scale_layout!r}, symm_bytes={self.symm_bytes})")
 
     # ------------------------------------------------------------------ validation (host only)
     def _check_x(self, x: torch.Tensor, name: str = "x") -> None:
@@ -454,7 +510,7 @@ class Buffer:
         self._token_level_only("dispatch_tokens")
         self._check_routing(x, topk_idx, topk_weights)
         q, group_end_offsets, tokens_per_expert, dropped, errors, *state = DispatchTokens.apply(
-            x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(), self._id)
+            x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(), self._id, self.scale_layout)
         handle = DispatchHandle(self.transport, self.rank, x.shape[0], group_end_offsets, tokens_per_expert,
                                 self.transport.token_state_type.from_list(state))
         self._new_generation(handle)

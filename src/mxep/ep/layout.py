@@ -14,7 +14,8 @@ import torch
 
 from mxep._utils import padded_group_rows
 
-__all__ = ["DispatchLayout", "compute_dispatch_layout", "capacity_rows", "clamp_counts"]
+__all__ = ["DispatchLayout", "compute_dispatch_layout", "capacity_rows", "clamp_counts", "check_blocked_settings",
+           "layout_capacity"]
 
 
 def capacity_rows(world_size: int, num_local_experts: int, max_tokens_per_rank: int, align: int) -> int:
@@ -22,6 +23,31 @@ def capacity_rows(world_size: int, num_local_experts: int, max_tokens_per_rank: 
     ``max_tokens_per_rank`` rows to one rank, plus up to ``align`` pad rows per local expert
     (an expert that receives nothing still gets ``align`` rows; a non-empty one pads < align)."""
     return world_size * max_tokens_per_rank + num_local_experts * align
+
+
+def check_blocked_settings(scale_layout: str, hidden: int, align: int) -> None:
+    """Raise unless ``scale_layout`` is ``"row_major"``, or ``"blocked"`` with settings whose
+    layout is whole tiles of sm_100's blocked scales (mxep/format/blocked.py): every group a
+    multiple of 128 rows (``align % 128 == 0``: then every group starts on a tile too) and the
+    scales of a row whole 4-byte words (``hidden % 128 == 0``)."""
+    from mxep.format.blocked import check_scale_layout
+
+    check_scale_layout(scale_layout)
+    if scale_layout != "blocked":
+        return
+    if align % 128:
+        raise ValueError(f"scale_layout='blocked' needs align to be a multiple of 128 (sm_100's scale tiles are 128 "
+                         f"rows and may not straddle two experts' groups), got align={align}")
+    if hidden % 128:
+        raise ValueError(f"scale_layout='blocked' needs hidden to be a multiple of 128 (tiles of 4 scales = 128 "
+                         f"elements along the row), got hidden={hidden}")
+
+
+def layout_capacity(capacity: int, scale_layout: str) -> int:
+    """Rows of the dispatch output: ``capacity``, rounded up to a multiple of 128 for blocked
+    scales (so that the whole ``[cap, H // 32]`` scale tensor is whole tiles and reads back with
+    one reshape, :func:`mxep.format.blocked.from_blocked_scales`)."""
+    return -(-capacity // 128) * 128 if scale_layout == "blocked" else capacity
 
 
 def clamp_counts(counts: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,26 +156,29 @@ def _(dy, expert_out, buffer_id, state):
 
 
 class DispatchTokens(torch.autograd.Function):
-    """``(x bf16 [t, H], topk_idx, topk_weights, buffer_id)`` -> ``(MXFP8Tensor tokens [cap, H],
+    """``(x bf16 [t, H], topk_idx, topk_weights, buffer_id, scale_layout)`` -> ``(MXFP8Tensor tokens [cap, H],
     group_end_offsets, tokens_per_expert, num_dropped, routing_errors, *state)``; the backward
     sends the bf16 gradient of the tokens back (``mxep::dispatch_tokens_backward``)."""
 
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weights, buffer_id):
+    def forward(ctx, x, topk_idx, topk_weights, buffer_id, scale_layout="row_major"):
         q, s, group_end_offsets, tokens_per_expert, dropped, errors, *state = _dispatch_tokens_op(
             x, topk_idx, topk_weights, buffer_id)
         ctx.buffer_id = buffer_id
         ctx.save_for_backward(*state)
         ctx.mark_non_differentiable(group_end_offsets, tokens_per_expert, dropped, errors, *state)
-        return (MXFP8Tensor(q, s, torch.bfloat16), group_end_offsets, tokens_per_expert, dropped, errors, *state)
+        # (the Buffer's scale layout comes in as a constant string argument: torch.compile traces
+        # this forward and must not look the Buffer up)
+        return (MXFP8Tensor(q, s, torch.bfloat16, scale_layout=scale_layout), group_end_offsets, tokens_per_expert,
+                dropped, errors, *state)
 
     @staticmethod
     def backward(ctx, grad_tokens, *unused):
         if grad_tokens is None:
-            return None, None, None, None
+            return None, None, None, None, None
         grad_x = _dispatch_tokens_backward_op(grad_tokens.to(torch.bfloat16).contiguous(), ctx.buffer_id,
                                               list(ctx.saved_tensors))
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
 
 
 class CombineTokens(torch.autograd.Function):

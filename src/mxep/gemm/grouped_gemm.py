@@ -333,7 +333,9 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
 
     Args:
         tokens: :class:`~mxep.MXFP8Tensor` ``[cap, K]`` in the dispatch layout (``DispatchResult.tokens``):
-            e4m3 ``qdata [cap, K]``, e8m0 ``scale [cap, K / 32]``, groups in order, any padding.
+            e4m3 ``qdata [cap, K]``, e8m0 ``scale [cap, K / 32]``, groups in order, any padding;
+            row-major or blocked scales (``tokens.scale_layout``; blocked ones are made row-major
+            first, a copy of the scales).
         weight: bf16 ``[L, N, K]``, one ``[N, K]`` matrix per local expert (``L = E // world``), or an
             :class:`~mxep.MXFP8Tensor` of it (blocks of 32 along K, e.g. ``mxep.to_mxfp8(w)``): the
             MX GEMM's numerics for both operands; its gradient is returned in bf16 (straight-through).
@@ -395,6 +397,10 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
         raise ValueError("tokens, weight and group_end_offsets must be on one device")
     if not isinstance(weight, MXFP8Tensor):
         weight = weight.contiguous()
+    # Blocked scales (a Buffer(scale_layout="blocked") dispatch, sm_100's layout): these kernels,
+    # and torchao 0.18's weight gradient, index scales by row, so they get a row-major copy of the
+    # scales (1/32 of the data bytes).
+    tokens = tokens.with_row_major_scales()
     impl = _resolve_impl(impl, tokens, N)
     if impl == "torchao":
         from mxep.integrations.torchao import grouped_mm_torchao

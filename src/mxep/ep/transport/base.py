@@ -157,9 +157,11 @@ class TokenDispatch(NamedTuple):
     state: TokenState
 
 
-def as_mxfp8(q: torch.Tensor, s: torch.Tensor) -> MXFP8Tensor:
-    """uint8 data ``[cap, H]`` and scales ``[cap, H // 32]`` -> bf16-typed :class:`MXFP8Tensor`."""
-    return MXFP8Tensor(q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), torch.bfloat16)
+def as_mxfp8(q: torch.Tensor, s: torch.Tensor, scale_layout: str = "row_major") -> MXFP8Tensor:
+    """uint8 data ``[cap, H]`` and scales ``[cap, H // 32]`` (in ``scale_layout``) -> bf16-typed
+    :class:`MXFP8Tensor`."""
+    return MXFP8Tensor(q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu), torch.bfloat16,
+                       scale_layout=scale_layout)
 
 
 class Transport:
@@ -170,6 +172,13 @@ class Transport:
     name = "abstract"
     #: the :class:`TokenState` subclass of this transport's token-level calls
     token_state_type: type[TokenState] = TokenState
+    #: the layout of the scales that :meth:`dispatch_mxfp8` and :meth:`dispatch_tokens` return
+    #: (fixed at construction): ``"row_major"`` ``[cap, H // 32]``, or ``"blocked"``
+    #: (:mod:`mxep.format.blocked`: the same ``[cap, H // 32]`` bytes in sm_100's tiles of
+    #: 128 rows x 4 scales; ``cap % 128 == 0``, ``H % 128 == 0`` and every group a multiple of
+    #: 128 rows, so rows ``[0, group_end_offsets[-1])`` are byte for byte torchao's
+    #: ``torch_to_blocked_2d_M_groups`` of the row-major scales; the rest is undefined)
+    scale_layout: str = "row_major"
 
     def __init__(self, routing_errors: torch.Tensor):
         #: int32 ``[2]`` on the device, since construction: ``topk_idx`` entries out of range and

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from mxep.ep.layout import DispatchLayout, clamp_counts, compute_dispatch_layout
 from mxep.ep.routing import route_tokens
 from mxep.ep.transport.base import BAD_COUNTS, DispatchHandle, TokenDispatch, TokenState, Transport, as_mxfp8, token_state
+from mxep.format.blocked import blocked_scale_offsets
 from mxep.format.mxfp8 import to_mxfp8
 
 __all__ = ["CollectiveTransport", "CollectiveTokenState"]
@@ -51,15 +52,18 @@ class CollectiveTokenState(TokenState):
 
 class CollectiveTransport(Transport):
     """Args: the EP ``group``, the Buffer's sizes (``capacity``: rows of the dispatch layout;
-    ``top_k``: 0 for a row-level Buffer; ``expert_cap``: the ``capacity_factor`` bound) and
-    ``device``."""
+    ``top_k``: 0 for a row-level Buffer; ``expert_cap``: the ``capacity_factor`` bound),
+    ``device`` and ``scale_layout`` (:attr:`Transport.scale_layout`; ``"blocked"`` needs
+    ``capacity % 128 == 0``)."""
 
     name = "collective"
     token_state_type = CollectiveTokenState
 
     def __init__(self, group, num_experts: int, hidden: int, max_tokens_per_rank: int, capacity: int,
-                 device: torch.device, top_k: int = 0, align: int = 32, expert_cap: int | None = None):
+                 device: torch.device, top_k: int = 0, align: int = 32, expert_cap: int | None = None,
+                 scale_layout: str = "row_major"):
         super().__init__(torch.zeros(2, dtype=torch.int32, device=device))
+        self.scale_layout = scale_layout
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -129,10 +133,12 @@ class CollectiveTransport(Transport):
         return recv
 
     def _scatter_to_layout(self, payload: torch.Tensor, layout: DispatchLayout, n: int,
-                           splits: tuple[int, ...]) -> list[torch.Tensor]:
+                           splits: tuple[int, ...], blocked: tuple[bool, ...] | None = None) -> list[torch.Tensor]:
         """Send rows ``payload [n, C]`` to their owners (one fixed-size all-to-all) and place them
         in the expert-major layout; ``splits`` cuts the columns into separate outputs (MXFP8 data
-        and scales travel in one message but land in two tensors)."""
+        and scales travel in one message but land in two tensors); ``blocked[i]``: output ``i``
+        (uint8 scales) is placed in the blocked layout (mxep/format/blocked.py) instead of by
+        rows."""
         W, N = self.world, self.max_tokens_per_rank
         send = torch.zeros(W * N + 1, payload.shape[1], dtype=payload.dtype, device=payload.device)
         if n:
@@ -140,10 +146,25 @@ class CollectiveTransport(Transport):
         recv = self._all_to_all_rows(send[: W * N])
         rows = self._recv_rows(layout)
         outs = []
-        for part in recv.split(splits, dim=1):
+        for i, part in enumerate(recv.split(splits, dim=1)):
+            if blocked is not None and blocked[i]:
+                outs.append(self._place_blocked(part, rows, layout.pad_rows[self.rank]))
+                continue
             out = torch.empty(self.capacity + 1, part.shape[1], dtype=payload.dtype, device=payload.device)
             outs.append(_finish_rows(out.index_copy_(0, rows, part), layout.pad_rows[self.rank], self.capacity))
         return outs
+
+    def _place_blocked(self, part: torch.Tensor, rows: torch.Tensor, pad_rows: torch.Tensor) -> torch.Tensor:
+        """Received scale rows ``part`` uint8 ``[W * N, C]`` -> uint8 ``[capacity, C]`` in the
+        blocked layout: each row's 4-byte words go straight to their blocked positions (the same
+        one scatter as the row-major placement, at word granularity), and the pad rows' words
+        are zeroed. The scratch row (``capacity``, unused slots) lands in one extra tile row past
+        the output, which is cut off."""
+        C = part.shape[1]
+        words = torch.empty((self.capacity + 128) * C // 4, dtype=torch.int32, device=part.device)
+        words.index_copy_(0, blocked_scale_offsets(rows, C).flatten(), part.contiguous().view(torch.int32).flatten())
+        words.index_fill_(0, blocked_scale_offsets(pad_rows, C).flatten(), 0)
+        return words.view(torch.uint8)[: self.capacity * C].view(self.capacity, C)
 
     def dispatch_mxfp8(self, x, handle, scale_mode, zero_copy=False):
         # zero_copy: nothing to alias here; fresh tensors keep the same contract (valid until
@@ -151,8 +172,9 @@ class CollectiveTransport(Transport):
         H = x.shape[1]
         t = to_mxfp8(x, scale_mode)
         packed = torch.cat([t.qdata.view(torch.uint8), t.scale.view(torch.uint8)], dim=1)
-        q, s = self._scatter_to_layout(packed, handle.state, x.shape[0], (H, H // 32))
-        return as_mxfp8(q, s)
+        q, s = self._scatter_to_layout(packed, handle.state, x.shape[0], (H, H // 32),
+                                       (False, self.scale_layout == "blocked"))
+        return as_mxfp8(q, s, self.scale_layout)
 
     def dispatch_bf16(self, src, handle):
         (out,) = self._scatter_to_layout(src, handle.state, src.shape[0], (src.shape[1],))

@@ -25,6 +25,7 @@ import triton.language as tl
 from mxep._utils import cdiv, next_power_of_2, padded_group_rows_jit
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.symm_mem.plan import DispatchPlan, route_rows, work_item, work_steps
+from mxep.format.blocked import scale_offsets_jit
 from mxep.format.tile import bf16_bits_to_fp32, quantize_tile
 
 __all__ = ["dispatch_push", "copy_out"]
@@ -37,7 +38,8 @@ def _dispatch_push_kernel(
     data_base_ptr, scale_base_ptr, dst_delta_ptr, out_data_ptr, out_scale_ptr,
     group_end_ptr, recv_ptr,
     QUANTIZE: tl.constexpr, FLOOR: tl.constexpr, SCALES_ALIGNED: tl.constexpr, HW_CAST: tl.constexpr,
-    SPREAD: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, E_P: tl.constexpr,
+    BLOCKED: tl.constexpr, SPREAD: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
+    E_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr,
 ):
     # Work items, dealt round robin to the persistent programs:
@@ -58,7 +60,7 @@ def _dispatch_push_kernel(
     t = pid
     while t < num_pads:
         _zero_pad_row(out_data_ptr, out_scale_ptr, t, pad_end, pad_cum, group_end_ptr, rank, H, n_scale_cols,
-                      capacity, QUANTIZE, L, L_P, BLOCK_K)
+                      capacity, QUANTIZE, BLOCKED, L, L_P, BLOCK_K)
         t += NPROG
     u = t - num_pads
     while u < work_steps(total, SPREAD):
@@ -90,15 +92,23 @@ def _dispatch_push_kernel(
             q, s = quantize_tile(x, BLOCK_K, FLOOR, HW_CAST)
             tl.store(data_base_ptr + data_off[:, None] + cols[None, :], q, mask=m_peer)
             tl.store(out_data_ptr + own_off[:, None] + cols[None, :], q, mask=m_own)
-            scale_off = delta + drow * n_scale_cols
-            own_scale_off = drow * n_scale_cols
-            if SCALES_ALIGNED:  # H // 32 % 16 == 0 (e.g. 2048, 5120, 7168): 16-byte scale stores
-                scale_off = tl.multiple_of(scale_off, 16)
-                own_scale_off = tl.multiple_of(own_scale_off, 16)
             scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             scm = (scols < n_scale_cols)[None, :]
-            tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=(ok & ~own)[:, None] & scm)
-            tl.store(out_scale_ptr + own_scale_off[:, None] + scols[None, :], s, mask=(ok & own)[:, None] & scm)
+            if BLOCKED:
+                # sm_100's blocked layout (mxep/format/blocked.py), written by this same store:
+                # a row's scales go out as 4-byte words, 512 bytes apart (the layout is the
+                # same in the owner's region and in the output, so the copy-out moves words)
+                own_so = scale_offsets_jit(drow[:, None], scols[None, :], n_scale_cols, True)
+                tl.store(scale_base_ptr + delta[:, None] + own_so, s, mask=(ok & ~own)[:, None] & scm)
+                tl.store(out_scale_ptr + own_so, s, mask=(ok & own)[:, None] & scm)
+            else:
+                scale_off = delta + drow * n_scale_cols
+                own_scale_off = drow * n_scale_cols
+                if SCALES_ALIGNED:  # H // 32 % 16 == 0 (e.g. 2048, 5120, 7168): 16-byte scale stores
+                    scale_off = tl.multiple_of(scale_off, 16)
+                    own_scale_off = tl.multiple_of(own_scale_off, 16)
+                tl.store(scale_base_ptr + scale_off[:, None] + scols[None, :], s, mask=(ok & ~own)[:, None] & scm)
+                tl.store(out_scale_ptr + own_scale_off[:, None] + scols[None, :], s, mask=(ok & own)[:, None] & scm)
         else:
             tl.store(data_base_ptr + data_off[:, None] + cols[None, :], raw, mask=m_peer)
             tl.store(out_data_ptr + own_off[:, None] + cols[None, :], raw, mask=m_own)
@@ -121,8 +131,10 @@ def _own_pads(group_end_ptr, recv_ptr, rank, L: tl.constexpr, L_P: tl.constexpr,
 
 @triton.jit
 def _zero_pad_row(out_data_ptr, out_scale_ptr, q, pad_end, pad_cum, group_end_ptr, rank, H, n_scale_cols,
-                  capacity, QUANTIZE: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Write zeros (data and, when quantizing, e8m0 scale bytes) into pad row ``q`` of this rank."""
+                  capacity, QUANTIZE: tl.constexpr, BLOCKED: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Write zeros (data and, when quantizing, e8m0 scale bytes, row-major or ``BLOCKED``) into
+    pad row ``q`` of this rank."""
     ex = tl.minimum(tl.sum((pad_end <= q).to(tl.int32), axis=0), L - 1)
     e = tl.arange(0, L_P)
     cum = tl.sum(tl.where(e == ex, pad_cum, 0), axis=0)
@@ -135,8 +147,8 @@ def _zero_pad_row(out_data_ptr, out_scale_ptr, q, pad_end, pad_cum, group_end_pt
                  mask=(cols < H) & inside)
         if QUANTIZE:
             scols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-            tl.store(out_scale_ptr + row * n_scale_cols + scols, tl.zeros([BLOCK_K // 32], out_scale_ptr.dtype.element_ty),
-                     mask=(scols < n_scale_cols) & inside)
+            tl.store(out_scale_ptr + scale_offsets_jit(row, scols, n_scale_cols, BLOCKED),
+                     tl.zeros([BLOCK_K // 32], out_scale_ptr.dtype.element_ty), mask=(scols < n_scale_cols) & inside)
         k0 += BLOCK_K
 
 
@@ -155,7 +167,8 @@ def _load_item(x_ptr, t, n_rows, H, NK, total, BLOCK_M: tl.constexpr, BLOCK_K: t
 
 def dispatch_push(x: torch.Tensor, plan: DispatchPlan, rank: int, capacity: int, data_base: torch.Tensor,
                   scale_base: torch.Tensor | None, dst_delta: torch.Tensor, scale_mode: str | None,
-                  out_data: torch.Tensor, out_scale: torch.Tensor | None, config: EPConfig) -> None:
+                  out_data: torch.Tensor, out_scale: torch.Tensor | None, config: EPConfig,
+                  blocked_scales: bool = False) -> None:
     """Send every row of ``x`` to its expert's owner, into the expert-major padded layout.
 
     Rows whose expert lives on this rank skip the receive region: they are written straight
@@ -172,6 +185,9 @@ def dispatch_push(x: torch.Tensor, plan: DispatchPlan, rank: int, capacity: int,
             byte delta applies), or None for bf16 rows.
         dst_delta: int64 ``[W]`` offsets of every rank's allocation from the local one, in
             elements of ``data_base``.
+        blocked_scales: write the scales (in the owners' regions and in ``out_scale``) in the
+            blocked layout of :mod:`mxep.format.blocked` instead of row-major (``capacity`` a
+            multiple of 128, ``H % 128 == 0``, every group a multiple of 128 rows).
     """
     n, H = x.shape
     quantize = scale_mode is not None
@@ -192,7 +208,8 @@ def dispatch_push(x: torch.Tensor, plan: DispatchPlan, rank: int, capacity: int,
         out_arg, out_scale if quantize else out_arg, plan.group_end, plan.recv,
         QUANTIZE=quantize, FLOOR=scale_mode == "floor",
         SCALES_ALIGNED=(H // 32) % 16 == 0 and block_k >= 512, HW_CAST=quantize and x.is_cuda and config.hw_cast,
-        SPREAD=config.spread_parts, L=E // W, L_P=max(next_power_of_2(E // W), 2), ALIGN=plan.align,
+        BLOCKED=quantize and blocked_scales, SPREAD=config.spread_parts, L=E // W,
+        L_P=max(next_power_of_2(E // W), 2), ALIGN=plan.align,
         E_P=max(next_power_of_2(E), 2), BLOCK_M=block_m, BLOCK_K=block_k, NPROG=nprog, num_warps=t.warps,
     )
 
@@ -210,9 +227,23 @@ def _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _copy_scale_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, BLOCKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_copy_rows_masked` of scale rows kept in the same layout in ``src`` and ``dst``
+    (row-major, or blocked: each row's bytes at the blocked offsets)."""
+    c0 = 0
+    while c0 < n_cols:
+        cols = c0 + tl.arange(0, BLOCK_N)
+        m = data[:, None] & (cols < n_cols)[None, :]
+        off = scale_offsets_jit(rows[:, None], cols[None, :], n_cols, BLOCKED)
+        tl.store(dst_ptr + off, tl.load(src_ptr + off, mask=m, other=0), mask=m)
+        c0 += BLOCK_N
+
+
+@triton.jit
 def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capacity, group_end_ptr, recv_ptr,
                      recv_cum_ptr, rank, E,
-                     HAS_SECOND: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr,
+                     HAS_SECOND: tl.constexpr, BLOCKED: tl.constexpr, ALIGN: tl.constexpr, L: tl.constexpr,
+                     L_P: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, NPROG: tl.constexpr):
     pid = tl.program_id(0)
     e = tl.arange(0, L_P)
@@ -238,18 +269,23 @@ def _copy_out_kernel(src_ptr, dst_ptr, n_cols, src2_ptr, dst2_ptr, n_cols2, capa
         data = data & ~((p >= lo) & (p < hi))
         _copy_rows_masked(src_ptr, dst_ptr, rows, n_cols, data, BLOCK_N)
         if HAS_SECOND:  # the scales of the same rows: one launch for data and scales
-            _copy_rows_masked(src2_ptr, dst2_ptr, rows, n_cols2, data, BLOCK_N2)
+            if BLOCKED:
+                _copy_scale_rows_masked(src2_ptr, dst2_ptr, rows, n_cols2, data, True, BLOCK_N2)
+            else:
+                _copy_rows_masked(src2_ptr, dst2_ptr, rows, n_cols2, data, BLOCK_N2)
         blk += NPROG
 
 
 def copy_out(src: torch.Tensor, plan: DispatchPlan, rank: int, out: torch.Tensor, config: EPConfig,
-             src2: torch.Tensor | None = None, out2: torch.Tensor | None = None) -> None:
+             src2: torch.Tensor | None = None, out2: torch.Tensor | None = None, blocked_scales: bool = False) -> None:
     """After the push's barrier: copy the rows that other ranks stored in this rank's receive
     region ``src [cap, C]`` (and ``src2 [cap, C2]``, the scales, in the same launch) into
     ``out [cap, C]`` (``out2``). The rows this rank sent itself and the pad rows' zeros are
     there already (:func:`dispatch_push`); rows past ``group_end_offsets[-1]`` are left
     unwritten. The bound is read on the device: the cost is the rows received, not the
-    capacity."""
+    capacity. ``blocked_scales``: ``src2`` / ``out2`` hold the blocked layout
+    (:mod:`mxep.format.blocked`), both alike, and each row's scale bytes move at their blocked
+    offsets."""
     R, C = src.shape
     if R == 0:
         return
@@ -263,6 +299,7 @@ def copy_out(src: torch.Tensor, plan: DispatchPlan, rank: int, out: torch.Tensor
                                out2 if out2 is not None else d_arg, C2, R,
                                plan.group_end_offsets(rank), plan.tokens_per_expert(rank),
                                plan.recv_cum, rank, plan.recv_cum.shape[1],
-                               HAS_SECOND=src2 is not None, ALIGN=plan.align, L=L, L_P=max(next_power_of_2(L), 2),
+                               HAS_SECOND=src2 is not None, BLOCKED=src2 is not None and blocked_scales,
+                               ALIGN=plan.align, L=L, L_P=max(next_power_of_2(L), 2),
                                BLOCK_M=t.block_m, BLOCK_N=min(t.block_n, next_power_of_2(C)),
                                BLOCK_N2=min(t.block_n, next_power_of_2(C2)), NPROG=nprog, num_warps=t.warps)

@@ -59,6 +59,10 @@ class RegionLayout:
     capacity: int
     top_k: int = 0
     expert_cap: int = 2**31 - 1   # rows one expert keeps (capacity_factor); the rest drop
+    # "row_major" or "blocked" (mxep/format/blocked.py): how the dispatch layout's scales are
+    # written, in the receive region (row level) and in the outputs; a blocked layout has
+    # capacity % 128 == 0, so its capacity rows' scales fill the same bytes as row-major ones
+    scale_layout: str = "row_major"
 
     @property
     def rows(self) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from mxep._utils import padded_group_rows
 from mxep.ep.config import EPConfig
-from mxep.ep.layout import capacity_rows
+from mxep.ep.layout import capacity_rows, check_blocked_settings, layout_capacity
 from mxep.ep.transport.base import DispatchHandle, as_mxfp8
 from mxep.ep.routing import route_tokens
 from mxep.ep.transport.symm_mem.memory import RegionLayout
@@ -40,11 +40,13 @@ class SimulatedDispatch(NamedTuple):
 
 
 class SimulatedWorld:
-    """``world_size`` ranks' buffers in one process (same arguments as :class:`mxep.Buffer`)."""
+    """``world_size`` ranks' buffers in one process (same arguments as :class:`mxep.Buffer`;
+    ``scale_layout`` ``"row_major"`` or ``"blocked"``, no ``"auto"``)."""
 
     def __init__(self, world_size: int, num_experts: int, hidden: int, max_tokens_per_rank: int,
                  align: int = 32, scale_mode: str = "rceil", device: torch.device | str = "cpu",
-                 config: EPConfig | None = None, top_k: int = 0, expert_capacity: int | None = None):
+                 config: EPConfig | None = None, top_k: int = 0, expert_capacity: int | None = None,
+                 scale_layout: str = "row_major"):
         if num_experts % world_size or hidden % 32:
             raise ValueError("num_experts must be a multiple of world_size and hidden of 32")
         self.world_size, self.num_experts, self.hidden = world_size, num_experts, hidden
@@ -56,8 +58,11 @@ class SimulatedWorld:
         self.capacity = capacity_rows(world_size, L, rows_per_rank, align)
         if expert_capacity is not None:   # as Buffer(capacity_factor=...): the rows one expert keeps
             self.capacity = min(self.capacity, L * padded_group_rows(expert_capacity, align))
+        check_blocked_settings(scale_layout, hidden, align)
+        self.scale_layout = scale_layout
+        self.capacity = layout_capacity(self.capacity, scale_layout)
         regions = RegionLayout(world_size, num_experts, hidden, max_tokens_per_rank, self.capacity, top_k,
-                               expert_capacity or 2**31 - 1)
+                               expert_capacity or 2**31 - 1, scale_layout)
         #: one :class:`SymmMemTransport` per rank over plain tensors; this class runs their phases
         self.peers = SymmMemTransport.simulated_ranks(regions, self.config, device)
 
@@ -82,7 +87,7 @@ class SimulatedWorld:
         # ---- barrier ----
         out = []
         for p, h, o in zip(self.peers, handles, outs):
-            tokens = as_mxfp8(*(o if zero_copy else p.copy_out_mxfp8(h.state, o)))
+            tokens = as_mxfp8(*(o if zero_copy else p.copy_out_mxfp8(h.state, o)), self.scale_layout)
             out.append(SimulatedDispatch(tokens, h.group_end_offsets, h.tokens_per_expert, h))
         return out
 
@@ -128,7 +133,8 @@ class SimulatedWorld:
         for r, (p, st) in enumerate(zip(self.peers, states)):
             plan = st.plan(self.align)
             h = DispatchHandle(None, r, xs[r].shape[0], plan.group_end_offsets(r), plan.tokens_per_expert(r), st)
-            out.append(SimulatedDispatch(as_mxfp8(*p.expand_tokens(st, self.align)), h.group_end_offsets,
+            tokens = as_mxfp8(*p.expand_tokens(st, self.align), self.scale_layout)
+            out.append(SimulatedDispatch(tokens, h.group_end_offsets,
                                          h.tokens_per_expert, h))
         return out
 

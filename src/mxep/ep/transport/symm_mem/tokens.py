@@ -35,6 +35,7 @@ from mxep._utils import cdiv, next_power_of_2, padded_group_rows_jit, runs_inter
 from mxep.ep.config import EPConfig
 from mxep.ep.transport.symm_mem.dispatch import _own_pads, _zero_pad_row
 from mxep.ep.transport.symm_mem.plan import DispatchPlan, work_item, work_steps
+from mxep.format.blocked import scale_offsets_jit
 from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, quantize_tile
 
 __all__ = ["pair_tables", "push_tokens", "expand_tokens", "reduce_tokens", "sum_partials", "expand_token_grads"]
@@ -69,14 +70,15 @@ def _num_received(cnt_ptr, T, W: tl.constexpr, W_P: tl.constexpr):
 
 @triton.jit
 def _zero_pads(out_data_ptr, out_scale_ptr, group_end_ptr, recv_ptr, rank, H, capacity, QUANTIZE: tl.constexpr,
-               L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
+               BLOCKED: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr,
+               NPROG: tl.constexpr):
     """This program's share of the zeros of this rank's pad rows (data, and scales when
     ``QUANTIZE``); returns this program's first step of the work after them."""
     pad_end, num_pads, pad_cum = _own_pads(group_end_ptr, recv_ptr, rank, L, L_P, ALIGN)
     v = tl.program_id(0)
     while v < num_pads:
         _zero_pad_row(out_data_ptr, out_scale_ptr, v, pad_end, pad_cum, group_end_ptr, rank, H, H // 32,
-                      capacity, QUANTIZE, L, L_P, BLOCK_K)
+                      capacity, QUANTIZE, BLOCKED, L, L_P, BLOCK_K)
         v += NPROG
     return v - num_pads
 
@@ -239,11 +241,11 @@ def push_tokens(x: torch.Tensor, rank: int, T: int, slot: torch.Tensor, data_bas
 @triton.jit
 def _expand_tokens_kernel(data_ptr, scale_ptr, rows_tab_ptr, w_tab_ptr, out_data_ptr, out_scale_ptr,
                           rows_out_ptr, w_out_ptr, cnt_ptr, T, H, rank, capacity, group_end_ptr, recv_ptr,
-                          QUANTIZE: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr,
-                          W_P: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
-                          BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
-    u = _zero_pads(out_data_ptr, out_scale_ptr, group_end_ptr, recv_ptr, rank, H, capacity, QUANTIZE, L, L_P, ALIGN,
-                   BLOCK_K, NPROG)
+                          QUANTIZE: tl.constexpr, BLOCKED: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr,
+                          W: tl.constexpr, W_P: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr,
+                          ALIGN: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
+    u = _zero_pads(out_data_ptr, out_scale_ptr, group_end_ptr, recv_ptr, rank, H, capacity, QUANTIZE, BLOCKED, L, L_P,
+                   ALIGN, BLOCK_K, NPROG)
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
     scols = tl.arange(0, BLOCK_K // 32)
@@ -266,19 +268,20 @@ def _expand_tokens_kernel(data_ptr, scale_ptr, rows_tab_ptr, w_tab_ptr, out_data
             r = _pick(rows, jj, j).to(tl.int64)
             ok = live & (r >= 0)
             tl.store(out_data_ptr + r * H + cols, d, mask=ok & cm)
-            if QUANTIZE:
-                tl.store(out_scale_ptr + r * (H // 32) + scols, sc, mask=ok & scm)
+            if QUANTIZE:   # row-major, or sm_100's blocked layout by the same store (mxep/format/blocked.py)
+                tl.store(out_scale_ptr + scale_offsets_jit(r, scols, H // 32, BLOCKED), sc, mask=ok & scm)
         u += NPROG
 
 
 def expand_tokens(data: torch.Tensor, scale: torch.Tensor, rows_tab: torch.Tensor, w_tab: torch.Tensor,
                   plan: DispatchPlan, rank: int, T: int, out_data: torch.Tensor, out_scale: torch.Tensor,
-                  rows_out: torch.Tensor, w_out: torch.Tensor, config: EPConfig) -> None:
+                  rows_out: torch.Tensor, w_out: torch.Tensor, config: EPConfig, blocked_scales: bool = False) -> None:
     """Owner side, after the push's barrier: every received token slot of ``data [S, H]`` /
     ``scale [S, H // 32]`` (uint8, ``S = W * T``) is read once and stored into its layout rows of
     ``out_data [cap, H]`` / ``out_scale`` (its table row in ``rows_tab [S, k]``); the pad rows
     get zeros; the tables of the received slots are copied into ``rows_out`` / ``w_out``
-    (``[S, k]``; the other slots are left as they are)."""
+    (``[S, k]``; the other slots are left as they are). ``blocked_scales``: ``out_scale`` in the
+    blocked layout of :mod:`mxep.format.blocked` (the slots stay row-major)."""
     cap, H = out_data.shape
     W = plan.src_end.shape[0]
     L, K = plan.num_local_experts, rows_tab.shape[1]
@@ -287,7 +290,8 @@ def expand_tokens(data: torch.Tensor, scale: torch.Tensor, rows_tab: torch.Tenso
     _expand_tokens_kernel[(nprog,)](
         data, scale, rows_tab, w_tab, out_data, out_scale, rows_out, w_out, plan.tok_recv, T, H, rank, cap,
         plan.group_end, plan.recv,
-        QUANTIZE=True, K=K, K_P=max(next_power_of_2(K), 2), W=W, W_P=max(next_power_of_2(W), 2), L=L,
+        QUANTIZE=True, BLOCKED=blocked_scales, K=K, K_P=max(next_power_of_2(K), 2), W=W,
+        W_P=max(next_power_of_2(W), 2), L=L,
         L_P=max(next_power_of_2(L), 2), ALIGN=plan.align, BLOCK_K=max(next_power_of_2(H), 32), NPROG=nprog,
         num_warps=t.warps)
 
@@ -376,7 +380,8 @@ def _expand_grads_kernel(dy_ptr, eo_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, rank, c
                          K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr,
                          L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
                          BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
-    u = _zero_pads(geo_ptr, geo_ptr, group_end_ptr, recv_ptr, rank, H, capacity, False, L, L_P, ALIGN, BLOCK_K, NPROG)
+    u = _zero_pads(geo_ptr, geo_ptr, group_end_ptr, recv_ptr, rank, H, capacity, False, False, L, L_P, ALIGN, BLOCK_K,
+                   NPROG)
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
     jj = tl.arange(0, K_P)

@@ -141,6 +141,8 @@ class SymmMemTransport(Transport):
         super().__init__(torch.zeros(2, dtype=torch.int32, device=mem.device))
         self.group, self.handle, self.mem, self.rank, self.config = group, handle, mem, rank, config
         self.regions = r = regions
+        self.scale_layout = r.scale_layout
+        self._blocked = r.scale_layout == "blocked"
         W, E, H = r.world_size, r.num_experts, r.hidden
         me = base_addresses[rank]
         delta = torch.tensor([a - me for a in base_addresses], dtype=torch.int64, device=mem.device)
@@ -224,12 +226,12 @@ class SymmMemTransport(Transport):
         else:
             out = (self._new_output((cap, H), torch.uint8), self._new_output((cap, H // 32), torch.uint8))
         dispatch_push(x, plan, self.rank, cap, self.dispatch_data, self.dispatch_scale,
-                      self.delta_u8, scale_mode, *out, self.config)
+                      self.delta_u8, scale_mode, *out, self.config, blocked_scales=self._blocked)
         return out
 
     def region_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``[cap, H]`` / ``[cap, H // 32]``: the MXFP8 receive rows and scales in this
-        rank's region (what a zero-copy dispatch returns)."""
+        rank's region (what a zero-copy dispatch returns; scales in :attr:`scale_layout`)."""
         cap = self.regions.capacity
         return self.dispatch_data[:cap], self.dispatch_scale[:cap]
 
@@ -244,7 +246,8 @@ class SymmMemTransport(Transport):
     # sent itself, and the pad rows' zeros, are there already (the push)
     def copy_out_mxfp8(self, plan: DispatchPlan, out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.regions.capacity
-        copy_out(self.dispatch_data[:cap], plan, self.rank, out[0], self.config, self.dispatch_scale[:cap], out[1])
+        copy_out(self.dispatch_data[:cap], plan, self.rank, out[0], self.config, self.dispatch_scale[:cap], out[1],
+                 blocked_scales=self._blocked)
         return out
 
     def copy_out_bf16_dispatch(self, plan: DispatchPlan, out: torch.Tensor) -> torch.Tensor:
@@ -308,7 +311,8 @@ class SymmMemTransport(Transport):
         cap, H = r.capacity, r.hidden
         out = (self._new_output((cap, H), torch.uint8), self._new_output((cap, H // 32), torch.uint8))
         expand_tokens(self.dispatch_data, self.dispatch_scale, self.slot_rows, self.slot_weights, st.plan(align),
-                      self.rank, r.max_tokens_per_rank, *out, st.slot_rows, st.slot_weights, self.config)
+                      self.rank, r.max_tokens_per_rank, *out, st.slot_rows, st.slot_weights, self.config,
+                      blocked_scales=self._blocked)
         return out
 
     def reduce_tokens(self, src: torch.Tensor, st: SymmMemTokenState, align: int, weighted: bool) -> None:
@@ -370,8 +374,8 @@ class SymmMemTransport(Transport):
         out = self.push_mxfp8(x, handle.state, scale_mode, into_region=zero_copy)
         self._barrier()
         if zero_copy:
-            return as_mxfp8(*out)
-        return as_mxfp8(*self.copy_out_mxfp8(handle.state, out))
+            return as_mxfp8(*out, self.scale_layout)
+        return as_mxfp8(*self.copy_out_mxfp8(handle.state, out), self.scale_layout)
 
     def dispatch_bf16(self, src, handle):
         self._barrier()  # entry: owners are done with their dispatch region
