@@ -195,16 +195,17 @@ class MoETransformer(nn.Module):
 
 
 @torch.no_grad()
-def init_weights(model: MoETransformer, seed: int) -> None:
-    """Deterministic initial weights (rank 0's are broadcast anyway); experts and router as
-    mxep.MoE initializes its own."""
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Deterministic initial weights (on the CPU generator: the same on any device; rank 0's are
+    broadcast anyway); experts and router as mxep.MoE initializes its own. Also used by
+    examples/train_gemm_impls.py."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("moe.router"):
             v = torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5
         elif name.endswith("moe.w13") or name.endswith("moe.w2"):
             v = torch.randn(p.shape, generator=g) / p.shape[2] ** 0.5
-        elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+        elif name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
             v = torch.ones(p.shape)
         elif name.endswith("proj.weight"):   # residual branch: small
             v = torch.randn(p.shape, generator=g) * (0.02 / (2 * len(model.blocks)) ** 0.5)

@@ -67,7 +67,6 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)   # examples/demo.py: the corpus
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -77,7 +76,7 @@ from torch import nn  # noqa: E402
 import mxep  # noqa: E402
 from mxep.testing.launch import free_port  # noqa: E402
 
-from demo import VOCAB, get_batch, make_corpus  # noqa: E402
+from demo import VOCAB, get_batch, init_weights, make_corpus  # noqa: E402  (examples/demo.py, beside this script)
 
 IMPLS = ("dequant", "torchao")
 COLORS = {"dequant": "tab:blue", "torchao": "tab:orange"}
@@ -137,22 +136,6 @@ def build(impl: str, cfg: dict, device: torch.device) -> MoEModel:
                      max_tokens_per_rank=cfg["batch"] * cfg["seq"], device=device, gemm_impl=impl)
             for _ in range(cfg["layers"])]
     return MoEModel(len(VOCAB), cfg["hidden"], moes, device)
-
-
-@torch.no_grad()
-def init_weights(model: MoEModel, seed: int) -> None:
-    """Deterministic initial weights (on the CPU generator, so the same on any device)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("moe.router"):
-            v = torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5
-        elif name.endswith("moe.w13") or name.endswith("moe.w2"):
-            v = torch.randn(p.shape, generator=g) / p.shape[2] ** 0.5
-        elif name.endswith("norm.weight"):
-            v = torch.ones(p.shape)
-        else:
-            v = torch.randn(p.shape, generator=g) * 0.02
-        p.copy_(v.to(p.dtype))
 
 
 def batch(corpus: torch.Tensor, cfg: dict, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
