@@ -354,9 +354,10 @@ def test_torch_meta_refuses_wrong_scales(bad):
         torch._scaled_grouped_mm(a, b, sa, sb, offs=offs, out_dtype=torch.bfloat16)
 
 
-def test_sm100_operand_needs_the_scales_alias(monkeypatch):
-    """torchao 0.18.0's sm_100 forward reads the activation's row-major scales as ``.scales``:
-    mxep's operand carries that alias (a plain MXTensor raises AttributeError there)."""
+def test_sm100_operand_has_blocked_scales(monkeypatch):
+    """torchao 0.18.0's sm_100 forward reads an unswizzled operand's scales as ``.scales`` (a name
+    MXTensor does not have: AttributeError); mxep's operand carries the scales already in the
+    blocked layout (``is_swizzled_scales=True``), which that forward uses as they are."""
     calls = []
     _sm100_standins(monkeypatch, calls)
     q = torch.empty(64, 256, dtype=torch.float8_e4m3fn, device="meta")
@@ -367,6 +368,7 @@ def test_sm100_operand_needs_the_scales_alias(monkeypatch):
                                                     ta.ScaleCalculationMode.RCEIL)
     with pytest.raises(AttributeError, match="scales"):
         run(MXTensor.from_qdata_and_scales(q, s, torch.bfloat16))
-    a = mxao.sm100_input(q, s)
-    assert a.scales is a.scale and a.qdata is q
+    a = mxao.sm100_operand(q, s, offs)
+    assert a.qdata is q and a.is_swizzled_scales and a.scale.shape == (64 + 2 * 128, 8)
     assert run(a).shape == (64, 96)
+    assert calls[-1][0][2] is a.scale   # the blocked scales go to torch._scaled_grouped_mm as they are

@@ -341,66 +341,6 @@ def _has_mx_tensor_cores(device: torch.device) -> bool:
     return _SM100[idx]
 
 
-class _PrequantizedMXFP8GroupedMM(torch.autograd.Function):
-    """torchao's ``_MXFP8GroupedMM`` (torchao 0.18.0, ``wgrad_with_hp=True``, no token padding) on
-    mxep's dispatched tokens, through torchao's own compute functions (``_compute_fwd`` /
-    ``_compute_dgrad`` / ``_compute_wgrad``: its sm_100 kernels or its emulated ones).
-
-    Why not ``_to_mxfp8_then_scaled_grouped_mm(MXTensor, ...)`` itself: its backward dequantizes a
-    pre-quantized ``A`` with ``triton_mxfp8_dequant_dim0``, which torchao 0.18.0 defines only
-    where its sm_100 Triton kernels are (elsewhere a stub with another signature: ``TypeError``,
-    CPU and Hopper), and its sm_100 forward reads ``MXTensor.scales`` (no such attribute) for
-    unswizzled scales. Here the weight gradient's tokens are dequantized by mxep (the same bits:
-    e4m3 times a power of two is exact in bf16) and the sm_100 scales are rearranged into the
-    blocked layout before torchao sees them.
-    """
-
-    @staticmethod
-    def forward(ctx, tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype,
-                kernel_preference, scale_calculation_mode) -> torch.Tensor:
-        import torchao.prototype.moe_training.mxfp8_grouped_mm as mm
-        _, MXTensor, KernelPreference, _ = _torchao()
-        qdata, scale, swizzled = tokens.qdata, tokens.scale, False
-        if kernel_preference != KernelPreference.EMULATED:
-            # sm_100: torch._scaled_grouped_mm takes the per-group blocked (swizzled) scales
-            from torchao.prototype.moe_training.kernels.mxfp8 import mx_block_rearrange_2d_M_groups_cuda
-            scale, swizzled = mx_block_rearrange_2d_M_groups_cuda(scale, offs), True
-        a = MXTensor.from_qdata_and_scales(qdata, scale, tokens.dtype, block_size=BLOCK_SIZE,
-                                           is_swizzled_scales=swizzled)
-        out = mm._compute_fwd(a, B_t, offs, BLOCK_SIZE, out_dtype, scale_calculation_mode, kernel_preference)
-        # the MXFP8 bytes are what the weight gradient needs (1.03 bytes per element, not 2)
-        ctx.save_for_backward(qdata, tokens.scale, B_t, offs)
-        ctx.dtype, ctx.out_dtype = tokens.dtype, out_dtype
-        ctx.kernel_preference, ctx.scale_calculation_mode = kernel_preference, scale_calculation_mode
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        import torchao.prototype.moe_training.mxfp8_grouped_mm as mm
-        from mxep.format.mxfp8 import dequantize_mxfp8_op
-        qdata, scale, B_t, offs = ctx.saved_tensors
-        pref, mode = ctx.kernel_preference, ctx.scale_calculation_mode
-        grad_out = grad_out.contiguous()
-        # input gradient: torchao's recipe (grad_output quantized along dim 0, weights along dim 1)
-        grad_a = mm._compute_dgrad(grad_out, B_t, offs, BLOCK_SIZE, ctx.out_dtype, mode, pref)
-        # weight gradient in bf16 (wgrad_with_hp) from the tokens, dequantized up to the last
-        # group end on the device (rows past it are never read; no host sync)
-        a_hp = dequantize_mxfp8_op(qdata.contiguous(), scale.contiguous(), offs[-1:])
-        if ctx.dtype != torch.bfloat16:
-            a_hp = a_hp.to(ctx.dtype)
-        grad_b_t = mm._compute_wgrad(grad_out, a_hp, offs, BLOCK_SIZE, ctx.out_dtype, mode, True, pref)
-        # the tokens' gradient: bf16, straight through the quantization (to the dispatch)
-        return grad_a.to(ctx.dtype), grad_b_t, None, None, None, None
-
-
-@torch._dynamo.nonstrict_trace
-def _prequantized_call(tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype,
-                       kernel_preference, scale_calculation_mode) -> torch.Tensor:
-    # opaque to dynamo (as torchao's own entry point is): AOT autograd traces it, so torchao's
-    # MXTensor is made and read by the fake-tensor tracer, not by dynamo
-    return _PrequantizedMXFP8GroupedMM.apply(tokens, B_t, offs, out_dtype, kernel_preference, scale_calculation_mode)
-
-
 def _grouped_mm_prequantized(tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch.Tensor, op_config) -> torch.Tensor:
     """torchao's MXFP8 grouped GEMM on mxep's dispatched tokens, without quantizing them again.
 
@@ -418,11 +358,13 @@ def _grouped_mm_prequantized(tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch
         MXFP8 grad_output and weights, the weight gradient in bf16 from the dequantized tokens;
         the tokens' gradient is bf16 and goes straight through to the dispatch.
     """
+    from mxep.integrations.torchao import grouped_mm_prequantized
+
     _, _, KernelPreference, _ = _torchao()
     # the recipe's kernels (torch._scaled_grouped_mm with blocked scales) exist only on sm_100+;
     # elsewhere torchao's emulated path (dequantize + bf16 grouped GEMM)
     pref = op_config.kernel_preference if _has_mx_tensor_cores(tokens.device) else KernelPreference.EMULATED
-    return _prequantized_call(tokens, B_t, offs, op_config.out_dtype, pref, op_config.scale_calculation_mode)
+    return grouped_mm_prequantized(tokens, B_t, offs, op_config.out_dtype, pref, op_config.scale_calculation_mode)
 
 
 _MXEP_EXPERTS: dict[type, type] = {}

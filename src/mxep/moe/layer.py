@@ -150,8 +150,8 @@ class MoE(nn.Module):
             from mxep.integrations.torchao import require_torchao
             require_torchao("mxep.MoE(gemm_impl='torchao')")
             if scale_mode != "rceil":
-                raise ValueError("gemm_impl='torchao' needs scale_mode='rceil' (torchao's MXFP8 recipe; its "
-                                 "emulation re-quantizes the tokens, which FLOOR does not leave unchanged)")
+                raise ValueError("gemm_impl='torchao' needs scale_mode='rceil' (torchao's MXFP8 recipe quantizes "
+                                 "the weights and the output gradient with RCEIL: one layer, one scale mode)")
         self.gemm_impl = gemm_impl
         self.router = nn.Parameter(torch.randn(num_experts, hidden, device=device) / hidden ** 0.5)
         self.w13 = nn.Parameter((torch.randn(L, 2 * ffn_hidden, hidden, device=device) / hidden ** 0.5).bfloat16())
