@@ -57,7 +57,7 @@ def _cuda(device: torch.device) -> bool:
 
 def _sync(device: torch.device) -> None:
     if _cuda(device):
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)   # debug-only: benchmark timing (mxep.testing), never the library's hot path
 
 
 def gather(obj: Any, group=None) -> list:
@@ -321,7 +321,7 @@ def time_queued_us(fn: Callable[[], Any], device: torch.device, reps: int = 20, 
     cycles = int(_cycles_per_us(device) * queue_ms * 1e3)
     out = {}
     for key, sleep in (("device_us", True), ("host_inclusive_us", False))[:2 if host_inclusive else 1]:
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)   # debug-only: benchmark timing
         ts = []
         for _ in range(reps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
