@@ -8,6 +8,7 @@ pass.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import os
 
@@ -16,7 +17,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["cdiv", "next_power_of_2", "padded_group_rows", "padded_group_rows_jit", "runs_interpreted",
-           "triton_available_for", "require_triton", "check_size"]
+           "triton_available_for", "require_triton", "check_size",
+           "has_mx_tensor_cores"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -74,3 +76,21 @@ def check_size(name: str, value, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def has_mx_tensor_cores(device: torch.device | str) -> bool:
+    """Whether ``device`` is a datacenter Blackwell GPU (sm_100 / sm_103): the one whose
+    ``torch._scaled_grouped_mm`` takes MXFP8 with blocked scales, and whose kernels torchao's
+    sm_100 path and torchtitan's MXFP8 converter (``has_cuda_capability(10, 0)``) target; sm_12x
+    has other MMA instructions and is left out. A host query, cached per device: no sync. The one
+    test of it (the Buffer's ``scale_layout="auto"``, ``grouped_mm_mxfp8(impl="auto")``, the
+    torchao kernel preference, torchtitan's MXFP8 experts)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] == 10

@@ -122,7 +122,7 @@ def test_scale_layout_resolution(monkeypatch):
     # "auto" on sm_100 (the capability query patched: no Blackwell here): blocked with align 128,
     # unless the hidden size or an explicit align rules it out
     import mxep.ep.buffer as buffer_mod
-    monkeypatch.setattr(buffer_mod, "_is_sm100", lambda device: True)
+    monkeypatch.setattr(buffer_mod, "has_mx_tensor_cores", lambda device: True)
     assert resolve_scale_layout("auto", None, 7168, cpu) == ("blocked", 128)
     assert resolve_scale_layout("auto", 256, 7168, cpu) == ("blocked", 256)
     assert resolve_scale_layout("auto", 32, 7168, cpu) == ("row_major", 32)

@@ -279,7 +279,7 @@ def _sm100_standins(monkeypatch, calls):
     monkeypatch.setattr(mm, "mxfp8_quantize_cuda_3d", quantize_3d)
     monkeypatch.setattr(mm, "triton_mxfp8_dequant_dim0", dequant_dim0)
     monkeypatch.setattr(torch, "_scaled_grouped_mm", spy)
-    monkeypatch.setattr(mxao, "_on_sm100", lambda device: True)
+    monkeypatch.setattr(mxao, "has_mx_tensor_cores", lambda device: True)
 
 
 # (experts, rows, K, N): torch's meta checks do not read the group ends (group sizes are not

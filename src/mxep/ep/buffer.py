@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mxep.ep.config import EPConfig, default_config
-from mxep._utils import check_size, padded_group_rows
+from mxep._utils import check_size, has_mx_tensor_cores, padded_group_rows
 from mxep.ep.layout import capacity_rows, check_blocked_settings, layout_capacity
 from mxep.ep.ops import CombineRows, CombineTokens, DispatchRows, DispatchTokens, register_buffer
 from mxep.ep.transport.base import DispatchHandle, Transport, describe_routing_errors, describe_status
@@ -25,13 +25,6 @@ __all__ = ["Buffer", "DispatchHandle", "DispatchResult", "a2a_dispatch_and_group
            "resolve_scale_layout"]
 
 TRANSPORTS = ("symm_mem", "collective")
-
-
-def _is_sm100(device: torch.device) -> bool:
-    """Datacenter Blackwell (sm_100 / sm_103): the GPUs whose ``torch._scaled_grouped_mm`` takes
-    MXFP8 with blocked scales (torchtitan's MXFP8 converter asks for ``has_cuda_capability(10, 0)``;
-    sm_12x has other MMA instructions and is left out)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
 
 
 def resolve_scale_layout(scale_layout: str, align: int | None, hidden: int,
@@ -48,7 +41,7 @@ def resolve_scale_layout(scale_layout: str, align: int | None, hidden: int,
         raise ValueError(f"scale_layout must be 'auto', 'row_major' or 'blocked', got {scale_layout!r}")
     if scale_layout == "auto":
         fits = hidden % 128 == 0 and (align is None or align % 128 == 0)
-        scale_layout = "blocked" if fits and _is_sm100(torch.device(device)) else "row_major"
+        scale_layout = "blocked" if fits and has_mx_tensor_cores(device) else "row_major"
     if align is None:
         align = 128 if scale_layout == "blocked" else 32
     align = check_size("align", align, 1)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mxep._utils import cdiv, next_power_of_2, require_triton
+from mxep._utils import cdiv, has_mx_tensor_cores, next_power_of_2, require_triton
 from mxep.format.dequantize import dequantize_mxfp8_op
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.tile import fp32_to_bf16_bits, mxfp8_tile_to_bf16
@@ -250,7 +250,7 @@ def resolve_impl(impl: str, K: int, N: int, device: torch.device) -> str:
         return impl
     device = torch.device(device)
     # torchao quantizes the output gradient along N in blocks of 32: N must be a multiple of 32
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0) and N % 32 == 0:
+    if has_mx_tensor_cores(device) and N % 32 == 0:
         from mxep.integrations.torchao import torchao_available
         if torchao_available():
             return "torchao"

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from mxep._utils import has_mx_tensor_cores
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.spec import BLOCK_SIZE
 
@@ -91,17 +92,12 @@ def from_torchao(t) -> MXFP8Tensor:
     return MXFP8Tensor(t.qdata, t.scale, t.orig_dtype)
 
 
-def _on_sm100(device: torch.device) -> bool:
-    """Whether ``device`` has MX tensor cores (Blackwell, sm_100+): host-side, no sync."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0)
-
-
 def kernel_preference_for(device: torch.device):
     """torchao's ``KernelPreference`` for tokens on ``device``: ``AUTO`` on sm_100+
     (``torch._scaled_grouped_mm`` on the MX tensor cores), ``EMULATED`` elsewhere (dequantize +
     bf16 ``torch._grouped_mm``, any device)."""
     ta = require_torchao("grouped_mm_mxfp8(impl='torchao')")
-    return ta.KernelPreference.AUTO if _on_sm100(torch.device(device)) else ta.KernelPreference.EMULATED
+    return ta.KernelPreference.AUTO if has_mx_tensor_cores(device) else ta.KernelPreference.EMULATED
 
 
 def sm100_operand(qdata: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor):

@@ -149,6 +149,7 @@ from torchtitan.distributed.activation_checkpoint import SelectiveAC
 
 from torchtitan.models.common.token_dispatcher import TorchAOTokenDispatcher
 
+from mxep._utils import has_mx_tensor_cores
 from mxep.ep.buffer import Buffer
 from mxep.ep.transport.base import DispatchHandle
 from mxep.format.mxfp8 import MXFP8Tensor
@@ -327,20 +328,6 @@ def _mxfp8_experts_classes() -> tuple:
     return tuple(_mxfp8_experts_cache.values())
 
 
-_SM100: dict = {}
-
-
-def _has_mx_tensor_cores(device: torch.device) -> bool:
-    """sm_100 or later (the MX tensor cores of ``torch._scaled_grouped_mm``); a host query of the
-    device's properties, cached per device: no sync."""
-    if device.type != "cuda":
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM100:
-        _SM100[idx] = torch.cuda.get_device_capability(idx) >= (10, 0)
-    return _SM100[idx]
-
-
 def _grouped_mm_prequantized(tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch.Tensor, op_config) -> torch.Tensor:
     """torchao's MXFP8 grouped GEMM on mxep's dispatched tokens, without quantizing them again.
 
@@ -363,7 +350,7 @@ def _grouped_mm_prequantized(tokens: MXFP8Tensor, B_t: torch.Tensor, offs: torch
     _, _, KernelPreference, _ = _torchao()
     # the recipe's kernels (torch._scaled_grouped_mm with blocked scales) exist only on sm_100+;
     # elsewhere torchao's emulated path (dequantize + bf16 grouped GEMM)
-    pref = op_config.kernel_preference if _has_mx_tensor_cores(tokens.device) else KernelPreference.EMULATED
+    pref = op_config.kernel_preference if has_mx_tensor_cores(tokens.device) else KernelPreference.EMULATED
     return grouped_mm_prequantized(tokens, B_t, offs, op_config.out_dtype, pref, op_config.scale_calculation_mode)
 
 
