@@ -3,8 +3,9 @@
     python scripts/ensure_deps.py [--demo] [--test] [--bench]
 
 Always: torch, Triton and numpy (Triton's CPU interpreter, which the demo and the CPU tests run
-on, imports numpy). ``--demo`` adds matplotlib (the demo writes a PNG), ``--test`` pytest,
-``--bench`` matplotlib (the benchmark plot). ``--test`` also installs torchtitan==0.3.0 (Python
+on, imports numpy). ``--demo`` adds matplotlib (the demo writes a PNG), ``--test`` pytest and
+matplotlib (a test checks the PNG of examples/train_gemm_impls.py), ``--bench`` matplotlib (the
+benchmark plot). ``--test`` also installs torchtitan==0.3.0 (Python
 >= 3.11; the torchtitan integration tests) and torchao==0.18.0 (``pip install --no-deps``: the
 torchao extra, tests/integrations/test_torchao.py), keeping the installed torch.
 
@@ -30,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module -> pip requirement, for the optional groups (pyproject.toml's extras say the same)
 EXTRAS = {
     "--demo": {"matplotlib": "matplotlib"},
-    "--test": {"pytest": "pytest>=8"},
+    "--test": {"pytest": "pytest>=8", "matplotlib": "matplotlib"},
     "--bench": {"matplotlib": "matplotlib"},
 }
 
