@@ -29,7 +29,45 @@ import triton.language as tl
 from mxep._utils import next_power_of_2, padded_group_rows_jit
 from mxep.ep.transport.symm_mem.sync import _BAD_COUNTS, raise_status, seq_word, signal_ranks, wait_flags
 
-__all__ = ["DispatchPlan", "CountsExchange", "compute_plan", "route_rows", "work_item", "work_steps"]
+__all__ = ["DispatchPlan", "CountsExchange", "compute_plan", "plan_of_counts", "route_rows", "work_item", "work_steps"]
+
+
+@triton.jit
+def _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
+                    expert_cap, rank, W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
+                    W_P: tl.constexpr, E_P: tl.constexpr, VOLATILE: tl.constexpr):
+    """The plan of the count matrix ``counts [W, E + W]`` (every rank's row present): the
+    vectors of the module docstring, stored. ``VOLATILE``: peers wrote the matrix (symmetric
+    memory; never serve it from a stale L1 line)."""
+    CS: tl.constexpr = E + W
+    s = tl.arange(0, W_P)
+    g = tl.arange(0, E_P)
+    m2 = (s < W)[:, None] & (g < E)[None, :]
+    offs = s[:, None] * E + g[None, :]
+    C = tl.load(counts_ptr + s[:, None] * CS + g[None, :], mask=m2, other=0, volatile=VOLATILE).to(tl.int32)
+    tl.store(tok_recv_ptr + s, tl.load(counts_ptr + s * CS + E + rank, mask=s < W, other=0, volatile=VOLATILE), mask=s < W)
+    src_end = tl.cumsum(C, axis=1)
+    prefix_src = tl.cumsum(C, axis=0) - C                 # rows of lower sources, per expert
+    # rows each expert keeps: all of them, or (capacity_factor) at most expert_cap, the first
+    # ones in layout order (source rank, then the source's own order); the pairs past it drop
+    recv = tl.minimum(tl.sum(C, axis=0), expert_cap)      # [E_P]
+    padded = tl.where(g < E, padded_group_rows_jit(recv, ALIGN), 0)
+    # Segmented inclusive cumsum of padded sizes within each owner: the global cumsum minus the
+    # padded rows of all lower owners' experts (two W x E masked sums; the earlier E x E masked
+    # sum touched 65536 elements at E = 256).
+    w = tl.arange(0, W_P)
+    owner = g // L
+    lower = tl.sum(tl.where((g[None, :] // L) < w[:, None], padded[None, :], 0), axis=1)      # [W_P]
+    base = tl.sum(tl.where(w[None, :] == owner[:, None], lower[None, :], 0), axis=1)          # [E_P]
+    group_end = tl.cumsum(padded, axis=0) - base
+    group_start = group_end - padded
+    src_start = src_end - C
+    row_base = group_start[None, :] + prefix_src - src_start
+    tl.store(row_base_ptr + offs, row_base, mask=m2)
+    tl.store(src_end_ptr + offs, src_end, mask=m2)
+    tl.store(recv_cum_ptr + offs, prefix_src + C, mask=m2)
+    tl.store(group_end_ptr + g, group_end, mask=g < E)
+    tl.store(recv_ptr + g, recv, mask=g < E)
 
 
 @triton.jit
@@ -77,31 +115,8 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     if not PLAN:
         return
     wait_flags(sig_ptr, e, W, MAX_POLLS)
-    # volatile: peers wrote these rows; never serve them from a stale L1 line
-    C = tl.load(counts_ptr + s[:, None] * CS + g[None, :], mask=m2, other=0, volatile=True).to(tl.int32)
-    tl.store(tok_recv_ptr + s, tl.load(counts_ptr + s * CS + E + rank, mask=s < W, other=0, volatile=True), mask=s < W)
-    src_end = tl.cumsum(C, axis=1)
-    prefix_src = tl.cumsum(C, axis=0) - C                 # rows of lower sources, per expert
-    # rows each expert keeps: all of them, or (capacity_factor) at most expert_cap, the first
-    # ones in layout order (source rank, then the source's own order); the pairs past it drop
-    recv = tl.minimum(tl.sum(C, axis=0), expert_cap)      # [E_P]
-    padded = tl.where(g < E, padded_group_rows_jit(recv, ALIGN), 0)
-    # Segmented inclusive cumsum of padded sizes within each owner: the global cumsum minus the
-    # padded rows of all lower owners' experts (two W x E masked sums; the earlier E x E masked
-    # sum touched 65536 elements at E = 256).
-    w = tl.arange(0, W_P)
-    owner = g // L
-    lower = tl.sum(tl.where((g[None, :] // L) < w[:, None], padded[None, :], 0), axis=1)      # [W_P]
-    base = tl.sum(tl.where(w[None, :] == owner[:, None], lower[None, :], 0), axis=1)          # [E_P]
-    group_end = tl.cumsum(padded, axis=0) - base
-    group_start = group_end - padded
-    src_start = src_end - C
-    row_base = group_start[None, :] + prefix_src - src_start
-    tl.store(row_base_ptr + offs, row_base, mask=m2)
-    tl.store(src_end_ptr + offs, src_end, mask=m2)
-    tl.store(recv_cum_ptr + offs, prefix_src + C, mask=m2)
-    tl.store(group_end_ptr + g, group_end, mask=g < E)
-    tl.store(recv_ptr + g, recv, mask=g < E)
+    _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
+                    expert_cap, rank, W, E, L, ALIGN, W_P, E_P, True)
     tl.store(sig_ptr + seq_word(W), e)
 
 
@@ -158,6 +173,35 @@ def compute_plan(ex: "CountsExchange", align: int, max_polls: int, phase: str = 
                        PUT=phase != "plan", PLAN=phase != "put", MAX_POLLS=max_polls, num_warps=4)
     if phase == "put":
         return None
+    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align, tok_recv)
+
+
+@triton.jit
+def _plan_local_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
+                       expert_cap, rank, W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
+                       W_P: tl.constexpr, E_P: tl.constexpr):
+    _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
+                    expert_cap, rank, W, E, L, ALIGN, W_P, E_P, False)
+
+
+def plan_of_counts(counts: torch.Tensor, rank: int, align: int, expert_cap: int) -> DispatchPlan:
+    """The plan of a count matrix already on this rank (int32 ``[W, E + W]``, every rank's row,
+    as the counts exchange leaves it; the values must be valid: non-negative expert counts, token
+    counts ``<= T``): one launch, no wait. The transports that exchange the counts by other means
+    than the plan kernel's peer stores (:mod:`mxep.ep.transport.nvshmem`) plan with it; the
+    arithmetic is the plan kernel's, so the layouts are the same bits."""
+    W = counts.shape[0]
+    E = counts.shape[1] - W
+    dev = counts.device
+    row_base = torch.empty(W, E, dtype=torch.int32, device=dev)
+    src_end = torch.empty(W, E, dtype=torch.int32, device=dev)
+    group_end = torch.empty(E, dtype=torch.int32, device=dev)
+    recv = torch.empty(E, dtype=torch.int32, device=dev)
+    recv_cum = torch.empty(W, E, dtype=torch.int32, device=dev)
+    tok_recv = torch.empty(W, dtype=torch.int32, device=dev)
+    _plan_local_kernel[(1,)](counts, row_base, src_end, group_end, recv, recv_cum, tok_recv,
+                             min(expert_cap, 2**31 - 1), rank, W=W, E=E, L=E // W, ALIGN=align,
+                             W_P=max(next_power_of_2(W), 2), E_P=max(next_power_of_2(E), 2), num_warps=4)
     return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align, tok_recv)
 
 
