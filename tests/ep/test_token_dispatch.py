@@ -106,13 +106,18 @@ def test_simulated_token_dispatch_combine(case, device, align):
     _check_simulated(case, device, align)
 
 
-def _check_simulated(case, device, align=32):
+def symm_mem_world(W, E, H, T, k, align, device):
+    return SimulatedWorld(W, E, H, T, align, top_k=k, config=POISON, device=device)
+
+
+def _check_simulated(case, device, align=32, make_world=symm_mem_world):
     """Every check of the token-level path on the simulated world on ``device`` (inputs made and
     references computed on the CPU), groups padded to ``align`` rows; on CUDA with the kernels
-    compiled for sm_90 (hardware e4m3 cast)."""
+    compiled for sm_90 (hardware e4m3 cast). ``make_world(W, E, H, T, k, align, device)``: the
+    simulated world of a transport (default the symmetric-memory one's)."""
     W, E, H, T, k, kind, empty = case
     xs, idx, ws = _inputs(7 + W + k, W, E, H, T, k, kind, empty)
-    world = SimulatedWorld(W, E, H, T, align, top_k=k, config=POISON, device=device)
+    world = make_world(W, E, H, T, k, align, device)
     on = lambda ts: [t.to(device) for t in ts]   # noqa: E731
     back = lambda ts: [t.cpu() for t in ts]      # noqa: E731
     dispatched = world.dispatch_tokens(on(xs), on(idx), on(ws))

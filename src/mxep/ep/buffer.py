@@ -5,6 +5,7 @@ levels; the autograd Functions and registered ops behind them are in :mod:`mxep.
 from __future__ import annotations
 
 import math
+import socket
 from typing import NamedTuple
 
 import torch
@@ -16,15 +17,49 @@ from mxep.ep.layout import capacity_rows, check_blocked_settings, layout_capacit
 from mxep.ep.ops import CombineRows, CombineTokens, DispatchRows, DispatchTokens, register_buffer
 from mxep.ep.transport.base import DispatchHandle, Transport, describe_routing_errors, describe_status
 from mxep.ep.transport.collective import CollectiveTransport
+from mxep.ep.transport.nvshmem import NvshmemTransport, make_exchange, nvshmem_available
 from mxep.ep.transport.symm_mem import RegionLayout, SymmMemTransport
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.blocked import SCALE_LAYOUTS
 from mxep.format.spec import BLOCK_SIZE, SCALE_MODES, check_scale_mode
 
 __all__ = ["Buffer", "DispatchHandle", "DispatchResult", "a2a_dispatch_and_group_mxfp8_fwd_hp_bwd",
-           "resolve_scale_layout"]
+           "resolve_scale_layout", "select_transport"]
 
-TRANSPORTS = ("symm_mem", "collective")
+TRANSPORTS = ("symm_mem", "collective", "nvshmem")   # (indices travel in the cross-rank settings check)
+
+
+def select_transport(requested: str, backend: str, device_type: str, num_nodes: int | None,
+                     nvshmem_ok: bool) -> tuple[str, str]:
+    """The Buffer's transport and the reason, from what it was asked for and where it runs.
+
+    ``"auto"``: on an NCCL group of CUDA devices, ``"symm_mem"`` when every rank is on one node
+    (``num_nodes == 1``: NVLink peers), ``"nvshmem"`` when the group spans nodes and PyTorch's
+    NVSHMEM backend is available (``nvshmem_ok``), else ``"collective"``; anywhere else (gloo, CPU)
+    ``"collective"``. A named transport is taken as asked (the Buffer checks that it can run)."""
+    if requested != "auto":
+        if requested not in TRANSPORTS:
+            raise ValueError(f"transport must be 'auto', {', '.join(repr(t) for t in TRANSPORTS)}; got {requested!r}")
+        return requested, "requested"
+    if backend != "nccl" or device_type != "cuda":
+        return "collective", f"a {backend} group of {device_type} tensors (no GPU peer memory)"
+    if num_nodes == 1:
+        return "symm_mem", "every rank of the group is on one node (NVLink peers)"
+    if nvshmem_ok:
+        return "nvshmem", f"the group spans {num_nodes} nodes and PyTorch's NVSHMEM backend is available"
+    return "collective", f"the group spans {num_nodes} nodes and PyTorch's NVSHMEM backend is not available"
+
+
+def _hostname() -> str:
+    return socket.gethostname()
+
+
+def group_nodes(group) -> int:
+    """Distinct hosts among the group's ranks (one small all-gather of host names; collective,
+    construction-only)."""
+    names = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, _hostname(), group=group)   # construction-only
+    return len(set(names))
 
 
 def resolve_scale_layout(scale_layout: str, align: int | None, hidden: int,
@@ -103,8 +138,12 @@ class Buffer:
         align: per-expert group padding in rows. Default: 128 where the scales are blocked, else
             32 (MXFP8 weight-gradient blocks of 32 rows must not straddle two experts).
         scale_mode: ``"rceil"`` or ``"floor"`` (see :mod:`mxep.format.mxfp8`).
-        transport: ``"auto"`` (symmetric memory on an NCCL group of CUDA tensors, else the
-            collective path), ``"symm_mem"`` or ``"collective"``.
+        transport: ``"auto"`` (:func:`select_transport`: on an NCCL group of CUDA tensors,
+            ``"symm_mem"`` when the group is on one node, ``"nvshmem"`` when it spans nodes and
+            PyTorch's NVSHMEM backend is available, else ``"collective"``; ``print(buf)`` says
+            which and why), ``"symm_mem"`` (one NVLink node), ``"nvshmem"`` (token level only:
+            one exchange of whole rows per phase, ``all_to_all_vdev``; on the CPU a gloo stand-in
+            of the exchange, on one rank a local copy) or ``"collective"``.
         debug: also run checks that need a device-to-host sync: counts sum to ``n`` with none
             negative (before the dispatch), and the device-side error word is clear after every
             dispatch and combine (:meth:`check`). Off by default: the hot path never waits on
@@ -225,17 +264,27 @@ class Buffer:
         self.capacity = layout_capacity(self.capacity, self.scale_layout)
 
         self.config = config if config is not None else default_config(self.device, hidden)
-        if transport == "auto":
-            transport = "symm_mem" if (backend == "nccl" and self.device.type == "cuda") else "collective"
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be 'auto', 'symm_mem' or 'collective', got {transport!r}")
+        nodes = None
+        if transport == "auto" and backend == "nccl" and self.device.type == "cuda":
+            nodes = group_nodes(self.group)
+        transport, self.transport_reason = select_transport(transport, backend, self.device.type, nodes,
+                                                            nvshmem_available())
         if transport == "symm_mem" and self.device.type != "cuda":
             raise ValueError("transport='symm_mem' needs CUDA devices")
+        if transport == "nvshmem" and self.top_k is None:
+            raise ValueError("transport='nvshmem' serves the token-level API only: build the Buffer with top_k=k and "
+                             "use dispatch_tokens / combine_tokens (the row-level dispatch runs on 'symm_mem' or "
+                             "'collective')")
         self._check_ranks_agree(transport)
         self.regions = RegionLayout(self.world_size, num_experts, hidden, max_tokens_per_rank, self.capacity,
                                     self.top_k or 0, self.expert_capacity or 2**31 - 1, self.scale_layout)
         if transport == "symm_mem":
             self.transport: Transport = SymmMemTransport(self.group, self.regions, self.device, self.config)
+        elif transport == "nvshmem":
+            self.transport = NvshmemTransport(make_exchange(self.group, self.device, self.world_size), self.rank,
+                                              self.world_size, num_experts, hidden, max_tokens_per_rank, self.top_k,
+                                              self.capacity, self.device, self.config,
+                                              self.expert_capacity or 2**31 - 1, self.scale_layout)
         else:
             self.transport = CollectiveTransport(self.group, num_experts, hidden, max_tokens_per_rank, self.capacity,
                                                  self.device, self.top_k or 0, align, self.expert_capacity,
@@ -271,16 +320,25 @@ class Buffer:
 
     @property
     def transport_name(self) -> str:
-        """``"symm_mem"`` (fused, NVLink peer stores) or ``"collective"`` (fixed-size all-to-all)."""
+        """``"symm_mem"`` (fused, NVLink peer stores), ``"nvshmem"`` (token level, one row exchange
+        per phase, across nodes) or ``"collective"`` (fixed-size all-to-all)."""
         return self.transport.name
 
     @property
     def symm_bytes(self) -> int:
-        """Symmetric-memory bytes this Buffer holds per rank (0 on the collective path)."""
-        return self.regions.total_bytes if self.transport_name == "symm_mem" else 0
+        """Communication-buffer bytes this Buffer holds per rank: symmetric memory on
+        ``symm_mem``, the exchange buffers on ``nvshmem`` (symmetric with the NVSHMEM exchange),
+        0 on the collective path."""
+        if self.transport_name == "symm_mem":
+            return self.regions.total_bytes
+        return getattr(self.transport, "buffer_bytes", 0)
 
     def __repr__(self) -> str:
-        return (f"mxep.Buffer(transport={self.transport_name!r}, rank={self.rank}/{self.world_size}, "
+        how = self.transport_reason
+        exchange = getattr(self.transport, "exchange", None)
+        if exchange is not None:
+            how += f"; exchange: {exchange.name}"
+        return (f"mxep.Buffer(transport={self.transport_name!r} ({how}), rank={self.rank}/{self.world_size}, "
                 f"num_experts={self.num_experts}, hidden={self.hidden}, max_tokens_per_rank="
                 f"{self.max_tokens_per_rank}, align={self.align}, capacity={self.capacity}, "
                 f"scale_mode={self.scale_mode!r}, scale_layout={self.scale_layout!r}, symm_bytes={self.symm_bytes})")
