@@ -27,10 +27,11 @@ def params(world: int):
     return router, w13, w2, xs, dys
 
 
-def _moe_body(rank, world, device="cpu", mx_weights=True, gemm_impl="auto"):
+def _moe_body(rank, world, device="cpu", mx_weights=True, gemm_impl="auto", transport="auto"):
     router, w13, w2, xs, dys = params(world)
     L = E // world
-    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, mx_weights=mx_weights, device=device, gemm_impl=gemm_impl)
+    moe = mxep.MoE(H, FF, E, K, max_tokens_per_rank=12, mx_weights=mx_weights, device=device, gemm_impl=gemm_impl,
+                   transport=transport)
     with torch.no_grad():
         moe.router.copy_(router)
         moe.w13.copy_(w13[rank * L:(rank + 1) * L])
@@ -77,6 +78,28 @@ def test_moe_matches_dense_reference(world, backend, mx_weights, gemm_impl):
     for d in range(world):
         assert rel_err(got[d][2], gw13[d * L:(d + 1) * L]) < 2e-2
         assert rel_err(got[d][3], gw2[d * L:(d + 1) * L]) < 2e-2
+
+
+def _transports_body(rank, world):
+    """The same layer on the collective and the NVSHMEM transports (gloo: its exchange's stand-in):
+    the output and the expert weights' gradients bit for bit; the gate-weight gradients (the
+    collective transport's dot products are torch reductions, the NVSHMEM transport's are the
+    kernels') and so the input and router gradients to fp32 rounding."""
+    out = []
+    for transport in ("collective", "nvshmem"):
+        torch.manual_seed(0)
+        got = _moe_body(rank, world, transport=transport)
+        out.append(got)
+    (y, gx, g13, g2, gr), (y2, gx2, g13b, g2b, gr2) = out
+    return (torch.equal(y, y2) and torch.equal(g13, g13b) and torch.equal(g2, g2b)
+            and rel_err(gx2, gx) < 1e-3 and rel_err(gr2, gr) < 1e-4)
+
+
+worlds.register(2, "moe/transports", _transports_body)
+
+
+def test_moe_nvshmem_transport_matches_collective():
+    assert all(worlds.results(2, "moe/transports"))
 
 
 def _bad_input_body(rank, world):

@@ -191,7 +191,7 @@ class MXEPTokenDispatcher(BaseEPTokenDispatcher):
     and ``num_max_tokens_per_rank`` (``T``, the most tokens one rank passes to one dispatch)
     size the Buffer; ``None`` takes them from the first dispatch's ``x_TD`` (eager only).
     ``align`` (group padding, 32 for MXFP8), ``scale_mode`` (``"rceil"`` / ``"floor"``),
-    ``transport`` (``"auto"`` / ``"symm_mem"`` / ``"collective"``), ``capacity_factor`` (None:
+    ``transport`` (``"auto"`` / ``"symm_mem"`` / ``"nvshmem"`` / ``"collective"``), ``capacity_factor`` (None:
     dropless; ``f``: every expert keeps at most ``f`` times its balanced share of rows, the rest
     dropped deterministically) and ``debug`` are :class:`mxep.Buffer`'s.
     """

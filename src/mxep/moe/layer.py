@@ -59,7 +59,8 @@ class MoE(nn.Module):
         max_tokens_per_rank: the most tokens one rank passes to one call (sizes the Buffer for
             ``max_tokens_per_rank * top_k`` rows).
         group: the EP process group (None: the default group).
-        align, scale_mode: as :class:`mxep.Buffer`.
+        align, scale_mode, transport: as :class:`mxep.Buffer` (``transport="nvshmem"``, the
+            multi-node path, needs the token-level ``dispatch="tokens"``).
         mx_weights: quantize ``w13`` / ``w2`` to MXFP8 (blocks of 32 along their K),
             straight-through to the bf16 parameters, so that both operands of each expert GEMM
             are MXFP8 (an MX GEMM's numerics); False: bf16 weights.
@@ -113,7 +114,7 @@ class MoE(nn.Module):
                  group=None, align: int = 32, scale_mode: str = "rceil", mx_weights: bool = True,
                  mx_weight_cache: bool = True,
                  device: torch.device | str | None = None, gemm_impl: str = "auto", dispatch: str = "tokens",
-                 capacity_factor: float | None = None):
+                 capacity_factor: float | None = None, transport: str = "auto"):
         super().__init__()
         # Sizes are checked here, under the caller's names and values (the Buffer is built for
         # max_tokens_per_rank * top_k rows: its own check would report the product).
@@ -132,12 +133,14 @@ class MoE(nn.Module):
         self.dispatch = dispatch
         if dispatch == "tokens":
             self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden, max_tokens_per_rank=max_tokens_per_rank,
-                                 top_k=top_k, align=align, scale_mode=scale_mode, capacity_factor=capacity_factor)
+                                 top_k=top_k, align=align, scale_mode=scale_mode, capacity_factor=capacity_factor,
+                                 transport=transport)
         else:
             if capacity_factor is not None:
                 raise ValueError("capacity_factor needs the token-level dispatch (dispatch='tokens')")
             self.buffer = Buffer(group, num_experts=num_experts, hidden=hidden,
-                                 max_tokens_per_rank=max_tokens_per_rank * top_k, align=align, scale_mode=scale_mode)
+                                 max_tokens_per_rank=max_tokens_per_rank * top_k, align=align, scale_mode=scale_mode,
+                                 transport=transport)
         L = num_experts // self.buffer.world_size
         self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
         self.max_tokens_per_rank, self.align, self.scale_mode = max_tokens_per_rank, align, scale_mode
