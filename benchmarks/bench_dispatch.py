@@ -57,6 +57,11 @@ def main() -> None:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
     p.add_argument("--patterns", default=",".join(PATTERNS), help="ceiling traffic patterns")
     p.add_argument("--ep-config", default="{}", help=EP_CONFIG_HELP)
+    p.add_argument("--transport", default="auto", choices=("auto", "symm_mem", "nvshmem", "collective"),
+                   help="the token-level system's Buffer transport. 'nvshmem' selects PyTorch's NVSHMEM backend "
+                        "for the process, so it runs with the systems that hold no CUDA symmetric memory "
+                        "(mxep_tokens, unfused_mxfp8, nccl_bf16); its check compares with the symmetric-memory "
+                        "kernels' simulated world on this GPU")
     args = p.parse_args()
     overrides = parse_ep_config(args.ep_config)
     cpu = args.cpu_smoke
@@ -65,6 +70,10 @@ def main() -> None:
     routings = parse_list(args.routings, ROUTINGS)
     systems = parse_list(args.systems, SYSTEMS)
     patterns = parse_list(args.patterns, PATTERNS)
+    if args.transport == "nvshmem" and {"mxep", "ceilings"} & set(systems):
+        raise SystemExit("--transport nvshmem: the 'mxep' and 'ceilings' systems hold CUDA-backend symmetric memory, "
+                         "which one process cannot mix with NVSHMEM's; pass --systems mxep_tokens[,unfused_mxfp8,"
+                         "nccl_bf16]")
 
     rank, world, device = init_distributed(cpu, args.pg_timeout)
     group = None
@@ -121,8 +130,10 @@ def main() -> None:
         """The token-level system on this config and routing (see the module docstring)."""
         H, E, T, k = cfg.hidden, cfg.experts, cfg.tokens, cfg.topk
         tbuf, err = run("mxep.Buffer(top_k)", lambda: mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T,
-                                                                  top_k=k, align=32,
+                                                                  top_k=k, align=32, transport=args.transport,
                                                                   config=ep_config(overrides, device, H)))
+        if tbuf is not None:
+            log(f"   {tbuf!r}")
         tc, terr = run("token inputs", lambda: make_token_case(cfg, routing, world, rank, device, args.seed))
         err = err or terr
         extra = {"symm_bytes": tbuf.symm_bytes if tbuf else None,
@@ -184,7 +195,25 @@ def main() -> None:
                 ("scale", got.tokens.scale[:R].view(torch.uint8), want.tokens.scale[:R].view(torch.uint8)))
                 if not torch.equal(a, b)]
             return "ok" if not bad else "mismatch: " + ",".join(bad)
-        out, err = run("tokens check", check)
+
+        def check_simulated():
+            """(no CUDA symmetric memory in this process) The layout, bit for bit, against the
+            symmetric-memory kernels' simulated world of every rank's inputs on this GPU."""
+            from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
+
+            cases = [make_token_case(cfg, routing, world, r, device, args.seed) for r in range(world)]
+            sw = SimulatedWorld(world, E, H, T, 32, top_k=k, device=device)
+            want = sw.dispatch_tokens([c.x for c in cases], [c.topk_idx for c in cases],
+                                      [c.topk_weights for c in cases])[rank]
+            got = tbuf.dispatch_tokens(x, idx, w)
+            R = int(want.group_end_offsets[-1])   # debug-only (the benchmark's check)
+            bad = [name for name, a, b in (
+                ("group_end_offsets", got.group_end_offsets, want.group_end_offsets),
+                ("qdata", got.tokens.qdata[:R].view(torch.uint8), want.tokens.qdata[:R].view(torch.uint8)),
+                ("scale", got.tokens.scale[:R].view(torch.uint8), want.tokens.scale[:R].view(torch.uint8)))
+                if not torch.equal(a, b)]
+            return "ok" if not bad else "mismatch: " + ",".join(bad)
+        out, err = run("tokens check", check_simulated if tbuf.transport_name == "nvshmem" else check)
         verdicts = gather(out)
         verdict = "ok" if all(v == "ok" for v in verdicts) else "; ".join(
             f"rank {r}: {v}" for r, v in enumerate(verdicts) if v != "ok")

@@ -8,7 +8,10 @@ ceiling of the same bytes. Each time comes twice (``mxep.testing.timing.time_que
 ``device`` (the call queued behind a device sleep: its kernels' time, the host's launch gaps
 hidden, as in a CUDA graph or a host that runs ahead) and ``host_inclusive`` (issued as the GPU runs: the eager
 caller's view, where the host's launches of W ranks' phases one after another dominate).
-``--profile``: the kernels of one call of each, by share. Wire bytes per rank are computed from the routing: a row-level
+``--profile``: the kernels of one call of each, by share. ``nvshmem``: the NVSHMEM transport's
+kernels around its exchange (routing, plan of the exchanged counts, pack, unpack; reduce and sum
+of partials), the exchanges themselves left out (they are NVSHMEM's ``all_to_all_vdev``, which
+one GPU cannot run): the buffers hold the rows an earlier full call exchanged. Wire bytes per rank are computed from the routing: a row-level
 dispatch sends every off-rank (token, expert) pair, a token-level one every off-rank (token,
 rank) pair once (MXFP8 data + scales + its k slot rows and weights, 8 bytes each); the combines
 send bf16 rows back the same way.
@@ -30,6 +33,7 @@ from mxep.testing.timing import kernel_profile, time_queued_us
 
 def main() -> None:
     from mxep.ep.routing import route_tokens
+    from mxep.ep.transport.nvshmem.simulated import SimulatedNvshmemWorld
     from mxep.ep.transport.symm_mem.simulated import SimulatedWorld
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +74,23 @@ def main() -> None:
 
         r_out = row_dispatch()
         t_out = tok_dispatch()
+        nw = SimulatedNvshmemWorld(W, E, H, T, k, device=dev)
+        n_out = nw.dispatch_tokens(xs, idx, ws)   # one full call: the receive buffers hold its rows
+        n_states = [o.handle.state for o in n_out]
+
+        def nv_dispatch():   # everything but the two exchanges (counts, rows)
+            for p, x, i, w in zip(nw.peers, xs, idx, ws):
+                route = p.route(i)
+                send_counts, recv_counts = p.counts_views(p.send_buffer())
+                p.put_count_rows(route, send_counts)
+                st, _ = p.plan_tokens(route, recv_counts.view(torch.int32), w, nw.align)
+                p.pack_tokens(x, st, p.send_buffer(), nw.scale_mode)
+            return [p.unpack_tokens(st, p.recv_buffer(), nw.align) for p, st in zip(nw.peers, n_states)]
+
+        def nv_combine():    # the owners' reduce and the sources' sum, without the exchange
+            for p, e, st in zip(nw.peers, eo_t, n_states):
+                p.reduce_rows(e, st, p.send_buffer(), True)
+            return [p.sum_partials(st, p.recv_buffer()) for p, st in zip(nw.peers, n_states)]
 
         def row_combine():
             back = rw.combine(eo_r, [o.handle for o in r_out])
@@ -98,12 +119,14 @@ def main() -> None:
         res = dict(world=W, tokens=T, hidden=H, experts=E, top_k=k,
                    dispatch_wire_bytes_per_rank=dict(row=per_rank(wire_row) * row_bytes, token=per_rank(wire_tok) * tok_bytes),
                    combine_wire_bytes_per_rank=dict(row=per_rank(wire_row) * 2 * H, token=per_rank(wire_tok) * 2 * H))
-        for op, fns in (("dispatch", (row_dispatch, tok_dispatch)), ("combine", (row_combine, tok_combine))):
+        apis = ("row", "token", "nvshmem")
+        for op, fns in (("dispatch", (row_dispatch, tok_dispatch, nv_dispatch)),
+                        ("combine", (row_combine, tok_combine, nv_combine))):
             t = [time_queued_us(f, dev) for f in fns]
-            res[f"{op}_us"] = dict(row=t[0]["device_us"], token=t[1]["device_us"])
-            res[f"{op}_host_inclusive_us"] = dict(row=t[0]["host_inclusive_us"], token=t[1]["host_inclusive_us"])
+            res[f"{op}_us"] = {api: m["device_us"] for api, m in zip(apis, t)}
+            res[f"{op}_host_inclusive_us"] = {api: m["host_inclusive_us"] for api, m in zip(apis, t)}
             if a.profile and dev.type == "cuda":
-                for api, f in zip(("row", "token"), fns):
+                for api, f in zip(apis, fns):
                     res[f"{op}_{api}_kernels"] = kernel_profile(f, dev, steps=2, top=12)
                     for kern in res[f"{op}_{api}_kernels"]:
                         print(f"  W{W} {op} {api}: {kern['us_per_call']:9.1f} us {100 * kern['share']:5.1f}%  "
@@ -115,16 +138,17 @@ def main() -> None:
         res["copy_ceiling_us_token_dispatch_bytes"] = time_queued_us(lambda: dst.copy_(src), dev)["device_us"]
         results.append(res)
         print(json.dumps(res))
-        del rw, tw, r_out, t_out, eo_r, eo_t
+        del rw, tw, nw, r_out, t_out, n_out, n_states, eo_r, eo_t
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print("| W | dispatch row / token (us, device) | combine row / token (us, device) | dispatch / combine row / token "
-          "(us, host-inclusive) | dispatch wire MB/rank row / token | copy ceiling (us) |")
+    print("| W | dispatch row / token / nvshmem kernels (us, device) | combine row / token / nvshmem kernels (us, device) "
+          "| dispatch / combine row / token (us, host-inclusive) | dispatch wire MB/rank row / token | copy ceiling (us) |")
     print("|---|---|---|---|---|---|")
     for r in results:
         hi_d, hi_c = r["dispatch_host_inclusive_us"], r["combine_host_inclusive_us"]
-        print(f"| {r['world']} | {r['dispatch_us']['row']:.1f} / {r['dispatch_us']['token']:.1f} | "
-              f"{r['combine_us']['row']:.1f} / {r['combine_us']['token']:.1f} | "
+        d, c = r["dispatch_us"], r["combine_us"]
+        print(f"| {r['world']} | {d['row']:.1f} / {d['token']:.1f} / {d['nvshmem']:.1f} | "
+              f"{c['row']:.1f} / {c['token']:.1f} / {c['nvshmem']:.1f} | "
               f"{hi_d['row']:.0f} / {hi_d['token']:.0f}, {hi_c['row']:.0f} / {hi_c['token']:.0f} | "
               f"{r['dispatch_wire_bytes_per_rank']['row'] / 1e6:.2f} / {r['dispatch_wire_bytes_per_rank']['token'] / 1e6:.2f} | "
               f"{r['copy_ceiling_us_token_dispatch_bytes']:.1f} |")
