@@ -10,7 +10,8 @@ paths over several shapes with what a GPU launch would get:
   two halves and, as a real world launches it, in one launch; the fused quantize + push in both
   scale modes, the copy-out, the zero-copy dispatch, the push combine and its copy-out, the pull
   combine of the zero-copy input, the bf16 dispatch of the combine's backward; the token-level
-  dispatch and combine and their backwards), with an
+  dispatch and combine and their backwards), and the NVSHMEM transport's kernels around its
+  exchange (plan of the exchanged counts, pack, unpack, reduce, sum, gradient expansion), with an
   :class:`mxep.EPConfig` whose grid sizes are an H200's (132 SMs) and whose waits poll
   ``wait_polls`` times;
 * the standalone quantize and its one-pass round trip (the MX weight cache's), the one-pass dequantize, every grouped-GEMM tile candidate (bf16 and
@@ -221,6 +222,30 @@ def _drive_tokens(shape, config, scale_modes, g, scale_layout="row_major") -> No
     sim.combine_tokens(eo, handles)                         # owner-side weighted reduction, partial sums
     sim.dispatch_tokens_backward(eo, handles)
     sim.combine_tokens_backward([torch.zeros(T, H, dtype=torch.bfloat16) for _ in range(W)], eo, handles)
+    _drive_nvshmem(W, E, H, T, k, align, idx, gates, xs, config, scale_modes, scale_layout)
+
+
+def _drive_nvshmem(W, E, H, T, k, align, idx, gates, xs, config, scale_modes, scale_layout) -> None:
+    """The NVSHMEM transport's kernels around its exchange, phase by phase on every rank (the
+    exchanges are NVSHMEM's and read nothing here; the simulated world's host-side exchange
+    would read the garbage counts of a compile-only run)."""
+    from mxep.ep.transport.nvshmem.simulated import SimulatedNvshmemWorld
+
+    for mode in scale_modes:
+        nw = SimulatedNvshmemWorld(W, E, H, T, k, align, mode, config=config, scale_layout=scale_layout)
+        for p, x, i, w in zip(nw.peers, xs, idx, gates):
+            route = p.route(i)
+            send_counts, recv_counts = p.counts_views(p.send_buffer())
+            p.put_count_rows(route, send_counts)
+            st, _ = p.plan_tokens(route, recv_counts.view(torch.int32), w, align)   # the plan of the matrix
+            p.pack_tokens(x, st, p.send_buffer(), mode)                             # quantize once, pack
+            p.unpack_tokens(st, p.recv_buffer(), align)                             # expand on the owner
+            eo = torch.zeros(nw.capacity, H, dtype=torch.bfloat16)
+            p.reduce_rows(eo, st, p.send_buffer(), True)
+            p.reduce_rows(eo, st, p.send_buffer(), False)
+            p.sum_partials(st, p.recv_buffer())
+            p.pack_grads(torch.zeros(x.shape[0], H, dtype=torch.bfloat16), st, p.send_buffer())
+            p.expand_grads(eo, st, p.recv_buffer(), p.send_buffer(), align)
 
 
 def drive() -> None:

@@ -66,7 +66,7 @@ def _segment_starts(cnt_ptr, W: tl.constexpr, W_P: tl.constexpr):
 
 
 @triton.jit
-def _pack_kernel(x_ptr, n_tok, H, slot_ptr, cnt_ptr, send_u8, send_i16, send_i32, R, RO, WO,
+def _pack_rows_kernel(x_ptr, n_tok, H, slot_ptr, cnt_ptr, send_u8, send_i16, send_i32, R, RO, WO,
                  rows_ptr, owner_ptr, w_ptr,
                  QUANTIZE: tl.constexpr, TABLES: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
                  K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -127,7 +127,7 @@ def pack_tokens(x: torch.Tensor, slot: torch.Tensor, tok_send: torch.Tensor, sen
     quantize = scale_mode is not None
     rows, owner, w = tables if tables is not None else (slot, slot, slot)
     K = rows.shape[1] if tables is not None else 1
-    _pack_kernel[(nprog,)](
+    _pack_rows_kernel[(nprog,)](
         x.view(torch.int16), n, H, slot, tok_send, send, send.view(torch.int16), send.view(torch.int32), R,
         offsets[0], offsets[1], rows, owner, w,
         QUANTIZE=quantize, TABLES=tables is not None, FLOOR=scale_mode == "floor",
@@ -136,7 +136,7 @@ def pack_tokens(x: torch.Tensor, slot: torch.Tensor, tok_send: torch.Tensor, sen
 
 
 @triton.jit
-def _unpack_kernel(recv_u8, recv_i32, R, RO, WO, cnt_ptr, T, H, rank, capacity, group_end_ptr, recv_ptr,
+def _unpack_rows_kernel(recv_u8, recv_i32, R, RO, WO, cnt_ptr, T, H, rank, capacity, group_end_ptr, recv_ptr,
                    out_data_ptr, out_scale_ptr, rows_out_ptr, w_out_ptr,
                    BLOCKED: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr,
                    L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -181,7 +181,7 @@ def unpack_tokens(recv: torch.Tensor, offsets: tuple[int, int], tok_recv: torch.
     L = group_end.shape[0] // W
     t = config.copy
     nprog = config.num_programs(t, out_data.device)
-    _unpack_kernel[(nprog,)](
+    _unpack_rows_kernel[(nprog,)](
         recv, recv.view(torch.int32), recv.shape[1], offsets[0], offsets[1], tok_recv, T, H, rank, cap, group_end,
         recv_per_expert, out_data, out_scale, rows_out, w_out,
         BLOCKED=blocked_scales, K=K, K_P=_k_p(K), W=W, W_P=_w_p(W), L=L, L_P=_w_p(L), ALIGN=align,
@@ -189,7 +189,7 @@ def unpack_tokens(recv: torch.Tensor, offsets: tuple[int, int], tok_recv: torch.
 
 
 @triton.jit
-def _reduce_kernel(src_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, capacity, send_i16, R,
+def _reduce_rows_kernel(src_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, capacity, send_i16, R,
                    WEIGHTED: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr,
                    BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
     cols = tl.arange(0, BLOCK_K)
@@ -224,14 +224,14 @@ def reduce_rows(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | N
     W, K = tok_recv.shape[0], rows.shape[1]
     t = config.combine
     nprog = config.num_programs(t, src.device)
-    _reduce_kernel[(nprog,)](
+    _reduce_rows_kernel[(nprog,)](
         src.view(torch.int16), rows, weights if weights is not None else rows, tok_recv, T, H, cap,
         send.view(torch.int16), send.shape[1], WEIGHTED=weights is not None, K=K, K_P=_k_p(K), W=W, W_P=_w_p(W),
         BLOCK_K=_block_k(H), NPROG=nprog, num_warps=t.warps)
 
 
 @triton.jit
-def _sum_partials_kernel(recv_i16, R, slot_ptr, cnt_ptr, n_tok, H, out_ptr, W: tl.constexpr, W_P: tl.constexpr,
+def _sum_received_partials_kernel(recv_i16, R, slot_ptr, cnt_ptr, n_tok, H, out_ptr, W: tl.constexpr, W_P: tl.constexpr,
                          BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
@@ -261,13 +261,13 @@ def sum_partials(recv: torch.Tensor, slot: torch.Tensor, tok_send: torch.Tensor,
     t = config.copy
     nprog = min(config.num_programs(t, out.device), n)
     W = slot.shape[1]
-    _sum_partials_kernel[(nprog,)](recv.view(torch.int16), recv.shape[1], slot, tok_send, n, H, out.view(torch.int16),
+    _sum_received_partials_kernel[(nprog,)](recv.view(torch.int16), recv.shape[1], slot, tok_send, n, H, out.view(torch.int16),
                                    W=W, W_P=_w_p(W), BLOCK_K=_block_k(H), NPROG=nprog, num_warps=t.warps)
     return out
 
 
 @triton.jit
-def _expand_grads_kernel(recv_i16, R, eo_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, rank, capacity, geo_ptr, send_f32,
+def _expand_received_grads_kernel(recv_i16, R, eo_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, rank, capacity, geo_ptr, send_f32,
                          group_end_ptr, recv_ptr, K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr,
                          W_P: tl.constexpr, L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
                          BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
@@ -306,7 +306,7 @@ def expand_grads(recv: torch.Tensor, expert_out: torch.Tensor, rows: torch.Tenso
     L = group_end.shape[0] // W
     t = config.combine
     nprog = config.num_programs(t, expert_out.device)
-    _expand_grads_kernel[(nprog,)](
+    _expand_received_grads_kernel[(nprog,)](
         recv.view(torch.int16), recv.shape[1], expert_out.view(torch.int16), rows, weights, tok_recv, T, H, rank, cap,
         grad_expert_out.view(torch.int16), send.view(torch.float32), group_end, recv_per_expert,
         K=K, K_P=_k_p(K), W=W, W_P=_w_p(W), L=L, L_P=_w_p(L), ALIGN=align, BLOCK_K=_block_k(H), NPROG=nprog,
