@@ -1,5 +1,6 @@
 """The transport contract: how rows and tokens reach other ranks. One subpackage per transport
-(:mod:`~mxep.ep.transport.symm_mem`, :mod:`~mxep.ep.transport.collective`), each a subclass of
+(:mod:`~mxep.ep.transport.symm_mem`, :mod:`~mxep.ep.transport.nvshmem`,
+:mod:`~mxep.ep.transport.collective`), each a subclass of
 :class:`Transport` implementing every method below; only :class:`mxep.Buffer` knows which exist.
 Every transport produces the same bytes (docs/layout.md) and the same combine bits.
 
