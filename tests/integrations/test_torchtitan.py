@@ -159,6 +159,22 @@ def _body(rank: int, world: int, modes: tuple) -> dict:
                                  "padded": padded.tolist(), "ends": meta.handle.group_end_offsets.tolist(),
                                  "received": meta.handle.tokens_per_expert.tolist(), "capacity": disp.buffer.capacity}
             out[(mode, path)] = res
+    if "eager" in modes and world == 2:
+        # the NVSHMEM transport (on gloo: its exchange's stand-in) behind the same dispatcher:
+        # the compiled model with the dispatcher swapped in, as the "compile" path builds it
+        torch.manual_seed(0)
+        moe = _moe_config(False, world).build()
+        moe.init_states()
+        moe = moe.bfloat16()
+        moe.parallelize(pd)
+        assert use_mxep_dispatcher(moe, num_max_tokens_per_rank=T, transport="nvshmem") == ["routed_experts"]
+        assert moe.routed_experts.token_dispatcher.buffer is None or \
+            moe.routed_experts.token_dispatcher.buffer.transport_name == "nvshmem"
+        xi = x.clone().requires_grad_(True)
+        y = moe(xi)
+        y.backward(dy)
+        assert moe.routed_experts.token_dispatcher.buffer.transport_name == "nvshmem"
+        out[("eager", "mxep_nvshmem")] = {"y": y.detach().float(), "gx": xi.grad.float()}
     if "spmd_types" in modes and world > 1:
         # torchtitan's default SPMD backend (its standard dispatcher's all-to-all does not run on
         # gloo there: the reference stays the partial_dtensor run above)
@@ -227,6 +243,15 @@ def test_mxep_dispatcher_matches_standard(world, mode):
         else:   # eager mxep is deterministic and equals the compiled run
             for name in ("y", "gx"):
                 assert torch.allclose(r[mx][name], r[("compile", "mxep")][name], rtol=1e-2, atol=1e-2)
+
+
+def test_mxep_dispatcher_on_the_nvshmem_transport():
+    """EP = 2, the dispatcher on ``transport="nvshmem"`` (gloo: the exchange's stand-in): the
+    output bit for bit the collective transport's; the input gradient to fp32 rounding (the
+    gate-weight gradients are kernel dot products on one, torch's on the other)."""
+    for r in _results(2):
+        assert torch.equal(r[("eager", "mxep_nvshmem")]["y"], r[("eager", "mxep")]["y"])
+        assert torch.allclose(r[("eager", "mxep_nvshmem")]["gx"], r[("eager", "mxep")]["gx"], rtol=1e-2, atol=1e-3)
 
 
 def test_mxep_dispatcher_under_spmd_types_backend():
