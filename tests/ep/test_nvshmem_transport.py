@@ -174,6 +174,14 @@ def test_one_rank_ops_compile_and_row_level_refused():
         c = _one_rank_token_step(nv, xs[0], idx[0], ws[0], eo, dy, forward=compiled)
         for u, v in zip(b, c):
             assert torch.equal(u, v)
+        # routing input never vanishes: an out-of-range id and a repeated one are counted
+        bad = idx[0].clone()
+        bad[0, 0] = E + 3
+        bad[1] = torch.tensor([2, 2, -1])
+        res = nv.dispatch_tokens(xs[0], bad, ws[0])
+        assert res.routing_errors.tolist() == [1, 1]
+        with pytest.raises(RuntimeError, match="neither -1 nor an expert id"):
+            nv.check()
         with pytest.raises(ValueError, match="token-level API only"):
             mxep.Buffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, transport="nvshmem")
         with pytest.raises(ValueError, match="transport must be"):
