@@ -334,7 +334,9 @@ def expert_gemm_backward(grad_out: torch.Tensor, qdata: torch.Tensor, scale: tor
     ``(grad_tokens bf16 [cap, K] (straight-through for the tokens' quantization) or None,
     grad_weight bf16 [L, N, K] or None)``; ``weight`` as :func:`weight_for_backward` gave it."""
     w = weight[0] if len(weight) == 1 else _dequantize(weight[0], weight[1])
-    grad_out = grad_out.to(torch.bfloat16).contiguous()
+    if grad_out.dtype != torch.bfloat16:   # (a no-op .to() is still a dispatched op)
+        grad_out = grad_out.to(torch.bfloat16)
+    grad_out = grad_out.contiguous()
     grad_tokens = grad_weight = None
     if tokens_grad:
         grad_tokens = torch._grouped_mm(grad_out, w, offs=group_end_offsets)                  # [cap, K]

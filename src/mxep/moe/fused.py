@@ -72,7 +72,9 @@ class TokenLayer(torch.autograd.Function):
         grad_x = grad_w13 = None
         with torch._C._AutoDispatchBelowADInplaceOrView():
             # the composed form's backward nodes, in its order: combine, GEMM 2, SwiGLU, GEMM 1, dispatch
-            grad_eo, grad_gates = tr.combine_tokens_backward(dy.to(torch.bfloat16).contiguous(), eo, st, align)
+            if dy.dtype != torch.bfloat16:   # (a no-op .to() is still a dispatched op)
+                dy = dy.to(torch.bfloat16)
+            grad_eo, grad_gates = tr.combine_tokens_backward(dy.contiguous(), eo, st, align)
             grad_a, grad_w2 = expert_gemm_backward(grad_eo, aq, ascale, w2_saved, offs, end, need_h, need_w2)
             if need_h:
                 grad_h = swiglu_backward(h, grad_a, offs)

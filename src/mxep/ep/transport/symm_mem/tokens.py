@@ -222,7 +222,7 @@ def push_tokens(x: torch.Tensor, rank: int, T: int, slot: torch.Tensor, data_bas
     """Source side: token ``t`` of ``x [t, H]`` (bf16) into token slot ``rank * T + slot[t, d]``
     of every rank ``d`` with ``slot[t, d] >= 0`` (``slot`` int32 ``[t, W]``). ``scale_mode``
     given: quantized (``data_base`` / ``scale_base`` uint8 regions, ``delta`` in bytes), else
-    bf16 rows (``data_base`` a bf16 region, ``delta`` in bf16 elements). ``tables``:
+    bf16 rows (``data_base`` a bf16 region or its int16 view, ``delta`` in bf16 elements). ``tables``:
     ``(pair_rows int32 [t, k], pair_owner int32 [t, k], weights fp32 [t, k], rows_base int32
     [S, k], weights_base fp32 [S, k], delta_i32)``: also write each slot's table rows."""
     n, H = x.shape
@@ -340,7 +340,7 @@ def reduce_tokens(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor |
     """Owner side: for every received slot, the fp32 sum (gate-weighted with ``weights``
     fp32 ``[S, k]``, else plain) of its layout rows of ``src`` (bf16 ``[cap, H]``; rows from
     ``rows`` int32 ``[S, k]``), rounded to bf16, into the source's combine region
-    (``ret_base`` bf16 ``[S, H]`` + ``delta_bf16[source]``) at row ``rank * T + slot``."""
+    (``ret_base`` bf16 ``[S, H]``, or its int16 view, + ``delta_bf16[source]``) at row ``rank * T + slot``."""
     cap, H = src.shape
     W, K = plan.src_end.shape[0], rows.shape[1]
     t = config.combine
@@ -371,7 +371,8 @@ def _sum_partials_kernel(ret_ptr, slot_ptr, n_tok, T, H, out_ptr, W: tl.constexp
 
 def sum_partials(region: torch.Tensor, slot: torch.Tensor, T: int, out: torch.Tensor, config: EPConfig) -> torch.Tensor:
     """Source side, after the reduce's barrier: ``out[t]`` (bf16 ``[t, H]``) = the fp32 sum over
-    ranks ``d`` (in rank order) with ``slot[t, d] >= 0`` of ``region[d * T + slot[t, d]]``."""
+    ranks ``d`` (in rank order) with ``slot[t, d] >= 0`` of ``region[d * T + slot[t, d]]``
+    (``region`` bf16 ``[S, H]`` or its int16 view)."""
     n, H = out.shape
     if n == 0:
         return out
@@ -419,7 +420,7 @@ def expand_token_grads(dy_slots: torch.Tensor, expert_out: torch.Tensor, rows: t
                        plan: DispatchPlan, rank: int, T: int, grad_expert_out: torch.Tensor, wg_base: torch.Tensor,
                        delta_i32: torch.Tensor, config: EPConfig) -> torch.Tensor:
     """Owner side of the combine's backward, after ``dy`` reached the token slots
-    (``dy_slots`` bf16 ``[S, H]``): ``grad_expert_out[row] = weight * dy`` (bf16 ``[cap, H]``,
+    (``dy_slots`` bf16 ``[S, H]``, or its int16 view): ``grad_expert_out[row] = weight * dy`` (bf16 ``[cap, H]``,
     pad rows zero, later rows unwritten) and ``<dy, expert_out[row]>`` (fp32) into the source's
     weight-gradient table (``wg_base`` fp32 ``[S, k]`` + ``delta_i32[source]``) at row
     ``rank * T + slot``, column = the pair's top-k slot."""
