@@ -8,8 +8,12 @@ device work whose results depend only on the values in the captured tensors. Rep
 new tokens and output gradients into the captured inputs; new routing comes with them (it is
 computed from the tokens and the router's weights in the graph).
 
-    >>> step = CapturedStep(moe, num_tokens=4096)   # warm-up and capture (collective on every rank)
-    >>> y, x_grad = step(x, dy)                      # copy in, replay; moe.w13.grad etc. hold this step's
+Usage (``moe`` an :class:`mxep.MoE` on a GPU, ``x`` / ``dy`` bf16 ``[4096, H]``)::
+
+    step = CapturedStep(moe, num_tokens=4096)   # warm-up and capture (collective on every rank)
+    for x, dy in batches:
+        y, x_grad = step(x, dy)                  # copy in, replay; moe.w13.grad etc. hold this step's
+        optimizer.step()                         # in place: the next replay quantizes the new weights
 
 Two ways to get there; :class:`CapturedStep` is the explicit one, ``torch.compile(moe,
 mode="reduce-overhead")`` (inductor's CUDA graphs over the compiled graph, in which the
@@ -79,12 +83,12 @@ class CapturedStep:
         warmup = check_size("warmup", warmup, 1 if mode == "graph" else 0)
         device = moe.w13.device
         if mode == "graph":
-            if device.type != "cuda":
-                raise RuntimeError(f"CapturedStep(mode='graph') needs the layer on a CUDA device (CUDA graphs); it is on "
-                                   f"{device}. mode='eager' runs the same step without a graph")
             if moe.buffer.debug:
                 raise ValueError("CapturedStep: the layer's Buffer is in debug mode, whose checks read device values on "
                                  "the host (a sync, which a CUDA graph cannot capture); build it without debug")
+            if device.type != "cuda":
+                raise RuntimeError(f"CapturedStep(mode='graph') needs the layer on a CUDA device (CUDA graphs); it is on "
+                                   f"{device}. mode='eager' runs the same step without a graph")
         self.moe, self.num_tokens, self.mode = moe, num_tokens, mode
         H = moe.hidden
         self.x = torch.zeros(num_tokens, H, dtype=torch.bfloat16, device=device, requires_grad=True)

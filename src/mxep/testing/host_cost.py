@@ -22,12 +22,18 @@ Not on any hot path (it patches Triton's launchers while it counts).
 
 Example (one process, gloo, ``TRITON_INTERPRET=1``)::
 
+    >>> import torch.distributed as dist
+    >>> from mxep.testing.launch import free_port
+    >>> dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     >>> moe = mxep.MoE(hidden=64, ffn_hidden=32, num_experts=8, top_k=2, max_tokens_per_rank=16)
     >>> use_local_symm_mem(moe.buffer)
     >>> x, dy = torch.randn(16, 64).bfloat16(), torch.randn(16, 64).bfloat16()
     >>> work = count_moe_step(moe, x, dy)
     >>> work.num_ops > 0 and work.num_launches > 0
     True
+    >>> work.table().splitlines()[0].endswith("Triton launches")   # then one line per call site
+    True
+    >>> dist.destroy_process_group()
 """
 from __future__ import annotations
 
