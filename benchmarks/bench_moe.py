@@ -5,12 +5,18 @@ the same weights, routing and inputs, in one launch.
     torchrun --standalone --nproc_per_node=N benchmarks/bench_moe.py   # N GPUs: world N (NCCL)
     python benchmarks/bench_moe.py --smoke --out-dir /tmp/x            # CPU, gloo world 1, tiny shapes,
                                                                        # TRITON_INTERPRET=1 (plumbing only)
+    python benchmarks/bench_moe.py --configs dsv3 --tokens 512,2048,4096   # issue 23's sweep, one GPU
 
 Systems (names in the JSON):
   mxep           mxep.MoE (fused MXFP8 dispatch, MXFP8 expert GEMMs, mx_weights=True), the MX
                  weight cache rebuilt before every step: the cost of one optimizer step per step
   mxep_accum     the same layer with the cache warm: a micro-batch of gradient accumulation after
                  the first one (weights unchanged since the last step)
+  mxep_graph     the mxep step captured once in a CUDA graph and replayed with new inputs
+                 (mxep.moe.capture.CapturedStep: the copy-in and one graph launch per step; the MX
+                 weights are quantized inside the graph, i.e. rebuilt every step); its output and
+                 input gradient must equal mxep's bit for bit (checked). --smoke: mode="eager"
+                 (no CUDA graphs on a CPU: the same static-buffer step, run eagerly)
   mxep_nocache   mxep.MoE(mx_weight_cache=False): the MX weights quantized at every forward and
                  dequantized in every GEMM pass (forward and backward), as before the cache; its
                  output and input gradient must equal mxep's bit for bit (checked)
@@ -20,12 +26,18 @@ Systems (names in the JSON):
                  share of rows (drops counted; the layer's saved activations bounded)
   bf16           mxep.moe.naive.BF16EPMoE: torchtitan's bf16 path (host-synced splits,
                  all_to_all_single of bf16 rows, permute, torch._grouped_mm, unpermute, all_to_all)
+  bf16_local     mxep.moe.naive.BF16LocalMoE, world 1 only (skipped at world > 1): the plain bf16
+                 MoE of the same math (router, stable sort by expert, torch._grouped_mm SwiGLU
+                 experts, fp32 index_add of the gated rows): the bf16 EP layer without its
+                 all-to-all and host sync, the strongest bf16 flow on one GPU (a per-expert loop
+                 where torch._grouped_mm does not run)
   unfused_mxfp8  mxep.moe.naive.UnfusedMXFP8EPMoE: torchao-style (quantize, host-synced splits,
                  all_to_all of data and scales, permute + pad, MX grouped GEMMs emulated as
                  dequantize + bf16 torch._grouped_mm, weights quantized at every forward)
 
 Configs (``--configs``), per rank: ``dsv3`` (H 7168, F 2048, 256 experts, top-8, 4096 tokens) and
-``llama4`` (H 5120, F 8192, 16 experts, top-1, 8192 tokens). ``--world1`` (the default on a
+``llama4`` (H 5120, F 8192, 16 experts, top-1, 8192 tokens); ``--tokens 512,2048,4096`` runs each
+config at each of those token counts per rank instead (named ``dsv3_t512``, ...). ``--world1`` (the default on a
 single rank) scales them to fit one GPU while keeping the experts per rank of an EP group of
 ``--ref-ep`` (8) ranks: ``experts = E / ref_ep * world`` (DSv3-like at world 1: 32 experts, top-8,
 4096 tokens; Llama4-like: 2 experts, top-1, 8192 tokens). ``--no-world1``: the full expert counts
@@ -36,7 +48,18 @@ then ``--iters`` timed steps, each one: gradients set to None, device sync + bar
 start together, the GPU idle), start event, ``y = layer(x); y.backward(dy)``, end event; the
 step time is the median over the steps (max over ranks of the per-rank medians). Host launch
 time the GPU cannot hide and host syncs inside a step (the baselines' split sizes) are in the
-number, as in an eager training step. Peak memory: ``torch.cuda.max_memory_allocated`` over one
+number, as in an eager training step. ``--weight-cache rebuilt|warm`` (default rebuilt): whether
+the other layers with an MX weight cache (mxep_rows, mxep_cf) rebuild it before every step, as
+mxep does, or keep it warm, as mxep_accum does (recorded per result as ``weight_cache``).
+Host issue time (``host_issue_ms``): ``time.perf_counter`` around ``y = layer(x);
+y.backward(dy)`` after a device sync (the GPU idle), not synced inside: how long the host takes
+to issue the step (a host sync inside the step, the baselines' split sizes, waits for the GPU
+and is in it); the median of ``--iters`` steps. GPU busy fraction back to back
+(``gpu_busy_fraction``): the GPU's kernel time of one step (the union of its kernels' intervals
+under torch.profiler, the mean of 3 synced steps: the profiler changes no kernel's duration)
+over the step time back to back (``pipelined_step_ms``: ``--iters / 2`` steps issued without a
+sync between them, CUDA events around all of them, divided by their number; no profiler). 1.0:
+the GPU never waits for the host; CPU: None. Peak memory: ``torch.cuda.max_memory_allocated`` over one
 more step (stats reset before it; ``peak_step_bytes`` = the peak above what was allocated
 before the step: activations, gradients, workspaces; mxep's symmetric-memory Buffer is not
 allocated by the caching allocator and counts in neither). Saved activations: the bytes of the
@@ -80,16 +103,24 @@ import torch.distributed as dist  # noqa: E402
 import mxep  # noqa: E402
 from mxep.format.mxfp8 import MXFP8Tensor  # noqa: E402
 from mxep.gemm import MXWeightCache  # noqa: E402
-from mxep.moe.naive import BF16EPMoE, UnfusedMXFP8EPMoE  # noqa: E402
+from mxep.moe.capture import CapturedStep  # noqa: E402
+from mxep.moe.naive import BF16EPMoE, BF16LocalMoE, UnfusedMXFP8EPMoE  # noqa: E402
 from mxep.testing import sqnr_db  # noqa: E402
 from mxep.testing.launch import free_port  # noqa: E402
-from mxep.testing.timing import environment, kernel_profile  # noqa: E402
+from mxep.testing.timing import environment, kernel_profile, kernel_time_us  # noqa: E402
 
-SYSTEMS = ("bf16", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
-MX_WEIGHT_SYSTEMS = ("unfused_mxfp8", "mxep", "mxep_accum", "mxep_nocache", "mxep_rows", "mxep_cf")
-MXEP_SYSTEMS = ("mxep", "mxep_accum", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
+SYSTEMS = ("bf16", "bf16_local", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_graph", "mxep_nocache", "mxep_bf16w",
+           "mxep_rows", "mxep_cf")
+MX_WEIGHT_SYSTEMS = ("unfused_mxfp8", "mxep", "mxep_accum", "mxep_graph", "mxep_nocache", "mxep_rows", "mxep_cf")
+MXEP_SYSTEMS = ("mxep", "mxep_accum", "mxep_graph", "mxep_nocache", "mxep_bf16w", "mxep_rows", "mxep_cf")
 # systems with a layer (a Buffer) of their own; the others share one mxep.MoE
-OWN_LAYER = {"mxep_rows": dict(dispatch="rows"), "mxep_cf": dict(capacity_factor=1.25)}
+OWN_LAYER = {"mxep_rows": dict(dispatch="rows"), "mxep_cf": dict(capacity_factor=1.25), "mxep_graph": {}}
+# systems whose MX weight cache follows --weight-cache (mxep: always rebuilt; mxep_accum: always warm;
+# mxep_graph quantizes inside its graph)
+CACHE_FLAG_SYSTEMS = ("mxep_rows", "mxep_cf")
+WORLD1_ONLY = ("bf16_local",)
+# the baselines every mxep system's speedup is given against
+BASELINES = ("bf16", "bf16_local", "unfused_mxfp8", "mxep_nocache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +224,8 @@ def build(system: str, cfg: MoEConfig, device: torch.device, state: dict, mxep_l
         m.clear_mx_weight_cache()
     elif system == "bf16":
         m = BF16EPMoE(H, Fh, E, k, device=device)
+    elif system == "bf16_local":
+        m = BF16LocalMoE(H, Fh, E, k, device=device)
     elif system == "unfused_mxfp8":
         m = UnfusedMXFP8EPMoE(H, Fh, E, k, device=device)
     else:
@@ -249,11 +282,13 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
     params = list(m.parameters())
     xin = x.detach().clone().requires_grad_(True)
 
+    rebuild = system == "mxep" or (system in CACHE_FLAG_SYSTEMS and args.weight_cache == "rebuilt")
+
     def setup():
         for p in params:
             p.grad = None
         xin.grad = None
-        if system in ("mxep", "mxep_rows", "mxep_cf"):   # an optimizer step before every step: the cache rebuilds
+        if rebuild:   # an optimizer step before every step: the cache rebuilds
             m.clear_mx_weight_cache()
 
     def step():
@@ -261,12 +296,25 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
         y.backward(dy)
         return y
 
-    rec: dict = {}
+    rec: dict = {"weight_cache": "rebuilt" if rebuild else "warm" if system in MX_WEIGHT_SYSTEMS else None}
     setup()
     y, saved = measured_forward(m, xin)
     y.backward(dy)
     outputs = {"y": y.detach(), "dx": xin.grad.detach().clone()}
     rec.update(saved)
+    if system == "mxep_graph":
+        # the same layer, its step captured (after the eager step above: saved activations, y, dx)
+        mode = "graph" if device.type == "cuda" else "eager"
+        rec["weight_cache"] = "rebuilt (in the graph)" if mode == "graph" else "warm"
+        captured = CapturedStep(m, x.shape[0], mode=mode)
+        y_graph, dx_graph = captured(x, dy)
+        outputs = {"y": y_graph.detach().clone(), "dx": dx_graph.detach().clone()}
+
+        def setup():
+            pass
+
+        def step():
+            return captured(x, dy)[0]
     for _ in range(max(args.warmup - 1, 0)):
         setup()
         step()
@@ -281,6 +329,15 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
         rec["peak_bytes"] = peak
         rec["peak_step_bytes"] = peak - before
         rec["allocated_before_bytes"] = before
+    issue = []
+    for _ in range(args.iters):   # host issue time: the GPU idle before, no sync inside
+        setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        issue.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
+    rec["host_issue_ms"] = statistics.median(issue)
     times = []
     for _ in range(args.iters):
         setup()
@@ -312,6 +369,10 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
         e.record()
         e.synchronize()
         rec["pipelined_step_ms"] = s.elapsed_time(e) / n
+        rec["kernel_us_per_step"] = kernel_time_us(lambda: (setup(), step()), device)
+        rec["gpu_busy_fraction"] = rec["kernel_us_per_step"] / (rec["pipelined_step_ms"] * 1e3)
+    else:
+        rec["gpu_busy_fraction"] = None   # no GPU: nothing to keep busy
     rec["times_ms"] = [round(t, 4) for t in times]
     rec["rank_median_ms"] = statistics.median(times)
     rec["weight_cache_bytes"] = sum(v.nbytes for v in vars(m).values() if isinstance(v, MXWeightCache))
@@ -341,22 +402,24 @@ def markdown(data: dict) -> str:
         lines += [f"## {name}: {cfg['label']}",
                   f"H {cfg['hidden']}, F {cfg['ffn']}, {cfg['experts']} experts ({cfg['experts'] // data['world']}/rank), "
                   f"top-{cfg['top_k']}, {cfg['tokens']} tokens/rank", "",
-                  "| system | step ms | tokens/s/GPU | peak GiB | step peak GiB | saved act. MiB | weight cache MiB | "
-                  "SQNR y dB | SQNR dx dB | check | vs bf16 | vs unfused | vs mxep_nocache |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| system | step ms | host issue ms | back-to-back ms | GPU busy | tokens/s/GPU | peak GiB | "
+                  "step peak GiB | saved act. MiB | weight cache MiB | SQNR y dB | SQNR dx dB | check | vs bf16 | "
+                  "vs bf16_local | vs unfused | vs mxep_nocache |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in data["results"] if r["config"] == name):
             if r.get("error"):
-                lines.append(f"| {r['system']} | ERROR: {r['error'][:120]} |" + " |" * 11)
+                lines.append(f"| {r['system']} | ERROR: {r['error'][:120]} |" + " |" * 15)
                 continue
             sp = data["speedups"].get(name, {}).get(r["system"], {})
             lines.append("| " + " | ".join([
-                r["system"], _fmt(r["step_ms"], 1, 3), _fmt(r["tokens_per_s_per_gpu"], 1, 0),
+                r["system"], _fmt(r["step_ms"], 1, 3), _fmt(r.get("host_issue_ms"), 1, 3),
+                _fmt(r.get("pipelined_step_ms"), 1, 3),
+                "-" if r.get("gpu_busy_fraction") is None else f"{100 * r['gpu_busy_fraction']:.0f}%",
+                _fmt(r["tokens_per_s_per_gpu"], 1, 0),
                 _fmt(r.get("peak_bytes"), 2**30), _fmt(r.get("peak_step_bytes"), 2**30),
                 _fmt(r["saved_activation_bytes"], 2**20, 1), _fmt(r["weight_cache_bytes"], 2**20, 1),
                 _fmt(r.get("sqnr_y_db"), 1, 1), _fmt(r.get("sqnr_dx_db"), 1, 1), r.get("check", "-"),
-                _fmt(sp.get("vs_bf16"), 1, 2) + ("x" if sp.get("vs_bf16") else ""),
-                _fmt(sp.get("vs_unfused_mxfp8"), 1, 2) + ("x" if sp.get("vs_unfused_mxfp8") else ""),
-                _fmt(sp.get("vs_mxep_nocache"), 1, 2) + ("x" if sp.get("vs_mxep_nocache") else "")]) + " |")
+                *(_fmt(sp.get(f"vs_{b}"), 1, 2) + ("x" if sp.get(f"vs_{b}") else "") for b in BASELINES)]) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -411,6 +474,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, gloo world 1, tiny shapes, TRITON_INTERPRET=1")
     p.add_argument("--pg-timeout", type=float, default=600.0)
     p.add_argument("--profile", default="", help="comma list of systems whose step's kernels to profile (GPU)")
+    p.add_argument("--tokens", default="", help="comma list of tokens per rank: every config at each (e.g. 512,2048,4096)")
+    p.add_argument("--weight-cache", choices=("rebuilt", "warm"), default="rebuilt",
+                   help="mxep_rows / mxep_cf: rebuild the MX weight cache before every step, or keep it warm")
     args = p.parse_args()
     args.warmup = (1 if args.smoke else 3) if args.warmup is None else args.warmup
     args.iters = (1 if args.smoke else 20) if args.iters is None else args.iters
@@ -428,6 +494,15 @@ def main() -> None:
     world1 = (world == 1) if args.world1 is None else args.world1
     table = SMOKE_CONFIGS if args.smoke else CONFIGS
     configs = [scale_config(table[n], world, world1, args.ref_ep) for n in names]
+    if args.tokens:
+        try:
+            sweep = [int(t) for t in args.tokens.split(",") if t.strip()]
+        except ValueError:
+            raise SystemExit(f"--tokens must be a comma list of positive ints, got {args.tokens!r}")
+        if not sweep or min(sweep) <= 0:
+            raise SystemExit(f"--tokens must be a comma list of positive ints, got {args.tokens!r}")
+        configs = [dataclasses.replace(c, name=f"{c.name}_t{t}", tokens=t, label=f"{c.label}, {t} tokens")
+                   for c in configs for t in sweep]
     torch.manual_seed(args.seed)
 
     def log(msg: str) -> None:
@@ -451,7 +526,10 @@ def main() -> None:
         outs: dict = {}
         mxep_layer = None
         for system in [s for s in SYSTEMS if s in systems]:   # bf16 first: the reference
-            rec = {"config": cfg.name, "system": system, "error": None}
+            if system in WORLD1_ONLY and world != 1:
+                log(f"   {system:14s} skipped: a world-1 layer (every expert on one rank), this world has {world}")
+                continue
+            rec = {"config": cfg.name, "system": system, "tokens": cfg.tokens, "error": None}
             try:
                 m = build(system, cfg, device, state, mxep_layer)
                 if system in MXEP_SYSTEMS and system not in OWN_LAYER:
@@ -485,7 +563,7 @@ def main() -> None:
                                                           dist.ReduceOp.MIN, device)
                     if rec["sqnr_y_vs_unfused_db"] < args.min_sqnr_db_same:
                         rec["check"] = "FAIL"
-                if system == "mxep_nocache" and "mxep" in outs:   # the cache changes no bit
+                if system in ("mxep_nocache", "mxep_graph") and "mxep" in outs:   # the cache / the graph changes no bit
                     same = all(torch.equal(outs[system][k], outs["mxep"][k]) for k in ("y", "dx"))
                     rec["bit_identical_to_mxep"] = _reduce(float(same), dist.ReduceOp.MIN, device) == 1.0
                     if not rec["bit_identical_to_mxep"]:
@@ -501,9 +579,13 @@ def main() -> None:
                     + f"  [{rec['check']}]")
                 mem = "" if "peak_bytes" not in rec else (
                     f"  peak {rec['peak_bytes'] / 2**30:6.2f} GiB (step {rec['peak_step_bytes'] / 2**30:5.2f})")
+                rec["host_issue_ms"] = _reduce(rec["host_issue_ms"], dist.ReduceOp.MAX, device)
+                mem += f"  host issue {rec['host_issue_ms']:.3f} ms"
                 if "pipelined_step_ms" in rec:
                     rec["pipelined_step_ms"] = _reduce(rec["pipelined_step_ms"], dist.ReduceOp.MAX, device)
-                    mem += f"  back-to-back {rec['pipelined_step_ms']:.3f} ms"
+                    rec["gpu_busy_fraction"] = _reduce(rec["gpu_busy_fraction"], dist.ReduceOp.MIN, device)
+                    mem += (f"  back-to-back {rec['pipelined_step_ms']:.3f} ms, GPU busy "
+                            f"{100 * rec['gpu_busy_fraction']:.0f}%")
                 log(f"   {system:14s} {rec['step_ms']:9.3f} ms  {rec['tokens_per_s_per_gpu']:12.0f} tok/s/GPU{mem}"
                     f"  saved act {rec['saved_activation_bytes'] / 2**20:8.1f} MiB{extra}")
                 for k in rec.get("kernel_profile", []):
@@ -517,8 +599,7 @@ def main() -> None:
         sp = {}
         for s in MXEP_SYSTEMS:
             if s in ms:
-                sp[s] = {f"vs_{b}": ms[b] / ms[s] for b in ("bf16", "unfused_mxfp8", "mxep_nocache")
-                         if b in ms and b != s}
+                sp[s] = {f"vs_{b}": ms[b] / ms[s] for b in BASELINES if b in ms and b != s}
         data["speedups"][cfg.name] = sp
         for s, v in sp.items():
             log(f"   speedup {s}: " + ", ".join(f"{k} {x:.2f}x" for k, x in v.items()))

@@ -135,8 +135,10 @@ def _allow_cpu_launches() -> None:
             if hasattr(mod, "require_triton"):
                 mod.require_triton = require
 
-    # The routing kernels' outputs feed torch ops (gathers by the pair rows): compile them, then
-    # hand on the torch path's values, since a compile-only launch leaves its outputs unwritten.
+    # Compile the routing kernels, then hand on the torch path's values: a compile-only launch
+    # leaves its outputs unwritten, and the collective transport's torch ops index with them
+    # (on the symmetric-memory path they feed only kernels; scripts/host_cost.py --moe keeps the
+    # launch as it is).
     import mxep.ep.routing as tokens
     launch_route = tokens._route_triton
 

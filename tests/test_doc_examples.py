@@ -25,18 +25,20 @@ def test_buffer_docstring_examples():
 
 def test_module_docstring_examples():
     """Every other runnable docstring example (format, layout and its oracle, routing, grouped GEMM,
-SwiGLU, MoE)."""
+SwiGLU, MoE, the bf16 baselines, the host-work counter)."""
     import mxep.ep.layout
     import mxep.ep.naive
     import mxep.testing
+    import mxep.testing.host_cost
     import mxep.format.mxfp8
     import mxep.gemm.grouped_gemm
     import mxep.moe.layer
+    import mxep.moe.naive
     import mxep.swiglu.swiglu
 
     failed = 0
     for mod in (mxep.format.mxfp8, mxep.ep.layout, mxep.ep.naive, mxep.testing, mxep.gemm.grouped_gemm,
-                mxep.swiglu.swiglu, mxep.moe.layer):
+                mxep.swiglu.swiglu, mxep.moe.layer, mxep.moe.naive, mxep.testing.host_cost):
         res = doctest.testmod(mod, extraglobs={"torch": __import__("torch"), "mxep": mxep},
                               optionflags=doctest.NORMALIZE_WHITESPACE)
         assert res.attempted > 0, mod.__name__

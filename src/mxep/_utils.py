@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["cdiv", "next_power_of_2", "padded_group_rows", "padded_group_rows_jit", "runs_interpreted",
-           "triton_available_for", "require_triton", "check_size",
-           "has_mx_tensor_cores"]
+           "triton_available_for", "require_triton", "check_size", "has_mx_tensor_cores", "runs_eagerly",
+           "call_op", "sm_count"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -67,6 +67,42 @@ def require_triton(x: torch.Tensor, what: str) -> None:
             f"{x.device.type} tensor)")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_INFRA_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("PROXY", "FAKE", "FUNCTIONAL"))
+
+
+def runs_eagerly(*tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` runs eagerly on real tensors: not inside a ``torch.compile`` /
+    ``torch.export`` trace, no tracing mode on (make_fx's proxy mode, fake or functional
+    tensors: AOTAutograd), and every tensor a plain ``torch.Tensor`` (not a subclass such as a
+    DTensor). Then mxep calls its registered ops' Python bodies directly: the same function
+    without the custom-op layers around it (the autograd redispatch, the dynamo-disable
+    wrapper, the output alias check), which cost the host some 20 µs per call (docs/history.md,
+    2026-12-07); anywhere else the call stays the registered op, an opaque graph node."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN:
+            return False
+    get_mode = torch._C._get_dispatch_mode
+    for key in _INFRA_MODES:
+        if get_mode(key) is not None:
+            return False
+    return True
+
+
+def call_op(op, impl, *args, tensors: tuple = ()):
+    """``op(*args)``, a registered custom op whose Python body is ``impl``; or, where the call runs
+    eagerly on plain tensors (:func:`runs_eagerly` of ``tensors``, the call's tensor arguments),
+    ``impl(*args)`` below autograd, as the op's own kernel runs it (its inner views and
+    allocations skip autograd's bookkeeping): the same function, the same results, without the
+    custom-op layers. Callers are autograd Functions, which own the gradients."""
+    if runs_eagerly(*tensors):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return impl(*args)
+    return op(*args)
+
+
 def check_size(name: str, value, minimum: int = 0) -> int:
     """``value`` as an int >= ``minimum``; bools, floats and other types are refused (a clear
     ``TypeError`` / ``ValueError`` naming ``name`` and the value given)."""
@@ -76,6 +112,17 @@ def check_size(name: str, value, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA ``device`` (a host query, cached per device: the
+    launchers size their persistent grids with it at every launch)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)

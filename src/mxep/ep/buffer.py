@@ -388,13 +388,15 @@ class Buffer:
                                "memory); combine each dispatch before the next, or use one Buffer per in-flight "
                                "dispatch")
 
-    def _new_generation(self, handle: DispatchHandle) -> None:
+    def _new_generation(self, handle: DispatchHandle | None = None) -> None:
         # Host-side bookkeeping only (no sync). Inside a torch.compile trace it is skipped: the
         # count would be a guarded constant that changes every call (a recompile per step); a
-        # compiled region dispatches and combines in one graph.
+        # compiled region dispatches and combines in one graph. handle None: a dispatch whose
+        # handle never leaves mxep (mxep.MoE's one-node step), which still makes earlier ones stale.
         if not torch.compiler.is_compiling():
             self._generation += 1
-            handle.generation = self._generation
+            if handle is not None:
+                handle.generation = self._generation
 
     def check(self, op: str = "the last call") -> None:
         """Raise if this rank recorded an error on the device: a wait that timed out, a

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from mxep._utils import sm_count
+
 __all__ = ["KernelTiles", "EPConfig", "default_config"]
 
 
@@ -100,7 +102,7 @@ class EPConfig:
         """Programs of a persistent grid: ``tiles.programs_per_sm`` per SM on GPUs; 4 under the
         CPU interpreter, which runs programs one after another (more only add overhead)."""
         if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).multi_processor_count * tiles.programs_per_sm
+            return sm_count(device) * tiles.programs_per_sm
         return 4
 
     def polls(self, device: torch.device) -> int:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mxep._utils import call_op
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.spec import BLOCK_SIZE
 
@@ -96,14 +97,19 @@ class CombineRows(torch.autograd.Function):
 
 
 # -------------------------------------------------------------------------------- token level
-@torch.library.custom_op("mxep::dispatch_tokens", mutates_args=())
-def _dispatch_tokens_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        buffer_id: str) -> list[torch.Tensor]:
+# Each op's Python body is a plain function, registered as a custom op for torch.compile; eager
+# calls on plain tensors call the body directly (mxep._utils.call_op: the same function without
+# the custom-op layers around it, some 20 us of host time per call).
+def _dispatch_tokens_impl(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                          buffer_id: str) -> list[torch.Tensor]:
     buf = _buffer(buffer_id)
     d = _checked(buf, "dispatch_tokens", buf.transport.dispatch_tokens(x, topk_idx, topk_weights, buf.scale_mode,
                                                                        buf.align))
     return [d.qdata.view(torch.float8_e4m3fn), d.scale.view(torch.float8_e8m0fnu), d.group_end_offsets,
             d.tokens_per_expert, d.num_dropped, d.routing_errors, *d.state.as_list()]
+
+
+_dispatch_tokens_op = torch.library.custom_op("mxep::dispatch_tokens", _dispatch_tokens_impl, mutates_args=())
 
 
 @_dispatch_tokens_op.register_fake
@@ -121,10 +127,12 @@ def _state(buf: "Buffer", tensors):
     return buf.transport.token_state_type.from_list(tensors)
 
 
-@torch.library.custom_op("mxep::combine_tokens", mutates_args=())
-def _combine_tokens_op(expert_out: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
+def _combine_tokens_impl(expert_out: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
     buf = _buffer(buffer_id)
     return _checked(buf, "combine_tokens", buf.transport.combine_tokens(expert_out, _state(buf, state), buf.align))
+
+
+_combine_tokens_op = torch.library.custom_op("mxep::combine_tokens", _combine_tokens_impl, mutates_args=())
 
 
 @_combine_tokens_op.register_fake
@@ -132,10 +140,14 @@ def _(expert_out, buffer_id, state):
     return expert_out.new_empty((_state(_buffer(buffer_id), state).num_tokens, expert_out.shape[1]))
 
 
-@torch.library.custom_op("mxep::dispatch_tokens_backward", mutates_args=())
-def _dispatch_tokens_backward_op(grad_tokens: torch.Tensor, buffer_id: str, state: list[torch.Tensor]) -> torch.Tensor:
+def _dispatch_tokens_backward_impl(grad_tokens: torch.Tensor, buffer_id: str,
+                                   state: list[torch.Tensor]) -> torch.Tensor:
     buf = _buffer(buffer_id)
     return buf.transport.dispatch_tokens_backward(grad_tokens, _state(buf, state), buf.align)
+
+
+_dispatch_tokens_backward_op = torch.library.custom_op("mxep::dispatch_tokens_backward",
+                                                       _dispatch_tokens_backward_impl, mutates_args=())
 
 
 @_dispatch_tokens_backward_op.register_fake
@@ -143,11 +155,14 @@ def _(grad_tokens, buffer_id, state):
     return grad_tokens.new_empty((_state(_buffer(buffer_id), state).num_tokens, grad_tokens.shape[1]))
 
 
-@torch.library.custom_op("mxep::combine_tokens_backward", mutates_args=())
-def _combine_tokens_backward_op(dy: torch.Tensor, expert_out: torch.Tensor, buffer_id: str,
-                                state: list[torch.Tensor]) -> list[torch.Tensor]:
+def _combine_tokens_backward_impl(dy: torch.Tensor, expert_out: torch.Tensor, buffer_id: str,
+                                  state: list[torch.Tensor]) -> list[torch.Tensor]:
     buf = _buffer(buffer_id)
     return list(buf.transport.combine_tokens_backward(dy, expert_out, _state(buf, state), buf.align))
+
+
+_combine_tokens_backward_op = torch.library.custom_op("mxep::combine_tokens_backward",
+                                                      _combine_tokens_backward_impl, mutates_args=())
 
 
 @_combine_tokens_backward_op.register_fake
@@ -162,9 +177,13 @@ class DispatchTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weights, buffer_id, scale_layout="row_major"):
-        q, s, group_end_offsets, tokens_per_expert, dropped, errors, *state = _dispatch_tokens_op(
-            x, topk_idx, topk_weights, buffer_id)
+        q, s, group_end_offsets, tokens_per_expert, dropped, errors, *state = call_op(
+            _dispatch_tokens_op, _dispatch_tokens_impl, x, topk_idx, topk_weights, buffer_id,
+            tensors=(x, topk_idx, topk_weights))
         ctx.buffer_id = buffer_id
+        # The backward reads only the tokens' gradient: no zero tensors for the 16 outputs
+        # without one (16 allocations and fills per call otherwise).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*state)
         ctx.mark_non_differentiable(group_end_offsets, tokens_per_expert, dropped, errors, *state)
         # (the Buffer's scale layout comes in as a constant string argument: torch.compile traces
@@ -176,8 +195,10 @@ class DispatchTokens(torch.autograd.Function):
     def backward(ctx, grad_tokens, *unused):
         if grad_tokens is None:
             return None, None, None, None, None
-        grad_x = _dispatch_tokens_backward_op(grad_tokens.to(torch.bfloat16).contiguous(), ctx.buffer_id,
-                                              list(ctx.saved_tensors))
+        grad_tokens = grad_tokens.to(torch.bfloat16).contiguous()
+        state = list(ctx.saved_tensors)
+        grad_x = call_op(_dispatch_tokens_backward_op, _dispatch_tokens_backward_impl, grad_tokens, ctx.buffer_id, state,
+                         tensors=(grad_tokens, *state))
         return grad_x, None, None, None, None
 
 
@@ -190,7 +211,8 @@ class CombineTokens(torch.autograd.Function):
     def forward(ctx, expert_out, topk_weights, buffer_id, *state):
         ctx.buffer_id = buffer_id
         ctx.save_for_backward(expert_out, *state)
-        return _combine_tokens_op(expert_out, buffer_id, list(state))
+        return call_op(_combine_tokens_op, _combine_tokens_impl, expert_out, buffer_id, list(state),
+                       tensors=(expert_out, *state))
 
     @staticmethod
     def backward(ctx, dy):
@@ -198,7 +220,8 @@ class CombineTokens(torch.autograd.Function):
         none = (None,) * len(state)
         if dy is None:
             return (None, None, None) + none
-        grad_eo, grad_w = _combine_tokens_backward_op(dy.to(torch.bfloat16).contiguous(), expert_out,
-                                                      ctx.buffer_id, state)
+        dy = dy.to(torch.bfloat16).contiguous()
+        grad_eo, grad_w = call_op(_combine_tokens_backward_op, _combine_tokens_backward_impl, dy, expert_out,
+                                  ctx.buffer_id, state, tensors=(dy, expert_out, *state))
         return (grad_eo, grad_w if ctx.needs_input_grad[1] else None, None) + none
 

@@ -85,7 +85,7 @@ def _token_rank_hits(idx_ptr, pid, t, K, E, L, BT: tl.constexpr, K_P: tl.constex
 
 
 @triton.jit
-def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, owner_ptr, err_ptr, err_total_ptr,
+def _route_hist_kernel(idx_ptr, t, K, E, L, P, hist_ptr, expert_ptr, owner_ptr, err_ptr, err_total_ptr,
                        E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
                        BP: tl.constexpr, BT: tl.constexpr, TOTALS: tl.constexpr):
     """Program ``p``: the expert histogram of pairs ``[p * BP, (p + 1) * BP)`` into ``hist[p]``
@@ -93,8 +93,10 @@ def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, own
     tokens ``[p * BT, (p + 1) * BT)`` (a token counts once per rank it has an expert on) into
     ``rhist[p]``; each pair's expert (``E`` for none) and owner (``-1``); and the counts of
     out-of-range ids and of ids repeating an earlier slot of their row into ``err`` (and
-    ``err_total`` when ``TOTALS``)."""
+    ``err_total`` when ``TOTALS``). ``hist`` is the zeroed scratch: ``P`` expert histograms,
+    then ``P`` rank histograms (one allocation, no slicing on the host)."""
     pid = tl.program_id(0)
+    rhist_ptr = hist_ptr + P * E_P
     f = pid.to(tl.int64) * BP + tl.arange(0, BP)
     fm = f < t * K
     e = tl.load(idx_ptr + f, mask=fm, other=-1).to(tl.int64)
@@ -121,15 +123,17 @@ def _route_hist_kernel(idx_ptr, t, K, E, L, hist_ptr, rhist_ptr, expert_ptr, own
 
 
 @triton.jit
-def _route_rank_kernel(idx_ptr, t, K, E, L, P, hist_ptr, rhist_ptr, base_ptr, counts_ptr, sent_ptr,
+def _route_rank_kernel(idx_ptr, t, K, E, L, P, hist_ptr, base_ptr, counts_ptr, sent_ptr,
                        slot_ptr, pair_index_ptr,
                        E_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, K_P: tl.constexpr,
                        BP: tl.constexpr, BT: tl.constexpr, JB: tl.constexpr):
     """Program ``p``: the histograms of programs ``< p`` (prefix) and of all (totals) give its
     pairs' first index in the stable expert sort (``start[e] + prefix[e]``) and its tokens' first
     slot per rank; the in-chunk rank of a pair among the chunk's earlier pairs of its expert is
-    counted by comparison. Program 0 also writes ``counts`` and ``tokens_per_rank``."""
+    counted by comparison. Program 0 also writes ``counts`` and ``tokens_per_rank``. ``hist``:
+    the scratch of :func:`_route_hist_kernel` (expert, then rank histograms)."""
     pid = tl.program_id(0)
+    rhist_ptr = hist_ptr + P * E_P
     ee = tl.arange(0, E_P)
     dd = tl.arange(0, W_P)
     total = tl.zeros([E_P], dtype=tl.int32)
@@ -185,7 +189,7 @@ def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int,
     BT = max(BP // K_P, 1)
     P = max(cdiv(t * k, BP), cdiv(t, BT))
     scratch = torch.zeros(P * (E_P + W_P) + 2, dtype=torch.int32, device=dev)   # one memset
-    hist, rhist, errors = scratch[:P * E_P], scratch[P * E_P:-2], scratch[-2:]
+    errors = scratch[-2:]   # (the histograms: the rest, addressed in the kernels)
     base = torch.empty(P * E_P, dtype=torch.int32, device=dev)
     expert = torch.empty(t, k, dtype=torch.int64, device=dev)
     owner = torch.empty(t, k, dtype=torch.int32, device=dev)
@@ -194,11 +198,11 @@ def _route_triton(topk_idx: torch.Tensor, num_experts: int, world_size: int,
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     sent = torch.empty(W, dtype=torch.int32, device=dev)
     L = E // W
-    _route_hist_kernel[(P,)](topk_idx, t, k, E, L, hist, rhist, expert, owner, errors,
+    _route_hist_kernel[(P,)](topk_idx, t, k, E, L, P, scratch, expert, owner, errors,
                              error_totals if error_totals is not None else errors,
                              E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, TOTALS=error_totals is not None,
                              num_warps=4)
-    _route_rank_kernel[(P,)](topk_idx, t, k, E, L, P, hist, rhist, base, counts, sent, slot, pair_index,
+    _route_rank_kernel[(P,)](topk_idx, t, k, E, L, P, scratch, base, counts, sent, slot, pair_index,
                              E_P=E_P, W=W, W_P=W_P, K_P=K_P, BP=BP, BT=BT, JB=ROUTE_JB, num_warps=8)
     return TokenRoute(counts, sent, slot, owner, pair_index, expert, errors)
 

@@ -81,18 +81,25 @@ def dequantize_mxfp8_rows(qdata: torch.Tensor, scale: torch.Tensor, row_end: tor
 
 
 
-@torch.library.custom_op("mxep::dequantize_mxfp8", mutates_args=())
-def dequantize_mxfp8_op(qdata: torch.Tensor, scale: torch.Tensor, row_end: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _dequantize_mxfp8_impl(qdata: torch.Tensor, scale: torch.Tensor,
+                           row_end: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``qdata`` float8_e4m3fn ``[..., K]`` and ``scale`` float8_e8m0fnu ``[..., K // 32]``
     (contiguous) -> bf16 ``[..., K]``. With ``row_end`` (int32 ``[1]`` on the same device, e.g.
     ``group_end_offsets[-1:]`` of a dispatch layout), rows of the flattened ``[R, K]`` view at or
     past it are left unspecified (the kernel skips them on the device: no host sync)."""
     if not triton_available_for(qdata) or qdata.numel() == 0:
         return dequantize_mxfp8_reference(qdata, scale, torch.bfloat16)
+    if qdata.dim() == 2:   # the layouts' case: no reshapes (each a dispatched op)
+        return dequantize_mxfp8_rows(qdata, scale, row_end)
     K = qdata.shape[-1]
     R = math.prod(qdata.shape[:-1])
     out = dequantize_mxfp8_rows(qdata.reshape(R, K), scale.reshape(R, K // BLOCK_SIZE), row_end)
     return out.view(qdata.shape)
+
+
+# The registered op (torch.compile keeps it one node); eager callers on plain tensors may run
+# _dequantize_mxfp8_impl directly (mxep._utils.call_op).
+dequantize_mxfp8_op = torch.library.custom_op("mxep::dequantize_mxfp8", _dequantize_mxfp8_impl, mutates_args=())
 
 
 @dequantize_mxfp8_op.register_fake

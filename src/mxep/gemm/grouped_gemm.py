@@ -32,12 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mxep._utils import cdiv, has_mx_tensor_cores, next_power_of_2, require_triton
-from mxep.format.dequantize import dequantize_mxfp8_op
+from mxep._utils import call_op, cdiv, has_mx_tensor_cores, next_power_of_2, require_triton
+from mxep.format.dequantize import _dequantize_mxfp8_impl, dequantize_mxfp8_op
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.tile import fp32_to_bf16_bits, mxfp8_tile_to_bf16
 
-__all__ = ["grouped_mm_mxfp8", "resolve_impl", "GroupedMXFP8MatmulFunction", "grouped_mm_mxfp8_forward", "GemmTiles", "GPU_TILES",
+__all__ = ["grouped_mm_mxfp8", "grouped_mm_layer", "resolve_impl", "GroupedMXFP8MatmulFunction",
+           "expert_gemm_forward", "expert_gemm_backward", "weight_for_backward", "grouped_mm_mxfp8_forward", "GemmTiles", "GPU_TILES",
            "GPU_TILE_CANDIDATES", "INTERPRETER_TILES", "DECODES", "IMPLS"]
 
 
@@ -276,23 +277,28 @@ def _resolve_impl(impl: str, tokens: MXFP8Tensor, N: int) -> str:
 def _dequantize(qdata: torch.Tensor, scale: torch.Tensor, row_end: torch.Tensor | None = None) -> torch.Tensor:
     """bf16 of MXFP8 rows ``[..., K]``: the one-pass kernel (stopping at ``row_end``) where Triton
     runs, else the torch expression (a CPU without the interpreter)."""
-    return dequantize_mxfp8_op(qdata.contiguous(), scale.contiguous(), row_end)
+    qdata, scale = qdata.contiguous(), scale.contiguous()
+    tensors = (qdata, scale) if row_end is None else (qdata, scale, row_end)
+    return call_op(dequantize_mxfp8_op, _dequantize_mxfp8_impl, qdata, scale, row_end, tensors=tensors)
 
 
-def _forward_dequant(tokens: MXFP8Tensor, weight, group_end_offsets: torch.Tensor) -> torch.Tensor:
-    """Dequantize the layout's rows (one Triton pass, stopping at the last group end), then bf16
-    tensor cores through ``torch._grouped_mm`` on the same device-side offsets."""
-    x = _dequantize(tokens.qdata, tokens.scale, group_end_offsets[-1:])
+def _forward_dequant(qdata: torch.Tensor, scale: torch.Tensor, weight, group_end_offsets: torch.Tensor,
+                     row_end: torch.Tensor) -> torch.Tensor:
+    """Dequantize the layout's rows (one Triton pass, stopping at the last group end ``row_end``),
+    then bf16 tensor cores through ``torch._grouped_mm`` on the same device-side offsets."""
+    x = _dequantize(qdata, scale, row_end)
     if isinstance(weight, MXFP8Tensor):
         weight = _dequantize(weight.qdata, weight.scale)
     return torch._grouped_mm(x, weight.transpose(1, 2), offs=group_end_offsets)
 
 
-@torch.library.custom_op("mxep::grouped_mm_mxfp8_fused", mutates_args=())
-def _fused_op(qdata: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor,
-              weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The fused kernel as a registered op (torch.compile keeps it as one opaque node)."""
+def _fused_impl(qdata: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor,
+                weight_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     return grouped_mm_mxfp8_forward(qdata, scale, weight, group_end_offsets, weight_scale=weight_scale)
+
+
+# The fused kernel as a registered op (torch.compile keeps it as one opaque node).
+_fused_op = torch.library.custom_op("mxep::grouped_mm_mxfp8_fused", _fused_impl, mutates_args=())
 
 
 @_fused_op.register_fake
@@ -300,31 +306,114 @@ def _(qdata, scale, weight, group_end_offsets, weight_scale=None):
     return qdata.new_empty((qdata.shape[0], weight.shape[1]), dtype=torch.bfloat16)
 
 
+def expert_gemm_forward(qdata: torch.Tensor, scale: torch.Tensor, weight, group_end_offsets: torch.Tensor,
+                        row_end: torch.Tensor, impl: str) -> torch.Tensor:
+    """The forward of one expert GEMM on a resolved ``impl`` (``"dequant"`` / ``"fused"``): MXFP8
+    rows (``qdata`` e4m3 ``[cap, K]``, row-major ``scale`` e8m0 ``[cap, K / 32]``) times ``weight``
+    (bf16 ``[L, N, K]`` or an MXFP8Tensor of it) -> bf16 ``[cap, N]``; ``row_end`` int32 ``[1]``
+    the last group end. Outside autograd (the callers are autograd Functions)."""
+    if impl == "dequant":
+        return _forward_dequant(qdata, scale, weight, group_end_offsets, row_end)
+    if isinstance(weight, MXFP8Tensor):
+        args = (qdata, scale, weight.qdata, group_end_offsets, weight.scale)
+    else:
+        args = (qdata, scale, weight, group_end_offsets)
+    return call_op(_fused_op, _fused_impl, *args, tensors=args)
+
+
+def weight_for_backward(weight) -> tuple[torch.Tensor, ...]:
+    """What :func:`expert_gemm_backward` needs of ``weight``, as tensors to save: ``(w,)`` for a
+    bf16 weight, ``(qdata, scale)`` for an MXFP8Tensor (dequantized again in the backward)."""
+    return (weight.qdata, weight.scale) if isinstance(weight, MXFP8Tensor) else (weight,)
+
+
+def expert_gemm_backward(grad_out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, weight: tuple,
+                         group_end_offsets: torch.Tensor, row_end: torch.Tensor, tokens_grad: bool,
+                         weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The bf16 backward of :func:`expert_gemm_forward`: ``grad_out`` bf16 ``[cap, N]`` ->
+    ``(grad_tokens bf16 [cap, K] (straight-through for the tokens' quantization) or None,
+    grad_weight bf16 [L, N, K] or None)``; ``weight`` as :func:`weight_for_backward` gave it."""
+    w = weight[0] if len(weight) == 1 else _dequantize(weight[0], weight[1])
+    if grad_out.dtype != torch.bfloat16:   # (a no-op .to() is still a dispatched op)
+        grad_out = grad_out.to(torch.bfloat16)
+    grad_out = grad_out.contiguous()
+    grad_tokens = grad_weight = None
+    if tokens_grad:
+        grad_tokens = torch._grouped_mm(grad_out, w, offs=group_end_offsets)                  # [cap, K]
+    if weight_grad:
+        x = _dequantize(qdata, scale, row_end)
+        grad_weight = torch._grouped_mm(grad_out.t(), x, offs=group_end_offsets)              # [L, N, K] bf16
+    return grad_tokens, grad_weight
+
+
 class GroupedMXFP8MatmulFunction(torch.autograd.Function):
+    """``(tokens MXFP8Tensor [cap, K], weight [L, N, K], group_end_offsets int32 [L], impl,
+    values=None, row_end=None)`` -> bf16 ``[cap, N]`` (see :func:`grouped_mm_mxfp8`).
+
+    ``values``: what the GEMM multiplies by in place of ``weight``'s own values, in both passes
+    (the MX weight cache's entry: bf16 ``[L, N, K]`` holding MXFP8 values, or an MXFP8Tensor);
+    ``weight``'s gradient is then that of ``values``, straight through (the cache's entry needs
+    no autograd node of its own). ``row_end``: ``group_end_offsets[-1:]`` (int32 ``[1]``) when
+    the caller has it (one slice per layer instead of one per GEMM pass)."""
+
     @staticmethod
-    def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor, impl: str):
-        if isinstance(weight, MXFP8Tensor):   # MX weights: dequantized like the tokens
-            ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight.qdata, weight.scale)
-        else:
-            ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, weight)
-        if impl == "dequant":
-            return _forward_dequant(tokens, weight, group_end_offsets)
-        if isinstance(weight, MXFP8Tensor):
-            return _fused_op(tokens.qdata, tokens.scale, weight.qdata, group_end_offsets, weight.scale)
-        return _fused_op(tokens.qdata, tokens.scale, weight, group_end_offsets)
+    def forward(ctx, tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor, impl: str,
+                values: torch.Tensor | None = None, row_end: torch.Tensor | None = None):
+        w = weight if values is None else values
+        if row_end is None:
+            row_end = group_end_offsets[-1:]
+        ctx.save_for_backward(tokens.qdata, tokens.scale, group_end_offsets, row_end, *weight_for_backward(w))
+        return expert_gemm_forward(tokens.qdata, tokens.scale, w, group_end_offsets, row_end, impl)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qdata, scale, offs, *w = ctx.saved_tensors
-        weight = w[0] if len(w) == 1 else _dequantize(w[0], w[1])
-        grad_out = grad_out.to(torch.bfloat16).contiguous()
-        grad_tokens = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_tokens = torch._grouped_mm(grad_out, weight, offs=offs)                  # [cap, K]
-        if ctx.needs_input_grad[1]:
-            x = _dequantize(qdata, scale, offs[-1:])
-            grad_weight = torch._grouped_mm(grad_out.t(), x, offs=offs)                   # [L, N, K] bf16
-        return grad_tokens, grad_weight, None, None
+        qdata, scale, offs, row_end, *w = ctx.saved_tensors
+        grad_tokens, grad_weight = expert_gemm_backward(grad_out, qdata, scale, w, offs, row_end,
+                                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_tokens, grad_weight, None, None, None, None
+
+
+def _check_operands(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor) -> None:
+    if not isinstance(tokens, MXFP8Tensor):
+        raise TypeError(f"tokens must be an MXFP8Tensor (DispatchResult.tokens), got {type(tokens).__name__}")
+    if weight.dtype != torch.bfloat16:
+        raise TypeError(f"weight must be bfloat16 (or an MXFP8Tensor of bf16), got {weight.dtype}")
+    if tokens.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"tokens must be [cap, K] and weight [L, N, K], got {tuple(tokens.shape)} and "
+                         f"{tuple(weight.shape)}")
+    K = tokens.shape[1]
+    L, N, Kw = weight.shape
+    if Kw != K:
+        raise ValueError(f"weight's last dim {Kw} must equal the tokens' hidden size {K}")
+    if group_end_offsets.dtype != torch.int32 or tuple(group_end_offsets.shape) != (L,):
+        raise ValueError(f"group_end_offsets must be int32 [{L}] (one end per weight matrix), got "
+                         f"{group_end_offsets.dtype} {tuple(group_end_offsets.shape)}")
+    if weight.device != tokens.device or group_end_offsets.device != tokens.device:
+        raise ValueError("tokens, weight and group_end_offsets must be on one device")
+
+
+def grouped_mm_layer(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor, impl: str,
+                     values: torch.Tensor | None = None, row_end: torch.Tensor | None = None) -> torch.Tensor:
+    """The expert GEMM as :class:`mxep.MoE` runs it: :func:`grouped_mm_mxfp8` on a resolved
+    ``impl`` (``"dequant"`` or ``"fused"``), optionally with the weight's cached MXFP8 form
+    ``values`` (:meth:`mxep.gemm.MXWeightCache.values`: bf16 ``[L, N, K]`` holding the MXFP8
+    weight's values for ``"dequant"``, an MXFP8Tensor for ``"fused"``) in place of ``weight``'s
+    own values; ``weight`` (bf16 ``[L, N, K]``, or an MXFP8Tensor when ``values`` is None)
+    receives the gradient, straight through. Bit for bit ``grouped_mm_mxfp8(tokens, cache(weight)
+    if values given else weight, group_end_offsets, impl)``, with one autograd node fewer.
+    ``row_end``: int32 ``[1]``, the last group end, when the caller has it (the layer's two GEMMs
+    share one slice)."""
+    _check_operands(tokens, weight, group_end_offsets)
+    if impl not in ("dequant", "fused"):
+        raise ValueError(f"grouped_mm_layer: impl must be 'dequant' or 'fused' (resolved), got {impl!r}")
+    if values is not None and tuple(values.shape) != tuple(weight.shape):
+        raise ValueError(f"values must have the weight's shape {tuple(weight.shape)}, got {tuple(values.shape)}")
+    if values is None and not isinstance(weight, MXFP8Tensor):
+        weight = weight.contiguous()
+    if impl == "fused":
+        require_triton(tokens.qdata, "grouped_mm_mxfp8(impl='fused') (impl='dequant' runs anywhere)")
+    return GroupedMXFP8MatmulFunction.apply(tokens.with_row_major_scales(), weight, group_end_offsets, impl, values,
+                                            row_end)
 
 
 def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offsets: torch.Tensor,
@@ -379,22 +468,8 @@ def grouped_mm_mxfp8(tokens: MXFP8Tensor, weight: torch.Tensor, group_end_offset
         >>> mxep.grouped_mm_mxfp8(tokens, w, offs).shape
         torch.Size([64, 40])
     """
-    if not isinstance(tokens, MXFP8Tensor):
-        raise TypeError(f"tokens must be an MXFP8Tensor (DispatchResult.tokens), got {type(tokens).__name__}")
-    if weight.dtype != torch.bfloat16:
-        raise TypeError(f"weight must be bfloat16 (or an MXFP8Tensor of bf16), got {weight.dtype}")
-    if tokens.dim() != 2 or weight.dim() != 3:
-        raise ValueError(f"tokens must be [cap, K] and weight [L, N, K], got {tuple(tokens.shape)} and "
-                         f"{tuple(weight.shape)}")
-    cap, K = tokens.shape
-    L, N, Kw = weight.shape
-    if Kw != K:
-        raise ValueError(f"weight's last dim {Kw} must equal the tokens' hidden size {K}")
-    if group_end_offsets.dtype != torch.int32 or tuple(group_end_offsets.shape) != (L,):
-        raise ValueError(f"group_end_offsets must be int32 [{L}] (one end per weight matrix), got "
-                         f"{group_end_offsets.dtype} {tuple(group_end_offsets.shape)}")
-    if weight.device != tokens.device or group_end_offsets.device != tokens.device:
-        raise ValueError("tokens, weight and group_end_offsets must be on one device")
+    _check_operands(tokens, weight, group_end_offsets)
+    N = weight.shape[1]
     if not isinstance(weight, MXFP8Tensor):
         weight = weight.contiguous()
     # Blocked scales (a Buffer(scale_layout="blocked") dispatch, sm_100's layout): these kernels,

@@ -115,13 +115,29 @@ class MXWeightCache:
         return [v.qdata, v.scale] if isinstance(v, MXFP8Tensor) else [v]
 
     def __call__(self, weight: torch.Tensor, impl: str = "auto", scale_mode: str = "rceil") -> torch.Tensor:
+        form = self._form(weight, impl, scale_mode)
+        if form == "torchao":   # torchao quantizes the bf16 weight itself (along K and along N)
+            return weight
+        return _CachedStraightThrough.apply(weight, self._entry(weight, scale_mode, form))
+
+    def values(self, weight: torch.Tensor, impl: str = "auto", scale_mode: str = "rceil") -> torch.Tensor:
+        """The entry itself, outside autograd (built or rebuilt as :meth:`__call__` does): bf16
+        ``[L, N, K]`` MXFP8 values (``impl`` resolving to ``"dequant"``) or an
+        :class:`~mxep.MXFP8Tensor` (``"fused"``), for :func:`mxep.gemm.grouped_mm_layer`, which
+        sends the gradient to ``weight`` itself (one autograd node fewer than ``cache(weight)``).
+        Never written in place. ``"torchao"``: ``weight``."""
+        form = self._form(weight, impl, scale_mode)
+        return weight if form == "torchao" else self._entry(weight, scale_mode, form)
+
+    @staticmethod
+    def _form(weight: torch.Tensor, impl: str, scale_mode: str) -> str:
         if weight.dtype != torch.bfloat16 or weight.dim() != 3:
             raise ValueError(f"MXWeightCache: weight must be bf16 [L, N, K], got {weight.dtype} {tuple(weight.shape)}")
         check_scale_mode(scale_mode)
         L, N, K = weight.shape
-        form = resolve_impl(impl, K, N, weight.device)
-        if form == "torchao":   # torchao quantizes the bf16 weight itself (along K and along N)
-            return weight
+        return resolve_impl(impl, K, N, weight.device)
+
+    def _entry(self, weight: torch.Tensor, scale_mode: str, form: str) -> torch.Tensor:
         key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device,
                weight._version, scale_mode, form, torch.is_inference_mode_enabled())
         if self._key != key or self._ref is None or self._ref() is not weight:
@@ -129,7 +145,7 @@ class MXWeightCache:
             self._value = self._build(weight, scale_mode, form)
             self._key, self._ref = key, weakref.ref(weight)
             self.builds += 1
-        return _CachedStraightThrough.apply(weight, self._value)
+        return self._value
 
     @staticmethod
     def _build(weight: torch.Tensor, scale_mode: str, form: str) -> torch.Tensor:

@@ -31,10 +31,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mxep._utils import check_size
+from mxep._utils import check_size, runs_eagerly
 from mxep.ep.buffer import Buffer
 from mxep.format.mxfp8 import quantize_straight_through
-from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_mxfp8, resolve_impl
+from mxep.moe.fused import TokenLayer
+from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_layer, grouped_mm_mxfp8, resolve_impl
 from mxep.swiglu import swiglu_mxfp8
 
 __all__ = ["MoE", "DISPATCH_PATHS"]
@@ -156,6 +157,7 @@ class MoE(nn.Module):
                 raise ValueError("gemm_impl='torchao' needs scale_mode='rceil' (torchao's MXFP8 recipe quantizes "
                                  "the weights and the output gradient with RCEIL: one layer, one scale mode)")
         self.gemm_impl = gemm_impl
+        self._impl_memo: dict = {}   # (gemm_impl, scale_mode, device) -> resolved_gemm_impl()
         self.router = nn.Parameter(torch.randn(num_experts, hidden, device=device) / hidden ** 0.5)
         self.w13 = nn.Parameter((torch.randn(L, 2 * ffn_hidden, hidden, device=device) / hidden ** 0.5).bfloat16())
         self.w2 = nn.Parameter((torch.randn(L, hidden, ffn_hidden, device=device) / ffn_hidden ** 0.5).bfloat16())
@@ -184,9 +186,13 @@ class MoE(nn.Module):
     def resolved_gemm_impl(self) -> str:
         """The expert GEMMs' implementation on this layer's device (``gemm_impl`` with
         ``"auto"`` resolved): ``"dequant"``, ``"fused"`` or ``"torchao"``."""
-        impl = resolve_impl(self.gemm_impl, self.hidden, 2 * self.ffn_hidden, self.w13.device)
-        if impl == "torchao" and self.scale_mode != "rceil":   # "auto" on sm_100 (explicit: refused above)
-            return "dequant"
+        key = (self.gemm_impl, self.scale_mode, self.w13.device)   # (attributes a caller may change)
+        impl = self._impl_memo.get(key)
+        if impl is None:   # a host-side answer, the same at every call: worked out once
+            impl = resolve_impl(self.gemm_impl, self.hidden, 2 * self.ffn_hidden, self.w13.device)
+            if impl == "torchao" and self.scale_mode != "rceil":   # "auto" on sm_100 (explicit: refused above)
+                impl = "dequant"
+            self._impl_memo[key] = impl
         return impl
 
     def clear_mx_weight_cache(self) -> None:
@@ -195,14 +201,43 @@ class MoE(nn.Module):
         self._w13_cache.clear()
         self._w2_cache.clear()
 
+    def _gemm_weights(self, impl: str) -> tuple:
+        """``(w13, w2, v13, v2)`` for the expert GEMMs on a resolved ``impl`` (``"dequant"`` /
+        ``"fused"``): the tensors that take the gradients (the parameters, or their MXFP8
+        straight-through) and the cached MX weights the GEMMs multiply by instead (or None)."""
+        if self.mx_weights and self.mx_weight_cache and not torch.compiler.is_compiling():
+            # The cached MX weights go in as the GEMMs' values and the parameters take the
+            # gradient (grouped_mm_layer / TokenLayer: bit for bit the straight-through of
+            # expert_weights(), one autograd node fewer per GEMM).
+            return (self.w13, self.w2, self._w13_cache.values(self.w13, impl, self.scale_mode),
+                    self._w2_cache.values(self.w2, impl, self.scale_mode))
+        w13, w2 = self.expert_weights()
+        return w13, w2, None, None
+
     def _experts(self, res) -> torch.Tensor:
         """SwiGLU experts on the dispatch layout: two grouped GEMMs, the activation re-quantized
         to MXFP8 between them -> bf16 ``[capacity, H]``."""
-        w13, w2 = self.expert_weights()
         impl = self.resolved_gemm_impl()
-        h = grouped_mm_mxfp8(res.tokens, w13, res.group_end_offsets, impl)      # [cap, 2F]
-        a = swiglu_mxfp8(h, res.group_end_offsets, self.scale_mode)              # MXFP8 [cap, F]
-        return grouped_mm_mxfp8(a, w2, res.group_end_offsets, impl)             # [cap, H]
+        offs = res.group_end_offsets
+        if impl == "torchao":
+            w13, w2 = self.expert_weights()
+            h = grouped_mm_mxfp8(res.tokens, w13, offs, impl)                     # [cap, 2F]
+            a = swiglu_mxfp8(h, offs, self.scale_mode)                             # MXFP8 [cap, F]
+            return grouped_mm_mxfp8(a, w2, offs, impl)                            # [cap, H]
+        w13, w2, v13, v2 = self._gemm_weights(impl)
+        end = offs[-1:]   # the two GEMMs share the layout end (one slice, not four)
+        h = grouped_mm_layer(res.tokens, w13, offs, impl, v13, end)                  # [cap, 2F]
+        a = swiglu_mxfp8(h, offs, self.scale_mode)                                   # MXFP8 [cap, F]
+        return grouped_mm_layer(a, w2, offs, impl, v2, end)                          # [cap, H]
+
+    def _one_node(self, x: torch.Tensor, impl: str) -> bool:
+        """Whether this call takes :class:`mxep.moe.fused.TokenLayer` (dispatch, experts and
+        combine as one autograd node: the same bits, less host work): eager calls on plain
+        tensors, outside debug mode, with row-major scales and mxep's own GEMMs. Elsewhere the
+        composed form (the Buffer's calls, one autograd Function each) runs."""
+        buf = self.buffer
+        return (impl != "torchao" and not buf.debug and buf.scale_layout == "row_major"
+                and runs_eagerly(x, self.w13, self.w2, self.router))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` bf16 ``[n, H]``, ``n <= max_tokens_per_rank`` -> bf16 ``[n, H]``."""
@@ -212,6 +247,15 @@ class MoE(nn.Module):
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={self.max_tokens_per_rank}")
         gates, experts = self.route(x)
         if self.dispatch == "tokens":
+            impl = self.resolved_gemm_impl()
+            if self._one_node(x, impl):
+                buf = self.buffer
+                buf._check_routing(x, experts, gates)   # the host checks of Buffer.dispatch_tokens
+                w13, w2, v13, v2 = self._gemm_weights(impl)
+                y = TokenLayer.apply(x.contiguous(), experts.contiguous(), gates.contiguous(), w13, w2, v13, v2,
+                                     buf._id, impl, self.scale_mode)
+                buf._new_generation()   # a dispatch ran: handles of earlier ones are stale
+                return y
             res = self.buffer.dispatch_tokens(x, experts, gates)
             return self.buffer.combine_tokens(self._experts(res), res.handle, gates)
         n, k = x.shape[0], self.top_k

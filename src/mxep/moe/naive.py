@@ -10,6 +10,9 @@
   ``[L, H, F]``: ``layer.load_state_dict(moe.state_dict())`` gives both the same weights) and
   the same routing expression, so that all of them run from the same weights, routing and
   inputs.
+* :class:`BF16LocalMoE` (benchmarks/bench_moe.py, system ``bf16_local``): the plain bf16 MoE of
+  one rank holding every expert, the strongest bf16 flow at world 1: :class:`BF16EPMoE` without
+  its all-to-all and its host sync.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["moe_reference", "BF16EPMoE", "UnfusedMXFP8EPMoE", "expert_mm"]
+__all__ = ["moe_reference", "BF16EPMoE", "UnfusedMXFP8EPMoE", "BF16LocalMoE", "expert_mm"]
 
 
 def moe_reference(x: torch.Tensor, router: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
@@ -245,3 +248,63 @@ class UnfusedMXFP8EPMoE(_EPMoEBaseline):
         a = quantize_straight_through(F.silu(h[:, :Fh]) * h[:, Fh:], sm).dequantize()
         w2 = quantize_straight_through(self.w2, sm).dequantize()
         return expert_mm(a, w2, group_end_offsets)                         # [R, H]
+
+
+class BF16LocalMoE(nn.Module):
+    """The plain bf16 MoE layer of one rank that holds every expert (no expert parallelism).
+
+    Per call, the math of :class:`mxep.MoE` in bf16 with nothing between the steps: router and
+    top-k (the same expression); the ``n * k`` (token, expert) pairs stably sorted by expert
+    and the tokens gathered in that order; the group ends from the counts per expert (a
+    scatter-add and a cumsum on the device: no host sync, no padding); SwiGLU experts as two
+    bf16 ``torch._grouped_mm`` (``mxep.moe.naive.expert_mm``; a per-expert loop, which reads
+    the group ends on the host, only where ``torch._grouped_mm`` does not run, e.g. the CPU
+    smoke run of an old torch); the gate-weighted rows summed per token with an fp32
+    ``index_add``. Autograd end to end (torch's own formulas).
+
+    Args: ``hidden``, ``ffn_hidden``, ``num_experts``, ``top_k``, ``device`` as :class:`mxep.MoE`.
+    Parameters as :class:`mxep.MoE` at world 1 (``load_state_dict(moe.state_dict())``): ``router``
+    fp32 ``[E, H]``, ``w13`` bf16 ``[E, 2F, H]``, ``w2`` bf16 ``[E, H, F]``.
+
+    Example::
+
+        >>> layer = BF16LocalMoE(hidden=64, ffn_hidden=32, num_experts=4, top_k=2)
+        >>> layer(torch.randn(10, 64).bfloat16()).shape
+        torch.Size([10, 64])
+    """
+
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, top_k: int,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.hidden, self.ffn_hidden, self.num_experts, self.top_k = hidden, ffn_hidden, num_experts, top_k
+        E = num_experts
+        self.router = nn.Parameter(torch.randn(E, hidden, device=device) / hidden ** 0.5)
+        self.w13 = nn.Parameter((torch.randn(E, 2 * ffn_hidden, hidden, device=device) / hidden ** 0.5).bfloat16())
+        self.w2 = nn.Parameter((torch.randn(E, hidden, ffn_hidden, device=device) / ffn_hidden ** 0.5).bfloat16())
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`mxep.MoE.route` (the same expression: the same experts and gates)."""
+        probs = (x.float() @ self.router.t()).softmax(dim=-1)
+        gates, experts = probs.topk(self.top_k, dim=-1)
+        return gates / gates.sum(dim=-1, keepdim=True), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` bf16 ``[n, H]`` -> bf16 ``[n, H]``."""
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x must be [n, {self.hidden}], got {tuple(x.shape)}")
+        n, k, Fh = x.shape[0], self.top_k, self.ffn_hidden
+        gates, experts = self.route(x)
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)                    # (token, expert) pairs, expert-major
+        token_of = order // k
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        ends = counts.cumsum(0, dtype=torch.int32)            # group ends, on the device
+        h = expert_mm(x[token_of], self.w13, ends)                                   # [n*k, 2F]
+        a = F.silu(h[:, :Fh]) * h[:, Fh:]
+        o = expert_mm(a, self.w2, ends)                                              # [n*k, H]
+        weighted = o.float() * gates.flatten()[order, None]
+        return torch.zeros(n, self.hidden, device=x.device).index_add(0, token_of, weighted).to(x.dtype)

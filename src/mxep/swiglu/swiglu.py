@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mxep._utils import cdiv, next_power_of_2, require_triton
+from mxep._utils import call_op, cdiv, next_power_of_2, require_triton
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.spec import check_scale_mode
 from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, quantize_tile
@@ -127,10 +127,13 @@ def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: to
 
 
 # Registered ops (fake implementations give the shapes), so that torch.compile keeps each
-# kernel as one opaque node and traces the autograd Function around them.
-@torch.library.custom_op("mxep::swiglu_quantize", mutates_args=())
-def _swiglu_quantize_op(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str) -> list[torch.Tensor]:
+# kernel as one opaque node and traces the autograd Function around them; eager calls on plain
+# tensors run the bodies directly (mxep._utils.call_op).
+def _swiglu_quantize_impl(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str) -> list[torch.Tensor]:
     return list(swiglu_quantize_forward(h, group_end_offsets, scale_mode, hw_cast=h.is_cuda))
+
+
+_swiglu_quantize_op = torch.library.custom_op("mxep::swiglu_quantize", _swiglu_quantize_impl, mutates_args=())
 
 
 @_swiglu_quantize_op.register_fake
@@ -139,9 +142,7 @@ def _(h, group_end_offsets, scale_mode):
     return [h.new_empty((cap, F), dtype=torch.float8_e4m3fn), h.new_empty((cap, F // 32), dtype=torch.float8_e8m0fnu)]
 
 
-@torch.library.custom_op("mxep::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
-    return swiglu_backward(h, grad_a, group_end_offsets)
+_swiglu_backward_op = torch.library.custom_op("mxep::swiglu_backward", swiglu_backward, mutates_args=())
 
 
 @_swiglu_backward_op.register_fake
@@ -153,13 +154,15 @@ class SwiGLUQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str) -> MXFP8Tensor:
         ctx.save_for_backward(h, group_end_offsets)
-        q, s = _swiglu_quantize_op(h, group_end_offsets, scale_mode)
+        q, s = call_op(_swiglu_quantize_op, _swiglu_quantize_impl, h, group_end_offsets, scale_mode,
+                       tensors=(h, group_end_offsets))
         return MXFP8Tensor(q, s, torch.bfloat16)
 
     @staticmethod
     def backward(ctx, grad_a):
         h, offs = ctx.saved_tensors
-        return _swiglu_backward_op(h, grad_a.to(torch.bfloat16).contiguous(), offs), None, None
+        grad_a = grad_a.to(torch.bfloat16).contiguous()
+        return call_op(_swiglu_backward_op, swiglu_backward, h, grad_a, offs, tensors=(h, grad_a, offs)), None, None
 
 
 def swiglu_mxfp8(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:

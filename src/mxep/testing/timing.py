@@ -42,6 +42,7 @@ __all__ = [
     "time_pipelined",
     "time_queued_us",
     "kernel_profile",
+    "kernel_time_us",
     "capture_graph",
     "environment",
     "short_error",
@@ -238,6 +239,29 @@ def time_pipelined(fn: Callable[[], Any], *, device: torch.device, group=None, w
             samples.append((time.perf_counter() - t0) * 1e6 / iters)
     return _summarize(gather(samples, group), "cuda-events-back-to-back" if _cuda(device) else "host-clock",
                       iters, warmup, reps=reps)
+
+
+def kernel_time_us(fn: Callable[[], Any], device: torch.device, steps: int = 3) -> float:
+    """The GPU's kernel time of one ``fn()`` call, µs: the union of the intervals of its CUDA
+    kernels (and memsets / copies) under torch.profiler, the mean over ``steps`` calls, each
+    synced (the profiler changes no kernel's duration; gaps between kernels do not count). The
+    numerator of a GPU busy fraction: this over the call's time back to back."""
+    from torch.profiler import ProfilerActivity, profile
+    spans = []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            _sync(device)
+            fn()
+            _sync(device)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            spans.append((ev.time_range.start, ev.time_range.end))
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):   # the union: overlapping intervals (two streams) count once
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / steps
 
 
 def capture_graph(fn: Callable[[], Any]) -> "torch.cuda.CUDAGraph":

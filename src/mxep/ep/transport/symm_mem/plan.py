@@ -68,14 +68,24 @@ def _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_p
     tl.store(recv_cum_ptr + offs, prefix_src + C, mask=m2)
     tl.store(group_end_ptr + g, group_end, mask=g < E)
     tl.store(recv_ptr + g, recv, mask=g < E)
+    return group_end, recv
+
+
+@triton.jit
+def _store_mine(group_end, recv, mine_end_ptr, mine_recv_ptr, rank, L: tl.constexpr, E_P: tl.constexpr):
+    loc = tl.arange(0, E_P) - rank * L
+    mine = (loc >= 0) & (loc < L)
+    tl.store(mine_end_ptr + loc, group_end, mask=mine)
+    tl.store(mine_recv_ptr + loc, recv, mask=mine)
 
 
 @triton.jit
 def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
                  my_counts_ptr, my_tok_ptr, n_rows, max_tokens, expert_cap, delta_ptr, sig_ptr, rank,
+                 mine_end_ptr, mine_recv_ptr,
                  W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
                  W_P: tl.constexpr, E_P: tl.constexpr, EXACT: tl.constexpr, HAS_TOK: tl.constexpr,
-                 PUT: tl.constexpr, PLAN: tl.constexpr, MAX_POLLS: tl.constexpr):
+                 PUT: tl.constexpr, PLAN: tl.constexpr, MINE: tl.constexpr, MAX_POLLS: tl.constexpr):
     # The counts exchange (sync.py) runs in this same program: PUT stores this rank's count row
     # into every rank's matrix and raises counts_flag there; then the program waits until every
     # rank's row of this call is here. A real world does both in one launch; the simulated world
@@ -115,8 +125,10 @@ def _plan_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr,
     if not PLAN:
         return
     wait_flags(sig_ptr, e, W, MAX_POLLS)
-    _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
-                    expert_cap, rank, W, E, L, ALIGN, W_P, E_P, True)
+    group_end, recv = _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr,
+                                      tok_recv_ptr, expert_cap, rank, W, E, L, ALIGN, W_P, E_P, True)
+    if MINE:   # this rank's slices as tensors of their own (group_end_offsets, tokens_per_expert)
+        _store_mine(group_end, recv, mine_end_ptr, mine_recv_ptr, rank, L, E_P)
     tl.store(sig_ptr + seq_word(W), e)
 
 
@@ -124,10 +136,13 @@ class DispatchPlan:
     """Output of :func:`compute_plan` (device tensors, see the module docstring)."""
 
     def __init__(self, row_base, src_end, group_end, recv, recv_cum, num_local_experts: int, align: int,
-                 tok_recv=None):
+                 tok_recv=None, mine=None):
         self.row_base, self.src_end, self.group_end, self.recv = row_base, src_end, group_end, recv
         self.recv_cum = recv_cum
         self.tok_recv = tok_recv   # int32 [W]: tokens each source sends this rank (token-level dispatch)
+        # (group_end_offsets, tokens_per_expert) int32 [L] of the planning rank as tensors of
+        # their own (compute_plan(mine=True)), else None
+        self.mine = mine
         self.num_local_experts = num_local_experts
         self.align = align
 
@@ -144,44 +159,55 @@ class DispatchPlan:
         return self.group_end[(rank + 1) * L - 1:(rank + 1) * L]
 
 
-def compute_plan(ex: "CountsExchange", align: int, max_polls: int, phase: str = "all") -> DispatchPlan | None:
+def _plan_tensors(W: int, E: int, dev) -> tuple[torch.Tensor, ...]:
+    """``row_base, src_end [W, E], group_end, recv [E], recv_cum [W, E], tok_recv [W]`` (int32,
+    uninitialized; tensors of their own, not views of one allocation: the token-level state
+    leaves the registered ops as outputs, which must not alias each other)."""
+    return tuple(torch.empty(shape, dtype=torch.int32, device=dev)
+                 for shape in ((W, E), (W, E), (E,), (E,), (W, E), (W,)))
+
+
+def compute_plan(ex: "CountsExchange", align: int, max_polls: int, phase: str = "all",
+                 mine: bool = False) -> DispatchPlan | None:
     """Exchange this rank's counts and plan: one kernel launch, no host sync.
 
     ``ex.my_counts`` (clamped to describe ``ex.num_rows`` rows, see the kernel) goes into row
     ``ex.rank`` of every rank's count matrix; once every rank's row of this call is in
     ``ex.counts`` the plan is computed from it. ``phase``: ``"all"`` (a real world), or
     ``"put"`` (returns None) then ``"plan"`` for the simulated world, which runs one phase on
-    every rank before the next.
+    every rank before the next. ``mine``: the kernel also writes this rank's group ends and
+    received counts (int32 ``[L]`` each) into tensors of their own, ``DispatchPlan.mine`` (what
+    a token-level dispatch returns: no slice and copy of ``group_end`` / ``recv`` afterwards).
     """
     if phase not in ("all", "put", "plan"):
         raise ValueError(f"phase must be 'all', 'put' or 'plan', got {phase!r}")
     W = ex.counts.shape[0]
     E = ex.counts.shape[1] - W
     dev = ex.counts.device
-    row_base = torch.empty(W, E, dtype=torch.int32, device=dev)
-    src_end = torch.empty(W, E, dtype=torch.int32, device=dev)
-    group_end = torch.empty(E, dtype=torch.int32, device=dev)
-    recv = torch.empty(E, dtype=torch.int32, device=dev)
-    recv_cum = torch.empty(W, E, dtype=torch.int32, device=dev)
-    tok_recv = torch.empty(W, dtype=torch.int32, device=dev)
+    row_base, src_end, group_end, recv, recv_cum, tok_recv = _plan_tensors(W, E, dev)
+    L = E // W
+    mine = mine and phase != "put"
+    mine_out = (torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, dtype=torch.int32, device=dev)) \
+        if mine else (group_end, recv)
     _plan_kernel[(1,)](ex.counts, row_base, src_end, group_end, recv, recv_cum, tok_recv,
                        ex.my_counts, ex.my_tokens if ex.my_tokens is not None else ex.my_counts,
-                       ex.num_rows, ex.max_tokens, ex.expert_cap, ex.delta_i32, ex.signals, ex.rank,
-                       W=W, E=E, L=E // W, ALIGN=align,
+                       ex.num_rows, ex.max_tokens, ex.expert_cap, ex.delta_i32, ex.signals, ex.rank, *mine_out,
+                       W=W, E=E, L=L, ALIGN=align,
                        W_P=max(next_power_of_2(W), 2), E_P=max(next_power_of_2(E), 2),
                        EXACT=ex.my_tokens is None, HAS_TOK=ex.my_tokens is not None,
-                       PUT=phase != "plan", PLAN=phase != "put", MAX_POLLS=max_polls, num_warps=4)
+                       PUT=phase != "plan", PLAN=phase != "put", MINE=mine, MAX_POLLS=max_polls, num_warps=4)
     if phase == "put":
         return None
-    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align, tok_recv)
+    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, L, align, tok_recv, mine_out if mine else None)
 
 
 @triton.jit
 def _plan_local_kernel(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
-                       expert_cap, rank, W: tl.constexpr, E: tl.constexpr, L: tl.constexpr, ALIGN: tl.constexpr,
-                       W_P: tl.constexpr, E_P: tl.constexpr):
-    _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr, tok_recv_ptr,
-                    expert_cap, rank, W, E, L, ALIGN, W_P, E_P, False)
+                       mine_end_ptr, mine_recv_ptr, expert_cap, rank, W: tl.constexpr, E: tl.constexpr,
+                       L: tl.constexpr, ALIGN: tl.constexpr, W_P: tl.constexpr, E_P: tl.constexpr):
+    group_end, recv = _plan_of_matrix(counts_ptr, row_base_ptr, src_end_ptr, group_end_ptr, recv_ptr, recv_cum_ptr,
+                                      tok_recv_ptr, expert_cap, rank, W, E, L, ALIGN, W_P, E_P, False)
+    _store_mine(group_end, recv, mine_end_ptr, mine_recv_ptr, rank, L, E_P)
 
 
 def plan_of_counts(counts: torch.Tensor, rank: int, align: int, expert_cap: int) -> DispatchPlan:
@@ -189,20 +215,18 @@ def plan_of_counts(counts: torch.Tensor, rank: int, align: int, expert_cap: int)
     as the counts exchange leaves it; the values must be valid: non-negative expert counts, token
     counts ``<= T``): one launch, no wait. The transports that exchange the counts by other means
     than the plan kernel's peer stores (:mod:`mxep.ep.transport.nvshmem`) plan with it; the
-    arithmetic is the plan kernel's, so the layouts are the same bits."""
+    arithmetic is the plan kernel's, so the layouts are the same bits. ``DispatchPlan.mine``
+    holds this rank's group ends and received counts (int32 ``[L]``, tensors of their own)."""
     W = counts.shape[0]
     E = counts.shape[1] - W
     dev = counts.device
-    row_base = torch.empty(W, E, dtype=torch.int32, device=dev)
-    src_end = torch.empty(W, E, dtype=torch.int32, device=dev)
-    group_end = torch.empty(E, dtype=torch.int32, device=dev)
-    recv = torch.empty(E, dtype=torch.int32, device=dev)
-    recv_cum = torch.empty(W, E, dtype=torch.int32, device=dev)
-    tok_recv = torch.empty(W, dtype=torch.int32, device=dev)
-    _plan_local_kernel[(1,)](counts, row_base, src_end, group_end, recv, recv_cum, tok_recv,
-                             min(expert_cap, 2**31 - 1), rank, W=W, E=E, L=E // W, ALIGN=align,
+    row_base, src_end, group_end, recv, recv_cum, tok_recv = _plan_tensors(W, E, dev)
+    L = E // W
+    mine = (torch.empty(L, dtype=torch.int32, device=dev), torch.empty(L, dtype=torch.int32, device=dev))
+    _plan_local_kernel[(1,)](counts, row_base, src_end, group_end, recv, recv_cum, tok_recv, *mine,
+                             min(expert_cap, 2**31 - 1), rank, W=W, E=E, L=L, ALIGN=align,
                              W_P=max(next_power_of_2(W), 2), E_P=max(next_power_of_2(E), 2), num_warps=4)
-    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, E // W, align, tok_recv)
+    return DispatchPlan(row_base, src_end, group_end, recv, recv_cum, L, align, tok_recv, mine)
 
 
 class CountsExchange(NamedTuple):

@@ -20,6 +20,8 @@ Phases of one call (a barrier between a phase that writes peers and the next):
 * :func:`expand_token_grads` (owner, the combine's backward): the gradient of each layout row
   is ``weight * dy`` (bf16) and the weight gradient ``<dy, expert_out[row]>`` (fp32) goes back
   to the source's table.
+* :func:`gather_weight_grads` (source, after that barrier): each pair's weight gradient from its
+  owner's entry of the table, ``[t, k]``.
 
 Peer addressing as in :mod:`mxep.ep.transport.symm_mem.dispatch`. Every index read from memory
 is bounded before use (slots by ``T``, rows by the capacity, counts by ``T``): no kernel touches
@@ -38,7 +40,14 @@ from mxep.ep.transport.symm_mem.plan import DispatchPlan, work_item, work_steps
 from mxep.format.blocked import scale_offsets_jit
 from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, quantize_tile
 
-__all__ = ["pair_tables", "push_tokens", "expand_tokens", "reduce_tokens", "sum_partials", "expand_token_grads"]
+__all__ = ["pair_tables", "push_tokens", "expand_tokens", "reduce_tokens", "sum_partials", "expand_token_grads",
+           "gather_weight_grads"]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """bf16 rows as the int16 bits the kernels load (bf16_bits_to_fp32); an int16 view passes as
+    it is (the transport keeps its regions' int16 views: no view op per call)."""
+    return t if t.dtype == torch.int16 else t.view(torch.int16)
 
 
 @triton.jit
@@ -91,7 +100,7 @@ PAIR_BLOCK = 1024
 
 @triton.jit
 def _pair_tables_kernel(expert_ptr, pair_index_ptr, owner_ptr, w_in_ptr, row_base_ptr, group_end_ptr, recv_ptr,
-                        n_pairs, n_table, E, expert_cap,
+                        n_pairs, n_table, E, rank, expert_cap,
                         pair_rows_ptr, w_out_ptr, rows_tab_ptr, w_tab_ptr, dropped_ptr,
                         CAPPED: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     # Pair p = (token, slot), flat: row = row_base[rank, g] + pair_index (the row the row-level
@@ -103,7 +112,7 @@ def _pair_tables_kernel(expert_ptr, pair_index_ptr, owner_ptr, w_in_ptr, row_bas
     g = tl.load(expert_ptr + offs, mask=m, other=0)
     g = tl.minimum(tl.maximum(g, 0), E - 1)            # E (no expert) and anything else: in range
     pidx = tl.load(pair_index_ptr + offs, mask=m, other=-1)
-    base = tl.load(row_base_ptr + g, mask=m, other=0)
+    base = tl.load(row_base_ptr + rank * E + g, mask=m, other=0)   # row_base[rank, g]
     row = base.to(tl.int64) + pidx
     keep = m & (pidx >= 0)
     if CAPPED:
@@ -155,8 +164,8 @@ def pair_tables(expert: torch.Tensor, pair_index: torch.Tensor, pair_owner: torc
     block = max(PAIR_BLOCK, next_power_of_2(n)) if runs_interpreted(expert) else PAIR_BLOCK
     if n:
         _pair_tables_kernel[(cdiv(n, block),)](
-            expert, pair_index, pair_owner, topk_weights.contiguous(), plan.row_base[rank], plan.group_end, plan.recv,
-            t * k, table_slots * k, E, min(expert_cap, 2**31 - 1),
+            expert, pair_index, pair_owner, topk_weights.contiguous(), plan.row_base, plan.group_end, plan.recv,
+            t * k, table_slots * k, E, rank, min(expert_cap, 2**31 - 1),
             pair_rows, pair_weights, rows, weights, dropped,
             CAPPED=expert_cap < 2**31 - 1, ALIGN=align, BLOCK=block, num_warps=4)
     return pair_rows, pair_weights, rows, weights, dropped
@@ -213,7 +222,7 @@ def push_tokens(x: torch.Tensor, rank: int, T: int, slot: torch.Tensor, data_bas
     """Source side: token ``t`` of ``x [t, H]`` (bf16) into token slot ``rank * T + slot[t, d]``
     of every rank ``d`` with ``slot[t, d] >= 0`` (``slot`` int32 ``[t, W]``). ``scale_mode``
     given: quantized (``data_base`` / ``scale_base`` uint8 regions, ``delta`` in bytes), else
-    bf16 rows (``data_base`` a bf16 region, ``delta`` in bf16 elements). ``tables``:
+    bf16 rows (``data_base`` a bf16 region or its int16 view, ``delta`` in bf16 elements). ``tables``:
     ``(pair_rows int32 [t, k], pair_owner int32 [t, k], weights fp32 [t, k], rows_base int32
     [S, k], weights_base fp32 [S, k], delta_i32)``: also write each slot's table rows."""
     n, H = x.shape
@@ -229,9 +238,9 @@ def push_tokens(x: torch.Tensor, rank: int, T: int, slot: torch.Tensor, data_bas
     else:
         rows = owner = w = rows_base = w_base = slot
         delta_i32, K = delta, 1
-    data_arg = data_base if quantize else data_base.view(torch.int16)
+    data_arg = data_base if quantize else _bits(data_base)
     _push_tokens_kernel[(nprog,)](
-        x.view(torch.int16), n, H, rank, T, slot, rows, owner, w,
+        _bits(x), n, H, rank, T, slot, rows, owner, w,
         data_arg, scale_base if quantize else data_arg, delta, rows_base, w_base, delta_i32,
         QUANTIZE=quantize, TABLES=tables is not None, FLOOR=scale_mode == "floor",
         HW_CAST=quantize and x.is_cuda and config.hw_cast, K=K, K_P=max(next_power_of_2(K), 2), W=W,
@@ -331,14 +340,14 @@ def reduce_tokens(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor |
     """Owner side: for every received slot, the fp32 sum (gate-weighted with ``weights``
     fp32 ``[S, k]``, else plain) of its layout rows of ``src`` (bf16 ``[cap, H]``; rows from
     ``rows`` int32 ``[S, k]``), rounded to bf16, into the source's combine region
-    (``ret_base`` bf16 ``[S, H]`` + ``delta_bf16[source]``) at row ``rank * T + slot``."""
+    (``ret_base`` bf16 ``[S, H]``, or its int16 view, + ``delta_bf16[source]``) at row ``rank * T + slot``."""
     cap, H = src.shape
     W, K = plan.src_end.shape[0], rows.shape[1]
     t = config.combine
     nprog = config.num_programs(t, src.device)
     _reduce_tokens_kernel[(nprog,)](
-        src.view(torch.int16), rows, weights if weights is not None else rows, plan.tok_recv, T, H, rank, cap,
-        ret_base.view(torch.int16), delta_bf16, WEIGHTED=weights is not None, K=K, K_P=max(next_power_of_2(K), 2),
+        _bits(src), rows, weights if weights is not None else rows, plan.tok_recv, T, H, rank, cap,
+        _bits(ret_base), delta_bf16, WEIGHTED=weights is not None, K=K, K_P=max(next_power_of_2(K), 2),
         W=W, W_P=max(next_power_of_2(W), 2), BLOCK_K=max(next_power_of_2(H), 32), NPROG=nprog, num_warps=t.warps)
 
 
@@ -362,13 +371,14 @@ def _sum_partials_kernel(ret_ptr, slot_ptr, n_tok, T, H, out_ptr, W: tl.constexp
 
 def sum_partials(region: torch.Tensor, slot: torch.Tensor, T: int, out: torch.Tensor, config: EPConfig) -> torch.Tensor:
     """Source side, after the reduce's barrier: ``out[t]`` (bf16 ``[t, H]``) = the fp32 sum over
-    ranks ``d`` (in rank order) with ``slot[t, d] >= 0`` of ``region[d * T + slot[t, d]]``."""
+    ranks ``d`` (in rank order) with ``slot[t, d] >= 0`` of ``region[d * T + slot[t, d]]``
+    (``region`` bf16 ``[S, H]`` or its int16 view)."""
     n, H = out.shape
     if n == 0:
         return out
     t = config.copy
     nprog = min(config.num_programs(t, out.device), n)
-    _sum_partials_kernel[(nprog,)](region.view(torch.int16), slot, n, T, H, out.view(torch.int16),
+    _sum_partials_kernel[(nprog,)](_bits(region), slot, n, T, H, _bits(out),
                                    W=slot.shape[1], BLOCK_K=max(next_power_of_2(H), 32), NPROG=nprog,
                                    num_warps=t.warps)
     return out
@@ -410,7 +420,7 @@ def expand_token_grads(dy_slots: torch.Tensor, expert_out: torch.Tensor, rows: t
                        plan: DispatchPlan, rank: int, T: int, grad_expert_out: torch.Tensor, wg_base: torch.Tensor,
                        delta_i32: torch.Tensor, config: EPConfig) -> torch.Tensor:
     """Owner side of the combine's backward, after ``dy`` reached the token slots
-    (``dy_slots`` bf16 ``[S, H]``): ``grad_expert_out[row] = weight * dy`` (bf16 ``[cap, H]``,
+    (``dy_slots`` bf16 ``[S, H]``, or its int16 view): ``grad_expert_out[row] = weight * dy`` (bf16 ``[cap, H]``,
     pad rows zero, later rows unwritten) and ``<dy, expert_out[row]>`` (fp32) into the source's
     weight-gradient table (``wg_base`` fp32 ``[S, k]`` + ``delta_i32[source]``) at row
     ``rank * T + slot``, column = the pair's top-k slot."""
@@ -420,8 +430,50 @@ def expand_token_grads(dy_slots: torch.Tensor, expert_out: torch.Tensor, rows: t
     t = config.combine
     nprog = config.num_programs(t, expert_out.device)
     _expand_grads_kernel[(nprog,)](
-        dy_slots.view(torch.int16), expert_out.view(torch.int16), rows, weights, plan.tok_recv, T, H, rank, cap,
-        grad_expert_out.view(torch.int16), wg_base, delta_i32, plan.group_end, plan.recv, K=K, K_P=max(next_power_of_2(K), 2), W=W, W_P=max(next_power_of_2(W), 2),
+        _bits(dy_slots), _bits(expert_out), rows, weights, plan.tok_recv, T, H, rank, cap,
+        _bits(grad_expert_out), wg_base, delta_i32, plan.group_end, plan.recv, K=K, K_P=max(next_power_of_2(K), 2), W=W, W_P=max(next_power_of_2(W), 2),
         L=L, L_P=max(next_power_of_2(L), 2), ALIGN=plan.align, BLOCK_K=max(next_power_of_2(H), 32),
         NPROG=nprog, num_warps=t.warps)
     return grad_expert_out
+
+
+# gather_weight_grads: pairs per program (one program under the interpreter, as pair_tables).
+# The one launch replaced seventeen small torch ops (casts, clamps, a gather, the flat index,
+# the mask, the index and the where; docs/history.md, 2026-12-07).
+GATHER_BLOCK = 1024
+
+
+@triton.jit
+def _gather_weight_grads_kernel(table_ptr, slot_ptr, owner_ptr, rows_ptr, out_ptr, n_pairs, T,
+                                K: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
+    # pair p = (token p // K, top-k slot p % K): its gradient is at row owner * T + slot[token,
+    # owner] of the table (the owner wrote it there, expand_token_grads), column p % K; 0 for no
+    # expert and for a pair the capacity dropped (pair_rows -1). Indices bounded before use.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_pairs
+    owner = tl.load(owner_ptr + offs, mask=m, other=-1)
+    row = tl.load(rows_ptr + offs, mask=m, other=-1)
+    valid = m & (owner >= 0) & (owner < W) & (row >= 0)
+    tok = offs // K
+    slot = tl.load(slot_ptr + tok * W + owner, mask=valid, other=0)
+    slot = tl.minimum(tl.maximum(slot, 0), T - 1)
+    g = tl.load(table_ptr + (owner.to(tl.int64) * T + slot) * K + offs % K, mask=valid, other=0.0)
+    tl.store(out_ptr + offs, tl.where(valid, g, 0.0), mask=m)
+
+
+def gather_weight_grads(table: torch.Tensor, slot: torch.Tensor, pair_owner: torch.Tensor,
+                        pair_rows: torch.Tensor, T: int) -> torch.Tensor:
+    """Source side of the combine's backward, after its last barrier: fp32 ``[t, k]``, each
+    pair's gate-weight gradient, read from this rank's weight-gradient table (``table`` fp32
+    ``[W * T, k]``: the owners wrote ``<dy, expert_out[row]>`` at row ``owner * T + slot``) via
+    ``slot`` int32 ``[t, W]``, ``pair_owner`` / ``pair_rows`` int32 ``[t, k]``; 0 for ``-1``
+    slots and for pairs the capacity dropped."""
+    t, K = pair_owner.shape
+    W = slot.shape[1]
+    out = torch.empty(t, K, dtype=torch.float32, device=table.device)
+    n = t * K
+    if n:
+        block = max(GATHER_BLOCK, next_power_of_2(n)) if runs_interpreted(table) else GATHER_BLOCK
+        _gather_weight_grads_kernel[(cdiv(n, block),)](table, slot, pair_owner, pair_rows, out, n, T, K=K, W=W,
+                                                       BLOCK=block, num_warps=4)
+    return out

@@ -26,8 +26,8 @@ from mxep.ep.transport.symm_mem.dispatch import copy_out, dispatch_push
 from mxep.ep.transport.symm_mem.memory import POISON, RegionLayout, region_view
 from mxep.ep.transport.symm_mem.plan import CountsExchange, DispatchPlan, compute_plan
 from mxep.ep.transport.symm_mem.sync import describe_status, num_signal_words, word_index
-from mxep.ep.transport.symm_mem.tokens import (expand_token_grads, expand_tokens, pair_tables, push_tokens,
-                                               reduce_tokens, sum_partials)
+from mxep.ep.transport.symm_mem.tokens import (expand_token_grads, expand_tokens, gather_weight_grads, pair_tables,
+                                               push_tokens, reduce_tokens, sum_partials)
 
 __all__ = ["SymmMemTransport", "SymmMemTokenState"]
 
@@ -154,6 +154,9 @@ class SymmMemTransport(Transport):
         self.dispatch_scale = region_view(mem, r.scale_offset, (r.rows, H // 32), torch.uint8)
         self.dispatch_region_bf16 = region_view(mem, r.dispatch_offset, (r.rows, H), torch.bfloat16)
         self.combine_region = region_view(mem, r.combine_offset, (r.combine_rows, H), torch.bfloat16)
+        # the same bf16 regions as the int16 bits the token kernels take (made once, not per call)
+        self._dispatch_bits = self.dispatch_region_bf16.view(torch.int16)
+        self._combine_bits = self.combine_region.view(torch.int16)
         if r.top_k:
             S, K = r.rows, r.top_k
             self.slot_rows = region_view(mem, r.table_offset, (S, K), torch.int32)
@@ -208,11 +211,12 @@ class SymmMemTransport(Transport):
         """Counts exchange and plan in one launch (``phase="all"``), or its halves for the
         simulated world (``"put"`` on every rank, then ``"plan"``). ``tokens_per_rank`` (int32
         ``[W]``, the token-level dispatch): the tokens this rank sends each rank travel with the
-        counts; ``num_rows`` is then the most pairs (the expert counts may sum to fewer)."""
+        counts; ``num_rows`` is then the most pairs (the expert counts may sum to fewer), and the
+        plan also holds this rank's group ends and received counts (``DispatchPlan.mine``)."""
         r = self.regions
         ex = CountsExchange(self.counts, counts_i32, tokens_per_rank, num_rows, r.max_tokens_per_rank, r.expert_cap,
                             self.delta_i32, self.signals, self.rank)
-        return compute_plan(ex, align, self.config.polls(self.mem.device), phase)
+        return compute_plan(ex, align, self.config.polls(self.mem.device), phase, mine=tokens_per_rank is not None)
 
     def push_mxfp8(self, x: torch.Tensor, plan: DispatchPlan, scale_mode: str,
                    into_region: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,10 +281,12 @@ class SymmMemTransport(Transport):
 
     # token level (tokens.py)
     def plan_tokens(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, align: int, phase: str = "all",
-                    route: TokenRoute | None = None) -> tuple[SymmMemTokenState, torch.Tensor, TokenRoute] | None:
+                    route: TokenRoute | None = None
+                    ) -> tuple[SymmMemTokenState, torch.Tensor, TokenRoute, DispatchPlan] | None:
         """Route the tokens (:func:`mxep.ep.routing.route_tokens`, or ``route`` when already
         routed), exchange the counts and plan (``phase`` as :meth:`exchange_and_plan`), and
-        derive every pair's layout row. Returns ``(state, num_dropped int64 [], route)``."""
+        derive every pair's layout row. Returns ``(state, num_dropped int64 [], route, plan)``
+        (``plan.mine``: this rank's group ends and received counts)."""
         r = self.regions
         t, k = topk_idx.shape
         if route is None:
@@ -291,11 +297,11 @@ class SymmMemTransport(Transport):
         # Each pair's row is row_base[rank, expert] + its index in the sorted expansion (row_base
         # is "dest_row - i" for the row-level row i): exactly the row the row-level dispatch gives.
         pair_rows, pair_weights, slot_rows, slot_weights, dropped = pair_tables(
-            route.expert, route.pair_index, route.pair_owner, topk_weights.detach(), plan, self.rank, align,
+            route.expert, route.pair_index, route.pair_owner, topk_weights, plan, self.rank, align,
             r.expert_cap, r.world_size * r.max_tokens_per_rank)
         st = SymmMemTokenState(pair_weights, plan.row_base, plan.src_end, plan.group_end, plan.recv, plan.recv_cum,
                                plan.tok_recv, route.slot, route.pair_owner, pair_rows, slot_rows, slot_weights)
-        return st, dropped, route
+        return st, dropped, route, plan
 
     def push_tokens_mxfp8(self, x: torch.Tensor, st: SymmMemTokenState, scale_mode: str) -> None:
         push_tokens(x, self.rank, self.regions.max_tokens_per_rank, st.slot, self.dispatch_data, self.dispatch_scale,
@@ -317,34 +323,28 @@ class SymmMemTransport(Transport):
 
     def reduce_tokens(self, src: torch.Tensor, st: SymmMemTokenState, align: int, weighted: bool) -> None:
         reduce_tokens(src, st.slot_rows, st.slot_weights if weighted else None, st.plan(align), self.rank,
-                      self.regions.max_tokens_per_rank, self.combine_region, self.delta_bf16, self.config)
+                      self.regions.max_tokens_per_rank, self._combine_bits, self.delta_bf16, self.config)
 
     def sum_partials(self, st: SymmMemTokenState) -> torch.Tensor:
         out = self._new_output((st.num_tokens, self.regions.hidden), torch.bfloat16)
-        return sum_partials(self.combine_region, st.slot, self.regions.max_tokens_per_rank, out, self.config)
+        return sum_partials(self._combine_bits, st.slot, self.regions.max_tokens_per_rank, out, self.config)
 
     def push_token_grads(self, dy: torch.Tensor, st: SymmMemTokenState) -> None:
-        push_tokens(dy, self.rank, self.regions.max_tokens_per_rank, st.slot, self.dispatch_region_bf16, None,
+        push_tokens(dy, self.rank, self.regions.max_tokens_per_rank, st.slot, self._dispatch_bits, None,
                     self.delta_bf16, self.config)
 
     def expand_token_grads(self, expert_out: torch.Tensor, st: SymmMemTokenState, align: int) -> torch.Tensor:
         r = self.regions
         grad_expert_out = self._new_output((r.capacity, r.hidden), torch.bfloat16)
-        return expand_token_grads(self.dispatch_region_bf16, expert_out, st.slot_rows, st.slot_weights, st.plan(align),
+        return expand_token_grads(self._dispatch_bits, expert_out, st.slot_rows, st.slot_weights, st.plan(align),
                                   self.rank, r.max_tokens_per_rank, grad_expert_out, self.weight_grads,
                                   self.delta_i32, self.config)
 
     def gather_weight_grads(self, st: SymmMemTokenState) -> torch.Tensor:
         """After the grads' barrier: fp32 ``[t, k]``, the gradient of every pair's gate weight
         (0 for ``-1`` slots and dropped pairs)."""
-        T, K = self.regions.max_tokens_per_rank, self.regions.top_k
-        owner = st.pair_owner.long()
-        valid = (owner >= 0) & (st.pair_rows >= 0)   # dropped pairs (capacity_factor): zero
-        own = owner.clamp(min=0)
-        slot = st.slot.long().gather(1, own).clamp(0, T - 1)
-        j = torch.arange(K, device=owner.device).expand_as(owner)
-        flat = ((own * T + slot) * K + j).clamp(0, self.weight_grads.numel() - 1)
-        return torch.where(valid, self.weight_grads.view(-1)[flat], 0.0)
+        return gather_weight_grads(self.weight_grads, st.slot, st.pair_owner, st.pair_rows,
+                                   self.regions.max_tokens_per_rank)
 
     # ================================================================== the Transport contract
     def plan(self, counts_i32, num_rows, align):
@@ -419,13 +419,12 @@ class SymmMemTransport(Transport):
         if self._unpushed is not None:
             raise RuntimeError("mxep: the previous dispatch plan was never dispatched; every plan must be followed "
                                "by its dispatch before the next plan")
-        st, dropped, route = self.plan_tokens(topk_idx, topk_weights, align)
+        st, dropped, route, plan = self.plan_tokens(topk_idx, topk_weights, align)
         self.push_tokens_mxfp8(x, st, scale_mode)
         self._barrier()
         q, s = self.expand_tokens(st, align)
-        L = self.regions.num_experts // self.regions.world_size
-        mine = slice(self.rank * L, (self.rank + 1) * L)
-        return TokenDispatch(q, s, st.group_end[mine].clone(), st.recv[mine].clone(), dropped, route.errors, st)
+        group_end_offsets, tokens_per_expert = plan.mine   # tensors of their own (the plan kernel's)
+        return TokenDispatch(q, s, group_end_offsets, tokens_per_expert, dropped, route.errors, st)
 
     def _reduce_back(self, src, st, align, weighted):
         if self._combine_region_read:

@@ -1,0 +1,84 @@
+"""One autograd node for the token-level part of :class:`mxep.MoE` (dispatch, experts, combine),
+the layer's eager path.
+
+The composed form of the same step is five autograd Functions (``DispatchTokens``, two
+``GroupedMXFP8MatmulFunction``, ``SwiGLUQuantizeFunction``, ``CombineTokens``), each with its
+host-side checks, its ``MXFP8Tensor`` wrapper, its handle and state conversions, and one
+autograd node in the backward. :class:`TokenLayer` runs the same transport calls, kernels and
+``torch._grouped_mm`` calls in the same order, on the same tensors, so its output and every
+gradient are bit for bit the composed form's (tests/moe/test_host_work.py checks it); it saves
+the same tensors for the backward. What it drops is host work: one ``Function.apply`` and one
+backward node instead of five, no wrappers between them (docs/history.md, 2026-12-07).
+
+The composed form stays where it is needed: under ``torch.compile`` / ``torch.export`` (the
+registered ops are the graph's nodes), for tensor subclasses, in ``debug`` mode (a check after
+every call), with blocked scales and with ``gemm_impl="torchao"``; :meth:`mxep.MoE.forward`
+picks (``MoE._fused_ok``).
+"""
+from __future__ import annotations
+
+import torch
+
+from mxep.ep.ops import _buffer
+from mxep.gemm.grouped_gemm import expert_gemm_backward, expert_gemm_forward, weight_for_backward
+from mxep.swiglu.swiglu import swiglu_backward, swiglu_quantize_forward
+
+__all__ = ["TokenLayer"]
+
+
+class TokenLayer(torch.autograd.Function):
+    """``(x bf16 [n, H], topk_idx int64 [n, k], gates fp32 [n, k], w13, w2, v13, v2, buffer_id,
+    impl, scale_mode)`` -> bf16 ``[n, H]``: ``buf.combine_tokens(experts(buf.dispatch_tokens(x,
+    topk_idx, gates)), handle, gates)`` as one node.
+
+    ``w13`` / ``w2``: the parameters (bf16 ``[L, 2F, H]`` / ``[L, H, F]``) or their MXFP8Tensor
+    (``quantize_straight_through``), which receive the gradients; ``v13`` / ``v2``: the MX weight
+    cache's entries the GEMMs multiply by instead (bf16 MXFP8 values, or MXFP8Tensors for
+    ``impl="fused"``), or None. ``impl``: ``"dequant"`` or ``"fused"`` (resolved). Gradients: ``x``
+    (bf16), ``gates`` (fp32), ``w13`` / ``w2`` (bf16)."""
+
+    @staticmethod
+    def forward(ctx, x, topk_idx, gates, w13, w2, v13, v2, buffer_id: str, impl: str, scale_mode: str):
+        buf = _buffer(buffer_id)
+        tr, align = buf.transport, buf.align
+        W13 = w13 if v13 is None else v13
+        W2 = w2 if v2 is None else v2
+        with torch._C._AutoDispatchBelowADInplaceOrView():   # as the registered ops run (no view bookkeeping)
+            d = tr.dispatch_tokens(x, topk_idx, gates, buf.scale_mode, align)
+            q, s, offs = d.qdata.view(torch.float8_e4m3fn), d.scale.view(torch.float8_e8m0fnu), d.group_end_offsets
+            end = offs[-1:]
+            h = expert_gemm_forward(q, s, W13, offs, end, impl)                        # [cap, 2F]
+            aq, ascale = swiglu_quantize_forward(h, offs, scale_mode, hw_cast=h.is_cuda)  # MXFP8 [cap, F]
+            eo = expert_gemm_forward(aq, ascale, W2, offs, end, impl)                   # [cap, H]
+            y = tr.combine_tokens(eo, d.state, align)
+        state = d.state.as_list()
+        w13_saved, w2_saved = weight_for_backward(W13), weight_for_backward(W2)
+        ctx.counts = (len(state), len(w13_saved))
+        ctx.buffer_id = buffer_id
+        ctx.save_for_backward(*state, q, s, offs, end, h, aq, ascale, eo, *w13_saved, *w2_saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        n_state, n_w13 = ctx.counts
+        saved = ctx.saved_tensors   # (read once: checkpointing unpacks each only once)
+        state, (q, s, offs, end, h, aq, ascale, eo) = saved[:n_state], saved[n_state:n_state + 8]
+        w13_saved, w2_saved = saved[n_state + 8:n_state + 8 + n_w13], saved[n_state + 8 + n_w13:]
+        buf = _buffer(ctx.buffer_id)
+        tr, align = buf.transport, buf.align
+        st = tr.token_state_type.from_list(state)
+        need_x, need_gates, need_w13, need_w2 = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        need_h = need_x or need_w13   # (the composed form's SwiGLU node runs only then)
+        grad_x = grad_w13 = None
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            # the composed form's backward nodes, in its order: combine, GEMM 2, SwiGLU, GEMM 1, dispatch
+            if dy.dtype != torch.bfloat16:   # (a no-op .to() is still a dispatched op)
+                dy = dy.to(torch.bfloat16)
+            grad_eo, grad_gates = tr.combine_tokens_backward(dy.contiguous(), eo, st, align)
+            grad_a, grad_w2 = expert_gemm_backward(grad_eo, aq, ascale, w2_saved, offs, end, need_h, need_w2)
+            if need_h:
+                grad_h = swiglu_backward(h, grad_a, offs)
+                grad_tokens, grad_w13 = expert_gemm_backward(grad_h, q, s, w13_saved, offs, end, need_x, need_w13)
+                if need_x:
+                    grad_x = tr.dispatch_tokens_backward(grad_tokens, st, align)
+        return (grad_x, None, grad_gates if need_gates else None, grad_w13, grad_w2, None, None, None, None, None)
