@@ -211,14 +211,15 @@ def make_state(cfg: MoEConfig, world: int, rank: int, device: torch.device, seed
     return state, x, dy
 
 
-def build(system: str, cfg: MoEConfig, device: torch.device, state: dict, mxep_layer=None):
+def build(system: str, cfg: MoEConfig, device: torch.device, state: dict, mxep_layer=None, transport: str = "auto"):
     """The layer of ``system`` with ``state``'s weights; the mxep systems share one mxep.MoE
-    (one Buffer), switched by its attributes."""
+    (one Buffer), switched by its attributes; ``transport``: their Buffer's."""
     H, Fh, E, k = cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k
     if system in OWN_LAYER:
-        m = mxep.MoE(H, Fh, E, k, max_tokens_per_rank=cfg.tokens, device=device, **OWN_LAYER[system])
+        m = mxep.MoE(H, Fh, E, k, max_tokens_per_rank=cfg.tokens, device=device, transport=transport,
+                     **OWN_LAYER[system])
     elif system in MXEP_SYSTEMS:
-        m = mxep_layer or mxep.MoE(H, Fh, E, k, max_tokens_per_rank=cfg.tokens, device=device)
+        m = mxep_layer or mxep.MoE(H, Fh, E, k, max_tokens_per_rank=cfg.tokens, device=device, transport=transport)
         m.mx_weights = system != "mxep_bf16w"
         m.mx_weight_cache = system != "mxep_nocache"
         m.clear_mx_weight_cache()
@@ -473,6 +474,9 @@ def main() -> None:
     p.add_argument("--out-dir", default=os.path.join(HERE, "results", "moe"))
     p.add_argument("--smoke", action="store_true", help="CPU, gloo world 1, tiny shapes, TRITON_INTERPRET=1")
     p.add_argument("--pg-timeout", type=float, default=600.0)
+    p.add_argument("--transport", default="auto", choices=("auto", "symm_mem", "nvshmem", "collective"),
+                   help="the mxep layers' Buffer transport ('nvshmem': token level only, so not mxep_rows; one "
+                        "process cannot also hold symm_mem's CUDA symmetric memory)")
     p.add_argument("--profile", default="", help="comma list of systems whose step's kernels to profile (GPU)")
     p.add_argument("--tokens", default="", help="comma list of tokens per rank: every config at each (e.g. 512,2048,4096)")
     p.add_argument("--weight-cache", choices=("rebuilt", "warm"), default="rebuilt",
@@ -531,7 +535,9 @@ def main() -> None:
                 continue
             rec = {"config": cfg.name, "system": system, "tokens": cfg.tokens, "error": None}
             try:
-                m = build(system, cfg, device, state, mxep_layer)
+                m = build(system, cfg, device, state, mxep_layer, args.transport)
+                if getattr(m, "buffer", None) is not None:
+                    rec["transport"] = m.buffer.transport_name
                 if system in MXEP_SYSTEMS and system not in OWN_LAYER:
                     mxep_layer = m
                 r, o = run_system(system, m, x, dy, device, args)
