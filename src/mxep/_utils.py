@@ -74,7 +74,8 @@ _INFRA_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("PROXY
 def runs_eagerly(*tensors: torch.Tensor) -> bool:
     """Whether a call on ``tensors`` runs eagerly on real tensors: not inside a ``torch.compile`` /
     ``torch.export`` trace, no tracing mode on (make_fx's proxy mode, fake or functional
-    tensors: AOTAutograd), and every tensor a plain ``torch.Tensor`` (not a subclass such as a
+    tensors: AOTAutograd), no user ``TorchDispatchMode`` (selective activation checkpointing
+    must see the op), and every tensor a plain ``torch.Tensor`` (not a subclass such as a
     DTensor). Then mxep calls its registered ops' Python bodies directly: the same function
     without the custom-op layers around it (the autograd redispatch, the dynamo-disable
     wrapper, the output alias check), which cost the host some 20 µs per call (docs/history.md,
@@ -87,6 +88,12 @@ def runs_eagerly(*tensors: torch.Tensor) -> bool:
     get_mode = torch._C._get_dispatch_mode
     for key in _INFRA_MODES:
         if get_mode(key) is not None:
+            return False
+    # a user TorchDispatchMode (selective activation checkpointing's caching modes) must see the
+    # registered op itself: MXEPSelectiveAC saves mxep::dispatch_tokens. Modes that measure the
+    # eager path (mxep.testing.host_cost's counter) say so with ``mxep_transparent = True``.
+    for i in range(torch._C._len_torch_dispatch_stack()):
+        if not getattr(torch._C._get_dispatch_stack_at(i), "mxep_transparent", False):
             return False
     return True
 

@@ -111,6 +111,10 @@ def _where(depth: int = 2) -> str:
 
 
 class _Counter(TorchDispatchMode):
+    # counts the eager path as it runs without a mode: mxep keeps calling its ops' bodies
+    # directly under it (mxep._utils.runs_eagerly)
+    mxep_transparent = True
+
     def __init__(self, work: HostWork, inside: list[int]):
         super().__init__()
         self.work, self.inside = work, inside
