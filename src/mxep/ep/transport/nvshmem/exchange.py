@@ -80,7 +80,7 @@ class CollectiveExchange:
         ins = counts.to(torch.int64)
         outs = torch.empty_like(ins)
         dist.all_to_all_single(outs, ins, group=self.group)
-        n_in, n_out = ins.tolist(), outs.tolist()   # stand-in only: CPU tensors, no device sync
+        n_in, n_out = ins.tolist(), outs.tolist()   # debug-only: the CPU stand-in reads CPU tensors (no device sync)
         dist.all_to_all_single(recv[:sum(n_out)], send[:sum(n_in)], output_split_sizes=n_out,
                                input_split_sizes=n_in, group=self.group)
 
