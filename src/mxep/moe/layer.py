@@ -20,6 +20,12 @@ Quantization points (MXFP8, straight-through in backward): the dispatched rows, 
 activation ``a`` and (``mx_weights``) the expert weights. The backward is bf16 throughout
 (dispatch, GEMMs, combine).
 
+Eager calls on plain tensors run dispatch, experts and combine as one autograd node
+(:class:`mxep.moe.fused.TokenLayer`: the same calls, bit for bit, with less host work); under
+``torch.compile``, in debug mode, with blocked scales or torchao's GEMMs the composed form (the
+Buffer's calls, one autograd Function each) runs. :class:`mxep.moe.capture.CapturedStep` replays
+a whole training step of the layer as one CUDA graph.
+
 MX weights are quantized once per weight version (``mx_weight_cache``, on by default): the layer
 keeps ``w13`` / ``w2`` in the form the expert GEMM consumes (on the default ``"dequant"`` GEMM
 path, the bf16 values of the MXFP8 weight, so nothing is dequantized in the forward or the
