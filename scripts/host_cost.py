@@ -226,10 +226,12 @@ class PartTimer:
 
     def __enter__(self):
         import functools
+        import inspect
         import time
 
         for owner, attr, label in self.targets:
             original = getattr(owner, attr)
+            raw = inspect.getattr_static(owner, attr)   # (a staticmethod is put back as one)
             self.totals.setdefault(label, 0.0)
 
             def wrapped(*a, __f=original, __label=label, **kw):
@@ -240,8 +242,8 @@ class PartTimer:
                     self.totals[__label] += time.perf_counter() - t0
 
             functools.update_wrapper(wrapped, original)
-            self.saved.append((owner, attr, original))
-            setattr(owner, attr, wrapped)
+            self.saved.append((owner, attr, raw))
+            setattr(owner, attr, staticmethod(wrapped) if isinstance(raw, staticmethod) else wrapped)
         return self
 
     def __exit__(self, *exc):
