@@ -137,3 +137,27 @@ def test_one_node_step_makes_handles_stale(world):
         eo = torch.zeros(moe.buffer.capacity, H, dtype=torch.bfloat16)
         with pytest.raises(RuntimeError, match="stale"):
             moe.buffer.combine_tokens(eo, res.handle)
+
+
+def test_a_callers_dispatch_mode_sees_the_registered_ops(world):
+    """Under a TorchDispatchMode of the caller (selective activation checkpointing's policy,
+    a flop counter) the layer runs its composed form through the registered ops, which the mode
+    sees as single ops (torchtitan's MXEPSelectiveAC saves mxep::dispatch_tokens' output)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    moe = _layer("collective")
+    x, dy = _inputs(4)
+    x = x.requires_grad_(True)
+    with Record() as mode:
+        moe_step(moe, x, dy)
+    assert {"mxep.dispatch_tokens.default", "mxep.combine_tokens.default", "mxep.combine_tokens_backward.default",
+            "mxep.dispatch_tokens_backward.default", "mxep.swiglu_quantize.default"} <= mode.seen, sorted(mode.seen)
