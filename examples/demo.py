@@ -15,11 +15,19 @@ tokens (each rank draws its own batch: data parallel over the EP group):
   gradients are all-reduced (summed; every rank backpropagates its mean loss / world). The
   experts' gradients need no reduction: the combine's backward already brings every rank's
   contribution to the expert's owner.
-* ``dense``: the same router and SwiGLU expert math in plain bf16 torch, every expert on every
-  rank and no quantization, no dispatch; every gradient all-reduced.
+* ``bf16``: the same router and SwiGLU expert math in plain bf16 torch, every expert on every
+  rank and no quantization, no dispatch; every gradient all-reduced. ``--twin dense`` (default)
+  runs every expert on every token and masks the sum with the gates (simple, slow);
+  ``--twin local`` is :class:`mxep.moe.naive.BF16LocalMoE` (stable sort by expert,
+  ``torch._grouped_mm`` SwiGLU experts, fp32 ``index_add``): the strongest bf16 flow on one rank,
+  the one to compare step times against.
+
+``--capture`` (GPU): each model's forward, loss and backward are captured once in one CUDA graph
+and replayed every step (``GraphedStep``); the gradient all-reduce and the optimizer step stay
+eager. Without it every op is issued from Python (eager).
 
 Rank 0 builds all the weights and broadcasts them; each rank keeps its slice of the experts for
-mxep and all of them for the dense twin. Rank 0 prints a progress line (loss and tokens/s of
+mxep and all of them for the bf16 twin. Rank 0 prints a progress line (loss and tokens/s of
 both), then a summary paragraph and its checks: the first-step losses agree within MXFP8
 tolerance, mxep.MoE's first-step output equals its MXFP8 reference (``mxep.moe.naive``) on the
 same activations, both losses fell, they end close to each other, and the replicated weights are
@@ -55,7 +63,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mxep  # noqa: E402
-from mxep.moe.naive import moe_reference  # noqa: E402
+from mxep.moe.naive import BF16LocalMoE, moe_reference  # noqa: E402
 from mxep.testing import rel_err  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +241,8 @@ class TrainConfig:
     seed: int
     out: str
     deadline: float       # time.time() after which training stops early (inf: none)
+    twin: str = "dense"   # the bf16 twin's MoE: "dense" (DenseMoE) or "local" (BF16LocalMoE)
+    capture: bool = False  # GPU: each model's forward + loss + backward replayed as one CUDA graph
     corpus_tokens: int = 200_000
 
 
@@ -244,6 +254,7 @@ class Twin:
     replicated: list[nn.Parameter]   # the parameters every rank holds: gradients all-reduced
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
+    graphed: "GraphedStep | None" = None   # --capture: built at the first step
 
 
 @dataclass
@@ -265,12 +276,13 @@ def _twin(model: MoETransformer, replicated: list[nn.Parameter], cfg: TrainConfi
 
 
 def build_twins(rank: int, world: int, device: torch.device, cfg: TrainConfig) -> dict[str, Twin]:
-    """Both models with the same weights: the dense twin holds every weight (rank 0's, broadcast),
+    """Both models with the same weights: the bf16 twin holds every weight (rank 0's, broadcast),
     mxep's experts on this rank take their slice of them."""
     E, L, V = cfg.experts_per_rank * world, cfg.experts_per_rank, len(VOCAB)
     torch.manual_seed(cfg.seed)
+    twin_moe = {"dense": DenseMoE, "local": BF16LocalMoE}[cfg.twin]
     dense = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads,
-                           [DenseMoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, device) for _ in range(cfg.layers)],
+                           [twin_moe(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, device=device) for _ in range(cfg.layers)],
                            device)
     init_weights(dense, cfg.seed)
     with torch.no_grad():
@@ -288,7 +300,7 @@ def build_twins(rank: int, world: int, device: torch.device, cfg: TrainConfig) -
             p.copy_(w)
     experts = {id(m.w13) for m in moes} | {id(m.w2) for m in moes}
     return {"mxep": _twin(mx, [p for p in mx.parameters() if id(p) not in experts], cfg),
-            "dense": _twin(dense, list(dense.parameters()), cfg)}
+            "bf16": _twin(dense, list(dense.parameters()), cfg)}
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:
@@ -326,6 +338,66 @@ def _capture_first_call(module: nn.Module) -> dict[str, torch.Tensor]:
     return captured
 
 
+def forward_backward(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor,
+                     world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's loss on this rank's batch and its backward: (loss, logits)."""
+    logits = model(ids)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    (loss / world).backward()            # summed over the ranks below: the mean loss's gradient
+    return loss, logits
+
+
+class GraphedStep:
+    """``forward_backward`` of one model on fixed-shape batches, captured once in one CUDA graph
+    (``--capture``) and replayed with each step's tokens: the host issues one launch per step
+    instead of every op of the forward and backward. Both twins' layers are capturable: mxep.MoE
+    never waits on the GPU from the host (see mxep.moe.CapturedStep, the same for one layer), and
+    BF16LocalMoE keeps its group ends on the device.
+
+    The gradients are the graph's own tensors, written (not accumulated) by every replay, and
+    put back on the parameters after ``optimizer.zero_grad(set_to_none=True)``; the optimizer
+    updates the weights in place, which the next replay reads (mxep.MoE's MX weights are
+    quantized inside the graph: its weight cache is dropped around the capture, as
+    CapturedStep does). Built with the first step's batch: two warm-up steps on a side stream
+    (their gradients discarded), then the capture (which runs nothing)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, world: int, warmup: int = 2):
+        self.model, self.world = model, world
+        self.ids, self.targets = ids.clone(), targets.clone()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        moes = [m for m in model.modules() if isinstance(m, mxep.MoE)]
+        side = torch.cuda.Stream(ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._zero()
+                forward_backward(model, self.ids, self.targets, world)
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        self._zero()
+        for m in moes:
+            m.clear_mx_weight_cache()
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.loss, self.logits = forward_backward(model, self.ids, self.targets, world)
+        finally:
+            for m in moes:
+                m.clear_mx_weight_cache()
+        self.grads = [p.grad for p in self.params]
+
+    def _zero(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def __call__(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ids.copy_(ids)
+        self.targets.copy_(targets)
+        self.graph.replay()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        return self.loss, self.logits
+
+
 def train_step(twin: Twin, ids: torch.Tensor, targets: torch.Tensor, world: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step of one model on this rank's batch: its loss, logits and time (s)."""
@@ -335,15 +407,16 @@ def train_step(twin: Twin, ids: torch.Tensor, targets: torch.Tensor, world: int,
 
     sync()
     t0 = time.perf_counter()
-    logits = twin.model(ids)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    (loss / world).backward()            # summed over the ranks below: the mean loss's gradient
+    if twin.graphed is not None:
+        loss, logits = twin.graphed(ids, targets)
+    else:
+        loss, logits = forward_backward(twin.model, ids, targets, world)
     _all_reduce_grads(twin.replicated)   # mxep's experts: the combine's backward already did it
     twin.opt.step()
     twin.opt.zero_grad(set_to_none=True)
     twin.sched.step()
     sync()
-    return loss.detach(), logits.detach(), time.perf_counter() - t0
+    return loss.detach().clone(), logits.detach(), time.perf_counter() - t0
 
 
 def _mean_losses_and_stop(local: dict[str, torch.Tensor], stop: bool, world: int,
@@ -365,10 +438,12 @@ def train_loop(rank: int, world: int, device: torch.device, cfg: TrainConfig, tw
         ids, targets = (t.to(device) for t in get_batch(corpus, cfg.batch, cfg.seq, batch_seed))
         local = {}
         for name, twin in twins.items():
+            if cfg.capture and twin.graphed is None:
+                twin.graphed = GraphedStep(twin.model, ids, targets, world)
             local[name], logits, seconds = train_step(twin, ids, targets, world, device)
             hist.times[name].append(seconds)
             if step == 1:
-                hist.first_logits[name] = logits
+                hist.first_logits[name] = logits.clone()   # (a graph's logits are overwritten)
         # Stop early if the next step would end past the deadline (every rank votes: any stops all).
         next_end = time.time() + sum(t[-1] for t in hist.times.values())
         mean, stop = _mean_losses_and_stop(local, next_end > cfg.deadline, world, device)
@@ -392,9 +467,9 @@ class _Progress:
         self._len = 0
 
     def update(self, step: int, hist: History, elapsed: float, last: bool = False) -> None:
-        mt, dt = (statistics.median(hist.times[k][1:] or hist.times[k]) for k in ("mxep", "dense"))
-        text = (f"loss mxep {hist.losses['mxep'][-1]:.3f} dense {hist.losses['dense'][-1]:.3f} | "
-                f"tok/s mxep {_rate(self.tokens, mt)} dense {_rate(self.tokens, dt)} | {elapsed:.0f} s")
+        mt, dt = (statistics.median(hist.times[k][1:] or hist.times[k]) for k in ("mxep", "bf16"))
+        text = (f"loss mxep {hist.losses['mxep'][-1]:.3f} bf16 {hist.losses['bf16'][-1]:.3f} | "
+                f"tok/s mxep {_rate(self.tokens, mt)} bf16 {_rate(self.tokens, dt)} | {elapsed:.0f} s")
         width = 24
         done = round(width * step / self.total)
         line = f"step {step:>{len(str(self.total))}}/{self.total} [{'#' * done}{'.' * (width - done)}] {text}"
@@ -439,16 +514,16 @@ def _checks(ls: LossStats, stopped_early: bool, layer_err: float, logits_err: fl
             same: dict[str, bool]) -> list[tuple[str, bool | str]]:
     """(what, True / False / "skip" / "note"): only False is a failure."""
     start, final, fell, want_fall = ls.start, ls.final, ls.fell, 0.25
-    d0 = abs(start["mxep"] - start["dense"]) / start["dense"]
+    d0 = abs(start["mxep"] - start["bf16"]) / start["bf16"]
     checks: list[tuple[str, bool | str]] = [
-        (f"first-step losses agree within MXFP8 tolerance ({start['mxep']:.4f} vs {start['dense']:.4f}: "
+        (f"first-step losses agree within MXFP8 tolerance ({start['mxep']:.4f} vs {start['bf16']:.4f}: "
          f"{d0:.2%} <= 1%; the logits differ by {logits_err:.0%}, relative: MXFP8 rounding and the "
          f"top-k flips it causes)", d0 <= 0.01),
         (f"mxep.MoE's first-step output (layer 0, every rank) matches its MXFP8 reference "
          f"mxep.moe.naive.moe_reference: rel err {layer_err:.1e} <= 1e-2", layer_err <= 1e-2)]
     if ls.steps >= 10:
-        gap = abs(final["mxep"] - final["dense"]) / final["dense"]
-        fall = (f"both losses fell by >= {want_fall:.0%} (mxep {fell['mxep']:.0%}, dense {fell['dense']:.0%})",
+        gap = abs(final["mxep"] - final["bf16"]) / final["bf16"]
+        fall = (f"both losses fell by >= {want_fall:.0%} (mxep {fell['mxep']:.0%}, bf16 {fell['bf16']:.0%})",
                 min(fell.values()) >= want_fall)
         if stopped_early and not fall[1]:   # a slow (busy) machine, not a wrong result: reported only
             fall = (fall[0] + f": not reached in the {ls.steps} steps the time budget allowed", "note")
@@ -475,9 +550,11 @@ def _summary(hist: History, ls: LossStats, cfg: TrainConfig, world: int, backend
         f"in {hist.wall:.0f} s. mxep ({cfg.experts_per_rank} experts per rank, MXFP8 dispatch and expert GEMMs, "
         f"expert parallel): loss {ls.start['mxep']:.3f} -> {ls.final['mxep']:.3f} ({ls.fell['mxep']:.0%} lower; "
         f"mean of the last {ls.tail}), {_duration(step_s['mxep'])}/step, {_rate(tokens, step_s['mxep'])} tokens/s. "
-        f"dense bf16 twin (all {E} experts on every rank, no quantization): loss {ls.start['dense']:.3f} -> "
-        f"{ls.final['dense']:.3f} ({ls.fell['dense']:.0%} lower), {_duration(step_s['dense'])}/step, "
-        f"{_rate(tokens, step_s['dense'])} tokens/s (median step, first excluded). "
+        f"bf16 twin ({TWIN_TEXT[cfg.twin]}, every expert on every rank, no quantization): loss {ls.start['bf16']:.3f} -> "
+        f"{ls.final['bf16']:.3f} ({ls.fell['bf16']:.0%} lower), {_duration(step_s['bf16'])}/step, "
+        f"{_rate(tokens, step_s['bf16'])} tokens/s (median step, first excluded). Step time mxep / bf16: "
+        f"{step_s['mxep'] / step_s['bf16']:.2f}x{' (each step one CUDA graph)' if cfg.capture else ' (eager)'}; "
+        f"final loss gap (mxep - bf16) / bf16: {(ls.final['mxep'] - ls.final['bf16']) / ls.final['bf16']:+.2%}. "
         + ("Timings on CPU run the Triton interpreter and gloo: not performance numbers. " if device.type == "cpu" else "")
         + plot_note)
 
@@ -488,14 +565,14 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
     twins = build_twins(rank, world, device, cfg)
     # The first step's layer-0 MoE input and output of the mxep model, against mxep's own dense
     # reference of the same MXFP8 math (mxep.moe.naive) on the same (initial) weights.
-    dense_moe = twins["dense"].model.blocks[0].moe
+    dense_moe = twins["bf16"].model.blocks[0].moe
     ref_weights = [t.detach().clone() for t in (dense_moe.router, dense_moe.w13, dense_moe.w2)]
     captured = _capture_first_call(twins["mxep"].model.blocks[0].moe)
 
     hist = train_loop(rank, world, device, cfg, twins, corpus)
 
     ref_y = moe_reference(captured["x"], *ref_weights, cfg.top_k)
-    errs = torch.tensor([rel_err(captured["y"], ref_y), rel_err(hist.first_logits["mxep"], hist.first_logits["dense"])],
+    errs = torch.tensor([rel_err(captured["y"], ref_y), rel_err(hist.first_logits["mxep"], hist.first_logits["bf16"])],
                         device=device)
     dist.all_reduce(errs, op=dist.ReduceOp.MAX)
     same = {k: _same_on_every_rank(t.replicated) for k, t in twins.items()}
@@ -504,7 +581,7 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
     ls = LossStats.of(hist.losses)
     checks = _checks(ls, hist.stopped_early, float(errs[0]), float(errs[1]), same)
     plot_note = _plot(hist.losses, entropy, cfg, world, backend, device)
-    n_params = sum(p.numel() for p in twins["dense"].model.parameters())
+    n_params = sum(p.numel() for p in twins["bf16"].model.parameters())
     print()
     print(_summary(hist, ls, cfg, world, backend, device, entropy, n_params, plot_note))
     for text, passed in checks:
@@ -525,7 +602,7 @@ def _plot(losses: dict[str, list[float]], entropy: float, cfg: TrainConfig, worl
         return f"(matplotlib is not installed: no plot; pip install matplotlib for {cfg.out}.)"
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     steps = range(1, len(losses["mxep"]) + 1)
-    ax.plot(steps, losses["dense"], label="dense bf16 MoE (all experts, no quantization)", color="tab:gray", lw=2.2)
+    ax.plot(steps, losses["bf16"], label=f"bf16 MoE ({TWIN_TEXT[cfg.twin]}, no quantization)", color="tab:gray", lw=2.2)
     ax.plot(steps, losses["mxep"], label="mxep.MoE (MXFP8 dispatch + GEMMs, expert parallel)", color="tab:blue", lw=1.4)
     ax.axhline(entropy, ls="--", color="tab:green", lw=1, label=f"grammar entropy {entropy:.2f}")
     ax.set_xlabel(f"step ({world * cfg.batch * cfg.seq} tokens each)")
@@ -586,7 +663,7 @@ def _train_rank(rank: int, world: int, backend: str, port: int, cfg: TrainConfig
 
 # Per machine kind (experts: in all, rounded up to a multiple of the ranks; batch: sequences per
 # rank). CPU: a step of the mxep model takes ~11 s of CPU (4 ranks, Triton interpreter; ~5 s of
-# wall time on 2 idle cores), the dense twin's ~0.1 s; 16 steps bring the loss from ln(V) = 3.58
+# wall time on 2 idle cores), the dense bf16 twin's ~0.1 s; 16 steps bring the loss from ln(V) = 3.58
 # to about 2.25 (the grammar's entropy is 1.71), in about 100 s in all. GPU (4096 tokens per rank):
 # about a minute on one H200 (60 steps took 24 s in all, 34 ms per mxep step, 15 ms per dense step).
 CPU_DEFAULTS = dict(steps=16, layers=2, hidden=64, heads=4, ffn_hidden=64, experts=8, top_k=2, seq=32, batch=2,
@@ -594,6 +671,8 @@ CPU_DEFAULTS = dict(steps=16, layers=2, hidden=64, heads=4, ffn_hidden=64, exper
 GPU_DEFAULTS = dict(steps=300, layers=4, hidden=256, heads=8, ffn_hidden=512, experts=8, top_k=2, seq=256,
                     batch=16, lr=3e-3)
 CPU_RANKS = 4
+TWIN_TEXT = {"dense": "dense: all experts on every token, gate-masked sum",
+             "local": "BF16LocalMoE: sorted by expert, grouped GEMMs"}
 CPU_TIME_BUDGET_S = 150.0   # from launch: stop training early past it (make demo must end in < 3 min)
 
 
@@ -618,6 +697,12 @@ def _parse(argv):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, dest=k,
                        help=f"(CPU {CPU_DEFAULTS[k]}, GPU {GPU_DEFAULTS[k]})"
                             + (": experts in all, rounded up to a multiple of the ranks" if k == "experts" else ""))
+    p.add_argument("--twin", choices=tuple(TWIN_TEXT), default="dense",
+                   help="the bf16 twin's MoE: " + "; ".join(f"{k}: {v}" for k, v in TWIN_TEXT.items())
+                        + " (default %(default)s)")
+    p.add_argument("--capture", action="store_true",
+                   help="GPU only: each model's forward + loss + backward captured once in a CUDA graph and "
+                        "replayed every step (GraphedStep)")
     p.add_argument("--lr", type=float, help=f"(CPU {CPU_DEFAULTS['lr']:g}, GPU {GPU_DEFAULTS['lr']:g})")
     return p.parse_args(argv)
 
@@ -630,7 +715,10 @@ def _config(args, world: int, gpus: int, t_launch: float) -> TrainConfig:
     cfg = TrainConfig(steps=d["steps"], layers=d["layers"], hidden=d["hidden"], heads=d["heads"],
                       ffn_hidden=d["ffn_hidden"], experts_per_rank=-(-d["experts"] // world), top_k=d["top_k"],
                       seq=d["seq"], batch=d["batch"], lr=d["lr"], seed=args.seed, out=args.out,
-                      deadline=t_launch + budget if budget > 0 else math.inf)
+                      deadline=t_launch + budget if budget > 0 else math.inf, twin=args.twin,
+                      capture=args.capture)
+    if cfg.capture and not gpus:
+        raise SystemExit("--capture needs a CUDA GPU (CUDA graphs)")
     if cfg.hidden % cfg.heads:
         raise SystemExit(f"--hidden {cfg.hidden} must be a multiple of --heads {cfg.heads}")
     return cfg
@@ -652,7 +740,8 @@ def main(argv=None) -> None:
     cfg = _config(args, world, gpus, t_launch)
     print(f"mxep demo: training a {cfg.layers}-layer MoE transformer on {world} {'GPU' if gpus else 'CPU'} "
           f"rank{'s' if world > 1 else ''} ({backend}{'' if gpus else ', Triton interpreter'}): "
-          f"mxep.MoE (MXFP8, expert parallel) beside a dense bf16 MoE, same initial weights, same tokens",
+          f"mxep.MoE (MXFP8, expert parallel) beside a bf16 MoE ({TWIN_TEXT[cfg.twin]}), same initial weights, "
+          f"same tokens{', each step one CUDA graph' if cfg.capture else ''}",
           flush=True)
     result = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_train_rank, args=(world, backend, _free_port(), cfg, result), nprocs=world)
