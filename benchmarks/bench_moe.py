@@ -302,6 +302,9 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
     y, saved = measured_forward(m, xin)
     y.backward(dy)
     outputs = {"y": y.detach(), "dx": xin.grad.detach().clone()}
+    # (y's autograd graph would keep the parameters' gradient accumulators, made on the default
+    # stream, alive into mxep_graph's capture: a capture cannot wait on the default stream)
+    del y
     rec.update(saved)
     if system == "mxep_graph":
         # the same layer, its step captured (after the eager step above: saved activations, y, dx)

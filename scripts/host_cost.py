@@ -252,6 +252,45 @@ class PartTimer:
         self.saved = []
 
 
+def host_floor(dev, sync, n: int = 200) -> str:
+    """This machine's host cost of issuing one torch op and one Triton launch (the GPU idle
+    before; median of 5 rounds of ``n``): tiny tensors (the GPU finishes each at once) and
+    4096 x 7168 bf16 ones (the GPU busy behind the host). A step's host floor is about its op
+    count times the first plus its launch count times the second: the part no restructuring of
+    mxep's Python can remove."""
+    import statistics
+
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(p):
+        tl.store(p + tl.program_id(0), 1.0)
+
+    small = torch.zeros(8, device=dev)
+    big = torch.zeros(4096, 7168, device=dev, dtype=torch.bfloat16)
+
+    def rate(fn) -> float:
+        fn()
+        out = []
+        for _ in range(5):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - t0) / n * 1e6)
+        sync()
+        return statistics.median(out)
+
+    op_small = rate(lambda: small.add_(1))
+    op_big = rate(lambda: big.add_(1))
+    launch = rate(lambda: _touch[(1,)](small))
+    return (f"host floor of this machine: {op_small:.1f} us per torch op (tiny tensors), {op_big:.1f} us per "
+            f"torch op with the GPU busy behind it (4096 x 7168 bf16 add_), {launch:.1f} us per Triton launch "
+            f"(a one-store kernel)")
+
+
 def moe_main(args) -> None:
     """``--moe``: host issue time, per-call split and op / launch counts of one mxep.MoE step."""
     import dataclasses
@@ -320,6 +359,8 @@ def moe_main(args) -> None:
         torch.cuda.get_device_name()
     print(f"# mxep.MoE forward + backward, world 1, {device} ({what}): H {H}, F {F}, {E} experts, top-{k}; "
           f"median host issue time of {iters} steps, the GPU idle before each")
+    if device == "cuda":
+        print(host_floor(dev, sync))
     Tr = type(buf.transport)
     parts = [
         (MoE, "route", "router forward"),

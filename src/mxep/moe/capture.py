@@ -33,6 +33,10 @@ Semantics of :class:`CapturedStep`:
 * Collective like the layer: every rank of the EP group builds its CapturedStep (warm-up and
   capture dispatch) and calls it the same number of times. A replay is a dispatch on the
   layer's Buffer (handles of earlier dispatches are stale after it).
+* Build it before any eager step of the layer, or after dropping every reference to the
+  outputs of eager steps that ran on the default stream (``del y``): their autograd graph keeps
+  the parameters' gradient accumulators bound to the default stream, and the capture cannot
+  wait on that stream (pytorch/pytorch#164302; the error then says so).
 * ``mode="eager"`` runs the same step eagerly on the same static tensors at every call, with
   the same semantics: the CPU (no CUDA graphs there) and debugging.
 
@@ -118,6 +122,17 @@ class CapturedStep:
             with torch.cuda.graph(self.graph, pool=pool):
                 y = moe(self.x)
                 y.backward(self.dy)
+        except RuntimeError as e:   # torch.AcceleratorError is one
+            if "legacy stream" not in str(e) and "capture" not in str(e):
+                raise
+            raise RuntimeError(
+                "CapturedStep: the CUDA-graph capture of the layer's step failed. The usual cause: an "
+                "eager step of this layer ran on the default stream and its autograd graph is still "
+                "referenced (e.g. its output y): the parameters' gradient accumulators stay bound to the "
+                "default stream, which a capture cannot wait on (pytorch/pytorch#164302). Drop those "
+                "references (del y) before building the CapturedStep, or build it before any eager "
+                "step. The failed capture leaves this process's CUDA state unusable (restart it). "
+                f"CUDA said: {e}") from e
         finally:
             moe.clear_mx_weight_cache()
         self.y = y.detach()
