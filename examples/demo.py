@@ -612,7 +612,7 @@ def _plot(losses: dict[str, list[float]], entropy: float, cfg: TrainConfig, worl
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylim(bottom=entropy - 0.1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 0.08))   # the curves fall from the top left
+    ax.legend(loc="upper right", fontsize=8)   # the curves fall from the top left and flatten low
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     fig.savefig(cfg.out)
