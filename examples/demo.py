@@ -281,18 +281,18 @@ def build_twins(rank: int, world: int, device: torch.device, cfg: TrainConfig) -
     E, L, V = cfg.experts_per_rank * world, cfg.experts_per_rank, len(VOCAB)
     torch.manual_seed(cfg.seed)
     twin_moe = {"dense": DenseMoE, "local": BF16LocalMoE}[cfg.twin]
-    dense = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads,
-                           [twin_moe(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, device=device) for _ in range(cfg.layers)],
-                           device)
-    init_weights(dense, cfg.seed)
+    bf16 = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads,
+                          [twin_moe(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, device=device) for _ in range(cfg.layers)],
+                          device)
+    init_weights(bf16, cfg.seed)
     with torch.no_grad():
-        for p in dense.parameters():
+        for p in bf16.parameters():
             dist.broadcast(p.data, 0)
     moes = [mxep.MoE(cfg.hidden, cfg.ffn_hidden, E, cfg.top_k, max_tokens_per_rank=cfg.batch * cfg.seq, device=device)
             for _ in range(cfg.layers)]
     mx = MoETransformer(V, cfg.seq, cfg.hidden, cfg.heads, moes, device)
     with torch.no_grad():
-        src = dict(dense.named_parameters())
+        src = dict(bf16.named_parameters())
         for name, p in mx.named_parameters():
             w = src[name]
             if name.endswith("moe.w13") or name.endswith("moe.w2"):
@@ -300,7 +300,7 @@ def build_twins(rank: int, world: int, device: torch.device, cfg: TrainConfig) -
             p.copy_(w)
     experts = {id(m.w13) for m in moes} | {id(m.w2) for m in moes}
     return {"mxep": _twin(mx, [p for p in mx.parameters() if id(p) not in experts], cfg),
-            "bf16": _twin(dense, list(dense.parameters()), cfg)}
+            "bf16": _twin(bf16, list(bf16.parameters()), cfg)}
 
 
 def _all_reduce_grads(params: list[nn.Parameter]) -> None:
@@ -416,7 +416,7 @@ def train_step(twin: Twin, ids: torch.Tensor, targets: torch.Tensor, world: int,
     twin.opt.zero_grad(set_to_none=True)
     twin.sched.step()
     sync()
-    return loss.detach().clone(), logits.detach(), time.perf_counter() - t0
+    return loss.detach(), logits.detach(), time.perf_counter() - t0
 
 
 def _mean_losses_and_stop(local: dict[str, torch.Tensor], stop: bool, world: int,
@@ -565,8 +565,8 @@ def _train(rank: int, world: int, device: torch.device, cfg: TrainConfig, backen
     twins = build_twins(rank, world, device, cfg)
     # The first step's layer-0 MoE input and output of the mxep model, against mxep's own dense
     # reference of the same MXFP8 math (mxep.moe.naive) on the same (initial) weights.
-    dense_moe = twins["bf16"].model.blocks[0].moe
-    ref_weights = [t.detach().clone() for t in (dense_moe.router, dense_moe.w13, dense_moe.w2)]
+    bf16_moe = twins["bf16"].model.blocks[0].moe
+    ref_weights = [t.detach().clone() for t in (bf16_moe.router, bf16_moe.w13, bf16_moe.w2)]
     captured = _capture_first_call(twins["mxep"].model.blocks[0].moe)
 
     hist = train_loop(rank, world, device, cfg, twins, corpus)
