@@ -54,12 +54,16 @@ mxep does, or keep it warm, as mxep_accum does (recorded per result as ``weight_
 Host issue time (``host_issue_ms``): ``time.perf_counter`` around ``y = layer(x);
 y.backward(dy)`` after a device sync (the GPU idle), not synced inside: how long the host takes
 to issue the step (a host sync inside the step, the baselines' split sizes, waits for the GPU
-and is in it); the median of ``--iters`` steps. GPU busy fraction back to back
-(``gpu_busy_fraction``): the GPU's kernel time of one step (the union of its kernels' intervals
-under torch.profiler, the mean of 3 synced steps: the profiler changes no kernel's duration)
-over the step time back to back (``pipelined_step_ms``: ``--iters / 2`` steps issued without a
-sync between them, CUDA events around all of them, divided by their number; no profiler). 1.0:
-the GPU never waits for the host; CPU: None. Peak memory: ``torch.cuda.max_memory_allocated`` over one
+and is in it); the median of ``--iters`` steps. Back to back (``pipelined_step_ms``): ``--iters / 2``
+steps issued without a sync between them, CUDA events around all of them, divided by their
+number; no profiler. GPU busy fraction back to back (``gpu_busy_fraction``): the same
+back-to-back steps run again under torch.profiler, the union of their kernels' intervals over
+the span from the first kernel's start to the last one's end (1.0: the GPU never waits for the
+host; only gaps between kernels count as idle; CPU: None). ``kernel_slowdown_back_to_back``:
+the kernel time per step in that run over the kernel time of a synced step (the mean of 3, the
+profiler changes no kernel's duration; ``kernel_us_per_step``): above 1 where the GPU runs its
+kernels slower when fed without pauses (clocks lowered under a power cap), which is not idle
+time. Peak memory: ``torch.cuda.max_memory_allocated`` over one
 more step (stats reset before it; ``peak_step_bytes`` = the peak above what was allocated
 before the step: activations, gradients, workspaces; mxep's symmetric-memory Buffer is not
 allocated by the caching allocator and counts in neither). Saved activations: the bytes of the
@@ -107,7 +111,7 @@ from mxep.moe.capture import CapturedStep  # noqa: E402
 from mxep.moe.naive import BF16EPMoE, BF16LocalMoE, UnfusedMXFP8EPMoE  # noqa: E402
 from mxep.testing import sqnr_db  # noqa: E402
 from mxep.testing.launch import free_port  # noqa: E402
-from mxep.testing.timing import environment, kernel_profile, kernel_time_us  # noqa: E402
+from mxep.testing.timing import busy_back_to_back, environment, kernel_profile, kernel_time_us  # noqa: E402
 
 SYSTEMS = ("bf16", "bf16_local", "unfused_mxfp8", "mxep", "mxep_accum", "mxep_graph", "mxep_nocache", "mxep_bf16w",
            "mxep_rows", "mxep_cf")
@@ -374,7 +378,11 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
         e.synchronize()
         rec["pipelined_step_ms"] = s.elapsed_time(e) / n
         rec["kernel_us_per_step"] = kernel_time_us(lambda: (setup(), step()), device)
-        rec["gpu_busy_fraction"] = rec["kernel_us_per_step"] / (rec["pipelined_step_ms"] * 1e3)
+        b2b = busy_back_to_back(lambda: (setup(), step()), device, steps=n)
+        rec["gpu_busy_fraction"] = b2b["busy"]
+        # kernel time per step back to back over synced: above 1 where the GPU runs slower fed
+        # without pauses (clocks under a power cap), which a busy fraction cannot show
+        rec["kernel_slowdown_back_to_back"] = b2b["kernel_us_per_step"] / rec["kernel_us_per_step"]
     else:
         rec["gpu_busy_fraction"] = None   # no GPU: nothing to keep busy
     rec["times_ms"] = [round(t, 4) for t in times]
@@ -593,8 +601,11 @@ def main() -> None:
                 if "pipelined_step_ms" in rec:
                     rec["pipelined_step_ms"] = _reduce(rec["pipelined_step_ms"], dist.ReduceOp.MAX, device)
                     rec["gpu_busy_fraction"] = _reduce(rec["gpu_busy_fraction"], dist.ReduceOp.MIN, device)
+                    rec["kernel_slowdown_back_to_back"] = _reduce(rec["kernel_slowdown_back_to_back"],
+                                                                  dist.ReduceOp.MAX, device)
                     mem += (f"  back-to-back {rec['pipelined_step_ms']:.3f} ms, GPU busy "
-                            f"{100 * rec['gpu_busy_fraction']:.0f}%")
+                            f"{100 * rec['gpu_busy_fraction']:.0f}% (kernels x"
+                            f"{rec['kernel_slowdown_back_to_back']:.2f} of synced)")
                 log(f"   {system:14s} {rec['step_ms']:9.3f} ms  {rec['tokens_per_s_per_gpu']:12.0f} tok/s/GPU{mem}"
                     f"  saved act {rec['saved_activation_bytes'] / 2**20:8.1f} MiB{extra}")
                 for k in rec.get("kernel_profile", []):
