@@ -15,14 +15,16 @@ from support.dist import single_rank_group
 H, FF, E, K, T = 32, 32, 4, 2, 12   # small: the interpreter runs every kernel program in Python
 
 # (torch ops, Triton launches) of one forward + backward of this layer, 12 tokens, counted on
-# 2026-12-07 after the cuts of docs/history.md (before them: symmetric memory 174 / 18 with a
-# warm MX weight cache and 186 / 20 with the cache rebuilt; collective 703 / 9 and 715 / 11).
-# A change that adds host work fails here: count again (scripts/host_cost.py --moe) and say why.
+# 2026-12-08 after the cuts of docs/history.md (before them: symmetric memory 174 / 18 with a
+# warm MX weight cache and 186 / 20 with the cache rebuilt; collective 703 / 9 and 715 / 11;
+# 2026-12-07: 102 / 19, 114 / 21, 665 / 9, 677 / 11; then the router's top-k kernels took 11
+# ops for 2 launches, and the kernels' own pointer casts 24 dtype views). A change that adds host work fails here: count again
+# (scripts/host_cost.py --moe) and say why.
 BOUNDS = {
-    ("symm_mem", False): (102, 19),
-    ("symm_mem", True): (114, 21),
-    ("collective", False): (665, 9),
-    ("collective", True): (677, 11),
+    ("symm_mem", False): (67, 21),
+    ("symm_mem", True): (79, 23),
+    ("collective", False): (642, 11),
+    ("collective", True): (654, 13),
 }
 
 

@@ -74,7 +74,9 @@ def dequantize_mxfp8_rows(qdata: torch.Tensor, scale: torch.Tensor, row_end: tor
     bm, bk, warps = tile or (GPU_TILE if qdata.is_cuda or decode == "cvt" else INTERPRETER_TILE)
     grid = (cdiv(R, bm) * cdiv(K, bk),)
     _dequantize_kernel[grid](
-        qdata.view(torch.uint8), scale.view(torch.uint8), out, row_end if row_end is not None else qdata,
+        # (a uint8 tensor passes as it is: a dtype view is one more op per call)
+        qdata if qdata.dtype == torch.uint8 else qdata.view(torch.uint8),
+        scale if scale.dtype == torch.uint8 else scale.view(torch.uint8), out, row_end if row_end is not None else qdata,
         R, K, HAS_END=row_end is not None, BLOCK_M=bm, BLOCK_K=bk,
         DECODE=decode or ("cvt" if qdata.is_cuda else "int"), num_warps=warps)
     return out
@@ -84,10 +86,12 @@ def dequantize_mxfp8_rows(qdata: torch.Tensor, scale: torch.Tensor, row_end: tor
 def _dequantize_mxfp8_impl(qdata: torch.Tensor, scale: torch.Tensor,
                            row_end: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``qdata`` float8_e4m3fn ``[..., K]`` and ``scale`` float8_e8m0fnu ``[..., K // 32]``
-    (contiguous) -> bf16 ``[..., K]``. With ``row_end`` (int32 ``[1]`` on the same device, e.g.
+    (contiguous; or both as uint8 bytes) -> bf16 ``[..., K]``. With ``row_end`` (int32 ``[1]`` on the same device, e.g.
     ``group_end_offsets[-1:]`` of a dispatch layout), rows of the flattened ``[R, K]`` view at or
     past it are left unspecified (the kernel skips them on the device: no host sync)."""
     if not triton_available_for(qdata) or qdata.numel() == 0:
+        if qdata.dtype == torch.uint8:   # raw bytes (the one-node layer's): the torch decode needs the dtypes
+            qdata, scale = qdata.view(torch.float8_e4m3fn), scale.view(torch.float8_e8m0fnu)
         return dequantize_mxfp8_reference(qdata, scale, torch.bfloat16)
     if qdata.dim() == 2:   # the layouts' case: no reshapes (each a dispatched op)
         return dequantize_mxfp8_rows(qdata, scale, row_end)

@@ -6,6 +6,7 @@ Per call on every rank (``n`` tokens, hidden ``H``, ``E`` experts, ``L = E / wor
 with the default token-level dispatch (``dispatch="tokens"``)::
 
     router   logits = x @ Wr^T (fp32)         -> top-k experts and gates per token   [n, k]
+             (softmax over the chosen logits: one kernel, mxep.moe.router)
     dispatch buf.dispatch_tokens(x, experts, gates) -> MXFP8 tokens, expert-major,
              padded; each token crosses to each rank once and is expanded there      [cap, H]
     experts  h = tokens @ W13[e]^T; a = MXFP8(silu(h_gate) * h_up); a @ W2[e]^T          [cap, H] bf16
@@ -41,6 +42,7 @@ from mxep._utils import check_size, runs_eagerly
 from mxep.ep.buffer import Buffer
 from mxep.format.mxfp8 import quantize_straight_through
 from mxep.moe.fused import TokenLayer
+from mxep.moe.router import topk_gates
 from mxep.gemm import IMPLS, MXWeightCache, grouped_mm_layer, grouped_mm_mxfp8, resolve_impl
 from mxep.swiglu import swiglu_mxfp8
 
@@ -169,11 +171,11 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter((torch.randn(L, hidden, ffn_hidden, device=device) / ffn_hidden ** 0.5).bfloat16())
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``[n, H]`` -> (gates fp32 ``[n, k]``, renormalized over the chosen experts;
-        experts int64 ``[n, k]``)."""
-        probs = (x.float() @ self.router.t()).softmax(dim=-1)
-        gates, experts = probs.topk(self.top_k, dim=-1)
-        return gates / gates.sum(dim=-1, keepdim=True), experts
+        """``x`` ``[n, H]`` -> (gates fp32 ``[n, k]``: the softmax over the experts' fp32 logits
+        ``x @ router^T``, renormalized over the chosen; experts int64 ``[n, k]``: the top ``k``,
+        descending). One kernel after the logits' GEMM, forward and backward
+        (:func:`mxep.moe.router.topk_gates`)."""
+        return topk_gates(x.float() @ self.router.t(), self.top_k)
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w13, w2)`` as the expert GEMMs take them: the bf16 parameters, or (``mx_weights``)

@@ -60,6 +60,7 @@ def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, group_end_ptr, L, F,
                             L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
                             FLOOR: tl.constexpr, HW_CAST: tl.constexpr):
     # F % 32 == 0: masked columns form whole all-zero MX blocks that are never stored
+    h_ptr = h_ptr.to(tl.pointer_type(tl.int16))   # bf16 read as its bits (no int16 view on the host)
     live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
     if live:
         silu = _round_bf16(g / (1.0 + tl.exp(-g)))
@@ -75,6 +76,9 @@ def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, group_end_ptr, L, F,
 @triton.jit
 def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, group_end_ptr, L, F,
                             L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    h_ptr = h_ptr.to(tl.pointer_type(tl.int16))   # bf16 as bits (no int16 views on the host)
+    da_ptr = da_ptr.to(tl.pointer_type(tl.int16))
+    dh_ptr = dh_ptr.to(tl.pointer_type(tl.int16))
     live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
     if live:
         hrow = rows[:, None] * (2 * F) + cols[None, :]
@@ -93,9 +97,10 @@ def _tile(t: torch.Tensor) -> tuple[int, int]:
 
 
 def swiglu_quantize_forward(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str,
-                            hw_cast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            hw_cast: bool = False, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``h`` bf16 ``[cap, 2F]`` (contiguous) -> (e4m3 ``[cap, F]``, e8m0 ``[cap, F / 32]``); rows
-    past ``group_end_offsets[-1]`` unwritten."""
+    past ``group_end_offsets[-1]`` unwritten. ``raw``: the same bytes as uint8 tensors (no dtype
+    views: the one-node layer's dequantizing GEMMs take them as they are)."""
     cap, F2 = h.shape
     F = F2 // 2
     q = torch.empty(cap, F, dtype=torch.uint8, device=h.device)
@@ -104,8 +109,10 @@ def swiglu_quantize_forward(h: torch.Tensor, group_end_offsets: torch.Tensor, sc
         bm, bf = _tile(h)
         L = group_end_offsets.numel()
         _swiglu_quantize_kernel[(cdiv(cap, bm), cdiv(F, bf))](
-            h.view(torch.int16), q, s, group_end_offsets, L, F, L_P=max(next_power_of_2(L), 2),
+            h, q, s, group_end_offsets, L, F, L_P=max(next_power_of_2(L), 2),
             BLOCK_M=bm, BLOCK_F=bf, FLOOR=scale_mode == "floor", HW_CAST=hw_cast)
+    if raw:
+        return q, s
     return q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
 
 
@@ -119,7 +126,7 @@ def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: to
         bm, bf = _tile(h)
         L = group_end_offsets.numel()
         _swiglu_backward_kernel[(cdiv(cap, bm), cdiv(F, bf))](
-            h.view(torch.int16), grad_a.contiguous().view(torch.int16), dh.view(torch.int16), group_end_offsets,
+            h, grad_a.contiguous(), dh, group_end_offsets,
             L, F, L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_F=bf)
     return dh
 

@@ -177,6 +177,7 @@ def _push_tokens_kernel(x_ptr, n_tok, H, rank, T, slot_ptr, rows_ptr, owner_ptr,
                         QUANTIZE: tl.constexpr, TABLES: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr,
                         K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPREAD: tl.constexpr, NPROG: tl.constexpr):
+    x_ptr = x_ptr.to(tl.pointer_type(tl.int16))   # bf16 rows read as their bits (no int16 view on the host)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
@@ -240,7 +241,7 @@ def push_tokens(x: torch.Tensor, rank: int, T: int, slot: torch.Tensor, data_bas
         delta_i32, K = delta, 1
     data_arg = data_base if quantize else _bits(data_base)
     _push_tokens_kernel[(nprog,)](
-        _bits(x), n, H, rank, T, slot, rows, owner, w,
+        x, n, H, rank, T, slot, rows, owner, w,
         data_arg, scale_base if quantize else data_arg, delta, rows_base, w_base, delta_i32,
         QUANTIZE=quantize, TABLES=tables is not None, FLOOR=scale_mode == "floor",
         HW_CAST=quantize and x.is_cuda and config.hw_cast, K=K, K_P=max(next_power_of_2(K), 2), W=W,
@@ -309,6 +310,8 @@ def expand_tokens(data: torch.Tensor, scale: torch.Tensor, rows_tab: torch.Tenso
 def _reduce_tokens_kernel(src_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, rank, capacity, ret_base_ptr, delta_ptr,
                           WEIGHTED: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr,
                           W_P: tl.constexpr, BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
+    src_ptr = src_ptr.to(tl.pointer_type(tl.int16))   # bf16 as bits (no view on the host)
+    ret_base_ptr = ret_base_ptr.to(tl.pointer_type(tl.int16))
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
@@ -346,14 +349,16 @@ def reduce_tokens(src: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor |
     t = config.combine
     nprog = config.num_programs(t, src.device)
     _reduce_tokens_kernel[(nprog,)](
-        _bits(src), rows, weights if weights is not None else rows, plan.tok_recv, T, H, rank, cap,
-        _bits(ret_base), delta_bf16, WEIGHTED=weights is not None, K=K, K_P=max(next_power_of_2(K), 2),
+        src, rows, weights if weights is not None else rows, plan.tok_recv, T, H, rank, cap,
+        ret_base, delta_bf16, WEIGHTED=weights is not None, K=K, K_P=max(next_power_of_2(K), 2),
         W=W, W_P=max(next_power_of_2(W), 2), BLOCK_K=max(next_power_of_2(H), 32), NPROG=nprog, num_warps=t.warps)
 
 
 @triton.jit
 def _sum_partials_kernel(ret_ptr, slot_ptr, n_tok, T, H, out_ptr, W: tl.constexpr, BLOCK_K: tl.constexpr,
                          NPROG: tl.constexpr):
+    ret_ptr = ret_ptr.to(tl.pointer_type(tl.int16))   # bf16 as bits (no view on the host)
+    out_ptr = out_ptr.to(tl.pointer_type(tl.int16))
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_K)
     cm = cols < H
@@ -378,7 +383,7 @@ def sum_partials(region: torch.Tensor, slot: torch.Tensor, T: int, out: torch.Te
         return out
     t = config.copy
     nprog = min(config.num_programs(t, out.device), n)
-    _sum_partials_kernel[(nprog,)](_bits(region), slot, n, T, H, _bits(out),
+    _sum_partials_kernel[(nprog,)](region, slot, n, T, H, out,
                                    W=slot.shape[1], BLOCK_K=max(next_power_of_2(H), 32), NPROG=nprog,
                                    num_warps=t.warps)
     return out
@@ -390,6 +395,9 @@ def _expand_grads_kernel(dy_ptr, eo_ptr, rows_ptr, w_ptr, cnt_ptr, T, H, rank, c
                          K: tl.constexpr, K_P: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr,
                          L: tl.constexpr, L_P: tl.constexpr, ALIGN: tl.constexpr,
                          BLOCK_K: tl.constexpr, NPROG: tl.constexpr):
+    dy_ptr = dy_ptr.to(tl.pointer_type(tl.int16))   # bf16 as bits (no view on the host)
+    eo_ptr = eo_ptr.to(tl.pointer_type(tl.int16))
+    geo_ptr = geo_ptr.to(tl.pointer_type(tl.int16))
     u = _zero_pads(geo_ptr, geo_ptr, group_end_ptr, recv_ptr, rank, H, capacity, False, False, L, L_P, ALIGN, BLOCK_K,
                    NPROG)
     cols = tl.arange(0, BLOCK_K)
@@ -430,8 +438,8 @@ def expand_token_grads(dy_slots: torch.Tensor, expert_out: torch.Tensor, rows: t
     t = config.combine
     nprog = config.num_programs(t, expert_out.device)
     _expand_grads_kernel[(nprog,)](
-        _bits(dy_slots), _bits(expert_out), rows, weights, plan.tok_recv, T, H, rank, cap,
-        _bits(grad_expert_out), wg_base, delta_i32, plan.group_end, plan.recv, K=K, K_P=max(next_power_of_2(K), 2), W=W, W_P=max(next_power_of_2(W), 2),
+        dy_slots, expert_out, rows, weights, plan.tok_recv, T, H, rank, cap,
+        grad_expert_out, wg_base, delta_i32, plan.group_end, plan.recv, K=K, K_P=max(next_power_of_2(K), 2), W=W, W_P=max(next_power_of_2(W), 2),
         L=L, L_P=max(next_power_of_2(L), 2), ALIGN=plan.align, BLOCK_K=max(next_power_of_2(H), 32),
         NPROG=nprog, num_warps=t.warps)
     return grad_expert_out
