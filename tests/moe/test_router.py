@@ -69,3 +69,20 @@ def test_bad_arguments():
         topk_gates(torch.randn(4, 8), 9)
     with pytest.raises(ValueError, match="k must be"):
         topk_gates(torch.randn(4, 8), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,E,k", [(4096, 32, 8), (777, 256, 8), (33, 16, 1)])
+def test_gpu_kernel_against_torch_expression(n, E, k):
+    g = torch.Generator(device="cuda").manual_seed(n + E + k)
+    logits = torch.randn(n, E, generator=g, device="cuda").requires_grad_(True)
+    gates, experts = topk_gates(logits, k)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref_gates, ref_experts = _torch_route(ref_logits, k)
+    assert torch.equal(experts, ref_experts)
+    torch.testing.assert_close(gates, ref_gates, rtol=2e-6, atol=1e-7)
+    dg = torch.randn(n, k, generator=g, device="cuda")
+    (gates * dg).sum().backward()
+    (ref_gates * dg).sum().backward()
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
