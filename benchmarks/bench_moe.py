@@ -382,7 +382,8 @@ def run_system(system, m, x, dy, device, args) -> tuple[dict, dict]:
         rec["gpu_busy_fraction"] = b2b["busy"]
         # kernel time per step back to back over synced: above 1 where the GPU runs slower fed
         # without pauses (clocks under a power cap), which a busy fraction cannot show
-        rec["kernel_slowdown_back_to_back"] = b2b["kernel_us_per_step"] / rec["kernel_us_per_step"]
+        rec["kernel_slowdown_back_to_back"] = (None if b2b["kernel_us_per_step"] is None else
+                                               b2b["kernel_us_per_step"] / rec["kernel_us_per_step"])
     else:
         rec["gpu_busy_fraction"] = None   # no GPU: nothing to keep busy
     rec["times_ms"] = [round(t, 4) for t in times]
@@ -598,7 +599,7 @@ def main() -> None:
                     f"  peak {rec['peak_bytes'] / 2**30:6.2f} GiB (step {rec['peak_step_bytes'] / 2**30:5.2f})")
                 rec["host_issue_ms"] = _reduce(rec["host_issue_ms"], dist.ReduceOp.MAX, device)
                 mem += f"  host issue {rec['host_issue_ms']:.3f} ms"
-                if "pipelined_step_ms" in rec:
+                if "pipelined_step_ms" in rec and rec["gpu_busy_fraction"] is not None:
                     rec["pipelined_step_ms"] = _reduce(rec["pipelined_step_ms"], dist.ReduceOp.MAX, device)
                     rec["gpu_busy_fraction"] = _reduce(rec["gpu_busy_fraction"], dist.ReduceOp.MIN, device)
                     rec["kernel_slowdown_back_to_back"] = _reduce(rec["kernel_slowdown_back_to_back"],

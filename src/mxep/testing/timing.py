@@ -257,12 +257,19 @@ def kernel_time_us(fn: Callable[[], Any], device: torch.device, steps: int = 3) 
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             spans.append((ev.time_range.start, ev.time_range.end))
-    busy, end = 0.0, float("-inf")
-    for a, b in sorted(spans):   # the union: overlapping intervals (two streams) count once
+    return union_length(spans)[0] / steps
+
+
+def union_length(spans) -> tuple[float, float]:
+    """``(length of the union of the intervals (start, end), span from the first start to the
+    last end)``: overlapping kernels (two streams) count once; ``(0.0, 0.0)`` for none."""
+    busy, end, first = 0.0, float("-inf"), None
+    for a, b in sorted(spans):
+        first = a if first is None else first
         if b > end:
             busy += b - max(a, end)
             end = b
-    return busy / steps
+    return busy, (0.0 if first is None else end - first)
 
 
 def busy_back_to_back(fn: Callable[[], Any], device: torch.device, steps: int = 6) -> dict:
@@ -280,16 +287,11 @@ def busy_back_to_back(fn: Callable[[], Any], device: torch.device, steps: int = 
         for _ in range(steps):
             fn()
         _sync(device)
-    spans = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
-                   if ev.device_type == torch.autograd.DeviceType.CUDA)
-    if not spans:
+    busy, span = union_length([(ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                               if ev.device_type == torch.autograd.DeviceType.CUDA])
+    if span <= 0:
         return {"busy": None, "kernel_us_per_step": None}
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    return {"busy": busy / (end - spans[0][0]), "kernel_us_per_step": busy / steps}
+    return {"busy": busy / span, "kernel_us_per_step": busy / steps}
 
 
 def capture_graph(fn: Callable[[], Any]) -> "torch.cuda.CUDAGraph":
