@@ -1,6 +1,6 @@
 """The host's share of one mxep.MoE forward + backward at world 1 (a gloo group of one, under
 TRITON_INTERPRET=1): the torch ops and Triton launches it issues (mxep.testing.host_cost), bounded
-by the counts docs/history.md records for 2026-12-07, on the transport a one-GPU world gets
+by the counts docs/history.md records (2026-12-07, 2026-12-08), on the transport a one-GPU world gets
 (symmetric memory, here over one plain allocation) and on the collective one; no host sync in the
 step; and the layer's one-node step (mxep.moe.fused.TokenLayer) bit for bit the composed form
 (the Buffer's calls, one autograd Function each) it replaces in eager calls."""

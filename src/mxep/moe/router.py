@@ -58,10 +58,11 @@ def _topk_gates_kernel(logits_ptr, gates_ptr, experts_ptr, n, E,
         chosen = cols[None, :] == ix[:, None]
         taken = taken | chosen
         v = tl.sum(tl.where(chosen, logit, 0.0), axis=1)           # the logit itself (NaN stays NaN)
+        if j == 0:
+            top = v                                                 # the row's largest logit
         vals = tl.where(jj[None, :] == j, v[:, None], vals)
         idxs = tl.where(jj[None, :] == j, ix[:, None], idxs)
     km = jj[None, :] < K
-    top = tl.max(tl.where(km, vals, float("-inf")), axis=1)
     e = tl.where(km, tl.exp(vals - top[:, None]), 0.0)
     g = e / tl.sum(e, axis=1)[:, None]
     m = rm[:, None] & km
@@ -137,7 +138,9 @@ class TopKGates(torch.autograd.Function):
         gates, experts = ctx.saved_tensors
         if grad_gates is None:
             return None, None
-        return _backward(grad_gates.float().contiguous(), gates, experts, ctx.num_experts), None
+        if grad_gates.dtype != torch.float32:   # (a no-op .float() is still a dispatched op)
+            grad_gates = grad_gates.float()
+        return _backward(grad_gates.contiguous(), gates, experts, ctx.num_experts), None
 
 
 def topk_gates_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
