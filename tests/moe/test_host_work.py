@@ -3,7 +3,7 @@ TRITON_INTERPRET=1): the torch ops and Triton launches it issues (mxep.testing.h
 by the counts docs/history.md records (2026-12-07, 2026-12-08), on the transport a one-GPU world gets
 (symmetric memory, here over one plain allocation) and on the collective one; no host sync in the
 step; and the layer's one-node step (mxep.moe.fused.TokenLayer) bit for bit the composed form
-(the Buffer's calls, one autograd Function each) it replaces in eager calls."""
+(the router, then the Buffer's calls, one autograd Function each) it replaces in eager calls."""
 import pytest
 import torch
 
@@ -14,17 +14,17 @@ from support.dist import single_rank_group
 
 H, FF, E, K, T = 32, 32, 4, 2, 12   # small: the interpreter runs every kernel program in Python
 
-# (torch ops, Triton launches) of one forward + backward of this layer, 12 tokens, counted on
-# 2026-12-08 after the cuts of docs/history.md (before them: symmetric memory 174 / 18 with a
-# warm MX weight cache and 186 / 20 with the cache rebuilt; collective 703 / 9 and 715 / 11;
-# 2026-12-07: 102 / 19, 114 / 21, 665 / 9, 677 / 11; then the router's top-k kernels took 11
-# ops for 2 launches, and the kernels' own pointer casts 24 dtype views). A change that adds host work fails here: count again
+# (torch ops, Triton launches) of one forward + backward of this layer, 12 tokens, counted after
+# the cuts of docs/history.md (2026-12-07: symmetric memory 174 / 18 with a warm MX weight cache,
+# 186 / 20 rebuilt, collective 703 / 9 and 715 / 11, cut to 102 / 19, 114 / 21, 665 / 9, 677 / 11;
+# 2026-12-08: the router's top-k kernels, the kernels' own pointer casts, 67 / 21; then the
+# router inside the one-node step, 62 / 21). A change that adds host work fails here: count again
 # (scripts/host_cost.py --moe) and say why.
 BOUNDS = {
-    ("symm_mem", False): (67, 21),
-    ("symm_mem", True): (79, 23),
-    ("collective", False): (642, 11),
-    ("collective", True): (654, 13),
+    ("symm_mem", False): (62, 21),
+    ("symm_mem", True): (74, 23),
+    ("collective", False): (637, 11),
+    ("collective", True): (649, 13),
 }
 
 
@@ -163,3 +163,57 @@ def test_a_callers_dispatch_mode_sees_the_registered_ops(world):
         moe_step(moe, x, dy)
     assert {"mxep.dispatch_tokens.default", "mxep.combine_tokens.default", "mxep.combine_tokens_backward.default",
             "mxep.dispatch_tokens_backward.default", "mxep.swiglu_quantize.default"} <= mode.seen, sorted(mode.seen)
+
+
+def _saved_during(fn) -> list:
+    """(dtype, shape) of every tensor autograd saves while ``fn`` runs."""
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_one_node_step_keeps_no_fp32_copy_of_x(world, monkeypatch):
+    """The one-node step makes the router's fp32 copy of x again in the backward instead of
+    holding it from the forward (n * H * 4 bytes a layer); the composed form's autograd matmul
+    holds it (the check sees it there, so it can fail)."""
+    x, _ = _inputs(5)
+    x = x.requires_grad_(True)
+    fp32_x = (torch.float32, (T, H))
+    moe = _layer("symm_mem")
+    assert fp32_x not in _saved_during(lambda: moe(x))
+    monkeypatch.setattr(MoE, "_one_node", lambda self, x, impl: False)
+    assert fp32_x in _saved_during(lambda: moe(x))
+
+
+@pytest.mark.parametrize("frozen", ["router", "x", "experts", "router+x"])
+def test_one_node_step_equals_composed_with_frozen_inputs(world, frozen, monkeypatch):
+    """The one-node step's backward computes what is asked (a frozen router, an input without
+    gradient, frozen experts): every gradient that exists bit for bit the composed form's, and
+    None where the composed form gives None."""
+    def run(one_node: bool):
+        moe = _layer("symm_mem")
+        if "router" in frozen:
+            moe.router.requires_grad_(False)
+        if frozen == "experts":
+            moe.w13.requires_grad_(False)
+            moe.w2.requires_grad_(False)
+        if not one_node:
+            monkeypatch.setattr(MoE, "_one_node", lambda self, x, impl: False)
+        x, dy = _inputs(21, T - 3)
+        x = x.requires_grad_("x" not in frozen)
+        y = moe(x)
+        y.backward(dy)
+        monkeypatch.undo()
+        return [y.detach(), x.grad, moe.router.grad, moe.w13.grad, moe.w2.grad]
+
+    got, ref = run(True), run(False)
+    for name, u, v in zip(("y", "x.grad", "router.grad", "w13.grad", "w2.grad"), got, ref):
+        assert (u is None) == (v is None), name
+        assert u is None or torch.equal(u, v), name
+    assert got[1] is None or got[1].abs().sum() > 0

@@ -21,8 +21,9 @@ Quantization points (MXFP8, straight-through in backward): the dispatched rows, 
 activation ``a`` and (``mx_weights``) the expert weights. The backward is bf16 throughout
 (dispatch, GEMMs, combine).
 
-Eager calls on plain tensors run dispatch, experts and combine as one autograd node
-(:class:`mxep.moe.fused.TokenLayer`: the same calls, bit for bit, with less host work); under
+Eager calls on plain tensors run router, dispatch, experts and combine as one autograd node
+(:class:`mxep.moe.fused.TokenLayer`: the same calls, bit for bit, with less host work and no fp32
+copy of ``x`` held for the backward); under
 ``torch.compile``, in debug mode, with blocked scales or torchao's GEMMs the composed form (the
 Buffer's calls, one autograd Function each) runs. :class:`mxep.moe.capture.CapturedStep` replays
 a whole training step of the layer as one CUDA graph.
@@ -38,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mxep._utils import check_size, runs_eagerly
+from mxep._utils import check_size, runs_eagerly, triton_available_for
 from mxep.ep.buffer import Buffer
 from mxep.format.mxfp8 import quantize_straight_through
 from mxep.moe.fused import TokenLayer
@@ -239,13 +240,14 @@ class MoE(nn.Module):
         return grouped_mm_layer(a, w2, offs, impl, v2, end)                          # [cap, H]
 
     def _one_node(self, x: torch.Tensor, impl: str) -> bool:
-        """Whether this call takes :class:`mxep.moe.fused.TokenLayer` (dispatch, experts and
-        combine as one autograd node: the same bits, less host work): eager calls on plain
-        tensors, outside debug mode, with row-major scales and mxep's own GEMMs. Elsewhere the
-        composed form (the Buffer's calls, one autograd Function each) runs."""
+        """Whether this call takes :class:`mxep.moe.fused.TokenLayer` (router, dispatch, experts
+        and combine as one autograd node: the same bits, less host work): eager calls on plain
+        tensors where the kernels run, outside debug mode, with row-major scales and mxep's own
+        GEMMs. Elsewhere the composed form (:meth:`route`, then the Buffer's calls, one
+        autograd Function each) runs."""
         buf = self.buffer
         return (impl != "torchao" and not buf.debug and buf.scale_layout == "row_major"
-                and runs_eagerly(x, self.w13, self.w2, self.router))
+                and triton_available_for(x) and runs_eagerly(x, self.w13, self.w2, self.router))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` bf16 ``[n, H]``, ``n <= max_tokens_per_rank`` -> bf16 ``[n, H]``."""
@@ -253,19 +255,20 @@ class MoE(nn.Module):
             raise ValueError(f"x must be [n, {self.hidden}], got {tuple(x.shape)}")
         if x.shape[0] > self.max_tokens_per_rank:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={self.max_tokens_per_rank}")
-        gates, experts = self.route(x)
         if self.dispatch == "tokens":
             impl = self.resolved_gemm_impl()
             if self._one_node(x, impl):
                 buf = self.buffer
-                buf._check_routing(x, experts, gates)   # the host checks of Buffer.dispatch_tokens
+                buf._check_x(x)   # (the routing is the layer's own: its shapes need no check)
                 w13, w2, v13, v2 = self._gemm_weights(impl)
-                y = TokenLayer.apply(x.contiguous(), experts.contiguous(), gates.contiguous(), w13, w2, v13, v2,
-                                     buf._id, impl, self.scale_mode)
+                y = TokenLayer.apply(x.contiguous(), self.router, w13, w2, v13, v2, self.top_k, buf._id, impl,
+                                     self.scale_mode)
                 buf._new_generation()   # a dispatch ran: handles of earlier ones are stale
                 return y
+            gates, experts = self.route(x)
             res = self.buffer.dispatch_tokens(x, experts, gates)
             return self.buffer.combine_tokens(self._experts(res), res.handle, gates)
+        gates, experts = self.route(x)
         n, k = x.shape[0], self.top_k
         flat = experts.flatten()
         order = flat.argsort(stable=True)                    # (token, expert) pairs, expert-major

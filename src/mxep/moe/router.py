@@ -99,7 +99,9 @@ def _block_n(E: int, n: int) -> tuple[int, int]:
     return E_P, max(min(_TILE_ELEMENTS // E_P, 64, next_power_of_2(max(n, 1))), 1)
 
 
-def _forward(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_gates_forward(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel's launcher, no autograd: contiguous fp32 ``logits [n, E]`` -> ``(gates
+    fp32 [n, k], experts int64 [n, k])``."""
     n, E = logits.shape
     gates = torch.empty(n, k, dtype=torch.float32, device=logits.device)
     experts = torch.empty(n, k, dtype=torch.int64, device=logits.device)
@@ -110,7 +112,9 @@ def _forward(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return gates, experts
 
 
-def _backward(grad_gates: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, E: int) -> torch.Tensor:
+def topk_gates_backward(grad_gates: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor, E: int) -> torch.Tensor:
+    """The backward kernel's launcher: contiguous fp32 ``grad_gates [n, k]`` and the forward's
+    outputs -> fp32 ``grad_logits [n, E]`` (zero off the chosen experts)."""
     n, k = gates.shape
     grad_logits = torch.empty(n, E, dtype=torch.float32, device=gates.device)
     if n:
@@ -127,7 +131,7 @@ class TopKGates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, k: int):
-        gates, experts = _forward(logits, k)
+        gates, experts = topk_gates_forward(logits, k)
         ctx.mark_non_differentiable(experts)
         ctx.save_for_backward(gates, experts)
         ctx.num_experts = logits.shape[1]
@@ -140,7 +144,7 @@ class TopKGates(torch.autograd.Function):
             return None, None
         if grad_gates.dtype != torch.float32:   # (a no-op .float() is still a dispatched op)
             grad_gates = grad_gates.float()
-        return _backward(grad_gates.contiguous(), gates, experts, ctx.num_experts), None
+        return topk_gates_backward(grad_gates.contiguous(), gates, experts, ctx.num_experts), None
 
 
 def topk_gates_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
