@@ -289,12 +289,13 @@ def drive() -> None:
     ks.INTERPRETER_TILE = ks.GPU_TILE
     hmid = torch.zeros(toks.shape[0], 2 * 2048, dtype=torch.bfloat16)
     ks.swiglu_quantize_forward(hmid, offs, "rceil", hw_cast=True)
+    ks.swiglu_quantize_forward(hmid, offs, "rceil", hw_cast=True, raw=True, values=True)   # the one-node layer's
     ks.swiglu_backward(hmid, torch.zeros(hmid.shape[0], 2048, dtype=torch.bfloat16), offs)
     # the router's top-k forward and backward: DSv3's 256 experts top-8, and awkward sizes
     from mxep.moe import router
     for n, E, k in [(4096, 256, 8), (37, 32, 8), (5, 7, 3), (512, 16, 1)]:
-        gates, experts = router._forward(torch.randn(n, E), k)
-        router._backward(torch.randn(n, k), gates, experts, E)
+        gates, experts = router.topk_gates_forward(torch.randn(n, E), k)
+        router.topk_gates_backward(torch.randn(n, k), gates, experts, E)
     for shape in [(64, 7168), (33, 96), (16, 5120)]:   # with the GPU tiles, not the interpreter's
         for mode in ("rceil", "floor"):
             kq.to_mxfp8_rows(torch.randn(*shape).bfloat16(), mode, block_m=min(kq.GPU_BLOCK_M, 64),

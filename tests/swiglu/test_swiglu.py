@@ -66,6 +66,55 @@ def test_rows_past_the_end_are_never_written():
     assert (out[32:] == 7.0).all() and torch.equal(out[:32], dh[:32])
 
 
+VALUE_CASES = ([("cpu", cap, F, ends, mode) for mode in ("rceil", "floor")
+                for cap, F, ends in [(80, 64, [16, 16, 45]), (48, 160, [3, 33])]]
+               + [pytest.param("cuda", 700, F, [96, 96, 448, 637], "rceil", marks=ON_GPU) for F in (2048, 96)])
+
+
+@pytest.mark.parametrize("device,cap,F,ends,scale_mode", VALUE_CASES,
+                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else None)
+def test_values_are_the_dequantized_bytes(device, cap, F, ends, scale_mode):
+    """``values=True``: the bf16 output is bit for bit the dequantize kernel's decoding of the
+    bytes the same call wrote (the one-node layer's GEMM 2 multiplies it instead of a second
+    pass), below the layout's end, with blocks of tiny values (scales near e8m0's floor),
+    large ones, an Inf and a NaN among them; rows past the end stay as they were."""
+    from mxep.format.dequantize import dequantize_mxfp8_rows
+    from mxep.swiglu import swiglu as k
+
+    g = torch.Generator().manual_seed(cap * 7 + F)
+    h = (torch.randn(cap, 2 * F, generator=g) * 3).bfloat16()
+    h[1, :F] = 1e-36                                  # silu(g) * u underflows towards bf16's floor
+    h[2, F:] = 3e4                                    # large products
+    h[3, :F] = 1e-36
+    h[3, 0] = 10.0                                    # tiny values beside a large one: quantized to 0
+    h[4, 5] = float("inf")
+    h[5, F + 7] = float("nan")
+    h = h.to(device)
+    offs = torch.tensor(ends, dtype=torch.int32, device=device)
+    R, hw = ends[-1], device == "cuda"
+    q, s, v = k.swiglu_quantize_forward(h, offs, scale_mode, hw_cast=hw, raw=True, values=True)
+    assert q.dtype == s.dtype == torch.uint8 and v.dtype == torch.bfloat16 and v.shape == (cap, F)
+    ref = dequantize_mxfp8_rows(q, s, offs[-1:])
+    assert torch.equal(v[:R].view(torch.int16), ref[:R].view(torch.int16))
+    assert v[:R].isnan().any() and (v[:R] == 0).any() and (v[:R].abs() > 1e4).any()
+    # the same bytes as without values
+    q2, s2 = k.swiglu_quantize_forward(h, offs, scale_mode, hw_cast=hw, raw=True)
+    assert torch.equal(q2[:R], q[:R]) and torch.equal(s2[:R], s[:R])
+    # rows past the end: the kernel on poisoned outputs leaves them
+    bm, bf = k._tile(h)
+    qo, so = torch.full_like(q, 0xA5), torch.full_like(s, 0x5A)
+    vo = torch.full((cap, F), 7.0, dtype=torch.bfloat16, device=device)
+    k._swiglu_quantize_kernel[(-(-cap // bm), -(-F // bf))](
+        h, qo, so, vo, offs, len(ends), F, L_P=max(triton_pow2(len(ends)), 2), BLOCK_M=bm, BLOCK_F=bf,
+        FLOOR=scale_mode == "floor", HW_CAST=hw, VALUES=True, DECODE="cvt" if hw else "int")
+    assert torch.equal(vo[:R].view(torch.int16), v[:R].view(torch.int16))
+    assert (vo[R:] == 7.0).all() and (qo[R:] == 0xA5).all() and (so[R:] == 0x5A).all()
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def test_bad_inputs_raise():
     offs = torch.tensor([32], dtype=torch.int32)
     with pytest.raises(ValueError, match="bf16"):

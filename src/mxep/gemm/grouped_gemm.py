@@ -286,7 +286,13 @@ def _forward_dequant(qdata: torch.Tensor, scale: torch.Tensor, weight, group_end
                      row_end: torch.Tensor) -> torch.Tensor:
     """Dequantize the layout's rows (one Triton pass, stopping at the last group end ``row_end``),
     then bf16 tensor cores through ``torch._grouped_mm`` on the same device-side offsets."""
-    x = _dequantize(qdata, scale, row_end)
+    return expert_gemm_values(_dequantize(qdata, scale, row_end), weight, group_end_offsets)
+
+
+def expert_gemm_values(x: torch.Tensor, weight, group_end_offsets: torch.Tensor) -> torch.Tensor:
+    """The dequantizing forward from the tokens' MXFP8 values already decoded (bf16 ``[cap,
+    K]``, e.g. by the SwiGLU kernel that quantized them): ``torch._grouped_mm`` on bf16 tensor
+    cores -> bf16 ``[cap, N]``; ``weight`` bf16 ``[L, N, K]`` or an MXFP8Tensor of it."""
     if isinstance(weight, MXFP8Tensor):
         weight = _dequantize(weight.qdata, weight.scale)
     return torch._grouped_mm(x, weight.transpose(1, 2), offs=group_end_offsets)

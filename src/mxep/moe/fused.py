@@ -6,8 +6,10 @@ The composed form of the same step is the router's autograd (``x.float() @ route
 ``GroupedMXFP8MatmulFunction``, ``SwiGLUQuantizeFunction``, ``CombineTokens``), each with its
 host-side checks, its ``MXFP8Tensor`` wrapper, its handle and state conversions, and one
 autograd node in the backward. :class:`TokenLayer` runs the same transport calls, kernels,
-matmuls and ``torch._grouped_mm`` calls in the same order, on the same tensors, so its output and
-every gradient are bit for bit the composed form's (tests/moe/test_host_work.py checks it); it
+matmuls and ``torch._grouped_mm`` calls in the same order, on the same tensors (on the
+dequantizing path the SwiGLU kernel also writes the bf16 values GEMM 2 multiplies, the
+dequantize kernel's bits, so that pass does not run), so its output and every gradient are bit
+for bit the composed form's (tests/moe/test_host_work.py checks it); it
 saves the same tensors for the backward except the router's fp32 copy of ``x``, which the
 backward makes again. What it drops is host work: one ``Function.apply`` and one backward node
 instead of six applies and nine nodes, no wrappers between them (docs/history.md, 2026-12-07 and 2026-12-08).
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mxep.ep.ops import _buffer
-from mxep.gemm.grouped_gemm import expert_gemm_backward, expert_gemm_forward, weight_for_backward
+from mxep.gemm.grouped_gemm import expert_gemm_backward, expert_gemm_forward, expert_gemm_values, weight_for_backward
 from mxep.moe.router import topk_gates_backward, topk_gates_forward
 from mxep.swiglu.swiglu import swiglu_backward, swiglu_quantize_forward
 
@@ -62,8 +64,13 @@ class TokenLayer(torch.autograd.Function):
                 q, s = q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
             end = offs[-1:]
             h = expert_gemm_forward(q, s, W13, offs, end, impl)                        # [cap, 2F]
-            aq, ascale = swiglu_quantize_forward(h, offs, scale_mode, hw_cast=h.is_cuda, raw=raw)  # MXFP8 [cap, F]
-            eo = expert_gemm_forward(aq, ascale, W2, offs, end, impl)                   # [cap, H]
+            if raw:   # the SwiGLU kernel also writes the bf16 values GEMM 2 multiplies (no dequantize pass)
+                aq, ascale, a = swiglu_quantize_forward(h, offs, scale_mode, hw_cast=h.is_cuda, raw=True,
+                                                        values=True)                    # MXFP8 [cap, F], bf16
+                eo = expert_gemm_values(a, W2, offs)                                    # [cap, H]
+            else:
+                aq, ascale = swiglu_quantize_forward(h, offs, scale_mode, hw_cast=h.is_cuda)  # MXFP8 [cap, F]
+                eo = expert_gemm_forward(aq, ascale, W2, offs, end, impl)               # [cap, H]
             y = tr.combine_tokens(eo, d.state, align)
         state = d.state.as_list()
         w13_saved, w2_saved = weight_for_backward(W13), weight_for_backward(W2)

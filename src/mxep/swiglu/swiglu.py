@@ -19,7 +19,7 @@ import triton.language as tl
 from mxep._utils import call_op, cdiv, next_power_of_2, require_triton
 from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.spec import check_scale_mode
-from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, quantize_tile
+from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, mxfp8_tile_to_bf16, quantize_tile
 
 __all__ = ["swiglu_mxfp8", "SwiGLUQuantizeFunction", "swiglu_quantize_forward", "swiglu_backward"]
 
@@ -56,9 +56,10 @@ def _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, group_end_ptr, L, F,
+def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, v_ptr, group_end_ptr, L, F,
                             L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
-                            FLOOR: tl.constexpr, HW_CAST: tl.constexpr):
+                            FLOOR: tl.constexpr, HW_CAST: tl.constexpr, VALUES: tl.constexpr,
+                            DECODE: tl.constexpr):
     # F % 32 == 0: masked columns form whole all-zero MX blocks that are never stored
     h_ptr = h_ptr.to(tl.pointer_type(tl.int16))   # bf16 read as its bits (no int16 view on the host)
     live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
@@ -71,6 +72,9 @@ def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, group_end_ptr, L, F,
         bcols = tl.program_id(1) * NB + tl.arange(0, NB)
         tl.store(s_ptr + rows[:, None] * (F // 32) + bcols[None, :], s,
                  mask=rm[:, None] & (bcols < F // 32)[None, :])
+        if VALUES:   # the MXFP8 values as bf16, as the dequantize kernel decodes them (no second pass)
+            sc = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_M, NB, 32]), [BLOCK_M, BLOCK_F])
+            tl.store(v_ptr + rows[:, None] * F + cols[None, :], mxfp8_tile_to_bf16(q, sc, DECODE), mask=m)
 
 
 @triton.jit
@@ -97,23 +101,28 @@ def _tile(t: torch.Tensor) -> tuple[int, int]:
 
 
 def swiglu_quantize_forward(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str,
-                            hw_cast: bool = False, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            hw_cast: bool = False, raw: bool = False, values: bool = False) -> tuple:
     """``h`` bf16 ``[cap, 2F]`` (contiguous) -> (e4m3 ``[cap, F]``, e8m0 ``[cap, F / 32]``); rows
     past ``group_end_offsets[-1]`` unwritten. ``raw``: the same bytes as uint8 tensors (no dtype
-    views: the one-node layer's dequantizing GEMMs take them as they are)."""
+    views: the one-node layer's dequantizing GEMMs take them as they are). ``values``: a third
+    output, bf16 ``[cap, F]``, the MXFP8 values decoded in the same pass, bit for bit
+    :func:`mxep.format.dequantize.dequantize_mxfp8_rows` of the bytes (what the dequantizing
+    GEMM multiplies: no second pass over them)."""
     cap, F2 = h.shape
     F = F2 // 2
     q = torch.empty(cap, F, dtype=torch.uint8, device=h.device)
     s = torch.empty(cap, F // 32, dtype=torch.uint8, device=h.device)
+    v = torch.empty(cap, F, dtype=torch.bfloat16, device=h.device) if values else None
     if cap and F:
         bm, bf = _tile(h)
         L = group_end_offsets.numel()
         _swiglu_quantize_kernel[(cdiv(cap, bm), cdiv(F, bf))](
-            h, q, s, group_end_offsets, L, F, L_P=max(next_power_of_2(L), 2),
-            BLOCK_M=bm, BLOCK_F=bf, FLOOR=scale_mode == "floor", HW_CAST=hw_cast)
-    if raw:
-        return q, s
-    return q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
+            h, q, s, v if values else q, group_end_offsets, L, F, L_P=max(next_power_of_2(L), 2),
+            BLOCK_M=bm, BLOCK_F=bf, FLOOR=scale_mode == "floor", HW_CAST=hw_cast, VALUES=values,
+            DECODE="cvt" if hw_cast else "int")   # (the GPU's e4m3 conversion both ways)
+    if not raw:
+        q, s = q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
+    return (q, s, v) if values else (q, s)
 
 
 def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
