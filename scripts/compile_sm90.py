@@ -291,6 +291,8 @@ def drive() -> None:
     ks.swiglu_quantize_forward(hmid, offs, "rceil", hw_cast=True)
     ks.swiglu_quantize_forward(hmid, offs, "rceil", hw_cast=True, raw=True, values=True)   # the one-node layer's
     ks.swiglu_backward(hmid, torch.zeros(hmid.shape[0], 2048, dtype=torch.bfloat16), offs)
+    ks.swiglu_backward(hmid, torch.zeros(hmid.shape[0], 2048, dtype=torch.bfloat16), offs,   # the one-node layer's
+                       values_scale_mode="rceil", hw_cast=True)
     # the router's top-k forward and backward: DSv3's 256 experts top-8, and awkward sizes
     from mxep.moe import router
     for n, E, k in [(4096, 256, 8), (37, 32, 8), (5, 7, 3), (512, 16, 1)]:

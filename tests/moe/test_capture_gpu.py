@@ -99,3 +99,24 @@ def test_compile_reduce_overhead_equals_eager():
         assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
         moe.buffer.check()
         torch.cuda.synchronize()
+
+
+def test_one_node_step_equals_composed(monkeypatch):
+    """The eager one-node step (mxep.moe.fused.TokenLayer: the router inside, the SwiGLU kernels
+    writing GEMM 2's bf16 values forward and again in the backward) against the composed form
+    (the router's autograd, then one autograd Function per Buffer call) on the GPU's kernels:
+    bit for bit, over steps with new routing and weights."""
+    from mxep.moe.layer import MoE
+
+    torch.cuda.set_device(0)
+    with single_rank_group("nccl"):
+        fused, composed = _layers()
+        one_node = MoE._one_node
+        monkeypatch.setattr(MoE, "_one_node", lambda self, x, impl: self is not composed and one_node(self, x, impl))
+        for i in range(STEPS):
+            x, dy = _inputs(20 + i)
+            got, ref = _eager(fused, x, dy), _eager(composed, x, dy)
+            for name, a, b in zip(["y", "x.grad"] + [n for n, _ in fused.named_parameters()], got, ref):
+                assert torch.equal(a, b), (i, name, (a.float() - b.float()).abs().max().item())
+            _update(fused, composed, i=i)
+        torch.cuda.synchronize()

@@ -61,9 +61,11 @@ def test_rows_past_the_end_are_never_written():
     out = torch.full((64, 64), 7.0, dtype=torch.bfloat16)
     from mxep.swiglu import swiglu as k
 
-    k._swiglu_backward_kernel[(4, 1)](h.view(torch.int16), torch.ones(64, 32).bfloat16().view(torch.int16),
-                                      out.view(torch.int16), offs, 2, 32, L_P=2, BLOCK_M=16, BLOCK_F=64)
+    vals = torch.full((64, 32), 7.0, dtype=torch.bfloat16)
+    k._swiglu_backward_kernel[(4, 1)](h, torch.ones(64, 32).bfloat16(), out, vals, offs, 2, 32, L_P=2, BLOCK_M=16,
+                                      BLOCK_F=64, GRAD=True, VALUES=True, FLOOR=False, HW_CAST=False, DECODE="int")
     assert (out[32:] == 7.0).all() and torch.equal(out[:32], dh[:32])
+    assert (vals[32:] == 7.0).all() and not (vals[:32] == 7.0).all()
 
 
 VALUE_CASES = ([("cpu", cap, F, ends, mode) for mode in ("rceil", "floor")
@@ -109,6 +111,15 @@ def test_values_are_the_dequantized_bytes(device, cap, F, ends, scale_mode):
         FLOOR=scale_mode == "floor", HW_CAST=hw, VALUES=True, DECODE="cvt" if hw else "int")
     assert torch.equal(vo[:R].view(torch.int16), v[:R].view(torch.int16))
     assert (vo[R:] == 7.0).all() and (qo[R:] == 0xA5).all() and (so[R:] == 0x5A).all()
+    # the backward makes the same values again from h (the forward's bytes need not be saved),
+    # with and without the gradient, which is the plain backward's
+    da = torch.randn(cap, F, generator=g).bfloat16().to(device)
+    dh, v2 = k.swiglu_backward(h, da, offs, values_scale_mode=scale_mode, hw_cast=hw)
+    none, v3 = k.swiglu_backward(h, None, offs, values_scale_mode=scale_mode, hw_cast=hw)
+    assert none is None
+    for vb in (v2, v3):
+        assert torch.equal(vb[:R].view(torch.int16), v[:R].view(torch.int16))
+    assert torch.equal(dh[:R].view(torch.int16), k.swiglu_backward(h, da, offs)[:R].view(torch.int16))
 
 
 def triton_pow2(n: int) -> int:

@@ -333,13 +333,16 @@ def weight_for_backward(weight) -> tuple[torch.Tensor, ...]:
     return (weight.qdata, weight.scale) if isinstance(weight, MXFP8Tensor) else (weight,)
 
 
-def expert_gemm_backward(grad_out: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, weight: tuple,
-                         group_end_offsets: torch.Tensor, row_end: torch.Tensor, tokens_grad: bool,
-                         weight_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def expert_gemm_backward(grad_out: torch.Tensor, qdata: torch.Tensor | None, scale: torch.Tensor | None,
+                         weight: tuple, group_end_offsets: torch.Tensor, row_end: torch.Tensor, tokens_grad: bool,
+                         weight_grad: bool, values: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The bf16 backward of :func:`expert_gemm_forward`: ``grad_out`` bf16 ``[cap, N]`` ->
     ``(grad_tokens bf16 [cap, K] (straight-through for the tokens' quantization) or None,
-    grad_weight bf16 [L, N, K] or None)``; ``weight`` as :func:`weight_for_backward` gave it."""
-    w = weight[0] if len(weight) == 1 else _dequantize(weight[0], weight[1])
+    grad_weight bf16 [L, N, K] or None)``; ``weight`` as :func:`weight_for_backward` gave it.
+    ``values``: the tokens' MXFP8 values already decoded (bf16 ``[cap, K]``), which the weight
+    gradient then multiplies instead of dequantizing ``qdata`` / ``scale``."""
+    w = None if not tokens_grad else weight[0] if len(weight) == 1 else _dequantize(weight[0], weight[1])
     if grad_out.dtype != torch.bfloat16:   # (a no-op .to() is still a dispatched op)
         grad_out = grad_out.to(torch.bfloat16)
     grad_out = grad_out.contiguous()
@@ -347,7 +350,7 @@ def expert_gemm_backward(grad_out: torch.Tensor, qdata: torch.Tensor, scale: tor
     if tokens_grad:
         grad_tokens = torch._grouped_mm(grad_out, w, offs=group_end_offsets)                  # [cap, K]
     if weight_grad:
-        x = _dequantize(qdata, scale, row_end)
+        x = values if values is not None else _dequantize(qdata, scale, row_end)
         grad_weight = torch._grouped_mm(grad_out.t(), x, offs=group_end_offsets)              # [L, N, K] bf16
     return grad_tokens, grad_weight
 

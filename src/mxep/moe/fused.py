@@ -10,8 +10,9 @@ matmuls and ``torch._grouped_mm`` calls in the same order, on the same tensors (
 dequantizing path the SwiGLU kernel also writes the bf16 values GEMM 2 multiplies, the
 dequantize kernel's bits, so that pass does not run), so its output and every gradient are bit
 for bit the composed form's (tests/moe/test_host_work.py checks it); it
-saves the same tensors for the backward except the router's fp32 copy of ``x``, which the
-backward makes again. What it drops is host work: one ``Function.apply`` and one backward node
+saves the same tensors for the backward except two that the backward makes again: the router's
+fp32 copy of ``x`` and the SwiGLU activation's MXFP8 bytes (the SwiGLU backward kernel
+re-quantizes them from ``h`` and writes their values for GEMM 2's weight gradient). What it drops is host work: one ``Function.apply`` and one backward node
 instead of six applies and nine nodes, no wrappers between them (docs/history.md, 2026-12-07 and 2026-12-08).
 
 The composed form stays where it is needed: under ``torch.compile`` / ``torch.export`` (the
@@ -44,9 +45,10 @@ class TokenLayer(torch.autograd.Function):
     (bf16: the experts' path plus the router's, added in bf16 as autograd adds them),
     ``router`` (fp32), ``w13`` / ``w2`` (bf16).
 
-    The router's fp32 copy of ``x`` is not saved: the backward makes it again from ``x``
-    (``n * H * 4`` bytes less held per layer between forward and backward; the composed form's
-    ``x.float() @ router^T`` keeps it for autograd's matmul backward)."""
+    Not saved, made again in the backward: the router's fp32 copy of ``x`` (``n * H * 4`` bytes
+    a layer; the composed form's ``x.float() @ router^T`` keeps it for autograd's matmul
+    backward) and the activation's MXFP8 bytes (``cap * F * 1.03`` bytes; the SwiGLU backward
+    writes their bf16 values from ``h``, which is saved anyway)."""
 
     @staticmethod
     def forward(ctx, x, router, w13, w2, v13, v2, top_k: int, buffer_id: str, impl: str, scale_mode: str):
@@ -75,9 +77,9 @@ class TokenLayer(torch.autograd.Function):
         state = d.state.as_list()
         w13_saved, w2_saved = weight_for_backward(W13), weight_for_backward(W2)
         ctx.counts = (len(state), len(w13_saved))
-        ctx.buffer_id = buffer_id
-        ctx.save_for_backward(x, router, gates, topk_idx, *state, q, s, offs, end, h, aq, ascale, eo,
-                              *w13_saved, *w2_saved)
+        ctx.buffer_id, ctx.scale_mode = buffer_id, scale_mode
+        # (the activation's MXFP8 bytes are not saved: the SwiGLU backward makes its values again from h)
+        ctx.save_for_backward(x, router, gates, topk_idx, *state, q, s, offs, end, h, eo, *w13_saved, *w2_saved)
         return y
 
     @staticmethod
@@ -85,8 +87,8 @@ class TokenLayer(torch.autograd.Function):
         n_state, n_w13 = ctx.counts
         saved = ctx.saved_tensors   # (read once: checkpointing unpacks each only once)
         (x, router, gates, topk_idx), saved = saved[:4], saved[4:]
-        state, (q, s, offs, end, h, aq, ascale, eo) = saved[:n_state], saved[n_state:n_state + 8]
-        w13_saved, w2_saved = saved[n_state + 8:n_state + 8 + n_w13], saved[n_state + 8 + n_w13:]
+        state, (q, s, offs, end, h, eo) = saved[:n_state], saved[n_state:n_state + 6]
+        w13_saved, w2_saved = saved[n_state + 6:n_state + 6 + n_w13], saved[n_state + 6 + n_w13:]
         buf = _buffer(ctx.buffer_id)
         tr, align = buf.transport, buf.align
         st = tr.token_state_type.from_list(state)
@@ -94,14 +96,19 @@ class TokenLayer(torch.autograd.Function):
         need_h = need_x or need_w13   # (the composed form's SwiGLU node runs only then)
         grad_x = grad_router = grad_w13 = None
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            # the composed form's backward nodes, in its order: combine, GEMM 2, SwiGLU, GEMM 1,
+            # the composed form's backward nodes, in its order: combine, GEMM 2 (its weight
+            # gradient after the SwiGLU backward, which makes its input), SwiGLU, GEMM 1,
             # dispatch, then the router's top-k and matmul
             if dy.dtype != torch.bfloat16:   # (a no-op .to() is still a dispatched op)
                 dy = dy.to(torch.bfloat16)
             grad_eo, grad_gates = tr.combine_tokens_backward(dy.contiguous(), eo, st, align)
-            grad_a, grad_w2 = expert_gemm_backward(grad_eo, aq, ascale, w2_saved, offs, end, need_h, need_w2)
-            if need_h:
+            grad_a, grad_w2 = expert_gemm_backward(grad_eo, None, None, w2_saved, offs, end, need_h, False)
+            if need_w2:   # the activation's values again from h, in the SwiGLU backward's pass
+                grad_h, a = swiglu_backward(h, grad_a, offs, values_scale_mode=ctx.scale_mode, hw_cast=h.is_cuda)
+                _, grad_w2 = expert_gemm_backward(grad_eo, None, None, w2_saved, offs, end, False, True, values=a)
+            elif need_h:
                 grad_h = swiglu_backward(h, grad_a, offs)
+            if need_h:
                 grad_tokens, grad_w13 = expert_gemm_backward(grad_h, q, s, w13_saved, offs, end, need_x, need_w13)
                 if need_x:
                     grad_x = tr.dispatch_tokens_backward(grad_tokens, st, align)

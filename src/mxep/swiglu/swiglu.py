@@ -56,6 +56,25 @@ def _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
+def _quantized_activation(g, u, BLOCK_F: tl.constexpr, FLOOR: tl.constexpr, HW_CAST: tl.constexpr):
+    """The forward's ``a = silu(g) * u`` in torch's two bf16 roundings, quantized: ``(q, s)``
+    (e4m3 bytes ``[BLOCK_M, BLOCK_F]``, e8m0 bytes ``[BLOCK_M, BLOCK_F // 32]``). One helper for
+    both kernels: the backward makes the same bits again from ``h``."""
+    silu = _round_bf16(g / (1.0 + tl.exp(-g)))
+    a = _round_bf16(silu * u)
+    return quantize_tile(a, BLOCK_F, FLOOR, HW_CAST)
+
+
+@triton.jit
+def _store_values(v_ptr, q, s, rows, cols, m, F, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+                  DECODE: tl.constexpr):
+    """The MXFP8 tile's values as bf16, decoded as the dequantize kernel decodes them."""
+    NB: tl.constexpr = BLOCK_F // 32
+    sc = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_M, NB, 32]), [BLOCK_M, BLOCK_F])
+    tl.store(v_ptr + rows[:, None] * F + cols[None, :], mxfp8_tile_to_bf16(q, sc, DECODE), mask=m)
+
+
+@triton.jit
 def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, v_ptr, group_end_ptr, L, F,
                             L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
                             FLOOR: tl.constexpr, HW_CAST: tl.constexpr, VALUES: tl.constexpr,
@@ -64,36 +83,39 @@ def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, v_ptr, group_end_ptr, L, F,
     h_ptr = h_ptr.to(tl.pointer_type(tl.int16))   # bf16 read as its bits (no int16 view on the host)
     live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
     if live:
-        silu = _round_bf16(g / (1.0 + tl.exp(-g)))
-        a = _round_bf16(silu * u)
-        q, s = quantize_tile(a, BLOCK_F, FLOOR, HW_CAST)
+        q, s = _quantized_activation(g, u, BLOCK_F, FLOOR, HW_CAST)
         tl.store(q_ptr + rows[:, None] * F + cols[None, :], q, mask=m)
         NB: tl.constexpr = BLOCK_F // 32
         bcols = tl.program_id(1) * NB + tl.arange(0, NB)
         tl.store(s_ptr + rows[:, None] * (F // 32) + bcols[None, :], s,
                  mask=rm[:, None] & (bcols < F // 32)[None, :])
-        if VALUES:   # the MXFP8 values as bf16, as the dequantize kernel decodes them (no second pass)
-            sc = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_M, NB, 32]), [BLOCK_M, BLOCK_F])
-            tl.store(v_ptr + rows[:, None] * F + cols[None, :], mxfp8_tile_to_bf16(q, sc, DECODE), mask=m)
+        if VALUES:   # the bf16 values too (the dequantizing GEMM's input: no second pass)
+            _store_values(v_ptr, q, s, rows, cols, m, F, BLOCK_M, BLOCK_F, DECODE)
 
 
 @triton.jit
-def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, group_end_ptr, L, F,
-                            L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+def _swiglu_backward_kernel(h_ptr, da_ptr, dh_ptr, v_ptr, group_end_ptr, L, F,
+                            L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+                            GRAD: tl.constexpr, VALUES: tl.constexpr, FLOOR: tl.constexpr,
+                            HW_CAST: tl.constexpr, DECODE: tl.constexpr):
     h_ptr = h_ptr.to(tl.pointer_type(tl.int16))   # bf16 as bits (no int16 views on the host)
     da_ptr = da_ptr.to(tl.pointer_type(tl.int16))
     dh_ptr = dh_ptr.to(tl.pointer_type(tl.int16))
     live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
     if live:
-        hrow = rows[:, None] * (2 * F) + cols[None, :]
-        da = bf16_bits_to_fp32(tl.load(da_ptr + rows[:, None] * F + cols[None, :], mask=m, other=0))
-        sig = 1.0 / (1.0 + tl.exp(-g))
-        silu = _round_bf16(g * sig)
-        du = fp32_to_bf16_bits(da * silu)
-        d_silu = _round_bf16(da * u)
-        dg = fp32_to_bf16_bits(d_silu * (sig * (1.0 + g * (1.0 - sig))))
-        tl.store(dh_ptr + hrow, dg, mask=m)
-        tl.store(dh_ptr + hrow + F, du, mask=m)
+        if GRAD:
+            hrow = rows[:, None] * (2 * F) + cols[None, :]
+            da = bf16_bits_to_fp32(tl.load(da_ptr + rows[:, None] * F + cols[None, :], mask=m, other=0))
+            sig = 1.0 / (1.0 + tl.exp(-g))
+            silu = _round_bf16(g * sig)
+            du = fp32_to_bf16_bits(da * silu)
+            d_silu = _round_bf16(da * u)
+            dg = fp32_to_bf16_bits(d_silu * (sig * (1.0 + g * (1.0 - sig))))
+            tl.store(dh_ptr + hrow, dg, mask=m)
+            tl.store(dh_ptr + hrow + F, du, mask=m)
+        if VALUES:   # the forward's MXFP8 activation again, as bf16 values (for the weight gradient)
+            q, s = _quantized_activation(g, u, BLOCK_F, FLOOR, HW_CAST)
+            _store_values(v_ptr, q, s, rows, cols, m, F, BLOCK_M, BLOCK_F, DECODE)
 
 
 def _tile(t: torch.Tensor) -> tuple[int, int]:
@@ -125,21 +147,28 @@ def swiglu_quantize_forward(h: torch.Tensor, group_end_offsets: torch.Tensor, sc
     return (q, s, v) if values else (q, s)
 
 
-def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
+def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor | None, group_end_offsets: torch.Tensor,
+                    values_scale_mode: str | None = None, hw_cast: bool = False):
     """``h`` bf16 ``[cap, 2F]``, ``grad_a`` bf16 ``[cap, F]`` -> ``grad_h`` bf16 ``[cap, 2F]`` (rows
-    past the layout's end unwritten)."""
+    past the layout's end unwritten). ``values_scale_mode``: also the forward's MXFP8 activation
+    made again from ``h`` in the same pass, as bf16 values ``[cap, F]`` (bit for bit what
+    :func:`swiglu_quantize_forward` with that scale mode and ``hw_cast``, ``values=True``, gave:
+    the weight gradient of the next GEMM multiplies it, so the forward's bytes need not be saved);
+    returns ``(grad_h, values)`` then, ``grad_h`` None where ``grad_a`` is None."""
     cap, F2 = h.shape
     F = F2 // 2
-    dh = torch.empty_like(h)
-    if cap and F:
+    values = values_scale_mode is not None
+    dh = torch.empty_like(h) if grad_a is not None else None
+    v = torch.empty(cap, F, dtype=torch.bfloat16, device=h.device) if values else None
+    if cap and F and (dh is not None or values):
         bm, bf = _tile(h)
         L = group_end_offsets.numel()
         _swiglu_backward_kernel[(cdiv(cap, bm), cdiv(F, bf))](
-            h, grad_a.contiguous(), dh, group_end_offsets,
-            L, F, L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_F=bf)
-    return dh
-
-
+            h, grad_a.contiguous() if grad_a is not None else h, dh if dh is not None else h,
+            v if values else h, group_end_offsets, L, F, L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_F=bf,
+            GRAD=grad_a is not None, VALUES=values, FLOOR=values_scale_mode == "floor", HW_CAST=hw_cast,
+            DECODE="cvt" if hw_cast else "int")
+    return (dh, v) if values else dh
 
 
 # Registered ops (fake implementations give the shapes), so that torch.compile keeps each
@@ -158,7 +187,11 @@ def _(h, group_end_offsets, scale_mode):
     return [h.new_empty((cap, F), dtype=torch.float8_e4m3fn), h.new_empty((cap, F // 32), dtype=torch.float8_e8m0fnu)]
 
 
-_swiglu_backward_op = torch.library.custom_op("mxep::swiglu_backward", swiglu_backward, mutates_args=())
+def _swiglu_backward_impl(h: torch.Tensor, grad_a: torch.Tensor, group_end_offsets: torch.Tensor) -> torch.Tensor:
+    return swiglu_backward(h, grad_a, group_end_offsets)
+
+
+_swiglu_backward_op = torch.library.custom_op("mxep::swiglu_backward", _swiglu_backward_impl, mutates_args=())
 
 
 @_swiglu_backward_op.register_fake
@@ -178,7 +211,7 @@ class SwiGLUQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_a):
         h, offs = ctx.saved_tensors
         grad_a = grad_a.to(torch.bfloat16).contiguous()
-        return call_op(_swiglu_backward_op, swiglu_backward, h, grad_a, offs, tensors=(h, grad_a, offs)), None, None
+        return call_op(_swiglu_backward_op, _swiglu_backward_impl, h, grad_a, offs, tensors=(h, grad_a, offs)), None, None
 
 
 def swiglu_mxfp8(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:
