@@ -289,7 +289,7 @@ def drive() -> None:
     ks.INTERPRETER_TILE = ks.GPU_TILE
     hmid = torch.zeros(toks.shape[0], 2 * 2048, dtype=torch.bfloat16)
     ks.swiglu_quantize_forward(hmid, offs, "rceil", hw_cast=True)
-    ks.swiglu_quantize_forward(hmid, offs, "rceil", hw_cast=True, raw=True, values=True)   # the one-node layer's
+    ks.swiglu_values_forward(hmid, offs, "rceil", hw_cast=True)   # the one-node layer's
     ks.swiglu_backward(hmid, torch.zeros(hmid.shape[0], 2048, dtype=torch.bfloat16), offs)
     ks.swiglu_backward(hmid, torch.zeros(hmid.shape[0], 2048, dtype=torch.bfloat16), offs,   # the one-node layer's
                        values_scale_mode="rceil", hw_cast=True)

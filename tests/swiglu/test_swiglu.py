@@ -76,9 +76,9 @@ VALUE_CASES = ([("cpu", cap, F, ends, mode) for mode in ("rceil", "floor")
 @pytest.mark.parametrize("device,cap,F,ends,scale_mode", VALUE_CASES,
                          ids=lambda v: "-".join(map(str, v)) if isinstance(v, list) else None)
 def test_values_are_the_dequantized_bytes(device, cap, F, ends, scale_mode):
-    """``values=True``: the bf16 output is bit for bit the dequantize kernel's decoding of the
-    bytes the same call wrote (the one-node layer's GEMM 2 multiplies it instead of a second
-    pass), below the layout's end, with blocks of tiny values (scales near e8m0's floor),
+    """swiglu_values_forward: bit for bit the dequantize kernel's decoding of the bytes
+    swiglu_quantize_forward writes (the one-node layer's GEMM 2 multiplies them instead of a
+    second pass), below the layout's end, with blocks of tiny values (scales near e8m0's floor),
     large ones, an Inf and a NaN among them; rows past the end stay as they were."""
     from mxep.format.dequantize import dequantize_mxfp8_rows
     from mxep.swiglu import swiglu as k
@@ -94,22 +94,22 @@ def test_values_are_the_dequantized_bytes(device, cap, F, ends, scale_mode):
     h = h.to(device)
     offs = torch.tensor(ends, dtype=torch.int32, device=device)
     R, hw = ends[-1], device == "cuda"
-    q, s, v = k.swiglu_quantize_forward(h, offs, scale_mode, hw_cast=hw, raw=True, values=True)
+    q, s = k.swiglu_quantize_forward(h, offs, scale_mode, hw_cast=hw, raw=True)
+    v = k.swiglu_values_forward(h, offs, scale_mode, hw_cast=hw)
     assert q.dtype == s.dtype == torch.uint8 and v.dtype == torch.bfloat16 and v.shape == (cap, F)
     ref = dequantize_mxfp8_rows(q, s, offs[-1:])
     assert torch.equal(v[:R].view(torch.int16), ref[:R].view(torch.int16))
     assert v[:R].isnan().any() and (v[:R] == 0).any() and (v[:R].abs() > 1e4).any()
-    # the same bytes as without values
-    q2, s2 = k.swiglu_quantize_forward(h, offs, scale_mode, hw_cast=hw, raw=True)
-    assert torch.equal(q2[:R], q[:R]) and torch.equal(s2[:R], s[:R])
-    # rows past the end: the kernel on poisoned outputs leaves them
+    # rows past the end: the kernel on poisoned outputs leaves them; bytes and values in one
+    # pass are the two passes' bytes and values
     bm, bf = k._tile(h)
     qo, so = torch.full_like(q, 0xA5), torch.full_like(s, 0x5A)
     vo = torch.full((cap, F), 7.0, dtype=torch.bfloat16, device=device)
     k._swiglu_quantize_kernel[(-(-cap // bm), -(-F // bf))](
         h, qo, so, vo, offs, len(ends), F, L_P=max(triton_pow2(len(ends)), 2), BLOCK_M=bm, BLOCK_F=bf,
-        FLOOR=scale_mode == "floor", HW_CAST=hw, VALUES=True, DECODE="cvt" if hw else "int")
+        FLOOR=scale_mode == "floor", HW_CAST=hw, BYTES=True, VALUES=True, DECODE="cvt" if hw else "int")
     assert torch.equal(vo[:R].view(torch.int16), v[:R].view(torch.int16))
+    assert torch.equal(qo[:R], q[:R]) and torch.equal(so[:R], s[:R])
     assert (vo[R:] == 7.0).all() and (qo[R:] == 0xA5).all() and (so[R:] == 0x5A).all()
     # the backward makes the same values again from h (the forward's bytes need not be saved),
     # with and without the gradient, which is the plain backward's

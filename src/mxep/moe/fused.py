@@ -7,8 +7,8 @@ The composed form of the same step is the router's autograd (``x.float() @ route
 host-side checks, its ``MXFP8Tensor`` wrapper, its handle and state conversions, and one
 autograd node in the backward. :class:`TokenLayer` runs the same transport calls, kernels,
 matmuls and ``torch._grouped_mm`` calls in the same order, on the same tensors (on the
-dequantizing path the SwiGLU kernel also writes the bf16 values GEMM 2 multiplies, the
-dequantize kernel's bits, so that pass does not run), so its output and every gradient are bit
+dequantizing path the SwiGLU kernel writes the bf16 values GEMM 2 multiplies, the dequantize
+kernel's bits, instead of the MXFP8 bytes, so that pass does not run), so its output and every gradient are bit
 for bit the composed form's (tests/moe/test_host_work.py checks it); it
 saves the same tensors for the backward except two that the backward makes again: the router's
 fp32 copy of ``x`` and the SwiGLU activation's MXFP8 bytes (the SwiGLU backward kernel
@@ -27,7 +27,7 @@ import torch
 from mxep.ep.ops import _buffer
 from mxep.gemm.grouped_gemm import expert_gemm_backward, expert_gemm_forward, expert_gemm_values, weight_for_backward
 from mxep.moe.router import topk_gates_backward, topk_gates_forward
-from mxep.swiglu.swiglu import swiglu_backward, swiglu_quantize_forward
+from mxep.swiglu.swiglu import swiglu_backward, swiglu_quantize_forward, swiglu_values_forward
 
 __all__ = ["TokenLayer"]
 
@@ -66,9 +66,8 @@ class TokenLayer(torch.autograd.Function):
                 q, s = q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
             end = offs[-1:]
             h = expert_gemm_forward(q, s, W13, offs, end, impl)                        # [cap, 2F]
-            if raw:   # the SwiGLU kernel also writes the bf16 values GEMM 2 multiplies (no dequantize pass)
-                aq, ascale, a = swiglu_quantize_forward(h, offs, scale_mode, hw_cast=h.is_cuda, raw=True,
-                                                        values=True)                    # MXFP8 [cap, F], bf16
+            if raw:   # GEMM 2 multiplies the MXFP8 activation's bf16 values: no bytes, no dequantize pass
+                a = swiglu_values_forward(h, offs, scale_mode, hw_cast=h.is_cuda)      # bf16 [cap, F]
                 eo = expert_gemm_values(a, W2, offs)                                    # [cap, H]
             else:
                 aq, ascale = swiglu_quantize_forward(h, offs, scale_mode, hw_cast=h.is_cuda)  # MXFP8 [cap, F]

@@ -21,7 +21,8 @@ from mxep.format.mxfp8 import MXFP8Tensor
 from mxep.format.spec import check_scale_mode
 from mxep.format.tile import bf16_bits_to_fp32, fp32_to_bf16_bits, mxfp8_tile_to_bf16, quantize_tile
 
-__all__ = ["swiglu_mxfp8", "SwiGLUQuantizeFunction", "swiglu_quantize_forward", "swiglu_backward"]
+__all__ = ["swiglu_mxfp8", "SwiGLUQuantizeFunction", "swiglu_quantize_forward", "swiglu_values_forward",
+           "swiglu_backward"]
 
 GPU_TILE = (32, 128)          # (BLOCK_M rows, BLOCK_F columns); not tuned yet
 INTERPRETER_TILE = (16, 64)
@@ -77,19 +78,20 @@ def _store_values(v_ptr, q, s, rows, cols, m, F, BLOCK_M: tl.constexpr, BLOCK_F:
 @triton.jit
 def _swiglu_quantize_kernel(h_ptr, q_ptr, s_ptr, v_ptr, group_end_ptr, L, F,
                             L_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
-                            FLOOR: tl.constexpr, HW_CAST: tl.constexpr, VALUES: tl.constexpr,
-                            DECODE: tl.constexpr):
+                            FLOOR: tl.constexpr, HW_CAST: tl.constexpr, BYTES: tl.constexpr,
+                            VALUES: tl.constexpr, DECODE: tl.constexpr):
     # F % 32 == 0: masked columns form whole all-zero MX blocks that are never stored
     h_ptr = h_ptr.to(tl.pointer_type(tl.int16))   # bf16 read as its bits (no int16 view on the host)
     live, rows, cols, rm, m, g, u = _tile_on_layout(h_ptr, group_end_ptr, L, F, L_P, BLOCK_M, BLOCK_F)
     if live:
         q, s = _quantized_activation(g, u, BLOCK_F, FLOOR, HW_CAST)
-        tl.store(q_ptr + rows[:, None] * F + cols[None, :], q, mask=m)
-        NB: tl.constexpr = BLOCK_F // 32
-        bcols = tl.program_id(1) * NB + tl.arange(0, NB)
-        tl.store(s_ptr + rows[:, None] * (F // 32) + bcols[None, :], s,
-                 mask=rm[:, None] & (bcols < F // 32)[None, :])
-        if VALUES:   # the bf16 values too (the dequantizing GEMM's input: no second pass)
+        if BYTES:   # the MXFP8 bytes (an MXFP8Tensor's; the fused GEMM's input)
+            tl.store(q_ptr + rows[:, None] * F + cols[None, :], q, mask=m)
+            NB: tl.constexpr = BLOCK_F // 32
+            bcols = tl.program_id(1) * NB + tl.arange(0, NB)
+            tl.store(s_ptr + rows[:, None] * (F // 32) + bcols[None, :], s,
+                     mask=rm[:, None] & (bcols < F // 32)[None, :])
+        if VALUES:   # their bf16 values (the dequantizing GEMM's input: no second pass)
             _store_values(v_ptr, q, s, rows, cols, m, F, BLOCK_M, BLOCK_F, DECODE)
 
 
@@ -123,28 +125,43 @@ def _tile(t: torch.Tensor) -> tuple[int, int]:
 
 
 def swiglu_quantize_forward(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str,
-                            hw_cast: bool = False, raw: bool = False, values: bool = False) -> tuple:
+                            hw_cast: bool = False, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``h`` bf16 ``[cap, 2F]`` (contiguous) -> (e4m3 ``[cap, F]``, e8m0 ``[cap, F / 32]``); rows
-    past ``group_end_offsets[-1]`` unwritten. ``raw``: the same bytes as uint8 tensors (no dtype
-    views: the one-node layer's dequantizing GEMMs take them as they are). ``values``: a third
-    output, bf16 ``[cap, F]``, the MXFP8 values decoded in the same pass, bit for bit
-    :func:`mxep.format.dequantize.dequantize_mxfp8_rows` of the bytes (what the dequantizing
-    GEMM multiplies: no second pass over them)."""
+    past ``group_end_offsets[-1]`` unwritten. ``raw``: the same bytes as uint8 tensors."""
     cap, F2 = h.shape
     F = F2 // 2
     q = torch.empty(cap, F, dtype=torch.uint8, device=h.device)
     s = torch.empty(cap, F // 32, dtype=torch.uint8, device=h.device)
-    v = torch.empty(cap, F, dtype=torch.bfloat16, device=h.device) if values else None
+    _launch_forward(h, group_end_offsets, scale_mode, hw_cast, q, s, None)
+    if raw:
+        return q, s
+    return q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
+
+
+def swiglu_values_forward(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str,
+                          hw_cast: bool = False) -> torch.Tensor:
+    """The values of :func:`swiglu_quantize_forward`'s MXFP8 output as bf16 ``[cap, F]``, bit for
+    bit :func:`mxep.format.dequantize.dequantize_mxfp8_rows` of its bytes (same ``scale_mode`` and
+    ``hw_cast``), in one pass that writes no bytes: the one-node layer's dequantizing GEMM 2
+    multiplies them (its backward makes them again, :func:`swiglu_backward`). Rows past
+    ``group_end_offsets[-1]`` unwritten."""
+    cap, F2 = h.shape
+    v = torch.empty(cap, F2 // 2, dtype=torch.bfloat16, device=h.device)
+    _launch_forward(h, group_end_offsets, scale_mode, hw_cast, None, None, v)
+    return v
+
+
+def _launch_forward(h, group_end_offsets, scale_mode, hw_cast, q, s, v) -> None:
+    cap, F2 = h.shape
+    F = F2 // 2
     if cap and F:
         bm, bf = _tile(h)
         L = group_end_offsets.numel()
         _swiglu_quantize_kernel[(cdiv(cap, bm), cdiv(F, bf))](
-            h, q, s, v if values else q, group_end_offsets, L, F, L_P=max(next_power_of_2(L), 2),
-            BLOCK_M=bm, BLOCK_F=bf, FLOOR=scale_mode == "floor", HW_CAST=hw_cast, VALUES=values,
+            h, q if q is not None else h, s if s is not None else h, v if v is not None else h, group_end_offsets,
+            L, F, L_P=max(next_power_of_2(L), 2), BLOCK_M=bm, BLOCK_F=bf, FLOOR=scale_mode == "floor",
+            HW_CAST=hw_cast, BYTES=q is not None, VALUES=v is not None,
             DECODE="cvt" if hw_cast else "int")   # (the GPU's e4m3 conversion both ways)
-    if not raw:
-        q, s = q.view(torch.float8_e4m3fn), s.view(torch.float8_e8m0fnu)
-    return (q, s, v) if values else (q, s)
 
 
 def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor | None, group_end_offsets: torch.Tensor,
