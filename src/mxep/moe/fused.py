@@ -8,12 +8,13 @@ host-side checks, its ``MXFP8Tensor`` wrapper, its handle and state conversions,
 autograd node in the backward. :class:`TokenLayer` runs the same transport calls, kernels,
 matmuls and ``torch._grouped_mm`` calls in the same order, on the same tensors (on the
 dequantizing path the SwiGLU kernel writes the bf16 values GEMM 2 multiplies, the dequantize
-kernel's bits, instead of the MXFP8 bytes, so that pass does not run), so its output and every gradient are bit
-for bit the composed form's (tests/moe/test_host_work.py checks it); it
-saves the same tensors for the backward except two that the backward makes again: the router's
-fp32 copy of ``x`` and the SwiGLU activation's MXFP8 bytes (the SwiGLU backward kernel
-re-quantizes them from ``h`` and writes their values for GEMM 2's weight gradient). What it drops is host work: one ``Function.apply`` and one backward node
-instead of six applies and nine nodes, no wrappers between them (docs/history.md, 2026-12-07 and 2026-12-08).
+kernel's bits, instead of the MXFP8 bytes, so that pass does not run), so its output and every
+gradient are bit for bit the composed form's (tests/moe/test_host_work.py checks it). It saves
+the same tensors for the backward except two that the backward makes again: the router's fp32
+copy of ``x`` and the SwiGLU activation's MXFP8 bytes (the SwiGLU backward kernel re-quantizes
+them from ``h`` and writes their values for GEMM 2's weight gradient). What it drops is host
+work: one ``Function.apply`` and one backward node instead of six applies and nine nodes, no
+wrappers between them (docs/history.md, 2026-12-07 and 2026-12-08).
 
 The composed form stays where it is needed: under ``torch.compile`` / ``torch.export`` (the
 registered ops are the graph's nodes), for tensor subclasses, in ``debug`` mode (a check after

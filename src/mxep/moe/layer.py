@@ -22,8 +22,8 @@ activation ``a`` and (``mx_weights``) the expert weights. The backward is bf16 t
 (dispatch, GEMMs, combine).
 
 Eager calls on plain tensors run router, dispatch, experts and combine as one autograd node
-(:class:`mxep.moe.fused.TokenLayer`: the same calls, bit for bit, with less host work and no fp32
-copy of ``x`` held for the backward); under
+(:class:`mxep.moe.fused.TokenLayer`: the same calls, bit for bit, with less host work, and
+neither an fp32 copy of ``x`` nor the activation's MXFP8 bytes held for the backward); under
 ``torch.compile``, in debug mode, with blocked scales or torchao's GEMMs the composed form (the
 Buffer's calls, one autograd Function each) runs. :class:`mxep.moe.capture.CapturedStep` replays
 a whole training step of the layer as one CUDA graph.

@@ -171,8 +171,8 @@ def swiglu_backward(h: torch.Tensor, grad_a: torch.Tensor | None, group_end_offs
     """``h`` bf16 ``[cap, 2F]``, ``grad_a`` bf16 ``[cap, F]`` -> ``grad_h`` bf16 ``[cap, 2F]`` (rows
     past the layout's end unwritten). ``values_scale_mode``: also the forward's MXFP8 activation
     made again from ``h`` in the same pass, as bf16 values ``[cap, F]`` (bit for bit what
-    :func:`swiglu_quantize_forward` with that scale mode and ``hw_cast``, ``values=True``, gave:
-    the weight gradient of the next GEMM multiplies it, so the forward's bytes need not be saved);
+    :func:`swiglu_values_forward` with that scale mode and ``hw_cast`` gave: the weight gradient
+    of the next GEMM multiplies it, so the forward's bytes need not be saved);
     returns ``(grad_h, values)`` then, ``grad_h`` None where ``grad_a`` is None."""
     cap, F2 = h.shape
     F = F2 // 2
@@ -230,7 +230,8 @@ class SwiGLUQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_a):
         h, offs = ctx.saved_tensors
         grad_a = grad_a.to(torch.bfloat16).contiguous()
-        return call_op(_swiglu_backward_op, _swiglu_backward_impl, h, grad_a, offs, tensors=(h, grad_a, offs)), None, None
+        grad_h = call_op(_swiglu_backward_op, _swiglu_backward_impl, h, grad_a, offs, tensors=(h, grad_a, offs))
+        return grad_h, None, None
 
 
 def swiglu_mxfp8(h: torch.Tensor, group_end_offsets: torch.Tensor, scale_mode: str = "rceil") -> MXFP8Tensor:
